@@ -1,0 +1,230 @@
+//! Types shared by mesh-trace's kernel programs and its userspace agent.
+//!
+//! Every event written to the ring buffer starts with an [`EventHeader`] whose
+//! `kind` is one of the [`EventKind`] discriminants. Discriminants are never
+//! reused: an agent decoding an unknown kind counts it and skips it.
+//!
+//! All structs are `#[repr(C)]` with explicit padding fields so that the
+//! kernel and userspace agree on the layout byte for byte; flags are `u32`,
+//! never `bool`, for the same reason.
+#![no_std]
+
+/// Address family values, as in `<sys/socket.h>`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps and programs, shared so the loader never drifts from the ELF.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const CONNECT4: &str = "mt_connect4";
+    pub const CONNECT6: &str = "mt_connect6";
+    pub const SOCK_OPS: &str = "mt_sock_ops";
+}
+
+/// Discriminants of the events in the ring buffer. Never reuse a value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A process called connect() on a TCP socket (cgroup/connect4).
+    Connect = 1,
+    /// A TCP socket reached ESTABLISHED, actively or passively (sock_ops).
+    Established = 2,
+    /// A TCP socket closed (sock_ops state callback to TCP_CLOSE).
+    Closed = 3,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Connect),
+            2 => Some(Self::Established),
+            3 => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+/// Why a kernel event could not be delivered; the index into the `LOST` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// `bpf_ringbuf_reserve` failed: the agent did not drain fast enough.
+    RingBufFull = 0,
+    /// A bounded kernel map was full and an entry could not be inserted.
+    MapFull = 1,
+}
+
+impl LossReason {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [LossReason; 2] = [LossReason::RingBufFull, LossReason::MapFull];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LossReason::RingBufFull => "ringbuf_full",
+            LossReason::MapFull => "map_full",
+        }
+    }
+}
+
+/// First 16 bytes of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] discriminant.
+    pub kind: u32,
+    /// CPU that produced the event.
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+}
+
+/// An IPv4 or IPv6 socket address. IPv4 addresses use the first 4 bytes of
+/// `addr`; bytes are in network order, `port` in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+impl Endpoint {
+    /// `addr_be` is the address as the kernel stores it (network order in memory),
+    /// `port` in host order.
+    pub const fn v4(addr_be: u32, port: u16) -> Self {
+        let b = addr_be.to_ne_bytes();
+        Endpoint {
+            addr: [b[0], b[1], b[2], b[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port,
+            family: AF_INET,
+            _pad: 0,
+        }
+    }
+
+    /// `words` are the four 32-bit words of the address as the kernel stores them.
+    pub const fn v6(words: [u32; 4], port: u16) -> Self {
+        let (a, b, c, d) = (
+            words[0].to_ne_bytes(),
+            words[1].to_ne_bytes(),
+            words[2].to_ne_bytes(),
+            words[3].to_ne_bytes(),
+        );
+        Endpoint {
+            addr: [
+                a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1],
+                d[2], d[3],
+            ],
+            port,
+            family: AF_INET6,
+            _pad: 0,
+        }
+    }
+}
+
+/// Who and what: the process context of a socket event, where the hook runs in
+/// process context. Hooks that run in softirq leave it zeroed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// `bpf_get_current_pid_tgid()`: tgid in the upper 32 bits, thread id below.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid()`: gid in the upper 32 bits, uid below.
+    pub uid_gid: u64,
+    pub comm: [u8; 16],
+}
+
+/// [`EventKind::Connect`]: connect() on a TCP socket, seen before any NAT, so
+/// `dst` is the destination the application asked for (e.g. a service VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    pub netns_cookie: u64,
+    pub task: TaskInfo,
+    pub dst: Endpoint,
+}
+
+/// [`EventKind::Established`] and [`EventKind::Closed`], from sock_ops.
+/// Runs in softirq for passive opens: never attribute a process from it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    pub netns_cookie: u64,
+    pub local: Endpoint,
+    pub remote: Endpoint,
+    /// 1 when this socket called connect() (active open), 0 when it was accepted.
+    pub active: u32,
+    /// Smoothed RTT in microseconds, as sock_ops reports it (`srtt_us >> 3`).
+    pub srtt_us: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+/// Largest event, for sizing reads in tests and benchmarks.
+pub const MAX_EVENT_SIZE: usize = {
+    let a = core::mem::size_of::<ConnectEvent>();
+    let b = core::mem::size_of::<SockEvent>();
+    if a > b {
+        a
+    } else {
+        b
+    }
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), contain only integers and arrays of
+    // integers, and have no implicit padding (checked by the layout tests).
+    unsafe impl aya::Pod for EventHeader {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for TaskInfo {}
+    unsafe impl aya::Pod for ConnectEvent {}
+    unsafe impl aya::Pod for SockEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, size_of};
+
+    /// Sizes equal the sum of the fields: no implicit padding anywhere.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<EventHeader>(), 4 + 4 + 8);
+        assert_eq!(size_of::<Endpoint>(), 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<TaskInfo>(), 8 + 8 + 16);
+        assert_eq!(size_of::<ConnectEvent>(), 16 + 8 + 8 + 32 + 24);
+        assert_eq!(size_of::<SockEvent>(), 16 + 8 + 8 + 24 + 24 + 4 + 4 + 8 + 8);
+        assert_eq!(align_of::<ConnectEvent>(), 8);
+        assert_eq!(MAX_EVENT_SIZE, size_of::<SockEvent>());
+    }
+
+    #[test]
+    fn event_kinds_round_trip() {
+        for k in [
+            EventKind::Connect,
+            EventKind::Established,
+            EventKind::Closed,
+        ] {
+            assert_eq!(EventKind::from_u32(k as u32), Some(k));
+        }
+        assert_eq!(EventKind::from_u32(0), None);
+        assert_eq!(EventKind::from_u32(99), None);
+    }
+
+    #[test]
+    fn v4_endpoint_keeps_network_order() {
+        // 10.0.3.29 as the kernel stores it: bytes 10,0,3,29 in memory.
+        let be = u32::from_ne_bytes([10, 0, 3, 29]);
+        let ep = Endpoint::v4(be, 9080);
+        assert_eq!(&ep.addr[..4], &[10, 0, 3, 29]);
+        assert_eq!(ep.port, 9080);
+        assert_eq!(ep.family, AF_INET);
+    }
+}

@@ -1,0 +1,48 @@
+//! Maps shared by every program, and the helpers that write to them.
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use mesh_trace_common::{EventHeader, EventKind, LossReason};
+
+/// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
+const DEFAULT_RING_BYTES: u32 = 1 << 20;
+
+/// Every event for the agent goes through this one ring buffer, so events
+/// from all hooks arrive in the order they were committed.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// Events that could not be delivered, per CPU, indexed by [`LossReason`].
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LossReason::COUNT, 0);
+
+#[inline(always)]
+pub fn count_loss(reason: LossReason) {
+    if let Some(slot) = LOST.get_ptr_mut(reason as u32) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: EventKind) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// Writes `event` to the ring buffer, or counts it as lost.
+#[inline(always)]
+pub fn emit<T: 'static>(event: T) {
+    match EVENTS.reserve::<T>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(0);
+        }
+        None => count_loss(LossReason::RingBufFull),
+    }
+}

@@ -1,0 +1,124 @@
+//! `/metrics`, `/healthz` and `/readyz`.
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, header::CONTENT_TYPE, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, sync::watch};
+
+use super::metrics::Metrics;
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Serves OpenMetrics to clients that ask for it (Prometheus does), and the
+/// classic text format otherwise, as Prometheus' own client libraries do.
+fn wants_openmetrics(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// What the endpoints report.
+pub struct AgentState {
+    pub metrics: Metrics,
+    /// Set once every program is attached.
+    pub ready: AtomicBool,
+}
+
+impl AgentState {
+    pub fn new() -> Self {
+        AgentState {
+            metrics: Metrics::new(),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Default for AgentState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match req.uri().path() {
+        "/metrics" if wants_openmetrics(req) => {
+            respond(StatusCode::OK, OPENMETRICS, state.metrics.encode())
+        }
+        "/metrics" => respond(
+            StatusCode::OK,
+            PROMETHEUS_TEXT,
+            state.metrics.encode_prometheus_text(),
+        ),
+        "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
+        "/readyz" if state.ready.load(Ordering::Acquire) => {
+            respond(StatusCode::OK, TEXT, "ready\n")
+        }
+        "/readyz" => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            TEXT,
+            "not ready: programs not attached yet\n",
+        ),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: try /metrics, /healthz or /readyz\n",
+        ),
+    }
+}
+
+/// Serves until `shutdown` changes.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AgentState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("metrics listener: {e}");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let resp = route(&state, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("metrics connection: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,212 @@
+//! The agent's Prometheus metrics. Names are a contract (see README,
+//! "Metrics"); every label has a small, closed set of values.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use mesh_trace_common::{EventKind, LossReason};
+
+use crate::kernel::events::kind_label;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+/// Reason label for ring buffer records the agent could not decode.
+pub const UNDECODABLE: &str = "undecodable";
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub events: Family<KindLabel, Counter>,
+    pub events_lost: Family<ReasonLabel, Counter>,
+    pub programs_attached: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mesh_trace");
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "mesh-trace build; the value is always 1",
+            build_info,
+        );
+
+        let events = Family::<KindLabel, Counter>::default();
+        for kind in [
+            EventKind::Connect,
+            EventKind::Established,
+            EventKind::Closed,
+        ] {
+            let _ = events.get_or_create(&KindLabel {
+                kind: kind_label(kind),
+            });
+        }
+        registry.register(
+            "events",
+            "Kernel events received by the agent",
+            events.clone(),
+        );
+
+        let events_lost = Family::<ReasonLabel, Counter>::default();
+        for r in LossReason::ALL {
+            let _ = events_lost.get_or_create(&ReasonLabel { reason: r.label() });
+        }
+        let _ = events_lost.get_or_create(&ReasonLabel {
+            reason: UNDECODABLE,
+        });
+        registry.register(
+            "events_lost",
+            "Kernel events that were not delivered (ringbuf_full, map_full) or not decoded",
+            events_lost.clone(),
+        );
+
+        let programs_attached = Gauge::default();
+        registry.register(
+            "programs_attached",
+            "eBPF programs currently attached by this agent",
+            programs_attached.clone(),
+        );
+        Metrics {
+            registry,
+            events,
+            events_lost,
+            programs_attached,
+        }
+    }
+
+    /// The exposition in the Prometheus text format 0.0.4, for clients that
+    /// do not ask for OpenMetrics (curl, promtool, older scrapers).
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.encode())
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Converts prometheus-client's OpenMetrics output to the classic text format:
+/// counter families are named with their `_total` suffix there, and there is
+/// no `# EOF` or `# UNIT`. Histograms and gauges are written the same way.
+pub fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Turns the kernel's cumulative loss counts into counter increments.
+#[derive(Debug, Default)]
+pub struct LossTracker {
+    seen: [u64; LossReason::COUNT as usize],
+}
+
+impl LossTracker {
+    /// Records the kernel's current totals and returns how much each grew.
+    pub fn update(&mut self, totals: &[(LossReason, u64)]) -> Vec<(LossReason, u64)> {
+        totals
+            .iter()
+            .map(|&(r, total)| {
+                let slot = &mut self.seen[r as usize];
+                let delta = total.saturating_sub(*slot);
+                *slot = (*slot).max(total);
+                (r, delta)
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_the_contract_names() {
+        let m = Metrics::new();
+        let text = m.encode();
+        assert!(text.contains("mesh_trace_build_info{version="), "{text}");
+        assert!(text.contains("mesh_trace_events_lost_total{reason=\"ringbuf_full\"} 0"));
+        assert!(text.contains("mesh_trace_events_lost_total{reason=\"map_full\"} 0"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn classic_text_names_counters_with_total() {
+        let m = Metrics::new();
+        let text = m.encode_prometheus_text();
+        assert!(
+            text.contains("# HELP mesh_trace_events_lost_total Kernel events"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE mesh_trace_events_lost_total counter"));
+        assert!(text.contains("# TYPE mesh_trace_build_info gauge"));
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn loss_tracker_reports_growth_only() {
+        let mut t = LossTracker::default();
+        let d = t.update(&[(LossReason::RingBufFull, 5), (LossReason::MapFull, 0)]);
+        assert_eq!(
+            d,
+            vec![(LossReason::RingBufFull, 5), (LossReason::MapFull, 0)]
+        );
+        let d = t.update(&[(LossReason::RingBufFull, 7), (LossReason::MapFull, 1)]);
+        assert_eq!(
+            d,
+            vec![(LossReason::RingBufFull, 2), (LossReason::MapFull, 1)]
+        );
+    }
+}

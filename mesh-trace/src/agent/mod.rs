@@ -1,0 +1,3 @@
+//! The long-running agent: metrics and the HTTP endpoints that serve them.
+pub mod http;
+pub mod metrics;

@@ -1,0 +1,176 @@
+//! Decoding what the kernel programs write to the ring buffer.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use mesh_trace_common::{ConnectEvent, Endpoint, EventHeader, EventKind, SockEvent, AF_INET6};
+
+/// One decoded kernel event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    Connect(ConnectEvent),
+    Established(SockEvent),
+    Closed(SockEvent),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} event of {len} bytes, expected {want}")]
+    WrongSize {
+        kind: EventKind,
+        len: usize,
+        want: usize,
+    },
+}
+
+fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    let want = size_of::<T>();
+    if bytes.len() != want {
+        return Err(DecodeError::WrongSize {
+            kind,
+            len: bytes.len(),
+            want,
+        });
+    }
+    // SAFETY: length checked; T is a repr(C) plain-old-data event type.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+impl Event {
+    pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+        if bytes.len() < size_of::<EventHeader>() {
+            return Err(DecodeError::Short(bytes.len()));
+        }
+        let raw_kind = u32::from_ne_bytes(bytes[..4].try_into().unwrap());
+        let kind = EventKind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
+        Ok(match kind {
+            EventKind::Connect => Event::Connect(read(bytes, kind)?),
+            EventKind::Established => Event::Established(read(bytes, kind)?),
+            EventKind::Closed => Event::Closed(read(bytes, kind)?),
+        })
+    }
+
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::Connect(_) => EventKind::Connect,
+            Event::Established(_) => EventKind::Established,
+            Event::Closed(_) => EventKind::Closed,
+        }
+    }
+
+    pub fn netns_cookie(&self) -> u64 {
+        match self {
+            Event::Connect(e) => e.netns_cookie,
+            Event::Established(e) | Event::Closed(e) => e.netns_cookie,
+        }
+    }
+}
+
+/// Label for an event kind in metrics and JSON.
+pub fn kind_label(kind: EventKind) -> &'static str {
+    match kind {
+        EventKind::Connect => "connect",
+        EventKind::Established => "established",
+        EventKind::Closed => "closed",
+    }
+}
+
+/// The socket address an [`Endpoint`] holds.
+pub fn socket_addr(ep: &Endpoint) -> SocketAddr {
+    let ip = match ep.family {
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(ep.addr)),
+        _ => IpAddr::V4(Ipv4Addr::new(
+            ep.addr[0], ep.addr[1], ep.addr[2], ep.addr[3],
+        )),
+    };
+    SocketAddr::new(ip, ep.port)
+}
+
+/// A process name from the kernel's fixed 16-byte buffer.
+pub fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// The JSON shape of an event for `--print-events` and tests.
+pub fn to_json(ev: &Event) -> serde_json::Value {
+    use serde_json::json;
+    match ev {
+        Event::Connect(c) => json!({
+            "kind": "connect",
+            "ts_ns": c.header.ts_ns,
+            "sock_cookie": c.sock_cookie,
+            "netns_cookie": c.netns_cookie,
+            "pid": c.task.pid_tgid >> 32,
+            "tid": c.task.pid_tgid as u32,
+            "uid": c.task.uid_gid as u32,
+            "gid": c.task.uid_gid >> 32,
+            "comm": comm(&c.task.comm),
+            "dst": socket_addr(&c.dst).to_string(),
+        }),
+        Event::Established(s) | Event::Closed(s) => json!({
+            "kind": kind_label(ev.kind()),
+            "ts_ns": s.header.ts_ns,
+            "sock_cookie": s.sock_cookie,
+            "netns_cookie": s.netns_cookie,
+            "local": socket_addr(&s.local).to_string(),
+            "remote": socket_addr(&s.remote).to_string(),
+            "active": s.active == 1,
+            "srtt_us": s.srtt_us,
+            "bytes_acked": s.bytes_acked,
+            "bytes_received": s.bytes_received,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: test-only view of a repr(C) POD value.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    }
+
+    #[test]
+    fn connect_round_trips() {
+        let mut ev = ConnectEvent::default();
+        ev.header.kind = EventKind::Connect as u32;
+        ev.header.ts_ns = 42;
+        ev.sock_cookie = 7;
+        ev.dst = Endpoint::v4(u32::from_ne_bytes([10, 96, 0, 3]), 9080);
+        ev.task.comm[..11].copy_from_slice(b"productpage");
+        let decoded = Event::decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(decoded, Event::Connect(ev));
+        let json = to_json(&decoded);
+        assert_eq!(json["dst"], "10.96.0.3:9080");
+        assert_eq!(json["comm"], "productpage");
+    }
+
+    #[test]
+    fn sock_event_round_trips_v6() {
+        let mut ev = SockEvent::default();
+        ev.header.kind = EventKind::Closed as u32;
+        let mut w = [0u32; 4];
+        w[3] = u32::from_ne_bytes([0, 0, 0, 1]);
+        ev.local = Endpoint::v6(w, 15006);
+        let decoded = Event::decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(decoded, Event::Closed(ev));
+        assert_eq!(socket_addr(&ev.local).to_string(), "[::1]:15006");
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(Event::decode(&[1, 0]), Err(DecodeError::Short(2)));
+        let mut raw = vec![0u8; 16];
+        raw[0] = 99;
+        assert_eq!(Event::decode(&raw), Err(DecodeError::UnknownKind(99)));
+        raw[0] = EventKind::Connect as u8;
+        assert!(matches!(
+            Event::decode(&raw),
+            Err(DecodeError::WrongSize { len: 16, .. })
+        ));
+    }
+}

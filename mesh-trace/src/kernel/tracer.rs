@@ -1,0 +1,163 @@
+//! Loading the tracer's programs, attaching them, and reading their events.
+use std::{fs, path::PathBuf};
+
+use anyhow::{bail, Context as _};
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use aya_log::EbpfLogger;
+use mesh_trace_common::{names, LossReason};
+use tokio::io::unix::AsyncFd;
+
+use super::{
+    caps::Caps,
+    events::{DecodeError, Event},
+    objects, summarize,
+};
+
+/// Ring buffer size used when the configuration does not say.
+pub const DEFAULT_RING_BUFFER_BYTES: u32 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct TracerOptions {
+    /// Size of the events ring buffer: a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+    /// cgroup v2 directory the cgroup programs attach to (the root sees all pods).
+    pub cgroup: PathBuf,
+}
+
+/// A program the tracer attached, for `/readyz`, logs and `top`'s header.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attached {
+    pub program: &'static str,
+    pub hook: String,
+}
+
+/// The loaded and attached tracer. Dropping it detaches every program: aya
+/// owns the links, and nothing is pinned.
+pub struct Tracer {
+    ring: AsyncFd<RingBuf<MapData>>,
+    lost: PerCpuArray<MapData, u64>,
+    logger: Option<EbpfLogger<&'static dyn log::Log>>,
+    pub attached: Vec<Attached>,
+    // Last: dropped after the maps so the links go last.
+    _ebpf: Ebpf,
+}
+
+impl Tracer {
+    pub fn load(opts: &TracerOptions) -> anyhow::Result<Tracer> {
+        let missing = Caps::current().missing_for_tracing();
+        if !missing.is_empty() {
+            let names: Vec<_> = missing.iter().map(|c| c.name()).collect();
+            bail!(
+                "missing capability {} (run as root, or grant CAP_BPF, CAP_PERFMON and \
+                 CAP_NET_ADMIN)",
+                names.join(", ")
+            );
+        }
+        let obj = objects::require(objects::TRACER)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
+            .load(obj)
+            .context("loading the tracer's eBPF object")?;
+        let logger = match EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::debug!("no kernel log records: {e}");
+                None
+            }
+        };
+
+        let cgroup = fs::File::open(&opts.cgroup)
+            .with_context(|| format!("opening cgroup {}", opts.cgroup.display()))?;
+        let cg = opts.cgroup.display().to_string();
+        let mut attached = Vec::new();
+        for name in [names::CONNECT4, names::CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            prog.load()
+                .with_context(|| format!("loading {name}"))
+                .map_err(summarize)?;
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to cgroup {cg}"))?;
+            attached.push(Attached {
+                program: name,
+                hook: format!("cgroup_sock_addr {cg}"),
+            });
+        }
+        let prog: &mut SockOps = program(&mut ebpf, names::SOCK_OPS)?.try_into()?;
+        prog.load().context("loading sock_ops").map_err(summarize)?;
+        prog.attach(&cgroup, CgroupAttachMode::Single)
+            .with_context(|| format!("attaching sock_ops to cgroup {cg}"))?;
+        attached.push(Attached {
+            program: names::SOCK_OPS,
+            hook: format!("sock_ops {cg}"),
+        });
+
+        let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
+        let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
+        Ok(Tracer {
+            ring: readable(ring)?,
+            lost,
+            logger,
+            attached,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// Forwards the programs' aya-log records to this process's logger from a
+    /// background task. Call once, inside a tokio runtime.
+    pub fn spawn_kernel_log_forwarder(&mut self) -> anyhow::Result<()> {
+        let Some(logger) = self.logger.take() else {
+            return Ok(());
+        };
+        let mut fd = readable(logger)?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = fd.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// Waits for events and appends everything available to `out`, in
+    /// ring-buffer order. Undecodable records are returned as errors in place.
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Result<Event, DecodeError>>,
+    ) -> anyhow::Result<()> {
+        let mut guard = self.ring.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            out.push(Event::decode(&item));
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Events the kernel could not deliver since load, by reason.
+    pub fn lost(&self) -> anyhow::Result<Vec<(LossReason, u64)>> {
+        LossReason::ALL
+            .into_iter()
+            .map(|r| {
+                let per_cpu = self.lost.get(&(r as u32), 0)?;
+                Ok((r, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+/// Registers a map's fd with tokio for readability.
+fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: the fd belongs to `inner`, which the AsyncFd owns, so it stays
+    // open for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))
+}

@@ -1,0 +1,12 @@
+//! mesh-trace: an eBPF datapath tracer for Istio sidecar traffic.
+//!
+//! - [`kernel`]: the embedded eBPF objects, feature detection, loading and
+//!   attaching, and decoding what the programs report.
+//! - [`agent`]: the long-running agent: metrics, HTTP endpoints, event loop.
+//! - [`cli`] and one module per subcommand ([`check`], [`run`]).
+pub mod agent;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod kernel;
+pub mod run;
