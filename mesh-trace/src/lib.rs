@@ -9,4 +9,5 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod kernel;
+pub mod netns;
 pub mod run;

@@ -1,0 +1,106 @@
+//! Named network namespaces (`ip netns`), for the lab and the tests.
+//!
+//! A [`NetNs`] deletes its namespace when dropped. [`NetNs::enter`] runs a
+//! closure on a thread that has joined the namespace, so sockets created
+//! there live in it while the rest of the process stays where it was.
+use std::{
+    fs::File,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use anyhow::{bail, Context as _};
+use nix::sched::{setns, CloneFlags};
+
+/// Runs a command and fails with its stderr when it fails.
+pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<Output> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "`{program} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace `name` with its loopback up.
+    pub fn create(name: &str) -> anyhow::Result<NetNs> {
+        cmd("ip", &["netns", "add", name])?;
+        let ns = NetNs { name: name.into() };
+        ns.exec("ip", &["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+        let mut full = vec!["netns", "exec", &self.name, program];
+        full.extend_from_slice(args);
+        cmd("ip", &full)
+    }
+
+    /// Runs `f` on a new thread inside the namespace and returns its result.
+    pub fn enter<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let file = File::open(self.path())
+            .with_context(|| format!("opening {}", self.path().display()))?;
+        let name = self.name.clone();
+        std::thread::spawn(move || -> anyhow::Result<R> {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("entering network namespace {name}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Err(e) = cmd("ip", &["netns", "del", &self.name]) {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// The namespace cookie of the socket `fd` (SO_NETNS_COOKIE, Linux 5.14+):
+/// the value `bpf_get_netns_cookie` returns for sockets of that namespace.
+pub fn netns_cookie(fd: &impl std::os::fd::AsRawFd) -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: cookie and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}

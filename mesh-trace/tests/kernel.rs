@@ -1,0 +1,230 @@
+//! Kernel tests: real programs loaded into this kernel, real traffic in
+//! network namespaces. They need root; without it they fail, never skip.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use mesh_trace::{
+    kernel::{
+        events::{comm, socket_addr, Event},
+        sysfs,
+        tracer::{Tracer, TracerOptions, DEFAULT_RING_BUFFER_BYTES},
+    },
+    netns::{netns_cookie, NetNs},
+};
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel tests load eBPF programs and create network namespaces: run them as root"
+    );
+}
+
+fn load_tracer() -> Tracer {
+    let cgroup = sysfs::cgroup2_root().expect("a cgroup v2 hierarchy must be mounted");
+    Tracer::load(&TracerOptions {
+        ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+        cgroup,
+    })
+    .expect("loading and attaching the tracer")
+}
+
+/// Collects events from `tracer` until `done` says so or `limit` passes.
+async fn collect_until(
+    tracer: &mut Tracer,
+    limit: Duration,
+    mut done: impl FnMut(&[Event]) -> bool,
+) -> Vec<Event> {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut batch = Vec::new();
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        if tokio::time::timeout(left, tracer.next_batch(&mut batch))
+            .await
+            .is_ok()
+        {
+            seen.extend(batch.drain(..).map(|r| r.expect("every event decodes")));
+        }
+    }
+    seen
+}
+
+struct Exchange {
+    server: SocketAddr,
+    client: SocketAddr,
+    cookie: u64,
+    tid: u32,
+}
+
+/// In two namespaces joined by a veth pair, a client connects to a server,
+/// sends a request, reads the reply and closes.
+fn connect_across_veth(client_ns: &NetNs, server_ns: &NetNs) -> Exchange {
+    let (c, s) = (client_ns.name(), server_ns.name());
+    mesh_trace::netns::cmd(
+        "ip",
+        &[
+            "link", "add", "mtc0", "netns", c, "type", "veth", "peer", "name", "mts0", "netns", s,
+        ],
+    )
+    .unwrap();
+    client_ns
+        .exec("ip", &["addr", "add", "10.231.0.1/24", "dev", "mtc0"])
+        .unwrap();
+    client_ns
+        .exec("ip", &["link", "set", "mtc0", "up"])
+        .unwrap();
+    server_ns
+        .exec("ip", &["addr", "add", "10.231.0.2/24", "dev", "mts0"])
+        .unwrap();
+    server_ns
+        .exec("ip", &["link", "set", "mts0", "up"])
+        .unwrap();
+
+    let listener = server_ns
+        .enter(|| TcpListener::bind("10.231.0.2:0").unwrap())
+        .unwrap();
+    let server = listener.local_addr().unwrap();
+    let accept = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).unwrap();
+        conn.write_all(b"pong").unwrap();
+    });
+    let exchange = client_ns
+        .enter(move || {
+            let mut conn = TcpStream::connect(server).unwrap();
+            conn.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            conn.read_exact(&mut buf).unwrap();
+            Exchange {
+                server,
+                client: conn.local_addr().unwrap(),
+                cookie: netns_cookie(&conn).unwrap(),
+                tid: nix::unistd::gettid().as_raw() as u32,
+            }
+        })
+        .unwrap();
+    accept.join().unwrap();
+    exchange
+}
+
+#[tokio::test]
+async fn connection_in_a_namespace_is_seen_with_its_addresses() {
+    require_root();
+    let mut tracer = load_tracer();
+    let tag = std::process::id();
+    let client_ns = NetNs::create(&format!("mt-t-cli-{tag}")).unwrap();
+    let server_ns = NetNs::create(&format!("mt-t-srv-{tag}")).unwrap();
+    let ex = connect_across_veth(&client_ns, &server_ns);
+
+    let mine = |e: &&Event| match e {
+        Event::Connect(c) => c.netns_cookie == ex.cookie,
+        Event::Established(s) | Event::Closed(s) => {
+            socket_addr(&s.local) == ex.client || socket_addr(&s.local) == ex.server
+        }
+    };
+    let events = collect_until(&mut tracer, Duration::from_secs(5), |seen| {
+        seen.iter().filter(mine).count() >= 5
+    })
+    .await;
+    let mine: Vec<&Event> = events.iter().filter(mine).collect();
+
+    let connect = mine
+        .iter()
+        .find_map(|e| match e {
+            Event::Connect(c) => Some(c),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no connect event among {mine:#?}"));
+    assert_eq!(socket_addr(&connect.dst), ex.server);
+    assert_eq!(connect.task.pid_tgid >> 32, u64::from(std::process::id()));
+    assert_eq!(connect.task.pid_tgid as u32, ex.tid);
+    assert_eq!(connect.task.uid_gid as u32, 0);
+    assert!(!comm(&connect.task.comm).is_empty());
+
+    let established: Vec<_> = mine
+        .iter()
+        .filter_map(|e| match e {
+            Event::Established(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let active = established
+        .iter()
+        .find(|s| s.active == 1)
+        .expect("client side established");
+    assert_eq!(socket_addr(&active.local), ex.client);
+    assert_eq!(socket_addr(&active.remote), ex.server);
+    assert_eq!(
+        active.sock_cookie, connect.sock_cookie,
+        "one cookie across hooks"
+    );
+    assert_eq!(active.netns_cookie, ex.cookie);
+    let passive = established
+        .iter()
+        .find(|s| s.active == 0)
+        .expect("server side established");
+    assert_eq!(socket_addr(&passive.local), ex.server);
+    assert_eq!(socket_addr(&passive.remote), ex.client);
+    assert_ne!(
+        passive.netns_cookie, ex.cookie,
+        "server lives in another namespace"
+    );
+
+    let closed: Vec<_> = mine
+        .iter()
+        .filter_map(|e| match e {
+            Event::Closed(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    let client_closed = closed
+        .iter()
+        .find(|s| s.sock_cookie == active.sock_cookie)
+        .expect("client close seen");
+    // 4 bytes each way. The kernel counts sequence space: bytes_acked
+    // includes our SYN, bytes_received the server's FIN if it came first.
+    assert!(
+        (4..=5).contains(&client_closed.bytes_received),
+        "{client_closed:?}"
+    );
+    assert!(
+        (4..=6).contains(&client_closed.bytes_acked),
+        "{client_closed:?}"
+    );
+}
+
+#[test]
+fn dropping_the_tracer_detaches_every_program() {
+    require_root();
+    let before = attached_program_ids();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tracer = rt.block_on(async { load_tracer() });
+    let during = attached_program_ids();
+    assert!(
+        during.len() >= before.len() + tracer.attached.len(),
+        "programs attached: before {before:?}, during {during:?}"
+    );
+    drop(tracer);
+    let after = attached_program_ids();
+    assert_eq!(before, after, "links left behind");
+}
+
+/// Program ids of every BPF link in the system.
+fn attached_program_ids() -> Vec<u32> {
+    let mut ids: Vec<u32> = aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .map(|l| l.program_id())
+        .collect();
+    ids.sort();
+    ids
+}

@@ -1,0 +1,120 @@
+//! Installs what mesh-trace needs on a fresh Debian 12 machine, skipping
+//! whatever is already there. Everything here must be safe to run twice.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context as _};
+
+use crate::step;
+
+/// Debian's rustc 1.96 (LLVM 22) with a precompiled `core` for bpfel, and
+/// what bpf-linker needs to build against LLVM 22.
+const EBPF_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
+
+/// Tools the lab, the tests and the demo use.
+const TOOL_PACKAGES: &[&str] = &[
+    "iptables",
+    "iproute2",
+    "conntrack",
+    "prometheus",
+    "tmux",
+    "curl",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> anyhow::Result<()> {
+    let mut wanted: Vec<&str> = TOOL_PACKAGES.to_vec();
+    if nightly_with_rust_src() && bpf_linker_version().is_some() {
+        step("eBPF toolchain: rustup nightly with rust-src and bpf-linker");
+    } else {
+        wanted.extend_from_slice(EBPF_PACKAGES);
+    }
+    let missing: Vec<&str> = wanted.into_iter().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        step("Debian packages: all present");
+    } else {
+        apt_install(&missing)?;
+    }
+    match bpf_linker_version() {
+        Some(v) => step(&format!("bpf-linker: {v}")),
+        None => install_bpf_linker()?,
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        bail!(
+            "missing {} and no apt-get to install them: install a nightly Rust with rust-src \
+             and bpf-linker (see README, Building), plus iptables, iproute2 and prometheus",
+            packages.join(", ")
+        );
+    }
+    step(&format!("apt-get install {}", packages.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages))
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let out = Command::new("bpf-linker").arg("--version").output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
+    step(&format!(
+        "cargo install bpf-linker {BPF_LINKER_VERSION} on LLVM 22 (a few minutes, once)"
+    ));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        // /usr/bin/llvm-config is LLVM 14; point the build at LLVM 22.
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .args([
+            "install",
+            "bpf-linker",
+            "--locked",
+            "--version",
+            BPF_LINKER_VERSION,
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"]))?;
+    if bpf_linker_version().is_none() {
+        bail!("bpf-linker was installed but is not on PATH: add ~/.cargo/bin to PATH");
+    }
+    Ok(())
+}
+
+fn nightly_with_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .is_some_and(|s| s.join("lib/rustlib/src/rust/library/core").exists())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
