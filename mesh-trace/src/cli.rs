@@ -28,6 +28,11 @@ pub enum Command {
     /// Run the agent: load and attach the programs, serve /metrics, /healthz
     /// and /readyz (the DaemonSet's command).
     Run(RunArgs),
+    /// A local Bookinfo mesh with sidecars, traced live: the quickest way to
+    /// see mesh-trace work, no cluster needed.
+    Demo(crate::demo::DemoArgs),
+    /// The mesh lab: a local Istio sidecar data path in network namespaces.
+    Lab(crate::lab::cmd::LabArgs),
 }
 
 #[derive(Debug, Args)]
@@ -122,6 +127,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check(args) => crate::check::main(args),
         Command::Run(args) => crate::run::main(args),
+        Command::Demo(args) => crate::demo::main(args),
+        Command::Lab(args) => crate::lab::cmd::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,6 +8,8 @@ pub mod agent;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod kernel;
+pub mod lab;
 pub mod netns;
 pub mod run;

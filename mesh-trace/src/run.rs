@@ -78,12 +78,30 @@ pub fn main(args: RunArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(agent(settings))
+    rt.block_on(async {
+        let stop = stop_signal()?;
+        agent(settings, Arc::new(AgentState::new()), stop).await
+    })
 }
 
-/// Runs the agent until SIGINT or SIGTERM, then detaches everything.
-pub async fn agent(settings: Settings) -> Result<(), Failure> {
-    let state = Arc::new(AgentState::new());
+/// Resolves on the first SIGINT or SIGTERM.
+pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    })
+}
+
+/// Runs the agent until `stop` resolves, then detaches everything.
+pub async fn agent(
+    settings: Settings,
+    state: Arc<AgentState>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), Failure> {
     let listener = TcpListener::bind(settings.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
@@ -108,16 +126,14 @@ pub async fn agent(settings: Settings) -> Result<(), Failure> {
         settings.metrics_addr
     );
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut stop = std::pin::pin!(stop);
     let mut loss_poll = tokio::time::interval(LOSS_POLL);
     let mut loss = LossTracker::default();
     let mut batch = Vec::with_capacity(1024);
     let stdout = std::io::stdout();
     let result: anyhow::Result<()> = loop {
         tokio::select! {
-            _ = sigterm.recv() => break Ok(()),
-            _ = sigint.recv() => break Ok(()),
+            _ = &mut stop => break Ok(()),
             _ = loss_poll.tick() => {
                 for (reason, delta) in loss.update(&tracer.lost()?) {
                     state.metrics.events_lost.get_or_create(&ReasonLabel { reason: reason.label() }).inc_by(delta);

@@ -78,9 +78,55 @@ fn test() -> anyhow::Result<()> {
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // One thread: kernel tests share the root cgroup, netfilter hooks and
     // iptables; running them in parallel would make them see each other.
-    step("cargo test (unit and kernel tests)");
-    cargo(&["test", "--", "--test-threads=1"])?;
+    step("cargo test (unit, kernel and lab tests)");
+    let (passed, failed) = cargo_test(&["test", "--", "--test-threads=1"])?;
+    // One closing line for the whole run, whatever binary ran last.
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} test(s) failed");
+    }
     Ok(())
+}
+
+/// Runs cargo test, passing its output through, and adds up the results of
+/// every test binary.
+fn cargo_test(args: &[&str]) -> anyhow::Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut child = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {cargo}"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok((passed, failed))
+}
+
+/// In "ok. 26 passed; 0 failed; ...", the number before `word`.
+fn count_before(text: &str, word: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(word.trim_start())
+                .map(str::trim)
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn nix_is_root() -> bool {
@@ -114,4 +160,19 @@ pub fn workspace_root() -> std::path::PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        let ok = "ok. 26 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.35s";
+        assert_eq!(count_before(ok, " passed"), 26);
+        assert_eq!(count_before(ok, " failed"), 0);
+        let bad = "FAILED. 5 passed; 1 failed; 0 ignored; 0 measured";
+        assert_eq!(count_before(bad, " passed"), 5);
+        assert_eq!(count_before(bad, " failed"), 1);
+    }
 }

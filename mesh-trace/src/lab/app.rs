@@ -1,0 +1,154 @@
+//! A Bookinfo-shaped app: an HTTP/1.1 service with a configurable service
+//! time and error injection that calls other services for every request.
+use std::{
+    collections::BTreeMap, convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{body::Incoming, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::{
+    http_client::{self, HttpClient},
+    records::{mono_ns, AppRecord, RecordWriter},
+};
+
+pub const REQUEST_ID: &str = "x-request-id";
+pub const SERVED_BY: &str = "x-served-by";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AppOptions {
+    /// Pod name, returned in `x-served-by` and written into records.
+    #[arg(long)]
+    pub pod: String,
+    #[arg(long, default_value = "0.0.0.0:9080")]
+    pub listen: SocketAddr,
+    /// Milliseconds of work per request.
+    #[arg(long, default_value_t = 0.0)]
+    pub service_time_ms: f64,
+    /// Share of requests answered 503 (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// A URL to call for each request served (repeatable).
+    #[arg(long = "call")]
+    pub calls: Vec<String>,
+    /// Name resolution, `name:port=ip:port` (repeatable): the lab's DNS.
+    #[arg(long)]
+    pub resolve: Vec<String>,
+    /// JSON-lines file of AppRecords.
+    #[arg(long)]
+    pub records: PathBuf,
+}
+
+struct App {
+    opts: AppOptions,
+    resolve: BTreeMap<String, SocketAddr>,
+    client: HttpClient,
+    records: RecordWriter,
+}
+
+pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.error_rate),
+        "--error-rate must be between 0 and 1"
+    );
+    let listener = TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    let app = Arc::new(App {
+        resolve: http_client::parse_resolve(&opts.resolve)?,
+        records: RecordWriter::create(&opts.records)
+            .with_context(|| format!("creating {}", opts.records.display()))?,
+        client: http_client::pooled_client(),
+        opts,
+    });
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+impl App {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let t_read_ns = mono_ns();
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if self.opts.service_time_ms > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(self.opts.service_time_ms / 1000.0)).await;
+        }
+        let status = if rand::random::<f64>() < self.opts.error_rate {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        let mut calls = Vec::new();
+        if status == StatusCode::OK {
+            for url in &self.opts.calls {
+                calls.push(self.call(url, request_id.as_deref()).await);
+            }
+        }
+        let body = serde_json::json!({ "pod": self.opts.pod, "calls": calls });
+        let resp = Response::builder()
+            .status(status)
+            .header(SERVED_BY, &self.opts.pod)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("static response parts are valid");
+        self.records.write(&AppRecord {
+            pod: self.opts.pod.clone(),
+            request_id,
+            method: req.method().to_string(),
+            path: req.uri().path().to_string(),
+            status: status.as_u16(),
+            peer,
+            t_read_ns,
+            t_write_ns: mono_ns(),
+        });
+        resp
+    }
+
+    /// Calls a downstream service, propagating the request id as Bookinfo does.
+    async fn call(&self, url: &str, request_id: Option<&str>) -> serde_json::Value {
+        let result = async {
+            let mut builder = http_client::request_to(url, &self.resolve)?;
+            if let Some(id) = request_id {
+                builder = builder.header(REQUEST_ID, id);
+            }
+            let (resp, _) =
+                http_client::fetch(&self.client, builder.body(Full::default())?).await?;
+            let served_by = resp
+                .headers()
+                .get(SERVED_BY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            anyhow::Ok((resp.status().as_u16(), served_by))
+        }
+        .await;
+        match result {
+            Ok((status, served_by)) => {
+                serde_json::json!({ "url": url, "status": status, "served_by": served_by })
+            }
+            Err(e) => serde_json::json!({ "url": url, "error": format!("{e:#}") }),
+        }
+    }
+}

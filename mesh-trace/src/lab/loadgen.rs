@@ -1,0 +1,239 @@
+//! The lab's load generator: open loop at a fixed rate, or closed loop over N
+//! connections, recording each request's id and client-side latency.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::Full;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use super::{
+    app::{REQUEST_ID, SERVED_BY},
+    http_client::{self, HttpClient},
+    records::{mono_ns, ClientRecord, RecordWriter},
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadOptions {
+    /// URL to request, e.g. http://reviews:9080/reviews/0.
+    #[arg(long)]
+    pub url: String,
+    /// Name resolution, `name:port=ip:port` (repeatable).
+    #[arg(long)]
+    pub resolve: Vec<String>,
+    /// Open loop: requests per second, sent on schedule whatever the latency.
+    #[arg(long, conflicts_with = "connections")]
+    pub rate: Option<f64>,
+    /// Closed loop: connections, each sending its next request when the last returns.
+    #[arg(long)]
+    pub connections: Option<usize>,
+    /// Stop after this many requests.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
+    /// JSON-lines file of ClientRecords.
+    #[arg(long)]
+    pub records: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub sent: u64,
+    pub ok: u64,
+    pub errors: u64,
+    pub by_status: BTreeMap<u16, u64>,
+    pub by_served_by: BTreeMap<String, u64>,
+    pub elapsed_s: f64,
+    pub rate: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+struct Shared {
+    opts: LoadOptions,
+    resolve: BTreeMap<String, SocketAddr>,
+    client: HttpClient,
+    records: Option<RecordWriter>,
+}
+
+pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
+    anyhow::ensure!(
+        opts.requests.is_some() || opts.duration_s.is_some(),
+        "give --requests or --duration-s so the load stops by itself"
+    );
+    let records = match &opts.records {
+        Some(p) => {
+            Some(RecordWriter::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        resolve: http_client::parse_resolve(&opts.resolve)?,
+        client: http_client::pooled_client(),
+        records,
+        opts,
+    });
+    let started = Instant::now();
+    let deadline = shared
+        .opts
+        .duration_s
+        .map(|s| started + Duration::from_secs_f64(s));
+    let limit = shared.opts.requests.unwrap_or(u64::MAX);
+    let mut tasks = JoinSet::new();
+    match (shared.opts.rate, shared.opts.connections) {
+        (Some(rate), _) => {
+            anyhow::ensure!(rate > 0.0, "--rate must be positive");
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            for _ in 0..limit {
+                tick.tick().await;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let s = shared.clone();
+                tasks.spawn(async move { vec![s.one().await] });
+            }
+        }
+        (None, conns) => {
+            let conns = conns.unwrap_or(1).max(1) as u64;
+            for worker in 0..conns {
+                // Spread the request budget over the workers.
+                let share = limit / conns + u64::from(worker < limit % conns);
+                let s = shared.clone();
+                tasks.spawn(async move {
+                    let mut out = Vec::new();
+                    for _ in 0..share {
+                        if deadline.is_some_and(|d| Instant::now() >= d) {
+                            break;
+                        }
+                        out.push(s.one().await);
+                    }
+                    out
+                });
+            }
+        }
+    }
+    let mut results = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        results.extend(done.context("request task")?);
+    }
+    Ok(summarize(&results, started.elapsed()))
+}
+
+/// (latency, status or 0, served_by)
+type Outcome = (Duration, u16, Option<String>);
+
+impl Shared {
+    async fn one(&self) -> Outcome {
+        let id = uuid::Uuid::new_v4().to_string();
+        let t0 = Instant::now();
+        let t_start_ns = mono_ns();
+        let result = async {
+            let req = http_client::request_to(&self.opts.url, &self.resolve)?
+                .header(REQUEST_ID, &id)
+                .body(Full::<Bytes>::default())?;
+            http_client::fetch(&self.client, req).await
+        }
+        .await;
+        let t_end_ns = mono_ns();
+        let latency = t0.elapsed();
+        let (status, served_by, error) = match result {
+            Ok((resp, _)) => (
+                resp.status().as_u16(),
+                resp.headers()
+                    .get(SERVED_BY)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                None,
+            ),
+            Err(e) => (0, None, Some(format!("{e:#}"))),
+        };
+        if let Some(r) = &self.records {
+            r.write(&ClientRecord {
+                request_id: id,
+                url: self.opts.url.clone(),
+                status,
+                error,
+                served_by: served_by.clone(),
+                t_start_ns,
+                t_end_ns,
+            });
+        }
+        (latency, status, served_by)
+    }
+}
+
+fn summarize(results: &[Outcome], elapsed: Duration) -> Summary {
+    let mut s = Summary {
+        sent: results.len() as u64,
+        elapsed_s: elapsed.as_secs_f64(),
+        ..Summary::default()
+    };
+    let mut lat: Vec<f64> = Vec::with_capacity(results.len());
+    for (latency, status, served_by) in results {
+        if *status == 0 {
+            s.errors += 1;
+            continue;
+        }
+        *s.by_status.entry(*status).or_default() += 1;
+        if (200..300).contains(status) {
+            s.ok += 1;
+        }
+        if let Some(p) = served_by {
+            *s.by_served_by.entry(p.clone()).or_default() += 1;
+        }
+        lat.push(latency.as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |q: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+        lat[i]
+    };
+    s.p50_ms = pct(0.5);
+    s.p90_ms = pct(0.9);
+    s.p99_ms = pct(0.99);
+    s.max_ms = lat.last().copied().unwrap_or(0.0);
+    s.rate = s.sent as f64 / s.elapsed_s.max(1e-9);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_counts_and_percentiles() {
+        let ms = Duration::from_millis;
+        let results: Vec<Outcome> = (1..=100)
+            .map(|i| {
+                (
+                    ms(i),
+                    if i % 10 == 0 { 503 } else { 200 },
+                    Some("reviews-v2".into()),
+                )
+            })
+            .chain([(ms(1000), 0, None)])
+            .collect();
+        let s = summarize(&results, Duration::from_secs(1));
+        assert_eq!(s.sent, 101);
+        assert_eq!(s.errors, 1);
+        assert_eq!(s.ok, 90);
+        assert_eq!(s.by_status[&503], 10);
+        assert_eq!(s.by_served_by["reviews-v2"], 100);
+        assert_eq!(s.p50_ms, 51.0);
+        assert_eq!(s.max_ms, 100.0);
+    }
+}

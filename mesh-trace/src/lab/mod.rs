@@ -1,0 +1,18 @@
+//! The mesh lab: a faithful local Istio sidecar data path built from real
+//! kernel parts (network namespaces, veth, a bridge, the istio-iptables nat
+//! rules) and real processes (an Envoy-like sidecar and Bookinfo-shaped apps),
+//! for tests, benchmarks and `mesh-trace demo`.
+//!
+//! - [`config`]: the topology and the sidecars' Envoy-shaped configuration;
+//! - [`topology`]: bringing a lab up and down;
+//! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
+//! - [`records`]: what they write down, the ground truth for tests.
+pub mod app;
+pub mod cmd;
+pub mod config;
+pub mod http_client;
+pub mod loadgen;
+pub mod pod_exec;
+pub mod proxy;
+pub mod records;
+pub mod topology;

@@ -1,0 +1,128 @@
+//! What the lab's processes write down about every request: the ground truth
+//! that tests and benchmarks compare mesh-trace's observations with. Each is
+//! one JSON object per line. Timestamps are CLOCK_MONOTONIC nanoseconds, the
+//! clock `bpf_ktime_get_ns()` reads.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::Path,
+    sync::Mutex,
+};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// CLOCK_MONOTONIC in nanoseconds.
+pub fn mono_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// One request (kind "http") or one TCP connection (kind "tcp") handled by a sidecar.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProxyRecord {
+    pub pod: String,
+    pub direction: Direction,
+    /// "http" or "tcp".
+    pub kind: String,
+    /// Where the app meant to go (SO_ORIGINAL_DST).
+    pub original_dst: SocketAddr,
+    /// The downstream peer (the app's socket for outbound, the remote proxy for inbound).
+    pub downstream_peer: SocketAddr,
+    /// Virtual host name, or the listener/cluster for TCP.
+    pub route: String,
+    /// The cluster picked, e.g. `outbound|9080|v2|reviews...`, PassthroughCluster, BlackHoleCluster.
+    pub cluster: String,
+    /// The endpoint of the last attempt, if any connection was made.
+    pub upstream_host: Option<SocketAddr>,
+    /// This proxy's local address on the last attempt's upstream connection.
+    pub upstream_local: Option<SocketAddr>,
+    /// Upstream attempts (1 + retries); 0 when no upstream was tried.
+    pub attempts: u32,
+    /// Status sent downstream (0 for TCP).
+    pub status: u16,
+    pub request_id: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    /// Request headers read from downstream.
+    pub t_downstream_read_ns: u64,
+    /// Request about to be written upstream (first attempt).
+    pub t_upstream_write_ns: u64,
+    /// Response headers read from upstream (last attempt).
+    pub t_upstream_read_ns: u64,
+    /// Response handed to the downstream connection.
+    pub t_downstream_write_ns: u64,
+}
+
+/// One request served by a lab app.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppRecord {
+    pub pod: String,
+    pub request_id: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub peer: SocketAddr,
+    /// Request headers read.
+    pub t_read_ns: u64,
+    /// Response handed to the connection.
+    pub t_write_ns: u64,
+}
+
+/// One request sent by the load generator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClientRecord {
+    pub request_id: String,
+    pub url: String,
+    pub status: u16,
+    pub error: Option<String>,
+    /// The pod that served it (the app's `x-served-by` response header).
+    pub served_by: Option<String>,
+    /// Just before the request is written.
+    pub t_start_ns: u64,
+    /// Response body fully read.
+    pub t_end_ns: u64,
+}
+
+/// Appends records to a JSON-lines file; safe to share between tasks.
+pub struct RecordWriter {
+    file: Mutex<std::io::LineWriter<File>>,
+}
+
+impl RecordWriter {
+    pub fn create(path: &Path) -> std::io::Result<RecordWriter> {
+        Ok(RecordWriter {
+            file: Mutex::new(std::io::LineWriter::new(File::create(path)?)),
+        })
+    }
+
+    pub fn write<T: Serialize>(&self, record: &T) {
+        let line = serde_json::to_string(record).expect("records serialize");
+        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = writeln!(f, "{line}") {
+            tracing::warn!("writing record: {e}");
+        }
+    }
+}
+
+/// Reads every record of a JSON-lines file.
+pub fn read_records<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
+    use anyhow::Context as _;
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    BufReader::new(f)
+        .lines()
+        .map(|l| {
+            let l = l?;
+            serde_json::from_str(&l).with_context(|| format!("{}: {l}", path.display()))
+        })
+        .collect()
+}

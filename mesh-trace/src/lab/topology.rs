@@ -1,0 +1,469 @@
+//! Bringing a lab up and down: a node bridge, one network namespace per pod
+//! with a veth to the bridge and the istio-iptables rules, and the pods'
+//! processes (sidecar as uid 1337, app as uid 1000).
+//!
+//! Everything the lab creates lives inside its own network namespaces, named
+//! `mtl-<id>-...`: deleting them removes the veths, the bridge and the
+//! iptables rules with them. [`Lab`]'s Drop does that, and kills every
+//! process left in them, on return, on Ctrl-C (callers return normally) and
+//! while unwinding from a panic. `mesh-trace lab down` removes what a killed
+//! lab left behind.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+
+use super::{
+    config::{LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY},
+    loadgen::Summary,
+    pod_exec::in_pod,
+};
+use crate::netns::{cmd, NetNs};
+
+/// Prefix of every network namespace a lab creates.
+pub const NS_PREFIX: &str = "mtl-";
+pub const PROXY_UID: u32 = 1337;
+pub const APP_UID: u32 = 1000;
+
+/// The istio-iptables nat rules, exactly as in istio-init (DATAPATH.md).
+pub const ISTIO_IPTABLES: &str = "\
+*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+:ISTIO_REDIRECT - [0:0]
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A OUTPUT -p tcp -j ISTIO_OUTPUT
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+COMMIT
+";
+
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub topology: LabTopology,
+    /// The sidecars' configuration (Envoy-shaped JSON text).
+    pub proxy_config: String,
+    pub policy: Option<OutboundTrafficPolicy>,
+    pub delay_outbound_ms: f64,
+    pub delay_inbound_ms: f64,
+    /// Per pod: share of requests its app answers 503.
+    pub error_rate: BTreeMap<String, f64>,
+    /// Per pod: service time overriding the topology's.
+    pub service_time_ms: BTreeMap<String, f64>,
+    /// The mesh-trace binary that runs the proxies and apps.
+    pub exe: PathBuf,
+    /// How long a sidecar drains on SIGTERM.
+    pub drain_ms: u64,
+}
+
+impl LabOptions {
+    /// The shipped Bookinfo lab.
+    pub fn bookinfo() -> anyhow::Result<LabOptions> {
+        Ok(LabOptions {
+            topology: LabTopology::parse(BOOKINFO_TOPOLOGY)?,
+            proxy_config: BOOKINFO_PROXY.to_string(),
+            policy: None,
+            delay_outbound_ms: 0.0,
+            delay_inbound_ms: 0.0,
+            error_rate: BTreeMap::new(),
+            service_time_ms: BTreeMap::new(),
+            exe: std::env::current_exe().context("locating the mesh-trace binary")?,
+            drain_ms: 300,
+        })
+    }
+}
+
+pub struct LabPod {
+    pub spec: PodSpec,
+    pub ns: NetNs,
+}
+
+/// A running lab. Dropping it tears everything down.
+pub struct Lab {
+    pub id: String,
+    /// Config files and the records (access logs) of every process.
+    pub dir: PathBuf,
+    pub topology: LabTopology,
+    pub pods: Vec<LabPod>,
+    node: Option<NetNs>,
+    procs: Vec<(String, Child)>,
+    torn_down: bool,
+}
+
+impl Lab {
+    pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
+        let id = format!("{:04x}", rand::random::<u16>());
+        let dir = std::env::temp_dir().join(format!("mesh-trace-lab-{id}"));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Apps and proxies run as other users and write their records here.
+        set_mode(&dir, 0o1777)?;
+        let mut lab = Lab {
+            id,
+            dir,
+            topology: opts.topology.clone(),
+            pods: Vec::new(),
+            node: None,
+            procs: Vec::new(),
+            torn_down: false,
+        };
+        // From here on, an error drops `lab`, which removes what was made.
+        lab.build_network()?;
+        lab.start_processes(opts)?;
+        lab.wait_listening(Duration::from_secs(15))?;
+        Ok(lab)
+    }
+
+    fn ns_name(&self, what: &str) -> String {
+        format!("{NS_PREFIX}{}-{what}", self.id)
+    }
+
+    fn build_network(&mut self) -> anyhow::Result<()> {
+        let node = NetNs::create(&self.ns_name("node"))?;
+        let cidr = self.topology.bridge_cidr.clone();
+        let gateway = cidr.split('/').next().unwrap_or_default().to_string();
+        let prefix = cidr.split('/').nth(1).unwrap_or("24").to_string();
+        node.exec("ip", &["link", "add", "br0", "type", "bridge"])?;
+        node.exec("ip", &["addr", "add", &cidr, "dev", "br0"])?;
+        node.exec("ip", &["link", "set", "br0", "up"])?;
+        let node_name = node.name().to_string();
+        self.node = Some(node);
+        let rules = self.dir.join("istio-iptables.rules");
+        fs::write(&rules, ISTIO_IPTABLES)?;
+        for (i, spec) in self.topology.pods.clone().into_iter().enumerate() {
+            let ns = NetNs::create(&self.ns_name(&spec.name))?;
+            let host_if = format!("vp{i}");
+            cmd(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &host_if,
+                    "netns",
+                    &node_name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns.name(),
+                ],
+            )?;
+            let node = self.node.as_ref().expect("set above");
+            node.exec("ip", &["link", "set", &host_if, "master", "br0", "up"])?;
+            ns.exec(
+                "ip",
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/{prefix}", spec.ip),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            ns.exec("ip", &["link", "set", "eth0", "up"])?;
+            ns.exec("ip", &["route", "add", "default", "via", &gateway])?;
+            if spec.sidecar {
+                ns.exec("iptables-restore", &[rules.to_str().unwrap_or_default()])
+                    .context("installing the istio-iptables rules (is iptables installed?)")?;
+            }
+            self.pods.push(LabPod { spec, ns });
+        }
+        Ok(())
+    }
+
+    fn resolve_args(&self) -> Vec<String> {
+        self.topology
+            .service_addresses()
+            .into_iter()
+            .flat_map(|(name, addr)| ["--resolve".to_string(), format!("{name}={addr}")])
+            .collect()
+    }
+
+    fn start_processes(&mut self, opts: &LabOptions) -> anyhow::Result<()> {
+        let proxy_cfg = self.dir.join("envoy.json");
+        fs::write(&proxy_cfg, &opts.proxy_config)?;
+        let resolve = self.resolve_args();
+        for i in 0..self.pods.len() {
+            let spec = self.pods[i].spec.clone();
+            if spec.sidecar {
+                let mut c = Command::new(&opts.exe);
+                c.args(["lab", "proxy", "--pod", &spec.name])
+                    .arg("--config")
+                    .arg(&proxy_cfg)
+                    .arg("--access-log")
+                    .arg(self.proxy_log(&spec.name))
+                    .args(["--delay-outbound-ms", &opts.delay_outbound_ms.to_string()])
+                    .args(["--delay-inbound-ms", &opts.delay_inbound_ms.to_string()])
+                    .args(["--drain-ms", &opts.drain_ms.to_string()]);
+                if let Some(p) = opts.policy {
+                    c.args(["--outbound-traffic-policy", policy_arg(p)]);
+                }
+                self.spawn_in(i, format!("{}/envoy", spec.name), c, PROXY_UID)?;
+            }
+            if spec.port != 0 {
+                let service_time = opts
+                    .service_time_ms
+                    .get(&spec.name)
+                    .copied()
+                    .unwrap_or(spec.service_time_ms);
+                let error_rate = opts.error_rate.get(&spec.name).copied().unwrap_or(0.0);
+                let mut c = Command::new(&opts.exe);
+                c.args(["lab", "app", "--pod", &spec.name])
+                    .args(["--listen", &format!("0.0.0.0:{}", spec.port)])
+                    .args(["--service-time-ms", &service_time.to_string()])
+                    .args(["--error-rate", &error_rate.to_string()])
+                    .arg("--records")
+                    .arg(self.app_log(&spec.name))
+                    .args(&resolve);
+                for url in &spec.calls {
+                    c.args(["--call", url]);
+                }
+                self.spawn_in(i, format!("{}/app", spec.name), c, APP_UID)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_in(
+        &mut self,
+        pod: usize,
+        label: String,
+        mut c: Command,
+        uid: u32,
+    ) -> anyhow::Result<()> {
+        let log = File::create(self.dir.join(format!("{}.log", label.replace('/', "."))))?;
+        c.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("MESH_TRACE_LOG", "warn");
+        let _ns = in_pod(&mut c, &self.pods[pod].ns.path(), uid, uid)?;
+        let child = c.spawn().with_context(|| format!("starting {label}"))?;
+        self.procs.push((label, child));
+        Ok(())
+    }
+
+    /// Waits until every proxy and app listens, reading the pods' socket
+    /// tables rather than connecting (a probe connection would be traced).
+    fn wait_listening(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        for pod in &self.pods {
+            let mut want: Vec<u16> = Vec::new();
+            if pod.spec.sidecar {
+                want.extend([15001, 15006]);
+            }
+            if pod.spec.port != 0 {
+                want.push(pod.spec.port);
+            }
+            loop {
+                let out = pod.ns.exec("ss", &["-Hltn"])?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let listening = |port: u16| text.contains(&format!(":{port} "));
+                if want.iter().all(|&p| listening(p)) {
+                    break;
+                }
+                for (label, child) in &mut self.procs {
+                    if let Some(status) = child.try_wait()? {
+                        bail!(
+                            "{label} exited during start-up ({status}); see {}",
+                            self.dir.display()
+                        );
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "pod {} not listening on {want:?} after {limit:?}",
+                        pod.spec.name
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &LabPod {
+        self.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    pub fn proxy_log(&self, pod: &str) -> PathBuf {
+        self.dir.join(format!("{pod}.proxy.jsonl"))
+    }
+
+    pub fn app_log(&self, pod: &str) -> PathBuf {
+        self.dir.join(format!("{pod}.app.jsonl"))
+    }
+
+    /// Runs the load generator in `pod` (as the app user) and returns its
+    /// summary; its ClientRecords go to `records`.
+    pub fn load(&self, pod: &str, args: &[&str], records: &Path) -> anyhow::Result<Summary> {
+        let exe = std::env::current_exe()?;
+        self.load_with(&exe, pod, args, records)
+    }
+
+    pub fn load_with(
+        &self,
+        exe: &Path,
+        pod: &str,
+        args: &[&str],
+        records: &Path,
+    ) -> anyhow::Result<Summary> {
+        let mut c = Command::new(exe);
+        c.args(["lab", "load"])
+            .args(args)
+            .arg("--records")
+            .arg(records)
+            .args(self.resolve_args())
+            .env("MESH_TRACE_LOG", "warn")
+            .stdin(Stdio::null());
+        let _ns = in_pod(&mut c, &self.pod(pod).ns.path(), APP_UID, APP_UID)?;
+        let out = c.output().context("running the load generator")?;
+        if !out.status.success() {
+            bail!(
+                "load generator failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("reading the load generator's summary")
+    }
+
+    /// Starts the load generator in `pod` in the background; the lab kills it
+    /// at teardown if it is still running.
+    pub fn spawn_load(&self, pod: &str, args: &[&str], records: &Path) -> anyhow::Result<Child> {
+        let exe = std::env::current_exe()?;
+        let mut c = Command::new(exe);
+        c.args(["lab", "load"])
+            .args(args)
+            .arg("--records")
+            .arg(records)
+            .args(self.resolve_args())
+            .env("MESH_TRACE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let _ns = in_pod(&mut c, &self.pod(pod).ns.path(), APP_UID, APP_UID)?;
+        c.spawn().context("starting the load generator")
+    }
+
+    /// Stops the processes and removes the namespaces. Idempotent.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for (_, child) in &self.procs {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for (label, child) in &mut self.procs {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    _ => {
+                        tracing::warn!("{label} did not stop on SIGTERM: killing it");
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+        self.procs.clear();
+        // Anything else still inside the pods (e.g. a load generator).
+        for pod in &self.pods {
+            kill_all_in(pod.ns.name());
+        }
+        // Dropping the namespaces deletes them, with their links and rules.
+        self.pods.clear();
+        self.node = None;
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+use std::fs::File;
+
+fn policy_arg(p: OutboundTrafficPolicy) -> &'static str {
+    match p {
+        OutboundTrafficPolicy::AllowAny => "ALLOW_ANY",
+        OutboundTrafficPolicy::RegistryOnly => "REGISTRY_ONLY",
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// SIGKILLs every process in the named network namespace.
+fn kill_all_in(ns: &str) {
+    if let Ok(out) = cmd("ip", &["netns", "pids", ns]) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Network namespaces left by labs that could not clean up (killed with
+/// SIGKILL, machine crash): `mesh-trace lab down` removes them.
+pub fn leftover_namespaces() -> Vec<String> {
+    cmd("ip", &["netns", "list"])
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|n| n.starts_with(NS_PREFIX))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes every lab namespace and the processes inside; returns their names.
+pub fn remove_leftovers() -> anyhow::Result<Vec<String>> {
+    let names = leftover_namespaces();
+    for n in &names {
+        kill_all_in(n);
+        cmd("ip", &["netns", "del", n])?;
+    }
+    Ok(names)
+}
