@@ -168,7 +168,8 @@ mod tests {
 
     #[test]
     fn reads_cargo_test_summaries() {
-        let ok = "ok. 26 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.35s";
+        let ok =
+            "ok. 26 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.35s";
         assert_eq!(count_before(ok, " passed"), 26);
         assert_eq!(count_before(ok, " failed"), 0);
         let bad = "FAILED. 5 passed; 1 failed; 0 ignored; 0 measured";
