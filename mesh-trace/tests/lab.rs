@@ -33,9 +33,14 @@ fn options() -> LabOptions {
 }
 
 fn load(lab: &Lab, args: &[&str], name: &str) -> (Summary, Vec<ClientRecord>) {
+    load_from(lab, CLIENT, args, name)
+}
+
+/// Runs the load generator as an app process of `pod`.
+fn load_from(lab: &Lab, pod: &str, args: &[&str], name: &str) -> (Summary, Vec<ClientRecord>) {
     let records = lab.dir.join(format!("{name}.jsonl"));
     let summary = lab
-        .load_with(BIN.as_ref(), CLIENT, args, &records)
+        .load_with(BIN.as_ref(), pod, args, &records)
         .expect("load generator");
     (summary, read_records(&records).unwrap())
 }
@@ -62,9 +67,12 @@ fn rule_packets(lab: &Lab, pod: &str, chain: &str) -> u64 {
 #[test]
 fn a_request_travels_app_outbound_sidecar_inbound_sidecar_app() {
     require_root();
+    // From productpage's pod, as productpage itself calls reviews.
+    const CLIENT: &str = "productpage-v1";
     let lab = Lab::up(&options()).unwrap();
-    let (summary, client) = load(
+    let (summary, client) = load_from(
         &lab,
+        CLIENT,
         &[
             "--url",
             REVIEWS_URL,
