@@ -145,6 +145,12 @@ fn build(root: &Path, tc: Toolchain) -> Result<PathBuf, String> {
         .arg(&target_dir)
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
     let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+    // Surface the kernel crate's warnings in the host build's output.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.starts_with("warning") && !line.contains("generated") {
+            println!("cargo:warning=mesh-trace-ebpf: {line}");
+        }
+    }
     if !out.status.success() {
         // A broken kernel program is a hard error, not a warning.
         panic!(

@@ -20,6 +20,12 @@ pub mod names {
     pub const CONNECT4: &str = "mt_connect4";
     pub const CONNECT6: &str = "mt_connect6";
     pub const SOCK_OPS: &str = "mt_sock_ops";
+    pub const TRACKED: &str = "TRACKED";
+    pub const SEND_LENGTH: &str = "mt_send_length";
+    pub const RECV_LENGTH: &str = "mt_recv_length";
+    pub const RETRANSMIT: &str = "mt_retransmit";
+    pub const SEND_RESET: &str = "mt_send_reset";
+    pub const RECEIVE_RESET: &str = "mt_receive_reset";
 }
 
 /// Discriminants of the events in the ring buffer. Never reuse a value.
@@ -32,6 +38,10 @@ pub enum EventKind {
     Established = 2,
     /// A TCP socket closed (sock_ops state callback to TCP_CLOSE).
     Closed = 3,
+    /// The process that first sent or received on a tracked socket.
+    Owner = 4,
+    /// A retransmission or a reset on a tracked socket.
+    TcpIssue = 5,
 }
 
 impl EventKind {
@@ -40,6 +50,8 @@ impl EventKind {
             1 => Some(Self::Connect),
             2 => Some(Self::Established),
             3 => Some(Self::Closed),
+            4 => Some(Self::Owner),
+            5 => Some(Self::TcpIssue),
             _ => None,
         }
     }
@@ -165,6 +177,49 @@ pub struct SockEvent {
     pub bytes_received: u64,
 }
 
+/// [`EventKind::Owner`]: who first sent or received on a tracked socket, from
+/// `sock_send_length`/`sock_recv_length`, which run in the process's context.
+/// This is how accepted sockets, which sock_ops sees in softirq, get a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnerEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    pub task: TaskInfo,
+}
+
+/// What went wrong on a socket, in a [`TcpIssueEvent`].
+pub const ISSUE_RETRANSMIT: u32 = 1;
+pub const ISSUE_RESET_SENT: u32 = 2;
+pub const ISSUE_RESET_RECEIVED: u32 = 3;
+
+/// [`EventKind::TcpIssue`]: a retransmitted segment or a reset.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpIssueEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    /// One of the `ISSUE_*` values.
+    pub issue: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `TRACKED` map: TCP sockets between ESTABLISHED and close,
+/// keyed by socket cookie. Bounded; a failed insert counts as `map_full`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedSock {
+    pub netns_cookie: u64,
+    /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub const TRACKED_OWNER_SEEN: u32 = 1;
+
+/// Default size of the `TRACKED` map (sockets alive at once).
+pub const DEFAULT_TRACKED_SOCKETS: u32 = 65_536;
+
 /// Largest event, for sizing reads in tests and benchmarks.
 pub const MAX_EVENT_SIZE: usize = {
     let a = core::mem::size_of::<ConnectEvent>();
@@ -186,6 +241,9 @@ mod pod {
     unsafe impl aya::Pod for TaskInfo {}
     unsafe impl aya::Pod for ConnectEvent {}
     unsafe impl aya::Pod for SockEvent {}
+    unsafe impl aya::Pod for OwnerEvent {}
+    unsafe impl aya::Pod for TcpIssueEvent {}
+    unsafe impl aya::Pod for TrackedSock {}
 }
 
 #[cfg(test)]
@@ -201,6 +259,9 @@ mod tests {
         assert_eq!(size_of::<TaskInfo>(), 8 + 8 + 16);
         assert_eq!(size_of::<ConnectEvent>(), 16 + 8 + 8 + 32 + 24);
         assert_eq!(size_of::<SockEvent>(), 16 + 8 + 8 + 24 + 24 + 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<OwnerEvent>(), 16 + 8 + 32);
+        assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4);
+        assert_eq!(size_of::<TrackedSock>(), 8 + 4 + 4);
         assert_eq!(align_of::<ConnectEvent>(), 8);
         assert_eq!(MAX_EVENT_SIZE, size_of::<SockEvent>());
     }

@@ -2,9 +2,9 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
 };
-use mesh_trace_common::{EventHeader, EventKind, LossReason};
+use mesh_trace_common::{EventHeader, EventKind, LossReason, TrackedSock, DEFAULT_TRACKED_SOCKETS};
 
 /// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
 const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -46,3 +46,9 @@ pub fn emit<T: 'static>(event: T) {
         None => count_loss(LossReason::RingBufFull),
     }
 }
+
+/// TCP sockets between ESTABLISHED and close, by socket cookie: the sockets
+/// the data-path programs care about. Sized by the agent.
+#[map(name = "TRACKED")]
+pub static TRACKED: HashMap<u64, TrackedSock> =
+    HashMap::with_max_entries(DEFAULT_TRACKED_SOCKETS, 0);

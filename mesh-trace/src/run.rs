@@ -110,7 +110,7 @@ pub async fn agent(
 
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
-        cgroup: settings.cgroup.clone(),
+        ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;
     state

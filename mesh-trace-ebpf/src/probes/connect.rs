@@ -11,10 +11,7 @@ use aya_ebpf::{
 };
 use mesh_trace_common::{ConnectEvent, Endpoint, EventKind, TaskInfo};
 
-use crate::{
-    field,
-    maps::{emit, header},
-};
+use crate::maps::{emit, header};
 
 const IPPROTO_TCP: u32 = 6;
 /// cgroup/connect* programs must return 1 to let the connect() proceed.

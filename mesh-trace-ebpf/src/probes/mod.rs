@@ -4,7 +4,6 @@
 /// context pointer with an offset added, which LLVM produces when it shares
 /// address computations; a volatile load of each field keeps `ctx + off` in
 /// the load instruction itself.
-#[macro_export]
 macro_rules! field {
     ($ops:expr, $($f:tt)+) => {
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$ops).$($f)+)) }
@@ -13,3 +12,5 @@ macro_rules! field {
 
 pub mod connect;
 pub mod sock_ops;
+pub mod socket_io;
+pub mod tcp_issues;

@@ -12,12 +12,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use aya_log_ebpf::warn;
-use mesh_trace_common::{Endpoint, EventKind, SockEvent, AF_INET};
+use mesh_trace_common::{Endpoint, EventKind, LossReason, SockEvent, TrackedSock, AF_INET};
 
-use crate::{
-    field,
-    maps::{emit, header},
-};
+use crate::maps::{count_loss, emit, header, TRACKED};
 
 /// sock_ops programs return 1; the value is otherwise ignored for these ops.
 const OK: u32 = 1;
@@ -28,7 +25,9 @@ pub fn mt_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, 1),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, 0),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            emit(event(&ctx, EventKind::Closed, 0));
+            let ev = event(&ctx, EventKind::Closed, 0);
+            let _ = TRACKED.remove(ev.sock_cookie);
+            emit(ev);
         }
         _ => {}
     }
@@ -43,7 +42,16 @@ fn established(ctx: &SockOpsContext, active: u32) {
     if let Err(err) = ctx.set_cb_flags(flags as i32) {
         warn!(ctx, "sock_ops: cannot enable state callbacks: {}", err);
     }
-    emit(event(ctx, EventKind::Established, active));
+    let ev = event(ctx, EventKind::Established, active);
+    let tracked = TrackedSock {
+        netns_cookie: ev.netns_cookie,
+        flags: 0,
+        _pad: 0,
+    };
+    if TRACKED.insert(ev.sock_cookie, tracked, 0).is_err() {
+        count_loss(LossReason::MapFull);
+    }
+    emit(ev);
 }
 
 #[inline(always)]

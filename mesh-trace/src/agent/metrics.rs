@@ -6,7 +6,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use mesh_trace_common::{EventKind, LossReason};
+use mesh_trace_common::LossReason;
 
 use crate::kernel::events::kind_label;
 
@@ -51,11 +51,7 @@ impl Metrics {
         );
 
         let events = Family::<KindLabel, Counter>::default();
-        for kind in [
-            EventKind::Connect,
-            EventKind::Established,
-            EventKind::Closed,
-        ] {
+        for kind in crate::kernel::events::ALL_KINDS {
             let _ = events.get_or_create(&KindLabel {
                 kind: kind_label(kind),
             });

@@ -1,7 +1,10 @@
 //! Decoding what the kernel programs write to the ring buffer.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use mesh_trace_common::{ConnectEvent, Endpoint, EventHeader, EventKind, SockEvent, AF_INET6};
+use mesh_trace_common::{
+    ConnectEvent, Endpoint, EventHeader, EventKind, OwnerEvent, SockEvent, TcpIssueEvent, AF_INET6,
+    ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
+};
 
 /// One decoded kernel event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -9,6 +12,8 @@ pub enum Event {
     Connect(ConnectEvent),
     Established(SockEvent),
     Closed(SockEvent),
+    Owner(OwnerEvent),
+    TcpIssue(TcpIssueEvent),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +54,8 @@ impl Event {
             EventKind::Connect => Event::Connect(read(bytes, kind)?),
             EventKind::Established => Event::Established(read(bytes, kind)?),
             EventKind::Closed => Event::Closed(read(bytes, kind)?),
+            EventKind::Owner => Event::Owner(read(bytes, kind)?),
+            EventKind::TcpIssue => Event::TcpIssue(read(bytes, kind)?),
         })
     }
 
@@ -57,13 +64,26 @@ impl Event {
             Event::Connect(_) => EventKind::Connect,
             Event::Established(_) => EventKind::Established,
             Event::Closed(_) => EventKind::Closed,
+            Event::Owner(_) => EventKind::Owner,
+            Event::TcpIssue(_) => EventKind::TcpIssue,
         }
     }
 
-    pub fn netns_cookie(&self) -> u64 {
+    pub fn sock_cookie(&self) -> u64 {
         match self {
-            Event::Connect(e) => e.netns_cookie,
-            Event::Established(e) | Event::Closed(e) => e.netns_cookie,
+            Event::Connect(e) => e.sock_cookie,
+            Event::Established(e) | Event::Closed(e) => e.sock_cookie,
+            Event::Owner(e) => e.sock_cookie,
+            Event::TcpIssue(e) => e.sock_cookie,
+        }
+    }
+
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Event::Connect(e) => e.header.ts_ns,
+            Event::Established(e) | Event::Closed(e) => e.header.ts_ns,
+            Event::Owner(e) => e.header.ts_ns,
+            Event::TcpIssue(e) => e.header.ts_ns,
         }
     }
 }
@@ -74,6 +94,26 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::Connect => "connect",
         EventKind::Established => "established",
         EventKind::Closed => "closed",
+        EventKind::Owner => "owner",
+        EventKind::TcpIssue => "tcp_issue",
+    }
+}
+
+pub const ALL_KINDS: [EventKind; 5] = [
+    EventKind::Connect,
+    EventKind::Established,
+    EventKind::Closed,
+    EventKind::Owner,
+    EventKind::TcpIssue,
+];
+
+/// Label for a [`TcpIssueEvent`]'s issue.
+pub fn issue_label(issue: u32) -> &'static str {
+    match issue {
+        ISSUE_RETRANSMIT => "retransmit",
+        ISSUE_RESET_SENT => "reset_sent",
+        ISSUE_RESET_RECEIVED => "reset_received",
+        _ => "unknown",
     }
 }
 
@@ -121,6 +161,21 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "srtt_us": s.srtt_us,
             "bytes_acked": s.bytes_acked,
             "bytes_received": s.bytes_received,
+        }),
+        Event::Owner(o) => json!({
+            "kind": "owner",
+            "ts_ns": o.header.ts_ns,
+            "sock_cookie": o.sock_cookie,
+            "pid": o.task.pid_tgid >> 32,
+            "tid": o.task.pid_tgid as u32,
+            "uid": o.task.uid_gid as u32,
+            "comm": comm(&o.task.comm),
+        }),
+        Event::TcpIssue(t) => json!({
+            "kind": "tcp_issue",
+            "ts_ns": t.header.ts_ns,
+            "sock_cookie": t.sock_cookie,
+            "issue": issue_label(t.issue),
         }),
     }
 }

@@ -4,8 +4,8 @@ use std::{fs, path::PathBuf};
 use anyhow::{bail, Context as _};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
-    Ebpf, EbpfLoader,
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, SockOps},
+    Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
 use mesh_trace_common::{names, LossReason};
@@ -26,6 +26,19 @@ pub struct TracerOptions {
     pub ring_buffer_bytes: u32,
     /// cgroup v2 directory the cgroup programs attach to (the root sees all pods).
     pub cgroup: PathBuf,
+    /// Size of the kernel's table of live TCP sockets.
+    pub tracked_sockets: u32,
+}
+
+impl TracerOptions {
+    /// Defaults for everything but the cgroup.
+    pub fn new(cgroup: PathBuf) -> TracerOptions {
+        TracerOptions {
+            ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
+            cgroup,
+            tracked_sockets: mesh_trace_common::DEFAULT_TRACKED_SOCKETS,
+        }
+    }
 }
 
 /// A program the tracer attached, for `/readyz`, logs and `top`'s header.
@@ -35,6 +48,14 @@ pub struct Attached {
     pub hook: String,
 }
 
+/// An optional program the tracer could not attach, and what is lost.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Skipped {
+    pub program: &'static str,
+    pub reason: String,
+    pub consequence: &'static str,
+}
+
 /// The loaded and attached tracer. Dropping it detaches every program: aya
 /// owns the links, and nothing is pinned.
 pub struct Tracer {
@@ -42,6 +63,7 @@ pub struct Tracer {
     lost: PerCpuArray<MapData, u64>,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub attached: Vec<Attached>,
+    pub skipped: Vec<Skipped>,
     // Last: dropped after the maps so the links go last.
     _ebpf: Ebpf,
 }
@@ -60,6 +82,7 @@ impl Tracer {
         let obj = objects::require(objects::TRACER)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
+            .map_max_entries(names::TRACKED, opts.tracked_sockets)
             .load(obj)
             .context("loading the tracer's eBPF object")?;
         let logger = match EbpfLogger::init(&mut ebpf) {
@@ -95,6 +118,55 @@ impl Tracer {
             hook: format!("sock_ops {cg}"),
         });
 
+        let mut skipped = Vec::new();
+        // Optional: without them sockets lose their owner process, or
+        // retransmits and resets are not counted; the rest still works.
+        let optional: [(&'static str, &'static str, &'static str); 5] = [
+            (
+                names::SEND_LENGTH,
+                "sock_send_length",
+                "accepted sockets have no process",
+            ),
+            (
+                names::RECV_LENGTH,
+                "sock_recv_length",
+                "accepted sockets have no process",
+            ),
+            (
+                names::RETRANSMIT,
+                "tcp_retransmit_skb",
+                "retransmits not counted",
+            ),
+            (names::SEND_RESET, "tcp_send_reset", "resets not counted"),
+            (
+                names::RECEIVE_RESET,
+                "tcp_receive_reset",
+                "resets not counted",
+            ),
+        ];
+        let btf = Btf::from_sys_fs();
+        for (name, tracepoint, consequence) in optional {
+            let result = match &btf {
+                Ok(btf) => attach_tp_btf(&mut ebpf, name, tracepoint, btf),
+                Err(e) => Err(anyhow::anyhow!("no kernel BTF: {e}")),
+            };
+            match result {
+                Ok(()) => attached.push(Attached {
+                    program: name,
+                    hook: format!("tp_btf {tracepoint}"),
+                }),
+                Err(e) => {
+                    let reason = format!("{:#}", summarize(e));
+                    tracing::warn!("{name} not attached ({consequence}): {reason}");
+                    skipped.push(Skipped {
+                        program: name,
+                        reason,
+                        consequence,
+                    });
+                }
+            }
+        }
+
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
         let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
         Ok(Tracer {
@@ -102,6 +174,7 @@ impl Tracer {
             lost,
             logger,
             attached,
+            skipped,
             _ebpf: ebpf,
         })
     }
@@ -155,6 +228,14 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // open for as long as it is registered.
     unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str, btf: &Btf) -> anyhow::Result<()> {
+    let prog: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
+    prog.load(tracepoint, btf)
+        .with_context(|| format!("loading {name}"))?;
+    prog.attach().with_context(|| format!("attaching {name}"))?;
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {

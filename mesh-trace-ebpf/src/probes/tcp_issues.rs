@@ -1,0 +1,46 @@
+//! tp_btf `tcp_retransmit_skb`, `tcp_send_reset`, `tcp_receive_reset`:
+//! retransmissions and resets on tracked sockets.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::bpf_get_socket_cookie, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
+use mesh_trace_common::{
+    EventKind, TcpIssueEvent, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
+};
+
+use crate::maps::{emit, header, TRACKED};
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn mt_retransmit(ctx: BtfTracePointContext) -> i32 {
+    report(&ctx, ISSUE_RETRANSMIT);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn mt_send_reset(ctx: BtfTracePointContext) -> i32 {
+    report(&ctx, ISSUE_RESET_SENT);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn mt_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    report(&ctx, ISSUE_RESET_RECEIVED);
+    0
+}
+
+#[inline(always)]
+fn report(ctx: &BtfTracePointContext, issue: u32) {
+    // May be NULL for resets sent without a socket; the helper returns 0 then.
+    let sk: *mut c_void = ctx.arg(0);
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if cookie == 0 || unsafe { TRACKED.get(cookie) }.is_none() {
+        return;
+    }
+    emit(TcpIssueEvent {
+        header: header(EventKind::TcpIssue),
+        sock_cookie: cookie,
+        issue,
+        _pad: 0,
+    });
+}
