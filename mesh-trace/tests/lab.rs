@@ -384,3 +384,226 @@ fn lab_up_cleans_up_on_sigint() {
     assert!(status.success(), "lab up exited with {status}");
     assert_gone(&id, &pids);
 }
+
+/// A packet socket on one pod's eth0: a copy of every frame in and out of
+/// the pod, taken before iptables (as tcpdump would, which the lab does not need).
+struct Capture {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl Capture {
+    /// Opened inside the pod's network namespace; the socket stays in it.
+    fn on_eth0(lab: &Lab, pod: &str) -> Capture {
+        let fd = lab
+            .pod(pod)
+            .ns
+            .enter(open_eth0_packet_socket)
+            .unwrap()
+            .expect("an AF_PACKET socket on the pod's eth0");
+        Capture { fd }
+    }
+
+    /// The TCP payloads to or from `port`, in order, from what the socket
+    /// holds now (its buffer is large enough for a whole test).
+    fn tcp_payloads(&self, port: u16) -> Vec<Vec<u8>> {
+        use std::os::fd::AsRawFd as _;
+        let mut payloads = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "capture: {e}");
+                return payloads;
+            }
+            if let Some(p) = tcp_payload(&buf[..n as usize], port) {
+                payloads.push(p.to_vec());
+            }
+        }
+    }
+
+    /// Frames the kernel dropped because the socket's buffer was full.
+    fn drops(&self) -> u32 {
+        use std::os::fd::AsRawFd as _;
+        // struct tpacket_stats from <linux/if_packet.h>.
+        let mut stats = [0u32; 2];
+        let mut len = std::mem::size_of_val(&stats) as libc::socklen_t;
+        // SAFETY: stats and len are valid for writes of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                stats.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "PACKET_STATISTICS: {}",
+            std::io::Error::last_os_error()
+        );
+        stats[1]
+    }
+}
+
+/// An AF_PACKET socket bound to eth0 of the calling thread's network namespace.
+fn open_eth0_packet_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let check = |rc: libc::c_int| {
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // Protocol 0 receives nothing until bind, so no frame from another
+    // interface (lo, where the app legs are) slips in before it.
+    // SAFETY: plain system calls on a descriptor we own, with valid pointers.
+    unsafe {
+        let fd = check(libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+        ))?;
+        let fd = OwnedFd::from_raw_fd(fd);
+        let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let size: libc::c_int = 64 << 20;
+        check(libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        ))?;
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = all;
+        sll.sll_ifindex = ifindex as i32;
+        check(libc::bind(
+            fd.as_raw_fd(),
+            (&sll as *const libc::sockaddr_ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        ))?;
+        Ok(fd)
+    }
+}
+
+/// The payload of an IPv4 TCP segment from or to `port`. SOCK_DGRAM packet
+/// sockets hand over the frame from the IP header on.
+fn tcp_payload(packet: &[u8], port: u16) -> Option<&[u8]> {
+    let (version, ihl) = (packet.first()? >> 4, usize::from(packet[0] & 0x0f) * 4);
+    if version != 4 || packet.get(9) != Some(&6) {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([*packet.get(2)?, *packet.get(3)?]));
+    let tcp = packet.get(ihl..total.min(packet.len()))?;
+    let (src, dst) = (
+        u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]),
+        u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]),
+    );
+    let data_offset = usize::from(tcp.get(12)? >> 4) * 4;
+    (src == port || dst == port)
+        .then(|| tcp.get(data_offset..))
+        .flatten()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Requests from productpage to reviews, with the middle leg captured where
+/// it leaves productpage's pod (every request crosses its eth0 to a reviews pod).
+fn reviews_with_capture(mtls: bool, n: u64) -> (Lab, Vec<Vec<u8>>) {
+    const CLIENT: &str = "productpage-v1";
+    let mut opts = options();
+    opts.mtls = mtls;
+    let lab = Lab::up(&opts).unwrap();
+    let capture = Capture::on_eth0(&lab, CLIENT);
+    let name = if mtls { "mtls" } else { "plaintext" };
+    let (summary, _) = load_from(
+        &lab,
+        CLIENT,
+        &[
+            "--url",
+            REVIEWS_URL,
+            "--connections",
+            "2",
+            "--requests",
+            &n.to_string(),
+        ],
+        name,
+    );
+    assert_eq!(summary.ok, n, "{summary:?}");
+    let payloads = capture.tcp_payloads(9080);
+    assert_eq!(capture.drops(), 0, "the capture lost frames");
+    (lab, payloads)
+}
+
+#[test]
+fn mutual_tls_encrypts_the_middle_leg() {
+    require_root();
+    let n = 50;
+    const REQUEST_LINE: &[u8] = b"GET /reviews/0";
+    // Without mTLS the capture sees the requests: it does look at the right bytes.
+    let (lab, plain) = reviews_with_capture(false, n);
+    drop(lab);
+    let seen = plain.iter().filter(|p| contains(p, REQUEST_LINE)).count();
+    assert!(seen as u64 >= n, "plaintext requests on the wire: {seen}");
+
+    let (lab, wire) = reviews_with_capture(true, n);
+    let bytes: Vec<u8> = wire.concat();
+    assert!(
+        !contains(&bytes, REQUEST_LINE),
+        "a request went in the clear"
+    );
+    assert!(
+        !contains(&bytes, b"HTTP/1.1"),
+        "a response went in the clear"
+    );
+    // TLS records: handshakes (22) open the connections, application data (23) follows.
+    let records = |kind: u8| wire.iter().filter(|p| p.starts_with(&[kind, 3])).count();
+    assert!(
+        records(0x16) >= 2,
+        "ClientHello and ServerHello per connection"
+    );
+    let app_data = records(0x17) as u64;
+    assert!(
+        app_data >= n,
+        "requests as TLS records: {app_data} segments"
+    );
+
+    let out: Vec<_> = proxy_records(&lab, "productpage-v1");
+    assert_eq!(out.len() as u64, n, "{out:#?}");
+    assert!(
+        out.iter().all(|r| r.upstream_tls && r.status == 200),
+        "{out:#?}"
+    );
+    let mut inbound = 0;
+    for pod in ["reviews-v1", "reviews-v2", "reviews-v3"] {
+        for r in proxy_records(&lab, pod) {
+            if r.direction == Direction::Inbound {
+                assert!(r.downstream_tls, "{r:?}");
+                inbound += 1;
+            }
+        }
+    }
+    assert_eq!(inbound, n);
+    // Each sidecar's key is its alone.
+    use std::os::unix::fs::MetadataExt as _;
+    let key = std::fs::metadata(lab.dir.join("reviews-v1-key.pem")).unwrap();
+    assert_eq!((key.uid(), key.mode() & 0o777), (1337, 0o600));
+}

@@ -53,6 +53,9 @@ pub struct LabShape {
     /// Share of 503s a pod's app answers, as POD=RATE (repeatable).
     #[arg(long, value_name = "POD=RATE")]
     pub error_rate: Vec<String>,
+    /// Mutual TLS between sidecars (certificates made at start; app legs stay plaintext).
+    #[arg(long)]
+    pub mtls: bool,
 }
 
 impl LabShape {
@@ -62,6 +65,7 @@ impl LabShape {
         opts.delay_outbound_ms = self.delay_outbound_ms;
         opts.delay_inbound_ms = self.delay_inbound_ms;
         opts.error_rate = parse_pod_values(&self.error_rate)?;
+        opts.mtls = self.mtls;
         for pod in opts.error_rate.keys() {
             anyhow::ensure!(
                 opts.topology.pod(pod).is_some(),

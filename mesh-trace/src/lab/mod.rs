@@ -6,12 +6,14 @@
 //! - [`config`]: the topology and the sidecars' Envoy-shaped configuration;
 //! - [`topology`]: bringing a lab up and down;
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
+//! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
 //! - [`records`]: what they write down, the ground truth for tests.
 pub mod app;
 pub mod cmd;
 pub mod config;
 pub mod http_client;
 pub mod loadgen;
+pub mod mtls;
 pub mod pod_exec;
 pub mod proxy;
 pub mod records;

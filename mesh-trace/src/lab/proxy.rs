@@ -9,6 +9,12 @@
 //! - 15006 (VirtualInbound): redirected inbound connections, forwarded to the
 //!   app from 127.0.0.6 (inbound passthrough).
 //!
+//! With `--mtls-dir` the leg between sidecars is mutual TLS, as with Istio's
+//! ISTIO_MUTUAL: upstream connections to mesh endpoints (EDS clusters) use
+//! TLS with the pod's certificate, and 15006 accepts TLS with a client
+//! certificate from the mesh CA, or plaintext (PERMISSIVE). Legs to and from
+//! the app on loopback, and traffic leaving the mesh, stay plaintext.
+//!
 //! Every HTTP request and every listener-less TCP connection becomes one
 //! [`ProxyRecord`] in the access log: the ground truth for mesh-trace's tests.
 use std::{
@@ -31,26 +37,31 @@ use hyper::{
     service::service_fn,
     Request, Response, StatusCode, Uri,
 };
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::{
     client::legacy::{
-        connect::{HttpConnector, HttpInfo},
-        Client,
+        connect::{Connect, HttpConnector, HttpInfo},
+        Client, ResponseFuture,
     },
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
+    server::graceful::{GracefulConnection, GracefulShutdown, Watcher},
 };
 use rand::{rngs::StdRng, Rng, SeedableRng as _};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     signal::unix::{signal, SignalKind},
+    sync::watch,
     task::JoinSet,
 };
+use tokio_rustls::TlsAcceptor;
 
 use super::{
     config::{
         OutboundTrafficPolicy, ProxyConfig, RetryPolicy, RouteAction, WeightedCluster,
         BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER,
     },
+    mtls::SidecarTls,
     records::{mono_ns, Direction, ProxyRecord, RecordWriter},
 };
 
@@ -65,6 +76,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Envoy sets it on upstream requests when the virtual host has
 /// `include_request_attempt_count`, as every Istio virtual host does.
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+/// The first byte of a TLS connection: a handshake record (content type 22).
+const TLS_HANDSHAKE: u8 = 0x16;
 /// Connection-scoped headers that must not be forwarded (RFC 9110 7.6.1).
 const HOP_BY_HOP: [&str; 8] = [
     "connection",
@@ -100,6 +113,10 @@ pub struct ProxyOptions {
     /// How long in-flight connections may finish after SIGTERM (terminationDrainDuration), ms.
     #[arg(long, default_value_t = 5000)]
     pub drain_ms: u64,
+    /// Mutual TLS with the other sidecars: the directory with `ca.pem`,
+    /// `<pod>.pem` and `<pod>-key.pem` (see `lab::mtls`). Plaintext without it.
+    #[arg(long, value_name = "DIR")]
+    pub mtls_dir: Option<PathBuf>,
 }
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains for `drain_ms`.
@@ -110,7 +127,8 @@ pub async fn run(opts: ProxyOptions) -> anyhow::Result<()> {
     let outbound = bind(OUTBOUND_PORT).await?;
     let inbound = bind(INBOUND_PORT).await?;
     let shutdown = shutdown_signal()?;
-    tracing::info!(pod = %opts.pod, policy = ?proxy.policy, "sidecar listening on 15001 and 15006");
+    let mtls = proxy.inbound_tls.is_some();
+    tracing::info!(pod = %opts.pod, policy = ?proxy.policy, mtls, "sidecar listening on 15001 and 15006");
     serve(
         proxy,
         outbound,
@@ -154,17 +172,51 @@ fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 /// How the proxy learns where an accepted connection was headed: the kernel's
 /// SO_ORIGINAL_DST in production, a fixed answer in tests without iptables.
 type DstLookup = Arc<dyn Fn(&TcpStream, Direction) -> io::Result<SocketAddr> + Send + Sync>;
-type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+type PlainClient = Client<HttpConnector, Full<Bytes>>;
+/// Speaks TLS to `https` URIs only.
+type MeshClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The pooled client one request's attempts go through.
+#[derive(Clone, Copy)]
+enum UpstreamClient<'a> {
+    Plain(&'a PlainClient),
+    /// Mutual TLS with this pod's certificate.
+    Mutual(&'a MeshClient),
+}
+
+impl UpstreamClient<'_> {
+    fn scheme(self) -> &'static str {
+        match self {
+            UpstreamClient::Plain(_) => "http",
+            UpstreamClient::Mutual(_) => "https",
+        }
+    }
+
+    fn is_tls(self) -> bool {
+        matches!(self, UpstreamClient::Mutual(_))
+    }
+
+    fn request(self, req: Request<Full<Bytes>>) -> ResponseFuture {
+        match self {
+            UpstreamClient::Plain(c) => c.request(req),
+            UpstreamClient::Mutual(c) => c.request(req),
+        }
+    }
+}
 
 struct Proxy {
     config: ProxyConfig,
     policy: OutboundTrafficPolicy,
     pod: String,
     records: RecordWriter,
-    outbound_client: UpstreamClient,
+    outbound_client: PlainClient,
+    /// For mesh endpoints when mTLS is on.
+    mesh_client: Option<MeshClient>,
     /// Connections bound to 127.0.0.6, so the app's replies skip redirection.
-    inbound_client: UpstreamClient,
+    inbound_client: PlainClient,
+    /// Accepts TLS on 15006 when mTLS is on.
+    inbound_tls: Option<TlsAcceptor>,
     delay_outbound: Duration,
     delay_inbound: Duration,
     original_dst: DstLookup,
@@ -177,6 +229,8 @@ struct Conn {
     original_dst: SocketAddr,
     peer: SocketAddr,
     accepted_ns: u64,
+    /// The downstream connection is TLS (only inbound, from another sidecar).
+    tls: bool,
 }
 
 impl Proxy {
@@ -187,6 +241,10 @@ impl Proxy {
     ) -> anyhow::Result<Self> {
         let records = RecordWriter::create(&opts.access_log)
             .with_context(|| format!("creating {}", opts.access_log.display()))?;
+        let tls = match &opts.mtls_dir {
+            Some(dir) => Some(SidecarTls::load(dir, &opts.pod).context("--mtls-dir")?),
+            None => None,
+        };
         Ok(Proxy {
             policy: opts
                 .outbound_traffic_policy
@@ -194,8 +252,12 @@ impl Proxy {
             config,
             pod: opts.pod.clone(),
             records,
-            outbound_client: upstream_client(None),
-            inbound_client: upstream_client(Some(INBOUND_PASSTHROUGH_SOURCE.into())),
+            outbound_client: pooled(http_connector(None)),
+            inbound_client: pooled(http_connector(Some(INBOUND_PASSTHROUGH_SOURCE.into()))),
+            inbound_tls: tls
+                .as_ref()
+                .map(|t| TlsAcceptor::from(Arc::clone(&t.server))),
+            mesh_client: tls.map(|t| mesh_client(t.client)),
             delay_outbound: delay(opts.delay_outbound_ms).context("--delay-outbound-ms")?,
             delay_inbound: delay(opts.delay_inbound_ms).context("--delay-inbound-ms")?,
             original_dst,
@@ -224,6 +286,17 @@ impl Proxy {
             t_upstream_write_ns: 0,
             t_upstream_read_ns: 0,
             t_downstream_write_ns: 0,
+            upstream_tls: false,
+            downstream_tls: conn.tls,
+        }
+    }
+
+    /// The client for an outbound cluster: mutual TLS to mesh endpoints when
+    /// mTLS is on, plaintext otherwise and to what leaves the mesh.
+    fn outbound_client(&self, mesh: bool) -> UpstreamClient<'_> {
+        match (&self.mesh_client, mesh) {
+            (Some(c), true) => UpstreamClient::Mutual(c),
+            _ => UpstreamClient::Plain(&self.outbound_client),
         }
     }
 }
@@ -232,16 +305,36 @@ fn delay(ms: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(ms / 1000.0).map_err(|e| anyhow::anyhow!("bad delay {ms} ms: {e}"))
 }
 
-/// One pooled HTTP/1.1 client: keep-alive connections are reused per endpoint.
-fn upstream_client(local: Option<IpAddr>) -> UpstreamClient {
+fn http_connector(local: Option<IpAddr>) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_local_address(local);
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    // The TLS connector hands it `https` URIs; the plain clients only build `http` ones.
+    connector.enforce_http(false);
+    connector
+}
+
+/// One pooled HTTP/1.1 client: keep-alive connections are reused per endpoint.
+fn pooled<C>(connector: C) -> Client<C, Full<Bytes>>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(UPSTREAM_IDLE_TIMEOUT)
         .build(connector)
+}
+
+/// The pooled client for mesh endpoints. TLS wraps the plain TCP connector,
+/// whose `HttpInfo` (local and remote address) still reaches the responses.
+fn mesh_client(tls: rustls::ClientConfig) -> MeshClient {
+    let connector = HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http_connector(None));
+    pooled(connector)
 }
 
 /// Accepts on both listeners until `shutdown` resolves, then stops accepting
@@ -253,8 +346,7 @@ async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
-    let mut conns = JoinSet::new();
+    let mut conns = Connections::new();
     tokio::pin!(shutdown);
     loop {
         let (accepted, direction) = tokio::select! {
@@ -262,10 +354,10 @@ async fn serve(
             a = outbound.accept() => (a, Direction::Outbound),
             a = inbound.accept() => (a, Direction::Inbound),
             // Reap finished connections so the set does not grow forever.
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            Some(_) = conns.tasks.join_next(), if !conns.tasks.is_empty() => continue,
         };
         match accepted {
-            Ok((stream, peer)) => on_accept(&proxy, &graceful, &mut conns, direction, stream, peer),
+            Ok((stream, peer)) => on_accept(&proxy, &mut conns, direction, stream, peer),
             Err(e) => {
                 tracing::warn!("accept ({direction:?}): {e}");
                 // Out of descriptors and the like: do not spin.
@@ -274,30 +366,59 @@ async fn serve(
         }
     }
     drop((outbound, inbound));
-    tracing::info!(
-        connections = conns.len(),
-        ?drain,
-        "stopped accepting; draining"
-    );
-    let drained = tokio::time::timeout(drain, async {
-        // Idle HTTP connections close now, busy ones after their response.
-        graceful.shutdown().await;
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            connections = conns.len(),
-            "drain time over; closing the rest"
-        );
+    conns.drain(drain).await;
+}
+
+/// The tasks of accepted connections, and how to end them.
+struct Connections {
+    tasks: JoinSet<()>,
+    /// Lets HTTP connections finish the request in flight, then closes them.
+    graceful: GracefulShutdown,
+    /// Turns true at shutdown, for connections not serving HTTP yet (being
+    /// sniffed for TLS or in their handshake), which `graceful` cannot reach.
+    stopping: watch::Sender<bool>,
+}
+
+impl Connections {
+    fn new() -> Self {
+        Connections {
+            tasks: JoinSet::new(),
+            graceful: GracefulShutdown::new(),
+            stopping: watch::Sender::new(false),
+        }
     }
-    // Dropping the set aborts whatever is still running.
+
+    /// Closes idle connections now and waits up to `limit` for busy ones.
+    async fn drain(self, limit: Duration) {
+        let Connections {
+            mut tasks,
+            graceful,
+            stopping,
+        } = self;
+        tracing::info!(
+            connections = tasks.len(),
+            ?limit,
+            "stopped accepting; draining"
+        );
+        stopping.send_replace(true);
+        let drained = tokio::time::timeout(limit, async {
+            graceful.shutdown().await;
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = tasks.len(),
+                "drain time over; closing the rest"
+            );
+        }
+        // Dropping the set aborts whatever is still running.
+    }
 }
 
 fn on_accept(
     proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-    conns: &mut JoinSet<()>,
+    conns: &mut Connections,
     direction: Direction,
     stream: TcpStream,
     peer: SocketAddr,
@@ -318,40 +439,99 @@ fn on_accept(
         original_dst,
         peer,
         accepted_ns,
+        tls: false,
     };
     let http =
         direction == Direction::Inbound || proxy.config.listener(original_dst.port()).is_some();
-    if http {
-        serve_http(proxy, graceful, conns, conn, stream);
-    } else {
-        conns.spawn(Arc::clone(proxy).tcp(conn, stream));
+    let proxy = Arc::clone(proxy);
+    match (&proxy.inbound_tls, direction) {
+        (Some(acceptor), Direction::Inbound) => {
+            let (acceptor, watcher) = (acceptor.clone(), conns.graceful.watcher());
+            let stopping = conns.stopping.subscribe();
+            let task = proxy.inbound_permissive(acceptor, conn, stream, watcher, stopping);
+            conns.tasks.spawn(task);
+        }
+        _ if http => {
+            let watched = conns.graceful.watch(http_connection(&proxy, conn, stream));
+            conns.tasks.spawn(serve_http(conn, watched));
+        }
+        _ => {
+            conns.tasks.spawn(proxy.tcp(conn, stream));
+        }
     }
 }
 
-/// Serves HTTP/1.1 (keep-alive) on one downstream connection.
-fn serve_http(
-    proxy: &Arc<Proxy>,
-    graceful: &GracefulShutdown,
-    conns: &mut JoinSet<()>,
-    conn: Conn,
+/// A downstream byte stream: plaintext TCP or TLS over it.
+trait DownstreamIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> DownstreamIo for T {}
+
+impl Proxy {
+    /// An inbound connection under PERMISSIVE mTLS: TLS if it opens with a
+    /// handshake, plaintext otherwise, then HTTP as for any connection.
+    async fn inbound_permissive(
+        self: Arc<Self>,
+        acceptor: TlsAcceptor,
+        mut conn: Conn,
+        stream: TcpStream,
+        watcher: Watcher,
+        mut stopping: watch::Receiver<bool>,
+    ) {
+        let opened = tokio::select! {
+            opened = open_permissive(&acceptor, stream) => opened,
+            // Not serving HTTP yet: nothing in flight to let finish.
+            _ = stopping.changed() => return,
+        };
+        match opened {
+            Ok((io, tls)) => {
+                conn.tls = tls;
+                let watched = watcher.watch(http_connection(&self, conn, io));
+                serve_http(conn, watched).await;
+            }
+            // A client certificate not from the mesh CA, or none, ends here.
+            Err(e) => tracing::warn!("inbound TLS from {}: {e}", conn.peer),
+        }
+    }
+}
+
+/// Peeks at the first byte (left in the socket for whoever reads next): a
+/// TLS handshake is accepted, verifying the peer's certificate against the
+/// mesh CA; anything else is plaintext. Returns the stream and whether it is TLS.
+async fn open_permissive(
+    acceptor: &TlsAcceptor,
     stream: TcpStream,
-) {
+) -> io::Result<(Box<dyn DownstreamIo>, bool)> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await?;
+    if n == 0 || first[0] != TLS_HANDSHAKE {
+        return Ok((Box::new(stream), false));
+    }
+    let tls = acceptor.accept(stream).await?;
+    Ok((Box::new(tls), true))
+}
+
+/// HTTP/1.1 (keep-alive) on one downstream connection.
+fn http_connection(
+    proxy: &Arc<Proxy>,
+    conn: Conn,
+    stream: impl DownstreamIo,
+) -> impl GracefulConnection<Error = hyper::Error> + Send + 'static {
     let proxy = Arc::clone(proxy);
     let service = service_fn(move |req| {
         let proxy = Arc::clone(&proxy);
         async move { Ok::<_, Infallible>(proxy.http(conn, req).await) }
     });
-    let connection = hyper::server::conn::http1::Builder::new()
+    hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
         // Envoy keeps idle downstream connections for an hour; never time out.
         .header_read_timeout(None)
-        .serve_connection(TokioIo::new(stream), service);
-    let watched = graceful.watch(connection);
-    conns.spawn(async move {
-        if let Err(e) = watched.await {
-            tracing::debug!("{:?} connection from {}: {e}", conn.direction, conn.peer);
-        }
-    });
+        .serve_connection(TokioIo::new(stream), service)
+}
+
+/// Runs a (watched) HTTP connection to its end.
+async fn serve_http(conn: Conn, watched: impl Future<Output = Result<(), hyper::Error>>) {
+    if let Err(e) = watched.await {
+        tracing::debug!("{:?} connection from {}: {e}", conn.direction, conn.peer);
+    }
 }
 
 // ------------------------------------------------------------------- HTTP
@@ -365,14 +545,16 @@ struct BufferedRequest {
 
 impl BufferedRequest {
     /// The request for one attempt at `endpoint`, minus hop-by-hop headers.
+    /// `scheme` picks the connection: "https" is mutual TLS.
     fn to_upstream(
         &self,
+        scheme: &str,
         endpoint: SocketAddr,
         attempt: u32,
     ) -> anyhow::Result<Request<Full<Bytes>>> {
         let path = self.parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri = Uri::builder()
-            .scheme("http")
+            .scheme(scheme)
             .authority(endpoint.to_string())
             .path_and_query(path)
             .build()?;
@@ -435,12 +617,16 @@ impl Proxy {
         );
         rec.route = decision.vhost.to_owned();
         rec.cluster = decision.cluster.to_owned();
-        let (endpoints, retry) = match decision.action {
-            Action::Forward { endpoints, retry } => (endpoints, retry),
+        let (endpoints, retry, mesh) = match decision.action {
+            Action::Forward {
+                endpoints,
+                retry,
+                mesh,
+            } => (endpoints, retry, mesh),
             Action::Reply(status, text) => return local_reply(status, text),
         };
         let upstream = Upstream {
-            client: &self.outbound_client,
+            client: self.outbound_client(mesh),
             endpoints: &endpoints,
             retry,
             delay: self.delay_outbound,
@@ -459,7 +645,7 @@ impl Proxy {
         rec.route = format!("inbound|http|{port}");
         rec.cluster = format!("inbound|{port}||");
         let upstream = Upstream {
-            client: &self.inbound_client,
+            client: UpstreamClient::Plain(&self.inbound_client),
             endpoints: &[conn.original_dst],
             retry: None,
             delay: self.delay_inbound,
@@ -470,7 +656,7 @@ impl Proxy {
 
 /// Where and how one request is sent on.
 struct Upstream<'a> {
-    client: &'a UpstreamClient,
+    client: UpstreamClient<'a>,
     endpoints: &'a [SocketAddr],
     retry: Option<&'a RetryPolicy>,
     /// The artificial processing delay of this side.
@@ -571,6 +757,8 @@ enum Action<'a> {
     Forward {
         endpoints: Vec<SocketAddr>,
         retry: Option<&'a RetryPolicy>,
+        /// The endpoints are sidecar pods (mutual TLS when it is on).
+        mesh: bool,
     },
     /// Answer locally without an upstream connection.
     Reply(StatusCode, &'static str),
@@ -617,7 +805,11 @@ fn decide_outbound<'a>(
             return blackhole;
         }
         let endpoints = vec![original_dst];
-        Action::Forward { endpoints, retry }
+        Action::Forward {
+            endpoints,
+            retry,
+            mesh: false,
+        }
     } else if cluster == BLACKHOLE_CLUSTER {
         return blackhole;
     } else {
@@ -636,15 +828,19 @@ fn cluster_action<'a>(
     original_dst: SocketAddr,
     retry: Option<&'a RetryPolicy>,
 ) -> Action<'a> {
-    let endpoints = match cfg.cluster(cluster) {
-        Some(c) if c.kind == "ORIGINAL_DST" => vec![original_dst],
-        Some(c) => c.endpoints(),
+    let (endpoints, mesh) = match cfg.cluster(cluster) {
+        Some(c) if c.kind == "ORIGINAL_DST" => (vec![original_dst], false),
+        Some(c) => (c.endpoints(), c.is_mesh()),
         None => return Action::Reply(StatusCode::SERVICE_UNAVAILABLE, "cluster not found"),
     };
     if endpoints.is_empty() {
         return Action::Reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
     }
-    Action::Forward { endpoints, retry }
+    Action::Forward {
+        endpoints,
+        retry,
+        mesh,
+    }
 }
 
 /// The route's cluster; for weighted clusters one drawn by weight.
@@ -731,6 +927,8 @@ struct Outcome {
     attempts: u32,
     upstream_host: Option<SocketAddr>,
     upstream_local: Option<SocketAddr>,
+    /// The last attempt went over mutual TLS.
+    upstream_tls: bool,
     t_upstream_write_ns: u64,
     t_upstream_read_ns: u64,
 }
@@ -738,6 +936,7 @@ struct Outcome {
 impl Outcome {
     fn fill(&self, rec: &mut ProxyRecord) {
         rec.attempts = self.attempts;
+        rec.upstream_tls = self.upstream_tls;
         rec.upstream_host = self.upstream_host;
         rec.upstream_local = self.upstream_local;
         rec.t_upstream_write_ns = self.t_upstream_write_ns;
@@ -765,7 +964,7 @@ impl Outcome {
 
 /// Sends `req` to `endpoints` under the retry policy; returns the last attempt.
 async fn forward_with_retries(
-    client: &UpstreamClient,
+    client: UpstreamClient<'_>,
     req: &BufferedRequest,
     endpoints: &[SocketAddr],
     retry: Option<&RetryPolicy>,
@@ -776,6 +975,7 @@ async fn forward_with_retries(
         attempts: 0,
         upstream_host: None,
         upstream_local: None,
+        upstream_tls: false,
         t_upstream_write_ns: 0,
         t_upstream_read_ns: 0,
     };
@@ -785,6 +985,7 @@ async fn forward_with_retries(
         out.attempts += 1;
         out.upstream_host = Some(endpoint);
         out.upstream_local = None;
+        out.upstream_tls = client.is_tls();
         out.t_upstream_read_ns = 0;
         let result = attempt(client, req, endpoint, out.attempts, &mut out).await;
         if !should_retry(retry, result, out.attempts) {
@@ -802,13 +1003,13 @@ async fn forward_with_retries(
 
 /// One attempt; its response (or failure) and timings land in `out`.
 async fn attempt(
-    client: &UpstreamClient,
+    client: UpstreamClient<'_>,
     req: &BufferedRequest,
     endpoint: SocketAddr,
     number: u32,
     out: &mut Outcome,
 ) -> AttemptResult {
-    let upstream_req = match req.to_upstream(endpoint, number) {
+    let upstream_req = match req.to_upstream(client.scheme(), endpoint, number) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("building the request for {endpoint}: {e}");
@@ -893,7 +1094,11 @@ async fn passthrough(rec: &mut ProxyRecord, mut downstream: TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lab::{config::BOOKINFO_PROXY, records::read_records};
+    use crate::lab::{
+        config::BOOKINFO_PROXY,
+        mtls::{MeshCa, Workload, CA_FILE},
+        records::read_records,
+    };
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     const VIP: &str = "10.96.0.99";
@@ -1005,10 +1210,16 @@ mod tests {
         );
         assert_eq!(d.vhost, "reviews.bookinfo.svc.cluster.local:9080");
         assert!(d.cluster.starts_with("outbound|9080|v"), "{}", d.cluster);
-        let Action::Forward { endpoints, retry } = d.action else {
+        let Action::Forward {
+            endpoints,
+            retry,
+            mesh,
+        } = d.action
+        else {
             panic!("{:?}", d.action);
         };
         assert!(!endpoints.is_empty());
+        assert!(mesh, "reviews endpoints are sidecar pods (EDS)");
         assert_eq!(retry.map(|r| r.num_retries), Some(2));
     }
 
@@ -1030,7 +1241,7 @@ mod tests {
             ("allow_any", PASSTHROUGH_CLUSTER)
         );
         assert!(
-            matches!(&allow.action, Action::Forward { endpoints, retry: None } if endpoints == &[dst]),
+            matches!(&allow.action, Action::Forward { endpoints, retry: None, mesh: false } if endpoints == &[dst]),
             "{:?}",
             allow.action
         );
@@ -1118,8 +1329,9 @@ mod tests {
         let endpoints = [bad, good];
         let p = policy("connect-failure,retriable-status-codes", 2, &[503]);
         let mut rng = rng_starting_at(&endpoints, bad);
-        let client = upstream_client(None);
-        let out = forward_with_retries(&client, &get("/x"), &endpoints, Some(&p), &mut rng).await;
+        let plain = pooled(http_connector(None));
+        let client = UpstreamClient::Plain(&plain);
+        let out = forward_with_retries(client, &get("/x"), &endpoints, Some(&p), &mut rng).await;
         assert_eq!(out.attempts, 2);
         assert_eq!(out.upstream_host, Some(good));
         assert_eq!(
@@ -1138,14 +1350,15 @@ mod tests {
         let dead = closed_port().await;
         let good = http_server(200, Duration::ZERO).await;
         let p = policy("connect-failure,retriable-status-codes", 2, &[503]);
-        let client = upstream_client(None);
+        let plain = pooled(http_connector(None));
+        let client = UpstreamClient::Plain(&plain);
         let endpoints = [dead, good];
         let mut rng = rng_starting_at(&endpoints, dead);
-        let out = forward_with_retries(&client, &get("/"), &endpoints, Some(&p), &mut rng).await;
+        let out = forward_with_retries(client, &get("/"), &endpoints, Some(&p), &mut rng).await;
         assert_eq!((out.attempts, out.upstream_host), (2, Some(good)));
 
         // Only a dead endpoint: 1 + 2 retries, then 503 downstream.
-        let out = forward_with_retries(&client, &get("/"), &[dead], Some(&p), &mut rng).await;
+        let out = forward_with_retries(client, &get("/"), &[dead], Some(&p), &mut rng).await;
         assert_eq!((out.attempts, out.upstream_local), (3, None));
         assert_eq!(
             out.response.as_ref().err(),
@@ -1158,7 +1371,7 @@ mod tests {
 
         // A 503 everywhere: the last 503 goes downstream.
         let bad = http_server(503, Duration::ZERO).await;
-        let out = forward_with_retries(&client, &get("/"), &[bad], Some(&p), &mut rng).await;
+        let out = forward_with_retries(client, &get("/"), &[bad], Some(&p), &mut rng).await;
         assert_eq!(out.attempts, 3);
         assert_eq!(
             out.into_response().status(),
@@ -1184,7 +1397,7 @@ mod tests {
                  "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "outbound|9080||svc"}}]}
             ]}],
             "clusters": [
-                {"name": "outbound|9080||svc", "type": "STATIC",
+                {"name": "outbound|9080||svc", "type": "EDS",
                  "load_assignment": {"endpoints": [{"lb_endpoints": eps}]}},
                 {"name": PASSTHROUGH_CLUSTER, "type": "ORIGINAL_DST"},
                 {"name": BLACKHOLE_CLUSTER, "type": "STATIC"}
@@ -1211,6 +1424,16 @@ mod tests {
             policy: OutboundTrafficPolicy,
             lookup: impl Fn(Direction) -> SocketAddr + Send + Sync + 'static,
         ) -> TestProxy {
+            Self::start_with(config, policy, lookup, None).await
+        }
+
+        /// Like `start`, with mutual TLS from the certificates in `mtls_dir`.
+        async fn start_with(
+            config: impl FnOnce(SocketAddr) -> ProxyConfig,
+            policy: OutboundTrafficPolicy,
+            lookup: impl Fn(Direction) -> SocketAddr + Send + Sync + 'static,
+            mtls_dir: Option<PathBuf>,
+        ) -> TestProxy {
             let out_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let in_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let inbound = in_l.local_addr().expect("addr");
@@ -1224,6 +1447,7 @@ mod tests {
                 delay_outbound_ms: 1.0,
                 delay_inbound_ms: 0.0,
                 drain_ms: 2_000,
+                mtls_dir,
             };
             let lookup: DstLookup = Arc::new(move |_, d| Ok(lookup(d)));
             let proxy = Proxy::new(config(inbound), &opts, lookup).expect("proxy");
@@ -1312,6 +1536,7 @@ mod tests {
             assert_eq!((r.original_dst, r.attempts, r.status), (vip, 1, 200));
             assert_eq!(r.upstream_host.map(|h| h.port()), Some(inbound_port));
             assert!(r.upstream_local.is_some());
+            assert!(!r.upstream_tls && !r.downstream_tls, "no mTLS configured");
             assert!(
                 r.t_downstream_read_ns < r.t_upstream_write_ns,
                 "delay_outbound_ms"
@@ -1332,6 +1557,7 @@ mod tests {
             );
             let local = r.upstream_local.expect("inbound local address");
             assert_eq!(local.ip(), IpAddr::from(INBOUND_PASSTHROUGH_SOURCE));
+            assert!(!r.upstream_tls && !r.downstream_tls, "no mTLS configured");
             // The outbound side's request id travels with the request.
             assert!(outbound.iter().any(|o| o.request_id == r.request_id));
         }
@@ -1405,5 +1631,164 @@ mod tests {
         assert_eq!(records.len(), 2, "{records:?}");
         // Stopped accepting: a new connection is refused.
         assert!(TcpStream::connect(to).await.is_err());
+    }
+
+    // ------------------------------------------------------ mutual TLS
+
+    /// A mesh CA and the test pod's certificate for 127.0.0.1 (where its
+    /// inbound listener is) in a temporary directory, removed on drop.
+    struct TestCerts {
+        dir: PathBuf,
+    }
+
+    impl TestCerts {
+        fn new() -> TestCerts {
+            let dir = std::env::temp_dir().join(format!("proxy-mtls-{}", uuid::Uuid::new_v4()));
+            std::fs::create_dir(&dir).expect("cert dir");
+            let ca = MeshCa::new("test mesh CA").expect("CA");
+            ca.write_ca(&dir).expect("ca.pem");
+            ca.write_workload(&dir, &test_workload("test-pod"))
+                .expect("test-pod certificate");
+            TestCerts { dir }
+        }
+    }
+
+    impl Drop for TestCerts {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn test_workload(pod: &str) -> Workload<'_> {
+        Workload {
+            pod,
+            namespace: "default",
+            service_account: "svc",
+            ip: Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+
+    /// Sends `request` over TLS with `tls`'s client certificate and reads
+    /// until the server closes; the error if the server refuses us.
+    async fn tls_exchange(to: SocketAddr, tls: SidecarTls, request: &str) -> io::Result<String> {
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls.client));
+        let tcp = TcpStream::connect(to).await?;
+        let name = rustls::pki_types::ServerName::from(to.ip());
+        let mut s = connector.connect(name, tcp).await?;
+        s.write_all(request.as_bytes()).await?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await?;
+        Ok(answer)
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_between_sidecars_with_permissive_inbound() {
+        let certs = TestCerts::new();
+        let app = http_server(200, Duration::ZERO).await;
+        let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
+        let proxy = TestProxy::start_with(
+            |inbound| lab_config(&[inbound]),
+            OutboundTrafficPolicy::AllowAny,
+            move |d| match d {
+                Direction::Outbound => vip,
+                Direction::Inbound => app,
+            },
+            Some(certs.dir.clone()),
+        )
+        .await;
+        // App -> outbound (plaintext) -> inbound (mTLS) -> app (plaintext).
+        let answer = exchange(
+            proxy.outbound,
+            "GET /tls HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\n127.0.0.6 svc"), "{answer}");
+        // PERMISSIVE: a plaintext peer is still served.
+        let plain = "GET /plain HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n";
+        let answer = exchange(proxy.inbound, plain).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // A certificate from another CA is refused, although ours is trusted.
+        let rogue = MeshCa::new("rogue CA").expect("rogue CA");
+        let intruder = rogue.issue(&test_workload("intruder")).expect("issue");
+        let ca = std::fs::read(certs.dir.join(CA_FILE)).expect("ca.pem");
+        let tls = SidecarTls::from_pem(
+            &ca,
+            intruder.cert_pem.as_bytes(),
+            intruder.key_pem.as_bytes(),
+        )
+        .expect("intruder TLS");
+        let rogue_request = "GET /rogue HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n";
+        let refused = tokio::time::timeout(
+            Duration::from_secs(5),
+            tls_exchange(proxy.inbound, tls, rogue_request),
+        )
+        .await
+        .expect("the inbound listener neither answered nor refused");
+        // TLS 1.3: the client's handshake ends before the server checks its
+        // certificate, so the refusal (an alert) arrives at the first read.
+        let alert = refused.expect_err("a foreign certificate was served");
+        assert_eq!(alert.kind(), io::ErrorKind::InvalidData, "{alert}");
+
+        let records = proxy.finish().await;
+        assert_mtls_records(&records);
+    }
+
+    #[tokio::test]
+    async fn drain_closes_inbound_connections_that_sent_nothing_yet() {
+        let certs = TestCerts::new();
+        let app = http_server(200, Duration::ZERO).await;
+        let proxy = TestProxy::start_with(
+            |inbound| lab_config(&[inbound]),
+            OutboundTrafficPolicy::AllowAny,
+            move |_| app,
+            Some(certs.dir.clone()),
+        )
+        .await;
+        // Waiting in the TLS sniff: no HTTP connection yet for `graceful` to close.
+        let mut silent = TcpStream::connect(proxy.inbound).await.expect("connect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = std::time::Instant::now();
+        let records = proxy.finish().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "drain waited {:?} for a silent connection (limit 2 s)",
+            started.elapsed()
+        );
+        assert!(records.is_empty(), "{records:?}");
+        let mut rest = Vec::new();
+        let closed = silent.read_to_end(&mut rest).await;
+        assert!(matches!(closed, Ok(0)), "{closed:?}");
+    }
+
+    /// One mTLS request (outbound and inbound record), one plaintext inbound
+    /// request, and nothing from the intruder.
+    fn assert_mtls_records(records: &[ProxyRecord]) {
+        let find = |direction, path: &str| {
+            let found: Vec<_> = records
+                .iter()
+                .filter(|r| r.direction == direction && r.path.as_deref() == Some(path))
+                .collect();
+            assert_eq!(found.len(), 1, "{direction:?} {path}: {records:#?}");
+            found[0]
+        };
+        assert_eq!(records.len(), 3, "{records:#?}");
+        let out = find(Direction::Outbound, "/tls");
+        assert_eq!((out.status, out.attempts), (200, 1));
+        assert!(out.upstream_tls && !out.downstream_tls, "{out:?}");
+        // HttpInfo comes through the TLS connector.
+        let local = out
+            .upstream_local
+            .expect("local address of the TLS connection");
+        assert_eq!(local.ip(), IpAddr::from(Ipv4Addr::LOCALHOST));
+        let inbound = find(Direction::Inbound, "/tls");
+        assert!(
+            inbound.downstream_tls && !inbound.upstream_tls,
+            "{inbound:?}"
+        );
+        assert_eq!(inbound.downstream_peer, local, "the TLS leg's two ends");
+        assert_eq!(inbound.request_id, out.request_id);
+        let plain = find(Direction::Inbound, "/plain");
+        assert!(!plain.downstream_tls, "{plain:?}");
     }
 }
