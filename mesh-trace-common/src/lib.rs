@@ -42,6 +42,9 @@ pub enum EventKind {
     Owner = 4,
     /// A retransmission or a reset on a tracked socket.
     TcpIssue = 5,
+    /// The nat table rewrote a connection's destination (iptables REDIRECT),
+    /// seen by netfilter programs around the NAT priority.
+    Redirect = 6,
 }
 
 impl EventKind {
@@ -52,6 +55,7 @@ impl EventKind {
             3 => Some(Self::Closed),
             4 => Some(Self::Owner),
             5 => Some(Self::TcpIssue),
+            6 => Some(Self::Redirect),
             _ => None,
         }
     }
@@ -220,6 +224,31 @@ pub const TRACKED_OWNER_SEEN: u32 = 1;
 /// Default size of the `TRACKED` map (sockets alive at once).
 pub const DEFAULT_TRACKED_SOCKETS: u32 = 65_536;
 
+/// Netfilter hooks a [`RedirectEvent`] comes from.
+pub const HOOK_LOCAL_OUT: u16 = 0;
+pub const HOOK_PRE_ROUTING: u16 = 1;
+
+/// [`EventKind::Redirect`]: the first packet (SYN) of a connection whose
+/// destination the nat table changed. Written by generated netfilter
+/// programs (see the agent's `kernel::nat`), so its layout is fixed here and
+/// there: addresses and ports are in network byte order, as in the packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectEvent {
+    pub header: EventHeader,
+    /// The namespace whose nat table did it.
+    pub netns_cookie: u64,
+    pub saddr_be: u32,
+    pub orig_daddr_be: u32,
+    pub new_daddr_be: u32,
+    pub sport_be: u16,
+    pub orig_dport_be: u16,
+    pub new_dport_be: u16,
+    /// `HOOK_LOCAL_OUT` or `HOOK_PRE_ROUTING`.
+    pub hook: u16,
+    pub _pad: u32,
+}
+
 /// Largest event, for sizing reads in tests and benchmarks.
 pub const MAX_EVENT_SIZE: usize = {
     let a = core::mem::size_of::<ConnectEvent>();
@@ -244,6 +273,7 @@ mod pod {
     unsafe impl aya::Pod for OwnerEvent {}
     unsafe impl aya::Pod for TcpIssueEvent {}
     unsafe impl aya::Pod for TrackedSock {}
+    unsafe impl aya::Pod for RedirectEvent {}
 }
 
 #[cfg(test)]
@@ -262,6 +292,9 @@ mod tests {
         assert_eq!(size_of::<OwnerEvent>(), 16 + 8 + 32);
         assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4);
         assert_eq!(size_of::<TrackedSock>(), 8 + 4 + 4);
+        assert_eq!(size_of::<RedirectEvent>(), 16 + 8 + 12 + 8 + 4);
+        assert_eq!(core::mem::offset_of!(RedirectEvent, sport_be), 36);
+        assert_eq!(core::mem::offset_of!(RedirectEvent, hook), 42);
         assert_eq!(align_of::<ConnectEvent>(), 8);
         assert_eq!(MAX_EVENT_SIZE, size_of::<SockEvent>());
     }

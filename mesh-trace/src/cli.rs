@@ -28,6 +28,8 @@ pub enum Command {
     /// Run the agent: load and attach the programs, serve /metrics, /healthz
     /// and /readyz (the DaemonSet's command).
     Run(RunArgs),
+    /// Stream the connections of the sidecar data path (legs) as JSON lines.
+    Flows(crate::flows_cmd::FlowsArgs),
     /// A local Bookinfo mesh with sidecars, traced live: the quickest way to
     /// see mesh-trace work, no cluster needed.
     Demo(crate::demo::DemoArgs),
@@ -65,6 +67,16 @@ pub struct RunArgs {
     /// Print every kernel event as a JSON line on stdout.
     #[arg(long)]
     pub print_events: bool,
+    /// Pod and service metadata from a running lab's directory.
+    #[arg(long, value_name = "DIR")]
+    pub lab: Option<PathBuf>,
+    /// Sockets tracked at once, in the kernel and in the flow table.
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<usize>,
+    /// Directory of named network namespaces (pods) to watch at the NAT
+    /// step [default: /var/run/netns].
+    #[arg(long, value_name = "DIR")]
+    pub netns_dir: Option<PathBuf>,
 }
 
 /// A failure with the exit code it maps to.
@@ -128,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => crate::check::main(args),
         Command::Run(args) => crate::run::main(args),
         Command::Demo(args) => crate::demo::main(args),
+        Command::Flows(args) => crate::flows_cmd::main(args),
         Command::Lab(args) => crate::lab::cmd::main(args),
     };
     match result {

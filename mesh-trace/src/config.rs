@@ -46,6 +46,12 @@ pub struct ConfigFile {
     pub cgroup: Option<PathBuf>,
     /// Whether the agent may mount tracefs/bpffs when they are missing.
     pub mount: Option<bool>,
+    /// Metadata from a running lab's directory.
+    pub lab: Option<PathBuf>,
+    /// Sockets tracked at once.
+    pub max_flows: Option<usize>,
+    /// Directory of named network namespaces to watch at the NAT step.
+    pub netns_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

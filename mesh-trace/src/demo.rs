@@ -57,11 +57,14 @@ pub fn main(args: DemoArgs) -> Result<(), Failure> {
     let lab = Lab::up(&opts)?;
     print!("{}", describe(&lab));
     let settings = Settings {
-        metrics_addr: args.metrics_addr,
+        metrics_addr: Some(args.metrics_addr),
         log_level: LogLevel::Info,
         ring_buffer_bytes: crate::config::default_ring_buffer_bytes(),
         cgroup,
         print_events: false,
+        lab: Some(lab.dir.clone()),
+        max_flows: crate::flows::table::FlowTableConfig::default().max_sockets,
+        netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -76,9 +79,14 @@ pub fn main(args: DemoArgs) -> Result<(), Failure> {
 async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Failure> {
     let state = Arc::new(AgentState::new());
     let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent_task = tokio::spawn(agent(settings, state.clone(), async {
-        let _ = agent_stopped.await;
-    }));
+    let agent_task = tokio::spawn(agent(
+        settings,
+        state.clone(),
+        async {
+            let _ = agent_stopped.await;
+        },
+        |_| {},
+    ));
     let mut ctrl_c = std::pin::pin!(stop_signal()?);
 
     let records = lab.dir.join("demo-client.jsonl");

@@ -7,8 +7,11 @@
 pub mod agent;
 pub mod check;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod flows;
+pub mod flows_cmd;
 pub mod kernel;
 pub mod lab;
 pub mod netns;

@@ -31,15 +31,28 @@ pub fn cmd(program: &str, args: &[&str]) -> anyhow::Result<Output> {
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    /// Whether dropping this value deletes the namespace.
+    owned: bool,
 }
 
 impl NetNs {
     /// Creates the namespace `name` with its loopback up.
     pub fn create(name: &str) -> anyhow::Result<NetNs> {
         cmd("ip", &["netns", "add", name])?;
-        let ns = NetNs { name: name.into() };
+        let ns = NetNs {
+            name: name.into(),
+            owned: true,
+        };
         ns.exec("ip", &["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// A namespace someone else created and will delete.
+    pub fn existing(name: &str) -> NetNs {
+        NetNs {
+            name: name.into(),
+            owned: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -77,6 +90,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         if let Err(e) = cmd("ip", &["netns", "del", &self.name]) {
             tracing::warn!("{e:#}");
         }

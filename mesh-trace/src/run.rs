@@ -17,13 +17,17 @@ use tokio::{
 use crate::{
     agent::{
         http::{self, AgentState},
-        metrics::{KindLabel, LossTracker, ReasonLabel, UNDECODABLE},
+        metrics::{LossTracker, ReasonLabel, UNDECODABLE},
+        pipeline::Pipeline,
     },
     cli::{init_logging, Failure, RunArgs},
     config::{self, ConfigFile, LogLevel},
+    flows::{
+        metadata::{LabManifest, LabMetadata, Metadata, NoMetadata},
+        table::{FlowTable, FlowTableConfig, LegRecord},
+    },
     kernel::{
-        events::{self, kind_label},
-        sysfs,
+        events, sysfs,
         tracer::{Tracer, TracerOptions},
     },
 };
@@ -34,11 +38,31 @@ const LOSS_POLL: Duration = Duration::from_secs(1);
 /// The agent's settings after merging defaults, the config file and flags.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub metrics_addr: SocketAddr,
+    /// Where to serve /metrics, /healthz and /readyz; None serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
     pub log_level: LogLevel,
     pub ring_buffer_bytes: u32,
     pub cgroup: PathBuf,
     pub print_events: bool,
+    /// Metadata from a running lab's directory (pods, services).
+    pub lab: Option<PathBuf>,
+    /// Sockets the flow table tracks at once.
+    pub max_flows: usize,
+    /// Where named network namespaces (pods) are mounted; each is watched
+    /// at the NAT step.
+    pub netns_dir: PathBuf,
+}
+
+pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+
+impl Settings {
+    /// The metadata source these settings name.
+    pub fn metadata(&self) -> anyhow::Result<Arc<dyn Metadata>> {
+        Ok(match &self.lab {
+            Some(dir) => Arc::new(LabMetadata::from_manifest(&LabManifest::load(dir)?)?),
+            None => Arc::new(NoMetadata),
+        })
+    }
 }
 
 impl Settings {
@@ -59,14 +83,25 @@ impl Settings {
                 .context("no cgroup v2 hierarchy is mounted (looked for /sys/fs/cgroup and /sys/fs/cgroup/unified); pass --cgroup")?,
         };
         Ok(Settings {
-            metrics_addr: args
-                .metrics_addr
-                .or(file.metrics_addr)
-                .unwrap_or_else(|| config::DEFAULT_METRICS_ADDR.parse().unwrap()),
+            metrics_addr: Some(
+                args.metrics_addr
+                    .or(file.metrics_addr)
+                    .unwrap_or_else(|| config::DEFAULT_METRICS_ADDR.parse().unwrap()),
+            ),
             log_level: args.log_level.or(file.log_level).unwrap_or_default(),
             ring_buffer_bytes,
             cgroup,
             print_events: args.print_events,
+            lab: args.lab.clone().or(file.lab),
+            max_flows: args
+                .max_flows
+                .or(file.max_flows)
+                .unwrap_or(FlowTableConfig::default().max_sockets),
+            netns_dir: args
+                .netns_dir
+                .clone()
+                .or(file.netns_dir)
+                .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
         })
     }
 }
@@ -80,7 +115,7 @@ pub fn main(args: RunArgs) -> Result<(), Failure> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let stop = stop_signal()?;
-        agent(settings, Arc::new(AgentState::new()), stop).await
+        agent(settings, Arc::new(AgentState::new()), stop, |_| {}).await
     })
 }
 
@@ -96,23 +131,87 @@ pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// Runs the agent until `stop` resolves, then detaches everything.
+/// How often new network namespaces are looked for.
+const NETNS_SCAN: Duration = Duration::from_secs(1);
+
+/// Attaches NAT observers to the network namespaces in a directory as they
+/// come and go; a namespace that fails is reported once, not every scan.
+#[derive(Default)]
+struct NetnsWatch {
+    failed: std::collections::HashSet<String>,
+}
+
+impl NetnsWatch {
+    fn scan(&mut self, tracer: &mut Tracer, dir: &std::path::Path) {
+        if !tracer.nat_available() {
+            return;
+        }
+        let names: std::collections::HashSet<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for name in &names {
+            if self.failed.contains(name) {
+                continue;
+            }
+            match tracer.watch_netns(dir, name) {
+                Ok(true) => tracing::debug!("watching NAT in network namespace {name}"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!("{:#}", crate::kernel::summarize(e));
+                    self.failed.insert(name.clone());
+                }
+            }
+        }
+        self.failed.retain(|n| names.contains(n));
+        tracer.retain_netns(&names);
+    }
+}
+
+/// How often the flow table classifies lonely sockets and ages out old ones.
+const FLOW_TICK: Duration = Duration::from_millis(250);
+
+/// Runs the agent until `stop` resolves, then detaches everything. Every leg
+/// the flow table opens or closes is passed to `on_leg`.
 pub async fn agent(
     settings: Settings,
     state: Arc<AgentState>,
     stop: impl std::future::Future<Output = ()>,
+    mut on_leg: impl FnMut(&LegRecord),
 ) -> Result<(), Failure> {
-    let listener = TcpListener::bind(settings.metrics_addr)
-        .await
-        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+    let table = FlowTable::new(
+        FlowTableConfig {
+            max_sockets: settings.max_flows,
+            ..FlowTableConfig::default()
+        },
+        settings.metadata()?,
+    );
+    let mut pipeline = Pipeline::new(table, state.clone());
+    let mut legs = Vec::new();
     let (stop_http, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(http::serve(listener, state.clone(), stop_rx));
+    let server = match settings.metrics_addr {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics address {addr}"))?;
+            Some(tokio::spawn(http::serve(listener, state.clone(), stop_rx)))
+        }
+        None => None,
+    };
 
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
+        tracked_sockets: settings.max_flows as u32,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;
+    pipeline.count_redirects_at_nat(tracer.nat_available());
+    let mut netns = NetnsWatch::default();
+    netns.scan(&mut tracer, &settings.netns_dir);
     state
         .metrics
         .programs_attached
@@ -121,13 +220,15 @@ pub async fn agent(
     for a in &tracer.attached {
         tracing::info!(program = a.program, hook = %a.hook, "attached");
     }
-    tracing::info!(
-        "ready: serving /metrics, /healthz and /readyz on {}",
-        settings.metrics_addr
-    );
+    match settings.metrics_addr {
+        Some(addr) => tracing::info!("ready: serving /metrics, /healthz and /readyz on {addr}"),
+        None => tracing::info!("ready"),
+    }
 
     let mut stop = std::pin::pin!(stop);
     let mut loss_poll = tokio::time::interval(LOSS_POLL);
+    let mut flow_tick = tokio::time::interval(FLOW_TICK);
+    let mut netns_tick = tokio::time::interval(NETNS_SCAN);
     let mut loss = LossTracker::default();
     let mut batch = Vec::with_capacity(1024);
     let stdout = std::io::stdout();
@@ -139,6 +240,11 @@ pub async fn agent(
                     state.metrics.events_lost.get_or_create(&ReasonLabel { reason: reason.label() }).inc_by(delta);
                 }
             }
+            _ = netns_tick.tick() => netns.scan(&mut tracer, &settings.netns_dir),
+            _ = flow_tick.tick() => {
+                pipeline.tick(crate::clock::mono_ns(), &mut legs);
+                legs.drain(..).for_each(|l| on_leg(&l));
+            }
             r = tracer.next_batch(&mut batch) => {
                 if let Err(e) = r {
                     break Err(e);
@@ -147,7 +253,8 @@ pub async fn agent(
                 for ev in batch.drain(..) {
                     match ev {
                         Ok(ev) => {
-                            state.metrics.events.get_or_create(&KindLabel { kind: kind_label(ev.kind()) }).inc();
+                            pipeline.handle(&ev, &mut legs);
+                            legs.drain(..).for_each(|l| on_leg(&l));
                             if settings.print_events {
                                 let _ = writeln!(out, "{}", events::to_json(&ev));
                             }
@@ -166,7 +273,9 @@ pub async fn agent(
     state.ready.store(false, Ordering::Release);
     drop(tracer);
     let _ = stop_http.send(true);
-    let _ = server.await;
+    if let Some(server) = server {
+        let _ = server.await;
+    }
     tracing::info!("stopped");
     result.map_err(Failure::from)
 }

@@ -2,8 +2,13 @@
 //! "Metrics"); every label has a small, closed set of values.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::{Registry, Unit},
 };
 
 use mesh_trace_common::LossReason;
@@ -28,11 +33,53 @@ pub struct BuildLabels {
 /// Reason label for ring buffer records the agent could not decode.
 pub const UNDECODABLE: &str = "undecodable";
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LegLabel {
+    pub leg: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LegDirectionLabels {
+    pub leg: &'static str,
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub leg: &'static str,
+    pub direction: &'static str,
+    pub source_workload: String,
+    pub destination_service: String,
+}
+
+/// Most distinct (source_workload, destination_service) pairs exported;
+/// beyond it they are folded into "other", so a misbehaving metadata source
+/// cannot blow up the series count.
+pub const MAX_WORKLOAD_PAIRS: usize = 2_000;
+
 pub struct Metrics {
     pub registry: Registry,
     pub events: Family<KindLabel, Counter>,
     pub events_lost: Family<ReasonLabel, Counter>,
     pub programs_attached: Gauge,
+    pub redirects: Family<DirectionLabel, Counter>,
+    pub connections_opened: Family<ConnectionLabels, Counter>,
+    pub connections_closed: Family<ConnectionLabels, Counter>,
+    pub connect_duration: Family<LegDirectionLabels, Histogram>,
+    pub passthrough: Counter,
+    pub blackhole: Counter,
+    pub bypass: Counter,
+    pub retransmits: Family<LegLabel, Counter>,
+    pub resets: Family<LegLabel, Counter>,
+    pub flows_evicted: Counter,
+    pub flows_tracked: Gauge,
+    pub unknown_socket_events: Counter,
+    workload_pairs: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl Metrics {
@@ -81,11 +128,134 @@ impl Metrics {
             "eBPF programs currently attached by this agent",
             programs_attached.clone(),
         );
+        let redirects = Family::<DirectionLabel, Counter>::default();
+        for direction in ["outbound", "inbound"] {
+            let _ = redirects.get_or_create(&DirectionLabel { direction });
+        }
+        registry.register(
+            "redirects",
+            "Connections redirected to a sidecar by the iptables nat rules (15001 outbound, 15006 inbound)",
+            redirects.clone(),
+        );
+        let connections_opened = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections_opened",
+            "TCP connections opened, by leg of the sidecar data path",
+            connections_opened.clone(),
+        );
+        let connections_closed = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "connections_closed",
+            "TCP connections closed, by leg of the sidecar data path",
+            connections_closed.clone(),
+        );
+        let connect_duration =
+            Family::<LegDirectionLabels, Histogram>::new_with_constructor(|| {
+                // 10 us .. ~10 s
+                Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+            });
+        registry.register_with_unit(
+            "connect_duration",
+            "TCP handshake time seen by the connecting side, connect() to ESTABLISHED",
+            Unit::Seconds,
+            connect_duration.clone(),
+        );
+        let passthrough = Counter::default();
+        registry.register(
+            "passthrough_connections",
+            "Connections a sidecar sent to their original destination outside the mesh (PassthroughCluster)",
+            passthrough.clone(),
+        );
+        let blackhole = Counter::default();
+        registry.register(
+            "blackhole_connections",
+            "Connections a sidecar accepted and closed without any upstream (BlackHoleCluster)",
+            blackhole.clone(),
+        );
+        let bypass = Counter::default();
+        registry.register(
+            "bypass_connections",
+            "App connections no sidecar intercepted",
+            bypass.clone(),
+        );
+        let retransmits = Family::<LegLabel, Counter>::default();
+        registry.register(
+            "tcp_retransmits",
+            "Retransmitted TCP segments on traced connections",
+            retransmits.clone(),
+        );
+        let resets = Family::<LegLabel, Counter>::default();
+        registry.register(
+            "tcp_resets",
+            "TCP resets sent or received on traced connections",
+            resets.clone(),
+        );
+        let flows_evicted = Counter::default();
+        registry.register(
+            "flows_evicted",
+            "Sockets dropped from the flow table because it was full or they were idle too long",
+            flows_evicted.clone(),
+        );
+        let flows_tracked = Gauge::default();
+        registry.register(
+            "flows_tracked",
+            "Sockets in the flow table",
+            flows_tracked.clone(),
+        );
+        let unknown_socket_events = Counter::default();
+        registry.register(
+            "unknown_socket_events",
+            "Kernel events about sockets the flow table did not know (opened before the agent, or evicted)",
+            unknown_socket_events.clone(),
+        );
         Metrics {
             registry,
             events,
             events_lost,
             programs_attached,
+            redirects,
+            connections_opened,
+            connections_closed,
+            connect_duration,
+            passthrough,
+            blackhole,
+            bypass,
+            retransmits,
+            resets,
+            flows_evicted,
+            flows_tracked,
+            unknown_socket_events,
+            workload_pairs: Default::default(),
+        }
+    }
+
+    /// Connection labels, with workload pairs beyond the cap folded into "other".
+    pub fn connection_labels(
+        &self,
+        leg: &'static str,
+        direction: &'static str,
+        source: &str,
+        destination: &str,
+    ) -> ConnectionLabels {
+        let mut pairs = self
+            .workload_pairs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (source.to_string(), destination.to_string());
+        let known = pairs.contains(&key);
+        let (source_workload, destination_service) = if known || pairs.len() < MAX_WORKLOAD_PAIRS {
+            if !known {
+                pairs.insert(key.clone());
+            }
+            key
+        } else {
+            ("other".to_string(), "other".to_string())
+        };
+        ConnectionLabels {
+            leg,
+            direction,
+            source_workload,
+            destination_service,
         }
     }
 

@@ -2,8 +2,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_trace_common::{
-    ConnectEvent, Endpoint, EventHeader, EventKind, OwnerEvent, SockEvent, TcpIssueEvent, AF_INET6,
-    ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
+    ConnectEvent, Endpoint, EventHeader, EventKind, OwnerEvent, RedirectEvent, SockEvent,
+    TcpIssueEvent, AF_INET6, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
 };
 
 /// One decoded kernel event.
@@ -14,6 +14,7 @@ pub enum Event {
     Closed(SockEvent),
     Owner(OwnerEvent),
     TcpIssue(TcpIssueEvent),
+    Redirect(RedirectEvent),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -56,6 +57,7 @@ impl Event {
             EventKind::Closed => Event::Closed(read(bytes, kind)?),
             EventKind::Owner => Event::Owner(read(bytes, kind)?),
             EventKind::TcpIssue => Event::TcpIssue(read(bytes, kind)?),
+            EventKind::Redirect => Event::Redirect(read(bytes, kind)?),
         })
     }
 
@@ -66,6 +68,7 @@ impl Event {
             Event::Closed(_) => EventKind::Closed,
             Event::Owner(_) => EventKind::Owner,
             Event::TcpIssue(_) => EventKind::TcpIssue,
+            Event::Redirect(_) => EventKind::Redirect,
         }
     }
 
@@ -75,6 +78,7 @@ impl Event {
             Event::Established(e) | Event::Closed(e) => e.sock_cookie,
             Event::Owner(e) => e.sock_cookie,
             Event::TcpIssue(e) => e.sock_cookie,
+            Event::Redirect(_) => 0,
         }
     }
 
@@ -84,6 +88,7 @@ impl Event {
             Event::Established(e) | Event::Closed(e) => e.header.ts_ns,
             Event::Owner(e) => e.header.ts_ns,
             Event::TcpIssue(e) => e.header.ts_ns,
+            Event::Redirect(e) => e.header.ts_ns,
         }
     }
 }
@@ -96,15 +101,17 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::Closed => "closed",
         EventKind::Owner => "owner",
         EventKind::TcpIssue => "tcp_issue",
+        EventKind::Redirect => "redirect",
     }
 }
 
-pub const ALL_KINDS: [EventKind; 5] = [
+pub const ALL_KINDS: [EventKind; 6] = [
     EventKind::Connect,
     EventKind::Established,
     EventKind::Closed,
     EventKind::Owner,
     EventKind::TcpIssue,
+    EventKind::Redirect,
 ];
 
 /// Label for a [`TcpIssueEvent`]'s issue.
@@ -126,6 +133,21 @@ pub fn socket_addr(ep: &Endpoint) -> SocketAddr {
         )),
     };
     SocketAddr::new(ip, ep.port)
+}
+
+/// (source, original destination, new destination) of a redirect.
+pub fn redirect_addrs(r: &RedirectEvent) -> (SocketAddr, SocketAddr, SocketAddr) {
+    let addr = |ip_be: u32, port_be: u16| {
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::from(ip_be.to_ne_bytes())),
+            u16::from_be(port_be),
+        )
+    };
+    (
+        addr(r.saddr_be, r.sport_be),
+        addr(r.orig_daddr_be, r.orig_dport_be),
+        addr(r.new_daddr_be, r.new_dport_be),
+    )
 }
 
 /// A process name from the kernel's fixed 16-byte buffer.
@@ -170,6 +192,15 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "tid": o.task.pid_tgid as u32,
             "uid": o.task.uid_gid as u32,
             "comm": comm(&o.task.comm),
+        }),
+        Event::Redirect(r) => json!({
+            "kind": "redirect",
+            "ts_ns": r.header.ts_ns,
+            "netns_cookie": r.netns_cookie,
+            "src": redirect_addrs(r).0.to_string(),
+            "original_dst": redirect_addrs(r).1.to_string(),
+            "new_dst": redirect_addrs(r).2.to_string(),
+            "hook": if r.hook == mesh_trace_common::HOOK_LOCAL_OUT { "local_out" } else { "pre_routing" },
         }),
         Event::TcpIssue(t) => json!({
             "kind": "tcp_issue",

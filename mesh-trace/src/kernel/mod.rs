@@ -1,7 +1,10 @@
 //! Everything that talks to the kernel.
+pub mod asm;
+pub mod btf;
 pub mod caps;
 pub mod events;
 pub mod features;
+pub mod nat;
 pub mod netfilter;
 pub mod objects;
 pub mod sysfs;

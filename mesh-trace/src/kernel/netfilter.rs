@@ -81,8 +81,12 @@ pub fn load_program(insns: &[Insn], name: &str) -> io::Result<OwnedFd> {
 }
 
 /// Attaches `prog` to a netfilter hook of the calling thread's network namespace.
-pub fn attach(prog: &OwnedFd, pf: u32, hooknum: u32, priority: i32) -> io::Result<OwnedFd> {
-    use std::os::fd::AsRawFd;
+pub fn attach(
+    prog: &impl std::os::fd::AsRawFd,
+    pf: u32,
+    hooknum: u32,
+    priority: i32,
+) -> io::Result<OwnedFd> {
     // union bpf_attr, BPF_LINK_CREATE part with the netfilter options.
     let mut attr = [0u8; 32];
     put_u32(&mut attr, 0, prog.as_raw_fd() as u32);

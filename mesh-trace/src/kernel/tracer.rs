@@ -1,5 +1,10 @@
 //! Loading the tracer's programs, attaching them, and reading their events.
-use std::{fs, path::PathBuf};
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context as _};
 use aya::{
@@ -14,7 +19,7 @@ use tokio::io::unix::AsyncFd;
 use super::{
     caps::Caps,
     events::{DecodeError, Event},
-    objects, summarize,
+    nat, objects, summarize,
 };
 
 /// Ring buffer size used when the configuration does not say.
@@ -60,6 +65,10 @@ pub struct Skipped {
 /// owns the links, and nothing is pinned.
 pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
+    /// What the generated netfilter programs need; None if BTF lacks sk_buff.
+    nat_shared: Option<nat::Shared>,
+    /// NAT observers by network namespace name.
+    nat_probes: HashMap<String, nat::NatProbe>,
     lost: PerCpuArray<MapData, u64>,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub attached: Vec<Attached>,
@@ -167,10 +176,15 @@ impl Tracer {
             }
         }
 
+        let nat_shared = nat_shared(&ebpf)
+            .map_err(|e| tracing::warn!("REDIRECTs will not be observed at the NAT step: {e:#}"))
+            .ok();
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
         let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
         Ok(Tracer {
             ring: readable(ring)?,
+            nat_shared,
+            nat_probes: HashMap::new(),
             lost,
             logger,
             attached,
@@ -210,6 +224,34 @@ impl Tracer {
         Ok(())
     }
 
+    /// Observes the nat table of the named network namespace (under
+    /// `netns_dir`), if not already done.
+    pub fn watch_netns(&mut self, netns_dir: &Path, name: &str) -> anyhow::Result<bool> {
+        if self.nat_probes.contains_key(name) {
+            return Ok(false);
+        }
+        let shared = self
+            .nat_shared
+            .as_ref()
+            .context("netfilter programs are not available")?;
+        let path = netns_dir.join(name);
+        let cookie = crate::flows::metadata::netns_cookie_at(&path)?;
+        let probe = nat::NatProbe::attach(shared, &path, cookie)
+            .with_context(|| format!("observing NAT in network namespace {name}"))?;
+        self.nat_probes.insert(name.to_string(), probe);
+        Ok(true)
+    }
+
+    /// Stops observing namespaces not in `alive`; returns how many remain.
+    pub fn retain_netns(&mut self, alive: &std::collections::HashSet<String>) -> usize {
+        self.nat_probes.retain(|name, _| alive.contains(name));
+        self.nat_probes.len()
+    }
+
+    pub fn nat_available(&self) -> bool {
+        self.nat_shared.is_some()
+    }
+
     /// Events the kernel could not deliver since load, by reason.
     pub fn lost(&self) -> anyhow::Result<Vec<(LossReason, u64)>> {
         LossReason::ALL
@@ -228,6 +270,26 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // open for as long as it is registered.
     unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Duplicates the descriptors of the maps the NAT programs write to, and
+/// finds `sk_buff.data` in the kernel's BTF.
+fn nat_shared(ebpf: &Ebpf) -> anyhow::Result<nat::Shared> {
+    let fd = |name: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
+        let map = ebpf.map(name).with_context(|| format!("{name} map"))?;
+        let data = match map {
+            aya::maps::Map::RingBuf(d) | aya::maps::Map::PerCpuArray(d) => d,
+            _ => anyhow::bail!("{name} has an unexpected map type"),
+        };
+        Ok(data.fd().as_fd().try_clone_to_owned()?)
+    };
+    let btf = super::btf::KernelBtf::from_sys_fs()?;
+    let offset = btf.member_offset("sk_buff", "data")?;
+    Ok(nat::Shared {
+        events: fd(names::EVENTS)?,
+        lost: fd(names::LOST)?,
+        skb_data_offset: i16::try_from(offset).context("sk_buff.data offset")?,
+    })
 }
 
 fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str, btf: &Btf) -> anyhow::Result<()> {

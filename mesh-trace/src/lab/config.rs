@@ -238,6 +238,13 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 
 impl Cluster {
+    /// Whether the endpoints are sidecar pods of the mesh: Istio gives EDS
+    /// clusters (services of the registry) ISTIO_MUTUAL TLS when mTLS is on,
+    /// while ORIGINAL_DST and STATIC ones lead out of the mesh.
+    pub fn is_mesh(&self) -> bool {
+        self.kind == "EDS"
+    }
+
     /// The cluster's endpoint addresses (empty for ORIGINAL_DST and BlackHole).
     pub fn endpoints(&self) -> Vec<SocketAddr> {
         self.load_assignment

@@ -23,6 +23,15 @@ pub fn pooled_client() -> HttpClient {
         .build(connector)
 }
 
+/// A client that opens a new connection for every request.
+pub fn unpooled_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector)
+}
+
 /// Parses `name:port=ip:port` pairs given on the command line.
 pub fn parse_resolve(pairs: &[String]) -> anyhow::Result<BTreeMap<String, SocketAddr>> {
     pairs

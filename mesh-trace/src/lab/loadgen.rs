@@ -43,6 +43,9 @@ pub struct LoadOptions {
     /// JSON-lines file of ClientRecords.
     #[arg(long)]
     pub records: Option<PathBuf>,
+    /// Open a new connection for every request (no keep-alive).
+    #[arg(long)]
+    pub new_connections: bool,
 }
 
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
@@ -80,7 +83,11 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
     };
     let shared = Arc::new(Shared {
         resolve: http_client::parse_resolve(&opts.resolve)?,
-        client: http_client::pooled_client(),
+        client: if opts.new_connections {
+            http_client::unpooled_client()
+        } else {
+            http_client::pooled_client()
+        },
         records,
         opts,
     });

@@ -12,12 +12,7 @@ use std::{
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-/// CLOCK_MONOTONIC in nanoseconds.
-pub fn mono_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
-}
+pub use crate::clock::mono_ns;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +56,12 @@ pub struct ProxyRecord {
     pub t_upstream_read_ns: u64,
     /// Response handed to the downstream connection.
     pub t_downstream_write_ns: u64,
+    /// Outbound: the last upstream attempt was mutual TLS (a mesh endpoint with mTLS on).
+    #[serde(default)]
+    pub upstream_tls: bool,
+    /// Inbound: the downstream connection was mutual TLS (plaintext is accepted too, PERMISSIVE).
+    #[serde(default)]
+    pub downstream_tls: bool,
 }
 
 /// One request served by a lab app.

@@ -21,6 +21,7 @@ use anyhow::{bail, Context as _};
 use super::{
     config::{LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY},
     loadgen::Summary,
+    mtls::{self, MeshCa, Workload},
     pod_exec::in_pod,
 };
 use crate::netns::{cmd, NetNs};
@@ -74,6 +75,8 @@ pub struct LabOptions {
     pub exe: PathBuf,
     /// How long a sidecar drains on SIGTERM.
     pub drain_ms: u64,
+    /// Mutual TLS between sidecars, with certificates made at start (see `lab::mtls`).
+    pub mtls: bool,
 }
 
 impl LabOptions {
@@ -89,6 +92,7 @@ impl LabOptions {
             service_time_ms: BTreeMap::new(),
             exe: std::env::current_exe().context("locating the mesh-trace binary")?,
             drain_ms: 300,
+            mtls: false,
         })
     }
 }
@@ -128,6 +132,10 @@ impl Lab {
         };
         // From here on, an error drops `lab`, which removes what was made.
         lab.build_network()?;
+        lab.write_manifest()?;
+        if opts.mtls {
+            lab.issue_certificates()?;
+        }
         lab.start_processes(opts)?;
         lab.wait_listening(Duration::from_secs(15))?;
         Ok(lab)
@@ -192,6 +200,43 @@ impl Lab {
         Ok(())
     }
 
+    /// A new mesh CA and a certificate per sidecar pod, into the lab's
+    /// directory, the keys readable by the sidecars' user only.
+    fn issue_certificates(&self) -> anyhow::Result<()> {
+        let ca = MeshCa::new(&format!("mesh-trace lab {} CA", self.id))?;
+        ca.write_ca(&self.dir)?;
+        for spec in self.topology.pods.iter().filter(|p| p.sidecar) {
+            let workload = Workload {
+                pod: &spec.name,
+                namespace: &self.topology.namespace,
+                // Bookinfo gives each app a service account of its own.
+                service_account: &spec.app,
+                ip: spec.ip.into(),
+            };
+            ca.write_workload(&self.dir, &workload)?;
+            let key = self.dir.join(mtls::key_file(&spec.name));
+            let owner = Some(nix::unistd::Uid::from_raw(PROXY_UID));
+            nix::unistd::chown(&key, owner, Some(nix::unistd::Gid::from_raw(PROXY_UID)))
+                .with_context(|| format!("chown {}", key.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `lab.json`, the metadata the agent reads with `--lab DIR`.
+    fn write_manifest(&self) -> anyhow::Result<()> {
+        let manifest = crate::flows::metadata::LabManifest {
+            topology: self.topology.clone(),
+            netns: self
+                .pods
+                .iter()
+                .map(|p| (p.spec.name.clone(), p.ns.name().to_string()))
+                .collect(),
+        };
+        let path = self.dir.join(crate::flows::metadata::LabManifest::FILE);
+        fs::write(&path, serde_json::to_string_pretty(&manifest)?)
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
     fn resolve_args(&self) -> Vec<String> {
         self.topology
             .service_addresses()
@@ -218,6 +263,9 @@ impl Lab {
                     .args(["--drain-ms", &opts.drain_ms.to_string()]);
                 if let Some(p) = opts.policy {
                     c.args(["--outbound-traffic-policy", policy_arg(p)]);
+                }
+                if opts.mtls {
+                    c.arg("--mtls-dir").arg(&self.dir);
                 }
                 self.spawn_in(i, format!("{}/envoy", spec.name), c, PROXY_UID)?;
             }

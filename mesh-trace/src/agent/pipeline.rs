@@ -1,0 +1,142 @@
+//! What the agent does with each kernel event: count it, feed the flow
+//! table, and turn the legs it produces into metrics.
+use std::sync::Arc;
+
+use crate::{
+    agent::metrics::{KindLabel, LegDirectionLabels, LegLabel, Metrics},
+    flows::{
+        legs::LegKind,
+        socket::{INBOUND_PORT, OUTBOUND_PORT},
+        table::{FlowTable, LegRecord, TableStats},
+    },
+    kernel::events::{kind_label, Event},
+};
+
+pub struct Pipeline {
+    pub table: FlowTable,
+    metrics: Arc<crate::agent::http::AgentState>,
+    reported: TableStats,
+    legs: Vec<LegRecord>,
+    /// Count REDIRECTs from the netfilter programs rather than from accepts
+    /// on 15001/15006.
+    redirects_at_nat: bool,
+}
+
+impl Pipeline {
+    pub fn new(table: FlowTable, state: Arc<crate::agent::http::AgentState>) -> Pipeline {
+        Pipeline {
+            table,
+            metrics: state,
+            reported: TableStats::default(),
+            legs: Vec::new(),
+            redirects_at_nat: false,
+        }
+    }
+
+    /// Whether REDIRECTs are counted where the nat table does them (netfilter
+    /// programs) or, without them, from the sidecars' accepted sockets.
+    pub fn count_redirects_at_nat(&mut self, yes: bool) {
+        self.redirects_at_nat = yes;
+    }
+
+    fn m(&self) -> &Metrics {
+        &self.metrics.metrics
+    }
+
+    /// Applies one event; legs it opened or closed are appended to `out`.
+    pub fn handle(&mut self, ev: &Event, out: &mut Vec<LegRecord>) {
+        let m = &self.metrics.metrics;
+        m.events
+            .get_or_create(&KindLabel {
+                kind: kind_label(ev.kind()),
+            })
+            .inc();
+        let port_direction = |port: u16| match port {
+            OUTBOUND_PORT => Some("outbound"),
+            INBOUND_PORT => Some("inbound"),
+            _ => None,
+        };
+        let redirected = match ev {
+            Event::Redirect(r) if self.redirects_at_nat => {
+                port_direction(u16::from_be(r.new_dport_be))
+            }
+            Event::Established(s) if s.active == 0 && !self.redirects_at_nat => {
+                port_direction(s.local.port)
+            }
+            _ => None,
+        };
+        if let Some(direction) = redirected {
+            m.redirects
+                .get_or_create(&crate::agent::metrics::DirectionLabel { direction })
+                .inc();
+        }
+        if let Event::TcpIssue(t) = ev {
+            let leg = self
+                .table
+                .leg_of(t.sock_cookie)
+                .map_or("unknown", LegKind::label);
+            let family = if t.issue == mesh_trace_common::ISSUE_RETRANSMIT {
+                &m.retransmits
+            } else {
+                &m.resets
+            };
+            family.get_or_create(&LegLabel { leg }).inc();
+        }
+        let start = self.legs.len();
+        self.table.apply(ev, &mut self.legs);
+        self.account(start);
+        out.append(&mut self.legs);
+    }
+
+    /// Periodic work: classify sockets whose peer never came, age out old ones.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<LegRecord>) {
+        let start = self.legs.len();
+        self.table.tick(now_ns, &mut self.legs);
+        self.account(start);
+        out.append(&mut self.legs);
+        let stats = self.table.stats;
+        let m = self.m();
+        m.flows_evicted
+            .inc_by(stats.evicted - self.reported.evicted);
+        m.unknown_socket_events
+            .inc_by(stats.unknown_socket_events - self.reported.unknown_socket_events);
+        m.flows_tracked.set(self.table.len() as i64);
+        self.reported = stats;
+    }
+
+    fn account(&self, from: usize) {
+        let m = self.m();
+        for rec in &self.legs[from..] {
+            let labels = m.connection_labels(
+                rec.leg.label(),
+                rec.direction,
+                &rec.source_workload,
+                &rec.destination_service,
+            );
+            if rec.event == "open" {
+                m.connections_opened.get_or_create(&labels).inc();
+                match rec.leg {
+                    LegKind::Passthrough => m.passthrough.inc(),
+                    LegKind::Bypass => m.bypass.inc(),
+                    _ => 0,
+                };
+                if let Some(c) = rec.client.as_ref() {
+                    if let Some(connect) = &c.connect {
+                        let secs = c.established_ns.saturating_sub(connect.ts_ns) as f64 / 1e9;
+                        m.connect_duration
+                            .get_or_create(&LegDirectionLabels {
+                                leg: rec.leg.label(),
+                                direction: rec.direction,
+                            })
+                            .observe(secs);
+                    }
+                }
+            } else {
+                m.connections_closed.get_or_create(&labels).inc();
+                if rec.leg == LegKind::Blackhole {
+                    m.blackhole.inc();
+                }
+            }
+        }
+    }
+}

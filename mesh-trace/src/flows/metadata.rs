@@ -1,0 +1,152 @@
+//! Who a socket belongs to: pods by network namespace and IP, services by
+//! virtual IP. The lab provides this from its topology; on Kubernetes nodes
+//! the API server will.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::lab::config::LabTopology;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    /// The workload (the `app` label): what metrics use as source_workload.
+    pub workload: String,
+    pub version: String,
+    pub ip: IpAddr,
+    /// Whether traffic is intercepted by a sidecar.
+    pub sidecar: bool,
+    /// The service whose endpoint this pod is, if any.
+    pub service: Option<String>,
+}
+
+/// Lookups the flow table needs. Implementations must be cheap: they run
+/// for every new socket.
+pub trait Metadata: Send + Sync {
+    fn pod_by_netns(&self, netns_cookie: u64) -> Option<Arc<Pod>>;
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>>;
+    /// The service a virtual IP and port belong to.
+    fn service_by_vip(&self, addr: SocketAddr) -> Option<String>;
+}
+
+/// No metadata: everything is "unknown".
+pub struct NoMetadata;
+
+impl Metadata for NoMetadata {
+    fn pod_by_netns(&self, _: u64) -> Option<Arc<Pod>> {
+        None
+    }
+    fn pod_by_ip(&self, _: IpAddr) -> Option<Arc<Pod>> {
+        None
+    }
+    fn service_by_vip(&self, _: SocketAddr) -> Option<String> {
+        None
+    }
+}
+
+/// What a running lab writes to `<lab dir>/lab.json` for the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabManifest {
+    pub topology: LabTopology,
+    /// Pod name -> network namespace name (under /var/run/netns).
+    pub netns: HashMap<String, String>,
+}
+
+impl LabManifest {
+    pub const FILE: &'static str = "lab.json";
+
+    pub fn load(lab_dir: &Path) -> anyhow::Result<LabManifest> {
+        let path = lab_dir.join(Self::FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (is the lab up?)", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Metadata from a lab's topology, with each pod's namespace cookie found by
+/// asking a socket created inside it.
+pub struct LabMetadata {
+    by_netns: HashMap<u64, Arc<Pod>>,
+    by_ip: HashMap<IpAddr, Arc<Pod>>,
+    vips: HashMap<SocketAddr, String>,
+}
+
+impl LabMetadata {
+    pub fn from_manifest(m: &LabManifest) -> anyhow::Result<LabMetadata> {
+        let topo = &m.topology;
+        let mut by_netns = HashMap::new();
+        let mut by_ip = HashMap::new();
+        for spec in &topo.pods {
+            let service = topo
+                .services
+                .iter()
+                .find(|s| s.app == spec.app)
+                .map(|s| s.name.clone());
+            let pod = Arc::new(Pod {
+                namespace: topo.namespace.clone(),
+                name: spec.name.clone(),
+                workload: spec.app.clone(),
+                version: spec.version.clone(),
+                ip: spec.ip.into(),
+                sidecar: spec.sidecar,
+                service,
+            });
+            by_ip.insert(pod.ip, pod.clone());
+            if let Some(ns) = m.netns.get(&spec.name) {
+                let cookie = netns_cookie_of(ns)
+                    .with_context(|| format!("network namespace of pod {}", spec.name))?;
+                by_netns.insert(cookie, pod);
+            }
+        }
+        let vips = topo
+            .services
+            .iter()
+            .map(|s| (SocketAddr::new(s.vip.into(), s.port), s.name.clone()))
+            .collect();
+        Ok(LabMetadata {
+            by_netns,
+            by_ip,
+            vips,
+        })
+    }
+}
+
+impl Metadata for LabMetadata {
+    fn pod_by_netns(&self, netns_cookie: u64) -> Option<Arc<Pod>> {
+        self.by_netns.get(&netns_cookie).cloned()
+    }
+    fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>> {
+        self.by_ip.get(&ip).cloned()
+    }
+    fn service_by_vip(&self, addr: SocketAddr) -> Option<String> {
+        self.vips.get(&addr).cloned()
+    }
+}
+
+/// The namespace cookie of a named network namespace.
+pub fn netns_cookie_of(name: &str) -> anyhow::Result<u64> {
+    netns_cookie_at(&crate::netns::NetNs::existing(name).path())
+}
+
+/// The namespace cookie of the network namespace at `path` (a bind mount
+/// under /var/run/netns or /proc/PID/ns/net): a socket made inside says.
+pub fn netns_cookie_at(path: &Path) -> anyhow::Result<u64> {
+    let ns = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> anyhow::Result<u64> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering the namespace")?;
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    })
+}

@@ -1,0 +1,518 @@
+//! The flow table: kernel socket events in, legs out. Bounded: at most
+//! `max_sockets` sockets (least recently used evicted first, counted), and
+//! sockets idle longer than `max_age` are dropped.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    num::NonZeroUsize,
+    sync::Arc,
+};
+
+use lru::LruCache;
+use serde::Serialize;
+
+use super::{
+    legs::{classify, classify_alone, JoinKey, LegKind},
+    metadata::Metadata,
+    socket::{ConnectInfo, Role, Socket, Task},
+};
+use crate::kernel::events::{socket_addr, Event};
+
+#[derive(Clone, Debug)]
+pub struct FlowTableConfig {
+    /// Sockets tracked at once.
+    pub max_sockets: usize,
+    /// How long a socket may go without events before it is dropped.
+    pub max_age_ns: u64,
+    /// How long a socket waits for its peer before it is classified alone.
+    pub join_wait_ns: u64,
+}
+
+impl Default for FlowTableConfig {
+    fn default() -> Self {
+        FlowTableConfig {
+            max_sockets: 65_536,
+            max_age_ns: 3_600 * 1_000_000_000,
+            join_wait_ns: 500_000_000,
+        }
+    }
+}
+
+/// Opened or closed leg, as `mesh-trace flows` prints it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LegRecord {
+    /// "open" or "close".
+    pub event: &'static str,
+    pub leg: LegKind,
+    pub direction: &'static str,
+    pub source_workload: String,
+    pub destination_service: String,
+    /// What the client asked connect() for (e.g. a service VIP), when known.
+    pub original_dst: Option<SocketAddr>,
+    pub client: Option<Socket>,
+    pub server: Option<Socket>,
+    pub opened_ns: u64,
+    pub closed_ns: Option<u64>,
+}
+
+/// Counters of what the table dropped or could not use.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TableStats {
+    /// Sockets evicted because the table was full or they were too old.
+    pub evicted: u64,
+    /// Events about sockets the table does not know (e.g. opened before the
+    /// agent started, or evicted).
+    pub unknown_socket_events: u64,
+}
+
+struct Leg {
+    kind: LegKind,
+    client: Option<u64>,
+    server: Option<u64>,
+    original_dst: Option<SocketAddr>,
+    source_workload: String,
+    destination_service: String,
+    opened_ns: u64,
+}
+
+type LegId = u64;
+
+struct Entry {
+    sock: Socket,
+    leg: Option<LegId>,
+    waiting: Option<JoinKey>,
+    last_event_ns: u64,
+}
+
+/// Recent sidecar upstream connections per namespace, to tell a blackholed
+/// connection (no upstream at all) from a proxied one.
+const RECENT_UPSTREAMS: usize = 256;
+
+pub struct FlowTable {
+    cfg: FlowTableConfig,
+    meta: Arc<dyn Metadata>,
+    entries: LruCache<u64, Entry>,
+    connects: LruCache<u64, ConnectInfo>,
+    waiting: HashMap<JoinKey, u64>,
+    legs: HashMap<LegId, Leg>,
+    next_leg: LegId,
+    upstreams: LruCache<u64, VecDeque<(SocketAddr, u64)>>,
+    pub stats: TableStats,
+}
+
+impl FlowTable {
+    pub fn new(cfg: FlowTableConfig, meta: Arc<dyn Metadata>) -> FlowTable {
+        let cap = NonZeroUsize::new(cfg.max_sockets.max(1)).expect("max(1)");
+        FlowTable {
+            entries: LruCache::new(cap),
+            connects: LruCache::new(cap),
+            waiting: HashMap::new(),
+            legs: HashMap::new(),
+            next_leg: 1,
+            upstreams: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
+            stats: TableStats::default(),
+            cfg,
+            meta,
+        }
+    }
+
+    /// Sockets tracked now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Applies one kernel event; legs opened or closed by it go to `out`.
+    pub fn apply(&mut self, ev: &Event, out: &mut Vec<LegRecord>) {
+        match ev {
+            Event::Connect(c) => {
+                let info = ConnectInfo {
+                    dst: socket_addr(&c.dst),
+                    task: Task::from_kernel(&c.task),
+                    ts_ns: c.header.ts_ns,
+                };
+                if info.task.is_proxy() {
+                    self.note_upstream(c.netns_cookie, info.dst, info.ts_ns);
+                }
+                self.connects.put(c.sock_cookie, info);
+            }
+            Event::Established(s) => self.established(s, out),
+            Event::Owner(o) => match self.entries.get_mut(&o.sock_cookie) {
+                Some(e) => {
+                    e.last_event_ns = o.header.ts_ns;
+                    e.sock
+                        .owner
+                        .get_or_insert_with(|| Task::from_kernel(&o.task));
+                }
+                None => self.stats.unknown_socket_events += 1,
+            },
+            Event::TcpIssue(t) => match self.entries.get_mut(&t.sock_cookie) {
+                Some(e) => {
+                    e.last_event_ns = t.header.ts_ns;
+                    if t.issue == mesh_trace_common::ISSUE_RETRANSMIT {
+                        e.sock.retransmits += 1;
+                    } else {
+                        e.sock.resets += 1;
+                    }
+                }
+                None => self.stats.unknown_socket_events += 1,
+            },
+            Event::Closed(s) => self.closed(s, out),
+            // Counted by the pipeline; the joins use the sockets themselves.
+            Event::Redirect(_) => {}
+        }
+    }
+
+    /// The leg kind of a socket, for labelling its retransmits and resets.
+    pub fn leg_of(&self, cookie: u64) -> Option<LegKind> {
+        let leg = self.entries.peek(&cookie)?.leg?;
+        self.legs.get(&leg).map(|l| l.kind)
+    }
+
+    fn note_upstream(&mut self, netns: u64, dst: SocketAddr, ts: u64) {
+        let recent = self.upstreams.get_or_insert_mut(netns, VecDeque::new);
+        if recent.len() == RECENT_UPSTREAMS {
+            recent.pop_front();
+        }
+        recent.push_back((dst, ts));
+    }
+
+    fn established(&mut self, s: &mesh_trace_common::SockEvent, out: &mut Vec<LegRecord>) {
+        let active = s.active == 1;
+        let local = socket_addr(&s.local);
+        let connect = self.connects.pop(&s.sock_cookie);
+        let sock = Socket {
+            cookie: s.sock_cookie,
+            netns: s.netns_cookie,
+            local,
+            remote: socket_addr(&s.remote),
+            active,
+            role: Socket::infer_role(active, local, connect.as_ref()),
+            connect,
+            owner: None,
+            pod: self.meta.pod_by_netns(s.netns_cookie),
+            established_ns: s.header.ts_ns,
+            closed_ns: None,
+            srtt_us: s.srtt_us,
+            bytes_acked: s.bytes_acked,
+            bytes_received: s.bytes_received,
+            retransmits: 0,
+            resets: 0,
+        };
+        let key = JoinKey::new(sock.netns, if active { sock.local } else { sock.remote });
+        let cookie = sock.cookie;
+        // Only an opposite end joins: two outgoing sockets with one key
+        // means the older one is stale (its peer was never seen).
+        let peer = self.waiting.remove(&key).filter(|p| {
+            self.entries
+                .peek(p)
+                .is_some_and(|e| e.sock.active != active)
+        });
+        self.insert(
+            cookie,
+            Entry {
+                sock,
+                leg: None,
+                waiting: None,
+                last_event_ns: s.header.ts_ns,
+            },
+        );
+        match peer.filter(|p| self.entries.contains(p)) {
+            Some(peer) => {
+                if let Some(e) = self.entries.peek_mut(&peer) {
+                    e.waiting = None;
+                }
+                let (client, server) = if active {
+                    (cookie, peer)
+                } else {
+                    (peer, cookie)
+                };
+                self.open_joined(client, server, out);
+            }
+            None => {
+                self.waiting.insert(key, cookie);
+                if let Some(e) = self.entries.peek_mut(&cookie) {
+                    e.waiting = Some(key);
+                }
+            }
+        }
+    }
+
+    fn insert(&mut self, cookie: u64, entry: Entry) {
+        if let Some((old, evicted)) = self.entries.push(cookie, entry) {
+            if old != cookie {
+                self.forget(evicted);
+                self.stats.evicted += 1;
+            }
+        }
+    }
+
+    /// Drops every reference to an entry that left the table.
+    fn forget(&mut self, e: Entry) {
+        if let Some(k) = e.waiting {
+            self.waiting.remove(&k);
+        }
+        if let Some(id) = e.leg {
+            if let Some(leg) = self.legs.get_mut(&id) {
+                if leg.client == Some(e.sock.cookie) {
+                    leg.client = None;
+                }
+                if leg.server == Some(e.sock.cookie) {
+                    leg.server = None;
+                }
+                if leg.client.is_none() && leg.server.is_none() {
+                    self.legs.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn open_joined(&mut self, client: u64, server: u64, out: &mut Vec<LegRecord>) {
+        let (Some(c), Some(s)) = (self.entries.peek(&client), self.entries.peek(&server)) else {
+            return;
+        };
+        let kind = classify(&c.sock, &s.sock);
+        let (src, dst) = self.labels(kind, Some(&c.sock), Some(&s.sock));
+        let leg = Leg {
+            kind,
+            client: Some(client),
+            server: Some(server),
+            original_dst: c.sock.connect.as_ref().map(|i| i.dst),
+            source_workload: src,
+            destination_service: dst,
+            opened_ns: c.sock.established_ns.min(s.sock.established_ns),
+        };
+        self.open(leg, out);
+    }
+
+    fn open_alone(&mut self, cookie: u64, out: &mut Vec<LegRecord>) {
+        let Some(e) = self.entries.peek(&cookie) else {
+            return;
+        };
+        let dst_is_meshed = self
+            .meta
+            .pod_by_ip(e.sock.remote.ip())
+            .is_some_and(|p| p.sidecar);
+        let kind = classify_alone(&e.sock, dst_is_meshed);
+        let (client, server) = if e.sock.active {
+            (Some(&e.sock), None)
+        } else {
+            (None, Some(&e.sock))
+        };
+        let (src, dst) = self.labels(kind, client, server);
+        let leg = Leg {
+            kind,
+            client: e.sock.active.then_some(cookie),
+            server: (!e.sock.active).then_some(cookie),
+            original_dst: e.sock.connect.as_ref().map(|i| i.dst),
+            source_workload: src,
+            destination_service: dst,
+            opened_ns: e.sock.established_ns,
+        };
+        self.open(leg, out);
+    }
+
+    fn open(&mut self, leg: Leg, out: &mut Vec<LegRecord>) {
+        let id = self.next_leg;
+        self.next_leg += 1;
+        for cookie in [leg.client, leg.server].into_iter().flatten() {
+            if let Some(e) = self.entries.peek_mut(&cookie) {
+                e.leg = Some(id);
+            }
+        }
+        out.push(self.record("open", &leg));
+        self.legs.insert(id, leg);
+    }
+
+    fn record(&self, event: &'static str, leg: &Leg) -> LegRecord {
+        let sock = |c: Option<u64>| {
+            c.and_then(|c| self.entries.peek(&c))
+                .map(|e| e.sock.clone())
+        };
+        let client = sock(leg.client);
+        let server = sock(leg.server);
+        let closed_ns = [&client, &server]
+            .iter()
+            .filter_map(|s| s.as_ref().and_then(|s| s.closed_ns))
+            .max();
+        LegRecord {
+            event,
+            leg: leg.kind,
+            direction: leg.kind.direction(),
+            source_workload: leg.source_workload.clone(),
+            destination_service: leg.destination_service.clone(),
+            original_dst: leg.original_dst,
+            client,
+            server,
+            opened_ns: leg.opened_ns,
+            closed_ns: if event == "close" { closed_ns } else { None },
+        }
+    }
+
+    /// source_workload and destination_service for a leg; bounded by the
+    /// metadata: names of workloads and services, or "unknown"/"external".
+    fn labels(
+        &self,
+        kind: LegKind,
+        client: Option<&Socket>,
+        server: Option<&Socket>,
+    ) -> (String, String) {
+        let workload =
+            |s: Option<&Socket>| s.and_then(|s| s.pod.as_ref()).map(|p| p.workload.clone());
+        let source = workload(client)
+            .or_else(|| {
+                // The server saw the client's address: a pod IP names it.
+                server
+                    .and_then(|s| self.meta.pod_by_ip(s.remote.ip()))
+                    .map(|p| p.workload.clone())
+            })
+            .or_else(|| {
+                if kind == LegKind::Delivery {
+                    workload(server)
+                } else {
+                    None
+                }
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let original = client.and_then(|c| c.connect.as_ref()).map(|i| i.dst);
+        let destination = original
+            .and_then(|d| self.meta.service_by_vip(d))
+            .or_else(|| {
+                server
+                    .and_then(|s| s.pod.as_ref())
+                    .and_then(|p| p.service.clone())
+            })
+            .or_else(|| {
+                let ip = original.map(|d| d.ip()).or(client.map(|c| c.remote.ip()))?;
+                self.meta.pod_by_ip(ip).and_then(|p| p.service.clone())
+            })
+            .unwrap_or_else(|| match (kind, original) {
+                // A destination that is no service or meshed pod.
+                (LegKind::Passthrough | LegKind::Blackhole, _) | (LegKind::Redirect, Some(_)) => {
+                    "external".into()
+                }
+                _ => "unknown".into(),
+            });
+        (source, destination)
+    }
+
+    fn closed(&mut self, s: &mesh_trace_common::SockEvent, out: &mut Vec<LegRecord>) {
+        let cookie = s.sock_cookie;
+        let Some(e) = self.entries.get_mut(&cookie) else {
+            self.stats.unknown_socket_events += 1;
+            return;
+        };
+        e.sock.closed_ns = Some(s.header.ts_ns);
+        e.sock.bytes_acked = s.bytes_acked;
+        e.sock.bytes_received = s.bytes_received;
+        e.sock.srtt_us = s.srtt_us;
+        e.last_event_ns = s.header.ts_ns;
+        if e.waiting.is_some() {
+            // Closed before its peer showed up: classify it now.
+            if let Some(k) = e.waiting.take() {
+                self.waiting.remove(&k);
+            }
+            self.open_alone(cookie, out);
+        }
+        let Some(id) = self.entries.peek(&cookie).and_then(|e| e.leg) else {
+            self.entries.pop(&cookie);
+            return;
+        };
+        let all_closed = self.legs.get(&id).is_some_and(|leg| {
+            [leg.client, leg.server].into_iter().flatten().all(|c| {
+                self.entries
+                    .peek(&c)
+                    .is_some_and(|e| e.sock.closed_ns.is_some())
+            })
+        });
+        if all_closed {
+            self.close_leg(id, out);
+        }
+    }
+
+    fn close_leg(&mut self, id: LegId, out: &mut Vec<LegRecord>) {
+        let Some(mut leg) = self.legs.remove(&id) else {
+            return;
+        };
+        if leg.kind == LegKind::Redirect && self.blackholed(&leg) {
+            leg.kind = LegKind::Blackhole;
+        }
+        out.push(self.record("close", &leg));
+        for cookie in [leg.client, leg.server].into_iter().flatten() {
+            self.entries.pop(&cookie);
+        }
+    }
+
+    /// A redirect whose sidecar sent nothing back and opened no upstream
+    /// connection to the original destination while it was open: what
+    /// BlackHoleCluster does to TCP. (An HTTP 502 from BlackHoleCluster is
+    /// visible in request spans, not here.)
+    fn blackholed(&mut self, leg: &Leg) -> bool {
+        let sock = |c: Option<u64>| c.and_then(|c| self.entries.peek(&c)).map(|e| &e.sock);
+        let (Some(app), Some(proxy)) = (sock(leg.client), sock(leg.server)) else {
+            return false;
+        };
+        if proxy.sent_payload() {
+            return false;
+        }
+        let (Some(dst), netns) = (leg.original_dst, proxy.netns) else {
+            return false;
+        };
+        let (from, to) = (
+            app.established_ns.min(proxy.established_ns),
+            proxy.closed_ns.unwrap_or(u64::MAX),
+        );
+        let upstream = self
+            .upstreams
+            .peek(&netns)
+            .is_some_and(|r| r.iter().any(|&(d, ts)| d == dst && ts >= from && ts <= to));
+        !upstream
+    }
+
+    /// Classifies sockets that waited too long for a peer, and drops
+    /// sockets idle for longer than `max_age`. Call periodically.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<LegRecord>) {
+        let overdue: Vec<u64> = self
+            .waiting
+            .values()
+            .copied()
+            .filter(|c| {
+                self.entries.peek(c).is_some_and(|e| {
+                    now_ns.saturating_sub(e.sock.established_ns) >= self.cfg.join_wait_ns
+                })
+            })
+            .collect();
+        for cookie in overdue {
+            if let Some(k) = self
+                .entries
+                .peek_mut(&cookie)
+                .and_then(|e| e.waiting.take())
+            {
+                self.waiting.remove(&k);
+            }
+            self.open_alone(cookie, out);
+        }
+        // The LRU's tail holds the least recently touched entries.
+        while let Some((_, e)) = self.entries.peek_lru() {
+            if now_ns.saturating_sub(e.last_event_ns) < self.cfg.max_age_ns {
+                break;
+            }
+            if let Some((_, e)) = self.entries.pop_lru() {
+                self.forget(e);
+                self.stats.evicted += 1;
+            }
+        }
+    }
+
+    /// Roles of the sockets currently tracked, for tests and `top`.
+    pub fn roles(&self) -> HashMap<Role, usize> {
+        let mut m = HashMap::new();
+        for (_, e) in self.entries.iter() {
+            *m.entry(e.sock.role).or_default() += 1;
+        }
+        m
+    }
+}

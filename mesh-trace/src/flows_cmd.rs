@@ -1,0 +1,110 @@
+//! `mesh-trace flows`: legs as JSON lines as they open and close, like
+//! `hubble observe`. Loads the probes itself.
+use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::{
+    agent::http::AgentState,
+    cli::{init_logging, Failure},
+    config::{self, LogLevel},
+    flows::{
+        legs::LegKind,
+        table::{FlowTableConfig, LegRecord},
+    },
+    run::{agent, stop_signal, Settings},
+};
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    /// Pod and service metadata from a running lab's directory.
+    #[arg(long, value_name = "DIR")]
+    pub lab: Option<PathBuf>,
+    /// Only legs with a socket in this pod.
+    #[arg(long)]
+    pub pod: Option<String>,
+    /// Only legs with this port on either end or as original destination.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Only these leg kinds (repeatable).
+    #[arg(long, value_enum)]
+    pub leg: Vec<LegKind>,
+    /// Only closed legs (with bytes, RTT and durations).
+    #[arg(long)]
+    pub closed: bool,
+    /// Stop after printing this many legs.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    pub duration: Option<f64>,
+}
+
+impl FlowsArgs {
+    pub fn matches(&self, rec: &LegRecord) -> bool {
+        let sockets = || rec.client.iter().chain(rec.server.iter());
+        (!self.closed || rec.event == "close")
+            && (self.leg.is_empty() || self.leg.contains(&rec.leg))
+            && self.pod.as_ref().is_none_or(|want| {
+                sockets().any(|s| s.pod.as_ref().is_some_and(|p| &p.name == want))
+            })
+            && self.port.is_none_or(|port| {
+                rec.original_dst.is_some_and(|d| d.port() == port)
+                    || sockets().any(|s| s.local.port() == port || s.remote.port() == port)
+            })
+    }
+}
+
+pub fn main(args: FlowsArgs) -> Result<(), Failure> {
+    init_logging(LogLevel::Warn);
+    let cgroup = crate::kernel::sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?;
+    let settings = Settings {
+        metrics_addr: None,
+        log_level: LogLevel::Warn,
+        ring_buffer_bytes: config::default_ring_buffer_bytes(),
+        cgroup,
+        print_events: false,
+        lab: args.lab.clone(),
+        max_flows: FlowTableConfig::default().max_sockets,
+        netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let signal = stop_signal()?;
+        let limit = args.duration.map(Duration::from_secs_f64);
+        let stop = async move {
+            let mut done = done_rx;
+            let timeout = async {
+                match limit {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = signal => {}
+                _ = timeout => {}
+                _ = done.wait_for(|d| *d) => {}
+            }
+        };
+        let mut printed = 0u64;
+        let stdout = std::io::stdout();
+        agent(settings, Arc::new(AgentState::new()), stop, |rec| {
+            if args.count.is_some_and(|c| printed >= c) || !args.matches(rec) {
+                return;
+            }
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{}", serde_json::to_string(rec).unwrap_or_default());
+            let _ = out.flush();
+            printed += 1;
+            if args.count.is_some_and(|c| printed >= c) {
+                let _ = done_tx.send(true);
+            }
+        })
+        .await
+    })
+}
