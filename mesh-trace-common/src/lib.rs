@@ -26,6 +26,8 @@ pub mod names {
     pub const RETRANSMIT: &str = "mt_retransmit";
     pub const SEND_RESET: &str = "mt_send_reset";
     pub const RECEIVE_RESET: &str = "mt_receive_reset";
+    pub const MESHED_NETNS: &str = "MESHED_NETNS";
+    pub const PREFIX_LEN: &str = "PREFIX_LEN";
 }
 
 /// Discriminants of the events in the ring buffer. Never reuse a value.
@@ -45,6 +47,8 @@ pub enum EventKind {
     /// The nat table rewrote a connection's destination (iptables REDIRECT),
     /// seen by netfilter programs around the NAT priority.
     Redirect = 6,
+    /// Bytes sent or received on a socket in a meshed namespace.
+    Data = 7,
 }
 
 impl EventKind {
@@ -56,6 +60,7 @@ impl EventKind {
             4 => Some(Self::Owner),
             5 => Some(Self::TcpIssue),
             6 => Some(Self::Redirect),
+            7 => Some(Self::Data),
             _ => None,
         }
     }
@@ -217,6 +222,54 @@ pub struct TrackedSock {
     /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent.
     pub flags: u32,
     pub _pad: u32,
+    /// Stream offsets: bytes sent and received so far through the syscalls
+    /// seen, so the two ends of a connection can be matched byte for byte.
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Most payload bytes a [`DataEvent`] carries; the agent may ask for fewer.
+pub const DATA_PREFIX_MAX: usize = 256;
+/// [`DataEvent::direction`] values.
+pub const DIR_SEND: u32 = 0;
+pub const DIR_RECV: u32 = 1;
+
+/// [`EventKind::Data`]: one send or receive on a socket in a meshed
+/// namespace, from `sock_send_length`/`sock_recv_length` in the context of
+/// the thread that did it. Only a bounded prefix of the payload is copied.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    pub pid_tgid: u64,
+    /// Stream offset of the first byte moved, in this direction.
+    pub offset: u64,
+    /// Bytes moved by the call.
+    pub len: u32,
+    /// `DIR_SEND` or `DIR_RECV`.
+    pub direction: u32,
+    /// Valid bytes in `prefix` (0 when the buffer could not be found, e.g.
+    /// io_uring or sendfile).
+    pub prefix_len: u32,
+    pub _pad: u32,
+    pub prefix: [u8; DATA_PREFIX_MAX],
+}
+
+impl Default for DataEvent {
+    fn default() -> Self {
+        DataEvent {
+            header: EventHeader::default(),
+            sock_cookie: 0,
+            pid_tgid: 0,
+            offset: 0,
+            len: 0,
+            direction: 0,
+            prefix_len: 0,
+            _pad: 0,
+            prefix: [0; DATA_PREFIX_MAX],
+        }
+    }
 }
 
 pub const TRACKED_OWNER_SEEN: u32 = 1;
@@ -250,15 +303,7 @@ pub struct RedirectEvent {
 }
 
 /// Largest event, for sizing reads in tests and benchmarks.
-pub const MAX_EVENT_SIZE: usize = {
-    let a = core::mem::size_of::<ConnectEvent>();
-    let b = core::mem::size_of::<SockEvent>();
-    if a > b {
-        a
-    } else {
-        b
-    }
-};
+pub const MAX_EVENT_SIZE: usize = core::mem::size_of::<DataEvent>();
 
 #[cfg(feature = "user")]
 mod pod {
@@ -274,6 +319,7 @@ mod pod {
     unsafe impl aya::Pod for TcpIssueEvent {}
     unsafe impl aya::Pod for TrackedSock {}
     unsafe impl aya::Pod for RedirectEvent {}
+    unsafe impl aya::Pod for DataEvent {}
 }
 
 #[cfg(test)]
@@ -291,12 +337,16 @@ mod tests {
         assert_eq!(size_of::<SockEvent>(), 16 + 8 + 8 + 24 + 24 + 4 + 4 + 8 + 8);
         assert_eq!(size_of::<OwnerEvent>(), 16 + 8 + 32);
         assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4);
-        assert_eq!(size_of::<TrackedSock>(), 8 + 4 + 4);
+        assert_eq!(size_of::<TrackedSock>(), 8 + 4 + 4 + 8 + 8);
+        assert_eq!(
+            size_of::<DataEvent>(),
+            16 + 8 + 8 + 8 + 4 * 4 + DATA_PREFIX_MAX
+        );
         assert_eq!(size_of::<RedirectEvent>(), 16 + 8 + 12 + 8 + 4);
         assert_eq!(core::mem::offset_of!(RedirectEvent, sport_be), 36);
         assert_eq!(core::mem::offset_of!(RedirectEvent, hook), 42);
         assert_eq!(align_of::<ConnectEvent>(), 8);
-        assert_eq!(MAX_EVENT_SIZE, size_of::<SockEvent>());
+        assert!(MAX_EVENT_SIZE >= size_of::<SockEvent>());
     }
 
     #[test]

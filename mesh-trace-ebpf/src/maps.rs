@@ -52,3 +52,9 @@ pub fn emit<T: 'static>(event: T) {
 #[map(name = "TRACKED")]
 pub static TRACKED: HashMap<u64, TrackedSock> =
     HashMap::with_max_entries(DEFAULT_TRACKED_SOCKETS, 0);
+
+/// Network namespaces whose sockets carry mesh traffic (pods with a sidecar),
+/// by namespace cookie: the only ones whose payload is captured. Written by
+/// the agent.
+#[map(name = "MESHED_NETNS")]
+pub static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);

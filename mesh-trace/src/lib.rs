@@ -16,3 +16,4 @@ pub mod kernel;
 pub mod lab;
 pub mod netns;
 pub mod run;
+pub mod spans;

@@ -30,6 +30,7 @@ use crate::{
         events, sysfs,
         tracer::{Tracer, TracerOptions},
     },
+    spans::span::Span,
 };
 
 /// How often the kernel's loss counters are read.
@@ -142,9 +143,10 @@ struct NetnsWatch {
 }
 
 impl NetnsWatch {
-    fn scan(&mut self, tracer: &mut Tracer, dir: &std::path::Path) {
+    /// Returns how many namespaces are watched.
+    fn scan(&mut self, tracer: &mut Tracer, dir: &std::path::Path) -> usize {
         if !tracer.nat_available() {
-            return;
+            return 0;
         }
         let names: std::collections::HashSet<String> = std::fs::read_dir(dir)
             .map(|entries| {
@@ -168,7 +170,7 @@ impl NetnsWatch {
             }
         }
         self.failed.retain(|n| names.contains(n));
-        tracer.retain_netns(&names);
+        tracer.retain_netns(&names)
     }
 }
 
@@ -183,15 +185,32 @@ pub async fn agent(
     stop: impl std::future::Future<Output = ()>,
     mut on_leg: impl FnMut(&LegRecord),
 ) -> Result<(), Failure> {
+    agent_with_spans(settings, state, stop, on_leg_adapter(&mut on_leg), |_| {}).await
+}
+
+fn on_leg_adapter<'a>(f: &'a mut impl FnMut(&LegRecord)) -> impl FnMut(&LegRecord) + 'a {
+    move |l| f(l)
+}
+
+/// [`agent`], also passing every stitched span to `on_span`.
+pub async fn agent_with_spans(
+    settings: Settings,
+    state: Arc<AgentState>,
+    stop: impl std::future::Future<Output = ()>,
+    mut on_leg: impl FnMut(&LegRecord),
+    mut on_span: impl FnMut(&Span),
+) -> Result<(), Failure> {
+    let metadata = settings.metadata()?;
     let table = FlowTable::new(
         FlowTableConfig {
             max_sockets: settings.max_flows,
             ..FlowTableConfig::default()
         },
-        settings.metadata()?,
+        metadata.clone(),
     );
     let mut pipeline = Pipeline::new(table, state.clone());
     let mut legs = Vec::new();
+    let mut spans = Vec::new();
     let (stop_http, stop_rx) = watch::channel(false);
     let server = match settings.metrics_addr {
         Some(addr) => {
@@ -209,9 +228,33 @@ pub async fn agent(
         ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;
+    // Capture the data path of pods known to have a sidecar now, and of any
+    // namespace where a REDIRECT is seen later.
+    let mut meshed = std::collections::HashSet::new();
+    for cookie in metadata.meshed_netns() {
+        tracer.mark_meshed(cookie)?;
+        meshed.insert(cookie);
+    }
+    {
+        let mut info = state.info.lock().unwrap_or_else(|p| p.into_inner());
+        info.programs = tracer
+            .attached
+            .iter()
+            .map(|a| format!("{} ({})", a.program, a.hook))
+            .collect();
+        info.fallbacks = tracer
+            .skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.program, s.consequence))
+            .collect();
+        if !tracer.nat_available() {
+            info.fallbacks
+                .push("netfilter: REDIRECTs counted from accepted sockets".into());
+        }
+    }
     pipeline.count_redirects_at_nat(tracer.nat_available());
     let mut netns = NetnsWatch::default();
-    netns.scan(&mut tracer, &settings.netns_dir);
+    let _ = netns.scan(&mut tracer, &settings.netns_dir);
     state
         .metrics
         .programs_attached
@@ -239,8 +282,17 @@ pub async fn agent(
                 for (reason, delta) in loss.update(&tracer.lost()?) {
                     state.metrics.events_lost.get_or_create(&ReasonLabel { reason: reason.label() }).inc_by(delta);
                 }
+                let mut info = state.info.lock().unwrap_or_else(|p| p.into_inner());
+                info.events_total = crate::kernel::events::ALL_KINDS
+                    .iter()
+                    .map(|&k| state.metrics.events.get_or_create(&crate::agent::metrics::KindLabel { kind: events::kind_label(k) }).get())
+                    .sum();
+                info.events_lost = loss.total();
             }
-            _ = netns_tick.tick() => netns.scan(&mut tracer, &settings.netns_dir),
+            _ = netns_tick.tick() => {
+                let watched = netns.scan(&mut tracer, &settings.netns_dir);
+                state.info.lock().unwrap_or_else(|p| p.into_inner()).netns_watched = watched;
+            }
             _ = flow_tick.tick() => {
                 pipeline.tick(crate::clock::mono_ns(), &mut legs);
                 legs.drain(..).for_each(|l| on_leg(&l));
@@ -253,8 +305,16 @@ pub async fn agent(
                 for ev in batch.drain(..) {
                     match ev {
                         Ok(ev) => {
-                            pipeline.handle(&ev, &mut legs);
+                            if let events::Event::Redirect(r) = &ev {
+                                if meshed.insert(r.netns_cookie) {
+                                    if let Err(e) = tracer.mark_meshed(r.netns_cookie) {
+                                        tracing::warn!("{e:#}");
+                                    }
+                                }
+                            }
+                            pipeline.handle(&ev, &mut legs, &mut spans);
                             legs.drain(..).for_each(|l| on_leg(&l));
+                            spans.drain(..).for_each(|s| on_span(&s));
                             if settings.print_events {
                                 let _ = writeln!(out, "{}", events::to_json(&ev));
                             }

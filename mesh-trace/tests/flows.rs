@@ -5,19 +5,20 @@ use std::{
     io::Read,
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
+mod common;
+
+use common::Traced;
 use mesh_trace::{
-    agent::{http::AgentState, metrics::DirectionLabel},
+    agent::metrics::DirectionLabel,
     flows::{legs::LegKind, table::LegRecord},
     lab::{
         config::OutboundTrafficPolicy,
         records::{read_records, Direction, ProxyRecord},
         topology::{Lab, LabOptions},
     },
-    run::{agent, Settings},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
@@ -27,89 +28,6 @@ fn require_root() {
         nix::unistd::geteuid().is_root(),
         "flow tests load eBPF programs and build a lab: run them as root"
     );
-}
-
-/// The agent, in this process, collecting every leg.
-struct Traced {
-    state: Arc<AgentState>,
-    legs: Arc<Mutex<Vec<LegRecord>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Traced {
-    fn start(lab: &Lab) -> Traced {
-        let state = Arc::new(AgentState::new());
-        let legs = Arc::new(Mutex::new(Vec::new()));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let settings = Settings {
-            metrics_addr: None,
-            log_level: mesh_trace::config::LogLevel::Warn,
-            ring_buffer_bytes: 1 << 22,
-            cgroup: mesh_trace::kernel::sysfs::cgroup2_root().expect("cgroup v2"),
-            print_events: false,
-            lab: Some(lab.dir.clone()),
-            max_flows: 65_536,
-            netns_dir: mesh_trace::run::DEFAULT_NETNS_DIR.into(),
-        };
-        let (st, lg) = (state.clone(), legs.clone());
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(agent(
-                settings,
-                st,
-                async {
-                    let _ = stopped.await;
-                },
-                move |l| lg.lock().unwrap().push(l.clone()),
-            ))
-            .expect("agent");
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !state.ready.load(std::sync::atomic::Ordering::Acquire) {
-            assert!(Instant::now() < deadline, "agent not ready");
-            assert!(!thread.is_finished(), "agent stopped early");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Traced {
-            state,
-            legs,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits until `pred` holds for the legs seen so far (or 10 s pass).
-    fn wait_for(&self, what: &str, pred: impl Fn(&[LegRecord]) -> bool) -> Vec<LegRecord> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let legs = self.legs.lock().unwrap().clone();
-            if pred(&legs) {
-                return legs;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; legs seen:\n{}",
-                    summary(&legs)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Traced {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn summary(legs: &[LegRecord]) -> String {

@@ -47,6 +47,8 @@ fn established(ctx: &SockOpsContext, active: u32) {
         netns_cookie: ev.netns_cookie,
         flags: 0,
         _pad: 0,
+        sent: 0,
+        received: 0,
     };
     if TRACKED.insert(ev.sock_cookie, tracked, 0).is_err() {
         count_loss(LossReason::MapFull);

@@ -1,35 +1,56 @@
 //! tp_btf `sock_send_length` / `sock_recv_length`: they run in the context
-//! of the process doing the I/O, on every socket of the node, so they exit
-//! at once for sockets that are not tracked. For a tracked socket's first
-//! I/O they report its owner, which sock_ops cannot see for accepted sockets.
+//! of the thread doing socket I/O, after the bytes moved, on every socket of
+//! the node (never for files). They exit at once for sockets that are not
+//! tracked. For tracked sockets they report the owner process once, and in
+//! meshed namespaces every send and receive: time, thread, stream offset and
+//! a bounded prefix of the payload, read from the syscall's user buffer.
 use core::ffi::c_void;
 
 use aya_ebpf::{
+    bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_socket_cookie,
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use mesh_trace_common::{EventKind, OwnerEvent, TaskInfo, TRACKED_OWNER_SEEN};
+use mesh_trace_common::{
+    DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, TrackedSock, DATA_PREFIX_MAX, DIR_RECV,
+    DIR_SEND, TRACKED_OWNER_SEEN,
+};
 
-use crate::maps::{emit, header, TRACKED};
+use crate::maps::{count_loss, emit, header, EVENTS, MESHED_NETNS, TRACKED};
+
+/// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
+#[no_mangle]
+static PREFIX_LEN: u32 = 128;
+
+// x86_64 syscall numbers whose second argument locates the user buffer.
+const SYS_READ: u64 = 0;
+const SYS_WRITE: u64 = 1;
+const SYS_READV: u64 = 19;
+const SYS_WRITEV: u64 = 20;
+const SYS_SENDTO: u64 = 44;
+const SYS_RECVFROM: u64 = 45;
+const SYS_SENDMSG: u64 = 46;
+const SYS_RECVMSG: u64 = 47;
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn mt_send_length(ctx: BtfTracePointContext) -> i32 {
-    on_io(&ctx);
+    on_io(&ctx, DIR_SEND);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn mt_recv_length(ctx: BtfTracePointContext) -> i32 {
-    on_io(&ctx);
+    on_io(&ctx, DIR_RECV);
     0
 }
 
 #[inline(always)]
-fn on_io(ctx: &BtfTracePointContext) {
+fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     let sk: *mut c_void = ctx.arg(0);
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     let Some(tracked) = TRACKED.get_ptr_mut(cookie) else {
@@ -37,18 +58,130 @@ fn on_io(ctx: &BtfTracePointContext) {
     };
     // SAFETY: a map value pointer, valid for this program run.
     let tracked = unsafe { &mut *tracked };
-    if tracked.flags & TRACKED_OWNER_SEEN != 0 {
+    if tracked.flags & TRACKED_OWNER_SEEN == 0 {
+        // Two CPUs may both get here for one socket; the agent keeps the first.
+        tracked.flags |= TRACKED_OWNER_SEEN;
+        emit(OwnerEvent {
+            header: header(EventKind::Owner),
+            sock_cookie: cookie,
+            task: TaskInfo {
+                pid_tgid: bpf_get_current_pid_tgid(),
+                uid_gid: bpf_get_current_uid_gid(),
+                comm: bpf_get_current_comm().unwrap_or_default(),
+            },
+        });
+    }
+    let ret: i32 = ctx.arg(1);
+    if ret <= 0 {
         return;
     }
-    // Two CPUs may both get here for one socket; the agent keeps the first.
-    tracked.flags |= TRACKED_OWNER_SEEN;
-    emit(OwnerEvent {
-        header: header(EventKind::Owner),
-        sock_cookie: cookie,
-        task: TaskInfo {
-            pid_tgid: bpf_get_current_pid_tgid(),
-            uid_gid: bpf_get_current_uid_gid(),
-            comm: bpf_get_current_comm().unwrap_or_default(),
-        },
-    });
+    let len = ret as u64;
+    let offset = advance(tracked, direction, len);
+    if unsafe { MESHED_NETNS.get(tracked.netns_cookie) }.is_none() {
+        return;
+    }
+    capture(cookie, direction, offset, len);
+}
+
+/// Moves the socket's stream offset past `len` bytes; returns the old one.
+#[inline(always)]
+fn advance(tracked: &mut TrackedSock, direction: u32, len: u64) -> u64 {
+    let counter = if direction == DIR_SEND {
+        &mut tracked.sent
+    } else {
+        &mut tracked.received
+    };
+    let offset = *counter;
+    *counter = offset + len;
+    offset
+}
+
+#[inline(always)]
+fn capture(cookie: u64, direction: u32, offset: u64, len: u64) {
+    let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
+        count_loss(LossReason::RingBufFull);
+        return;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: `ev` points at reserved ring buffer memory of DataEvent's size;
+    // every field but the prefix tail is written before submit.
+    unsafe {
+        (*ev).header = header(EventKind::Data);
+        (*ev).sock_cookie = cookie;
+        (*ev).pid_tgid = bpf_get_current_pid_tgid();
+        (*ev).offset = offset;
+        (*ev).len = len as u32;
+        (*ev).direction = direction;
+        (*ev)._pad = 0;
+        (*ev).prefix_len = 0;
+        let (buf, room) = user_buffer();
+        let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
+        let mut n = if len < want { len } else { want };
+        if n > room {
+            n = room;
+        }
+        // The verifier needs the bound spelled out.
+        if n > DATA_PREFIX_MAX as u64 {
+            n = DATA_PREFIX_MAX as u64;
+        }
+        if n > 0
+            && buf != 0
+            && bpf_probe_read_user(
+                (*ev).prefix.as_mut_ptr() as *mut c_void,
+                n as u32,
+                buf as *const c_void,
+            ) == 0
+        {
+            (*ev).prefix_len = n as u32;
+        }
+    }
+    slot.submit(0);
+}
+
+/// The current syscall's user buffer and its size, from the task's saved
+/// registers: the second argument of read/write/sendto/recvfrom, the first
+/// iovec of readv/writev/sendmsg/recvmsg. (0, 0) for anything else.
+#[inline(always)]
+fn user_buffer() -> (u64, u64) {
+    // SAFETY: helpers valid in tp_btf programs; the result is a trusted
+    // pointer to the task's pt_regs.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    if regs.is_null() {
+        return (0, 0);
+    }
+    let (nr, arg1, arg2) = unsafe { ((*regs).orig_rax, (*regs).rsi, (*regs).rdx) };
+    match nr {
+        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => (arg1, arg2),
+        SYS_READV | SYS_WRITEV => first_iovec(arg1),
+        SYS_SENDMSG | SYS_RECVMSG => {
+            // struct msghdr: msg_iov at offset 16.
+            let mut iov: u64 = 0;
+            let ok = unsafe {
+                bpf_probe_read_user(
+                    &mut iov as *mut u64 as *mut c_void,
+                    8,
+                    (arg1 + 16) as *const c_void,
+                )
+            } == 0;
+            if ok {
+                first_iovec(iov)
+            } else {
+                (0, 0)
+            }
+        }
+        _ => (0, 0),
+    }
+}
+
+#[inline(always)]
+fn first_iovec(iov: u64) -> (u64, u64) {
+    let mut pair = [0u64; 2];
+    let ok =
+        unsafe { bpf_probe_read_user(pair.as_mut_ptr() as *mut c_void, 16, iov as *const c_void) }
+            == 0;
+    if ok {
+        (pair[0], pair[1])
+    } else {
+        (0, 0)
+    }
 }

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
 use super::metrics::Metrics;
+use crate::spans::live::LiveStats;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -33,14 +34,52 @@ pub struct AgentState {
     pub metrics: Metrics,
     /// Set once every program is attached.
     pub ready: AtomicBool,
+    /// Sliding-window percentiles per service and hop.
+    pub live: std::sync::Mutex<LiveStats>,
+    /// What the agent is doing, for `top`'s header.
+    pub info: std::sync::Mutex<AgentInfo>,
 }
+
+/// The agent's own state, served with the live statistics.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub programs: Vec<String>,
+    /// Optional programs that could not be attached, with what that costs.
+    pub fallbacks: Vec<String>,
+    pub netns_watched: usize,
+    pub flows_tracked: usize,
+    pub requests_in_flight: usize,
+    pub events_total: u64,
+    pub events_lost: u64,
+}
+
+/// Window of the live statistics.
+pub const LIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl AgentState {
     pub fn new() -> Self {
         AgentState {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
+            live: std::sync::Mutex::new(LiveStats::new(LIVE_WINDOW, 12, 2_000)),
+            info: std::sync::Mutex::new(AgentInfo {
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..AgentInfo::default()
+            }),
         }
+    }
+
+    /// The JSON document of `/api/v1/stats`.
+    pub fn stats_json(&self) -> String {
+        let snapshot = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot(crate::clock::mono_ns());
+        let info = self.info.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        serde_json::json!({ "agent": info, "window_s": snapshot.window_s, "rows": snapshot.rows })
+            .to_string()
     }
 }
 
@@ -74,6 +113,7 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             state.metrics.encode_prometheus_text(),
         ),
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
+        "/api/v1/stats" => respond(StatusCode::OK, "application/json", state.stats_json()),
         "/readyz" if state.ready.load(Ordering::Acquire) => {
             respond(StatusCode::OK, TEXT, "ready\n")
         }
@@ -85,7 +125,7 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found: try /metrics, /healthz or /readyz\n",
+            "not found: try /metrics, /healthz, /readyz or /api/v1/stats\n",
         ),
     }
 }

@@ -57,6 +57,58 @@ pub struct ConnectionLabels {
     pub destination_service: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub source_workload: String,
+    pub destination_service: String,
+    pub method: &'static str,
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HopLabels {
+    pub hop: &'static str,
+    pub source_workload: String,
+    pub destination_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OverheadLabels {
+    pub direction: &'static str,
+    pub workload: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub source_workload: String,
+    pub destination_service: String,
+    pub status_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub destination_service: String,
+}
+
+/// Latency buckets: 50 us .. ~26 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// HTTP methods kept as label values; anything else is "OTHER".
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 /// Most distinct (source_workload, destination_service) pairs exported;
 /// beyond it they are folded into "other", so a misbehaving metadata source
 /// cannot blow up the series count.
@@ -79,6 +131,12 @@ pub struct Metrics {
     pub flows_evicted: Counter,
     pub flows_tracked: Gauge,
     pub unknown_socket_events: Counter,
+    pub request_duration: Family<RequestLabels, Histogram>,
+    pub hop_duration: Family<HopLabels, Histogram>,
+    pub sidecar_overhead: Family<OverheadLabels, Histogram>,
+    pub requests: Family<StatusLabels, Counter>,
+    pub proxy_retries: Family<ServiceLabel, Counter>,
+    pub requests_unstitched: Family<ReasonLabel, Counter>,
     workload_pairs: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
@@ -208,7 +266,55 @@ impl Metrics {
             "Kernel events about sockets the flow table did not know (opened before the agent, or evicted)",
             unknown_socket_events.clone(),
         );
+        let request_duration =
+            Family::<RequestLabels, Histogram>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "request_duration",
+            "Request latency seen by the client app's socket, request write to response read (t11 - t0)",
+            Unit::Seconds,
+            request_duration.clone(),
+        );
+        let hop_duration = Family::<HopLabels, Histogram>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "hop_duration",
+            "Time each hop of the sidecar data path adds to a request",
+            Unit::Seconds,
+            hop_duration.clone(),
+        );
+        let sidecar_overhead =
+            Family::<OverheadLabels, Histogram>::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "sidecar_overhead",
+            "Time the sidecars add on one side: proxy hop plus redirect or delivery leg",
+            Unit::Seconds,
+            sidecar_overhead.clone(),
+        );
+        let requests = Family::<StatusLabels, Counter>::default();
+        registry.register("requests", "Requests stitched into spans", requests.clone());
+        let proxy_retries = Family::<ServiceLabel, Counter>::default();
+        registry.register(
+            "proxy_retries",
+            "Upstream attempts beyond the first a sidecar made for one request",
+            proxy_retries.clone(),
+        );
+        let requests_unstitched = Family::<ReasonLabel, Counter>::default();
+        for reason in crate::spans::stitch::Unstitched::ALL {
+            let _ = requests_unstitched.get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            });
+        }
+        registry.register(
+            "requests_unstitched",
+            "Requests or messages that could not be stitched into a span, by reason",
+            requests_unstitched.clone(),
+        );
         Metrics {
+            request_duration,
+            hop_duration,
+            sidecar_overhead,
+            requests,
+            proxy_retries,
+            requests_unstitched,
             registry,
             events,
             events_lost,
@@ -226,6 +332,64 @@ impl Metrics {
             flows_tracked,
             unknown_socket_events,
             workload_pairs: Default::default(),
+        }
+    }
+
+    /// (source, destination) as label values, folded into "other" past the cap.
+    pub fn bounded_pair(&self, source: &str, destination: &str) -> (String, String) {
+        let l = self.connection_labels("", "", source, destination);
+        (l.source_workload, l.destination_service)
+    }
+
+    /// Records one stitched span.
+    pub fn record_span(&self, span: &crate::spans::span::Span) {
+        use crate::spans::span::Hop;
+        let (source, destination) =
+            self.bounded_pair(&span.source_workload, &span.destination_service);
+        if let Some(total) = span.total_ns() {
+            self.request_duration
+                .get_or_create(&RequestLabels {
+                    source_workload: source.clone(),
+                    destination_service: destination.clone(),
+                    method: method_label(&span.method),
+                    status_class: span.status_class(),
+                })
+                .observe(total as f64 / 1e9);
+        }
+        for hop in Hop::ALL {
+            if let Some(ns) = span.hop_ns(hop) {
+                self.hop_duration
+                    .get_or_create(&HopLabels {
+                        hop: hop.label(),
+                        source_workload: source.clone(),
+                        destination_service: destination.clone(),
+                    })
+                    .observe(ns as f64 / 1e9);
+            }
+        }
+        for (direction, workload) in [("outbound", &source), ("inbound", &destination)] {
+            if let Some(ns) = span.sidecar_overhead_ns(direction) {
+                self.sidecar_overhead
+                    .get_or_create(&OverheadLabels {
+                        direction,
+                        workload: workload.clone(),
+                    })
+                    .observe(ns as f64 / 1e9);
+            }
+        }
+        self.requests
+            .get_or_create(&StatusLabels {
+                source_workload: source,
+                destination_service: destination.clone(),
+                status_code: span.status.to_string(),
+            })
+            .inc();
+        if span.retries > 0 {
+            self.proxy_retries
+                .get_or_create(&ServiceLabel {
+                    destination_service: destination,
+                })
+                .inc_by(u64::from(span.retries));
         }
     }
 
@@ -320,6 +484,11 @@ pub struct LossTracker {
 }
 
 impl LossTracker {
+    /// Everything lost so far.
+    pub fn total(&self) -> u64 {
+        self.seen.iter().sum()
+    }
+
     /// Records the kernel's current totals and returns how much each grew.
     pub fn update(&mut self, totals: &[(LossReason, u64)]) -> Vec<(LossReason, u64)> {
         totals

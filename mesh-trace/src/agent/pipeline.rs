@@ -10,10 +10,17 @@ use crate::{
         table::{FlowTable, LegRecord, TableStats},
     },
     kernel::events::{kind_label, Event},
+    spans::{
+        span::Span,
+        stitch::{StitchConfig, Stitcher, Unstitched},
+    },
 };
 
 pub struct Pipeline {
     pub table: FlowTable,
+    pub stitcher: Stitcher,
+    spans: Vec<Span>,
+    reported_unstitched: std::collections::HashMap<Unstitched, u64>,
     metrics: Arc<crate::agent::http::AgentState>,
     reported: TableStats,
     legs: Vec<LegRecord>,
@@ -26,6 +33,9 @@ impl Pipeline {
     pub fn new(table: FlowTable, state: Arc<crate::agent::http::AgentState>) -> Pipeline {
         Pipeline {
             table,
+            stitcher: Stitcher::new(StitchConfig::default()),
+            spans: Vec::new(),
+            reported_unstitched: Default::default(),
             metrics: state,
             reported: TableStats::default(),
             legs: Vec::new(),
@@ -43,8 +53,9 @@ impl Pipeline {
         &self.metrics.metrics
     }
 
-    /// Applies one event; legs it opened or closed are appended to `out`.
-    pub fn handle(&mut self, ev: &Event, out: &mut Vec<LegRecord>) {
+    /// Applies one event; legs it opened or closed are appended to `out`,
+    /// spans it completed to `spans_out`.
+    pub fn handle(&mut self, ev: &Event, out: &mut Vec<LegRecord>, spans_out: &mut Vec<Span>) {
         let m = &self.metrics.metrics;
         m.events
             .get_or_create(&KindLabel {
@@ -82,6 +93,23 @@ impl Pipeline {
             };
             family.get_or_create(&LegLabel { leg }).inc();
         }
+        match ev {
+            // Data first: the table forgets a socket at its close.
+            Event::Data(d) => {
+                self.stitcher.data(&self.table, d, &mut self.spans);
+                if !self.spans.is_empty() {
+                    let now = crate::clock::mono_ns();
+                    let mut live = self.metrics.live.lock().unwrap_or_else(|p| p.into_inner());
+                    for span in &self.spans {
+                        m.record_span(span);
+                        live.record(span, now);
+                    }
+                }
+                spans_out.append(&mut self.spans);
+            }
+            Event::Closed(s) => self.stitcher.closed(s.sock_cookie),
+            _ => {}
+        }
         let start = self.legs.len();
         self.table.apply(ev, &mut self.legs);
         self.account(start);
@@ -95,13 +123,25 @@ impl Pipeline {
         self.account(start);
         out.append(&mut self.legs);
         let stats = self.table.stats;
-        let m = self.m();
+        let m = &self.metrics.metrics;
         m.flows_evicted
             .inc_by(stats.evicted - self.reported.evicted);
         m.unknown_socket_events
             .inc_by(stats.unknown_socket_events - self.reported.unknown_socket_events);
         m.flows_tracked.set(self.table.len() as i64);
         self.reported = stats;
+        self.stitcher.expire(now_ns);
+        for (reason, &n) in &self.stitcher.unstitched {
+            let before = self.reported_unstitched.insert(*reason, n).unwrap_or(0);
+            m.requests_unstitched
+                .get_or_create(&crate::agent::metrics::ReasonLabel {
+                    reason: reason.label(),
+                })
+                .inc_by(n - before);
+        }
+        let mut info = self.metrics.info.lock().unwrap_or_else(|p| p.into_inner());
+        info.flows_tracked = self.table.len();
+        info.requests_in_flight = self.stitcher.pending();
     }
 
     fn account(&self, from: usize) {

@@ -34,6 +34,10 @@ pub trait Metadata: Send + Sync {
     fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>>;
     /// The service a virtual IP and port belong to.
     fn service_by_vip(&self, addr: SocketAddr) -> Option<String>;
+    /// Namespace cookies of pods with a sidecar, whose traffic is captured.
+    fn meshed_netns(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// No metadata: everything is "unknown".
@@ -127,6 +131,13 @@ impl Metadata for LabMetadata {
     }
     fn service_by_vip(&self, addr: SocketAddr) -> Option<String> {
         self.vips.get(&addr).cloned()
+    }
+    fn meshed_netns(&self) -> Vec<u64> {
+        self.by_netns
+            .iter()
+            .filter(|(_, p)| p.sidecar)
+            .map(|(&c, _)| c)
+            .collect()
     }
 }
 

@@ -163,7 +163,34 @@ impl FlowTable {
             Event::Closed(s) => self.closed(s, out),
             // Counted by the pipeline; the joins use the sockets themselves.
             Event::Redirect(_) => {}
+            // Keeps busy sockets at the young end of the LRU.
+            Event::Data(d) => {
+                if let Some(e) = self.entries.get_mut(&d.sock_cookie) {
+                    e.last_event_ns = d.header.ts_ns;
+                }
+            }
         }
+    }
+
+    /// A tracked socket.
+    pub fn socket(&self, cookie: u64) -> Option<&Socket> {
+        self.entries.peek(&cookie).map(|e| &e.sock)
+    }
+
+    /// The other end of a socket's connection, when seen on this node.
+    pub fn peer(&self, cookie: u64) -> Option<u64> {
+        let leg = self.legs.get(&self.entries.peek(&cookie)?.leg?)?;
+        match (leg.client, leg.server) {
+            (Some(c), Some(s)) if c == cookie => Some(s),
+            (Some(c), Some(s)) if s == cookie => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The leg of a socket and its labels.
+    pub fn leg_info(&self, cookie: u64) -> Option<(LegKind, &str, &str)> {
+        let leg = self.legs.get(&self.entries.peek(&cookie)?.leg?)?;
+        Some((leg.kind, &leg.source_workload, &leg.destination_service))
     }
 
     /// The leg kind of a socket, for labelling its retransmits and resets.

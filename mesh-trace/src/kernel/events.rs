@@ -2,12 +2,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_trace_common::{
-    ConnectEvent, Endpoint, EventHeader, EventKind, OwnerEvent, RedirectEvent, SockEvent,
-    TcpIssueEvent, AF_INET6, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
+    ConnectEvent, DataEvent, Endpoint, EventHeader, EventKind, OwnerEvent, RedirectEvent,
+    SockEvent, TcpIssueEvent, AF_INET6, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
 };
 
 /// One decoded kernel event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Connect(ConnectEvent),
     Established(SockEvent),
@@ -15,6 +15,8 @@ pub enum Event {
     Owner(OwnerEvent),
     TcpIssue(TcpIssueEvent),
     Redirect(RedirectEvent),
+    /// Boxed: much larger than the others.
+    Data(Box<DataEvent>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +60,7 @@ impl Event {
             EventKind::Owner => Event::Owner(read(bytes, kind)?),
             EventKind::TcpIssue => Event::TcpIssue(read(bytes, kind)?),
             EventKind::Redirect => Event::Redirect(read(bytes, kind)?),
+            EventKind::Data => Event::Data(Box::new(read(bytes, kind)?)),
         })
     }
 
@@ -69,6 +72,7 @@ impl Event {
             Event::Owner(_) => EventKind::Owner,
             Event::TcpIssue(_) => EventKind::TcpIssue,
             Event::Redirect(_) => EventKind::Redirect,
+            Event::Data(_) => EventKind::Data,
         }
     }
 
@@ -79,6 +83,7 @@ impl Event {
             Event::Owner(e) => e.sock_cookie,
             Event::TcpIssue(e) => e.sock_cookie,
             Event::Redirect(_) => 0,
+            Event::Data(e) => e.sock_cookie,
         }
     }
 
@@ -89,6 +94,7 @@ impl Event {
             Event::Owner(e) => e.header.ts_ns,
             Event::TcpIssue(e) => e.header.ts_ns,
             Event::Redirect(e) => e.header.ts_ns,
+            Event::Data(e) => e.header.ts_ns,
         }
     }
 }
@@ -102,16 +108,18 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::Owner => "owner",
         EventKind::TcpIssue => "tcp_issue",
         EventKind::Redirect => "redirect",
+        EventKind::Data => "data",
     }
 }
 
-pub const ALL_KINDS: [EventKind; 6] = [
+pub const ALL_KINDS: [EventKind; 7] = [
     EventKind::Connect,
     EventKind::Established,
     EventKind::Closed,
     EventKind::Owner,
     EventKind::TcpIssue,
     EventKind::Redirect,
+    EventKind::Data,
 ];
 
 /// Label for a [`TcpIssueEvent`]'s issue.
@@ -201,6 +209,16 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "original_dst": redirect_addrs(r).1.to_string(),
             "new_dst": redirect_addrs(r).2.to_string(),
             "hook": if r.hook == mesh_trace_common::HOOK_LOCAL_OUT { "local_out" } else { "pre_routing" },
+        }),
+        Event::Data(d) => json!({
+            "kind": "data",
+            "ts_ns": d.header.ts_ns,
+            "sock_cookie": d.sock_cookie,
+            "tid": d.pid_tgid as u32,
+            "direction": if d.direction == mesh_trace_common::DIR_SEND { "send" } else { "recv" },
+            "offset": d.offset,
+            "len": d.len,
+            "prefix_len": d.prefix_len,
         }),
         Event::TcpIssue(t) => json!({
             "kind": "tcp_issue",

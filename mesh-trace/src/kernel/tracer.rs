@@ -33,7 +33,12 @@ pub struct TracerOptions {
     pub cgroup: PathBuf,
     /// Size of the kernel's table of live TCP sockets.
     pub tracked_sockets: u32,
+    /// Payload bytes copied per send/receive in meshed namespaces.
+    pub prefix_len: u32,
 }
+
+/// Default payload prefix: a request line, Host and x-request-id fit.
+pub const DEFAULT_PREFIX_LEN: u32 = 192;
 
 impl TracerOptions {
     /// Defaults for everything but the cgroup.
@@ -42,6 +47,7 @@ impl TracerOptions {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             cgroup,
             tracked_sockets: mesh_trace_common::DEFAULT_TRACKED_SOCKETS,
+            prefix_len: DEFAULT_PREFIX_LEN,
         }
     }
 }
@@ -65,6 +71,8 @@ pub struct Skipped {
 /// owns the links, and nothing is pinned.
 pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
+    /// Namespaces whose sockets' payload is captured.
+    meshed: aya::maps::HashMap<MapData, u64, u32>,
     /// What the generated netfilter programs need; None if BTF lacks sk_buff.
     nat_shared: Option<nat::Shared>,
     /// NAT observers by network namespace name.
@@ -89,7 +97,14 @@ impl Tracer {
             );
         }
         let obj = objects::require(objects::TRACER)?;
+        anyhow::ensure!(
+            opts.prefix_len as usize <= mesh_trace_common::DATA_PREFIX_MAX,
+            "payload prefix of {} bytes: at most {} are supported",
+            opts.prefix_len,
+            mesh_trace_common::DATA_PREFIX_MAX
+        );
         let mut ebpf = EbpfLoader::new()
+            .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .map_max_entries(names::TRACKED, opts.tracked_sockets)
             .load(obj)
@@ -181,8 +196,13 @@ impl Tracer {
             .ok();
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
         let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
+        let meshed = aya::maps::HashMap::try_from(
+            ebpf.take_map(names::MESHED_NETNS)
+                .context("MESHED_NETNS map")?,
+        )?;
         Ok(Tracer {
             ring: readable(ring)?,
+            meshed,
             nat_shared,
             nat_probes: HashMap::new(),
             lost,
@@ -246,6 +266,13 @@ impl Tracer {
     pub fn retain_netns(&mut self, alive: &std::collections::HashSet<String>) -> usize {
         self.nat_probes.retain(|name, _| alive.contains(name));
         self.nat_probes.len()
+    }
+
+    /// Captures the data path of sockets in this namespace from now on.
+    pub fn mark_meshed(&mut self, netns_cookie: u64) -> anyhow::Result<()> {
+        self.meshed
+            .insert(netns_cookie, 1, 0)
+            .context("updating MESHED_NETNS (map full?)")
     }
 
     pub fn nat_available(&self) -> bool {

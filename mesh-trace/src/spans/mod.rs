@@ -1,0 +1,10 @@
+//! Per-request latency spans across the sidecar hops.
+//!
+//! - [`http`]: HTTP/1.1 framing of each socket's byte stream (from the
+//!   kernel's data events: timestamps, stream offsets, payload prefixes);
+//! - [`span`]: the span of one request and its hops;
+//! - [`live`]: sliding-window percentiles per service and hop.
+pub mod http;
+pub mod live;
+pub mod span;
+pub mod stitch;

@@ -1,0 +1,157 @@
+//! One request's span: the twelve moments the kernel observes as it goes
+//! client app -> outbound sidecar -> network -> inbound sidecar -> server
+//! app and back, and the hops they add up to.
+use serde::Serialize;
+
+/// The hops of a span, as metric label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Hop {
+    /// (t1 - t0) + (t11 - t10): the app's socket to its sidecar and back.
+    ClientToOutbound,
+    /// (t2 - t1) + (t10 - t9): inside the outbound sidecar.
+    OutboundProxy,
+    /// (t3 - t2) + (t9 - t8): between the two sidecars.
+    Network,
+    /// (t4 - t3) + (t8 - t7): inside the inbound sidecar.
+    InboundProxy,
+    /// (t5 - t4) + (t7 - t6): the inbound sidecar to the app and back.
+    InboundToApp,
+    /// t6 - t5: the server app.
+    App,
+    /// t9 - t2: everything past the outbound sidecar, when the server side
+    /// runs on another node.
+    Upstream,
+}
+
+impl Hop {
+    pub const ALL: [Hop; 7] = [
+        Hop::ClientToOutbound,
+        Hop::OutboundProxy,
+        Hop::Network,
+        Hop::InboundProxy,
+        Hop::InboundToApp,
+        Hop::App,
+        Hop::Upstream,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Hop::ClientToOutbound => "client_to_outbound",
+            Hop::OutboundProxy => "outbound_proxy",
+            Hop::Network => "network",
+            Hop::InboundProxy => "inbound_proxy",
+            Hop::InboundToApp => "inbound_to_app",
+            Hop::App => "app",
+            Hop::Upstream => "upstream",
+        }
+    }
+}
+
+/// The twelve moments, CLOCK_MONOTONIC nanoseconds; None where not observed.
+pub type Moments = [Option<u64>; 12];
+
+/// One request, stitched.
+#[derive(Clone, Debug, Serialize)]
+pub struct Span {
+    pub request_id: Option<String>,
+    pub method: String,
+    /// Templated path (ids replaced), bounded for labels.
+    pub path: String,
+    pub status: u16,
+    pub source_workload: String,
+    pub destination_service: String,
+    /// The pod that served the request, when on this node.
+    pub destination_pod: Option<String>,
+    /// t0..t11.
+    pub moments: Moments,
+    /// Upstream attempts beyond the first (retries) seen in the outbound sidecar.
+    pub retries: u32,
+}
+
+impl Span {
+    /// Duration of a hop, when its moments were all observed.
+    pub fn hop_ns(&self, hop: Hop) -> Option<u64> {
+        let t = |i: usize| self.moments[i];
+        let d = |a: usize, b: usize| t(b)?.checked_sub(t(a)?);
+        match hop {
+            Hop::ClientToOutbound => Some(d(0, 1)? + d(10, 11)?),
+            Hop::OutboundProxy => Some(d(1, 2)? + d(9, 10)?),
+            Hop::Network => Some(d(2, 3)? + d(8, 9)?),
+            Hop::InboundProxy => Some(d(3, 4)? + d(7, 8)?),
+            Hop::InboundToApp => Some(d(4, 5)? + d(6, 7)?),
+            Hop::App => d(5, 6),
+            Hop::Upstream => d(2, 9),
+        }
+    }
+
+    /// t11 - t0.
+    pub fn total_ns(&self) -> Option<u64> {
+        self.moments[11]?.checked_sub(self.moments[0]?)
+    }
+
+    /// Time the sidecars add on the client side: outbound proxy plus the
+    /// redirect leg; on the server side: inbound proxy plus delivery leg.
+    pub fn sidecar_overhead_ns(&self, direction: &str) -> Option<u64> {
+        match direction {
+            "outbound" => {
+                Some(self.hop_ns(Hop::OutboundProxy)? + self.hop_ns(Hop::ClientToOutbound)?)
+            }
+            _ => Some(self.hop_ns(Hop::InboundProxy)? + self.hop_ns(Hop::InboundToApp)?),
+        }
+    }
+
+    pub fn status_class(&self) -> &'static str {
+        match self.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "unknown",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(ms: [u64; 12]) -> Span {
+        Span {
+            request_id: None,
+            method: "GET".into(),
+            path: "/".into(),
+            status: 200,
+            source_workload: "a".into(),
+            destination_service: "b".into(),
+            destination_pod: None,
+            moments: ms.map(|m| Some(m * 1_000_000)),
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn hops_add_up_to_the_total() {
+        let s = span([0, 1, 3, 4, 7, 8, 28, 29, 32, 33, 35, 36]);
+        let ms = |h| s.hop_ns(h).unwrap() / 1_000_000;
+        assert_eq!(ms(Hop::ClientToOutbound), 2);
+        assert_eq!(ms(Hop::OutboundProxy), 4);
+        assert_eq!(ms(Hop::Network), 2);
+        assert_eq!(ms(Hop::InboundProxy), 6);
+        assert_eq!(ms(Hop::InboundToApp), 2);
+        assert_eq!(ms(Hop::App), 20);
+        let sum: u64 = Hop::ALL[..6].iter().map(|&h| ms(h)).sum();
+        assert_eq!(sum, s.total_ns().unwrap() / 1_000_000);
+        assert_eq!(ms(Hop::Upstream), 30);
+    }
+
+    #[test]
+    fn missing_moments_leave_hops_unknown() {
+        let mut s = span([0; 12]);
+        s.moments[5] = None;
+        assert_eq!(s.hop_ns(Hop::App), None);
+        assert_eq!(s.hop_ns(Hop::InboundToApp), None);
+        assert!(s.hop_ns(Hop::Network).is_some());
+    }
+}

@@ -1,0 +1,107 @@
+//! Shared by the kernel tests: the agent run in-process, collecting legs
+//! and spans.
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use mesh_trace::{
+    agent::http::AgentState,
+    flows::table::LegRecord,
+    lab::topology::Lab,
+    run::{agent_with_spans, Settings},
+    spans::span::Span,
+};
+
+/// The agent, in this process, collecting every leg.
+pub struct Traced {
+    pub state: Arc<AgentState>,
+    pub legs: Arc<Mutex<Vec<LegRecord>>>,
+    pub spans: Arc<Mutex<Vec<Span>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Traced {
+    pub fn start(lab: &Lab) -> Traced {
+        let state = Arc::new(AgentState::new());
+        let legs = Arc::new(Mutex::new(Vec::new()));
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            metrics_addr: None,
+            log_level: mesh_trace::config::LogLevel::Warn,
+            ring_buffer_bytes: 1 << 22,
+            cgroup: mesh_trace::kernel::sysfs::cgroup2_root().expect("cgroup v2"),
+            print_events: false,
+            lab: Some(lab.dir.clone()),
+            max_flows: 65_536,
+            netns_dir: mesh_trace::run::DEFAULT_NETNS_DIR.into(),
+        };
+        let (st, lg, sp) = (state.clone(), legs.clone(), spans.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(agent_with_spans(
+                settings,
+                st,
+                async {
+                    let _ = stopped.await;
+                },
+                move |l| lg.lock().unwrap().push(l.clone()),
+                move |s| sp.lock().unwrap().push(s.clone()),
+            ))
+            .expect("agent");
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !state.ready.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "agent not ready");
+            assert!(!thread.is_finished(), "agent stopped early");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Traced {
+            state,
+            legs,
+            spans,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until `pred` holds for the legs seen so far (or 10 s pass).
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&[LegRecord]) -> bool) -> Vec<LegRecord> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let legs = self.legs.lock().unwrap().clone();
+            if pred(&legs) {
+                return legs;
+            }
+            if Instant::now() > deadline {
+                let seen: Vec<String> = legs
+                    .iter()
+                    .map(|l| format!("{} {:?} {:?}", l.event, l.leg, l.original_dst))
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}; legs seen:\n{}",
+                    seen.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
