@@ -27,6 +27,8 @@ use crate::maps::{count_loss, emit, header, EVENTS, MESHED_NETNS, TRACKED};
 #[no_mangle]
 static PREFIX_LEN: u32 = 128;
 
+const MSG_PEEK: i32 = 2;
+
 // x86_64 syscall numbers whose second argument locates the user buffer.
 const SYS_READ: u64 = 0;
 const SYS_WRITE: u64 = 1;
@@ -73,6 +75,11 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     }
     let ret: i32 = ctx.arg(1);
     if ret <= 0 {
+        return;
+    }
+    // A peek (e.g. a sidecar sniffing for TLS) moves no bytes off the stream.
+    let flags: i32 = ctx.arg(2);
+    if direction == DIR_RECV && flags & MSG_PEEK != 0 {
         return;
     }
     let len = ret as u64;

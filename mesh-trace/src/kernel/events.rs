@@ -219,6 +219,7 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "offset": d.offset,
             "len": d.len,
             "prefix_len": d.prefix_len,
+            "prefix": String::from_utf8_lossy(&d.prefix[..(d.prefix_len as usize).min(48)]),
         }),
         Event::TcpIssue(t) => json!({
             "kind": "tcp_issue",

@@ -234,11 +234,16 @@ fn server_config(
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(provider))
         .build()
         .context("the client certificate verifier")?;
-    ServerConfig::builder_with_provider(Arc::clone(provider))
+    let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .context("the server certificate and key")
+        .context("the server certificate and key")?;
+    // Sidecar connections are long-lived and pooled: resumption buys
+    // nothing, and unsolicited ticket records would look like responses to a
+    // tracer framing the encrypted stream (see README, Limitations).
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -150,6 +150,10 @@ struct Side {
     /// The current message is a 1xx interim response: the final response
     /// follows in the same direction without that being pipelining.
     interim: bool,
+    /// The current message is a TLS handshake flight: the first application
+    /// data record after it, in the same direction, starts a new message
+    /// (a client's Finished and its first request often leave back to back).
+    tls_handshake: bool,
 }
 
 /// Requests not answered yet, oldest first, one bit each: set for HEAD,
@@ -230,6 +234,9 @@ impl Framer {
             Some(next) if next != chunk.offset => return Start::Resync,
             Some(_) => {}
         }
+        if !turned && side.tls_handshake && chunk.seen().first() == Some(&TLS_APPLICATION_DATA) {
+            return Start::Turn;
+        }
         match side.end {
             Some(end) if chunk.offset >= end => match (turned, side.interim) {
                 (true, _) => Start::Turn,
@@ -257,6 +264,7 @@ impl Framer {
             .zip(body)
             .and_then(|(head, body)| chunk.offset.checked_add(head)?.checked_add(body));
         side.interim = interim;
+        side.tls_handshake = is_tls_handshake(chunk.seen());
         self.count(&parsed.head, start);
         Message {
             dir: chunk.dir,
@@ -459,6 +467,14 @@ fn parse_head(bytes: &[u8]) -> Parsed {
 
 /// TLS record header: content type 20..=23 (change cipher spec, alert,
 /// handshake, application data), then major version 3.
+const TLS_APPLICATION_DATA: u8 = 0x17;
+
+/// Whether bytes start a TLS handshake or change-cipher-spec record: part of
+/// setting up a connection, not a request or response.
+pub fn is_tls_handshake(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x14 | 0x16, 0x03, ..])
+}
+
 fn is_tls_record(bytes: &[u8]) -> bool {
     matches!(bytes, [0x14..=0x17, 0x03, ..])
 }

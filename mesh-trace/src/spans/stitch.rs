@@ -138,6 +138,28 @@ struct Forwardable {
     path: String,
 }
 
+/// A request written on a socket, waiting to be read at the other end.
+#[derive(Clone, Copy)]
+struct Sent {
+    offset: u64,
+    span: SpanId,
+}
+
+/// A read at the server end of a leg: the moment a request arrived.
+#[derive(Clone)]
+struct Arrival {
+    cookie: u64,
+    place: Place,
+    tgid: u32,
+    ts_ns: u64,
+    tid: u32,
+    /// The request's head, when the read started with it.
+    head: Option<Head>,
+    /// Stream range the read covered.
+    offset: u64,
+    end: u64,
+}
+
 struct SockState {
     framer: Framer,
     /// Requests sent (client end) or received (server end), oldest first,
@@ -162,20 +184,6 @@ impl Default for StitchConfig {
     }
 }
 
-pub struct Stitcher {
-    cfg: StitchConfig,
-    spans: LruCache<SpanId, Pending>,
-    next: SpanId,
-    sockets: HashMap<u64, SockState>,
-    /// (sender socket, stream offset) of a request not yet received.
-    sent: LruCache<(u64, u64), SpanId>,
-    /// Per sidecar process and side: requests read, not yet forwarded.
-    forwardable: HashMap<ProxySide, VecDeque<Forwardable>>,
-    /// Per sidecar process and side: request id -> span, to see retries.
-    forwarded: HashMap<ProxySide, LruCache<String, SpanId>>,
-    pub unstitched: HashMap<Unstitched, u64>,
-}
-
 /// A sidecar process and the side of it a request crosses. Apps propagate
 /// x-request-id, so the same id crosses a sidecar inbound and again
 /// outbound (reviews calling ratings): the two sides never match each other.
@@ -185,17 +193,40 @@ struct ProxySide {
     inbound: bool,
 }
 
-/// Most requests a sidecar may hold between reading and forwarding.
-const MAX_FORWARDABLE: usize = 4096;
+/// Most requests a sidecar may hold between reading and forwarding, and
+/// most requests in flight on one connection.
+const MAX_QUEUE: usize = 4096;
+
+pub struct Stitcher {
+    cfg: StitchConfig,
+    spans: LruCache<SpanId, Pending>,
+    next: SpanId,
+    sockets: HashMap<u64, SockState>,
+    /// Per sending socket: requests written, not yet read at the other end,
+    /// in stream order. Reads are matched by stream offset, so a read that
+    /// coalesces several writes (a TLS handshake and a request) still finds
+    /// the request inside it.
+    sent: HashMap<u64, VecDeque<Sent>>,
+    /// Per sending socket: reads reported before the matching write. On
+    /// loopback the reader can run (and its event be queued) before the
+    /// writer's tracepoint does.
+    early: HashMap<u64, VecDeque<Arrival>>,
+    /// Per sidecar process and side: requests read, not yet forwarded.
+    forwardable: HashMap<ProxySide, VecDeque<Forwardable>>,
+    /// Per outbound sidecar process: request id -> span, to see retries.
+    forwarded: HashMap<ProxySide, LruCache<String, SpanId>>,
+    pub unstitched: HashMap<Unstitched, u64>,
+}
 
 impl Stitcher {
     pub fn new(cfg: StitchConfig) -> Stitcher {
         let cap = std::num::NonZeroUsize::new(cfg.max_pending.max(1)).expect("max(1)");
         Stitcher {
             spans: LruCache::new(cap),
-            sent: LruCache::new(cap),
             next: 1,
             sockets: HashMap::new(),
+            sent: HashMap::new(),
+            early: HashMap::new(),
             forwardable: HashMap::new(),
             forwarded: HashMap::new(),
             unstitched: HashMap::new(),
@@ -240,84 +271,154 @@ impl Stitcher {
             len: ev.len,
             prefix,
         };
-        let Some(msg) = state.framer.push(&chunk) else {
+        let msg = state.framer.push(&chunk);
+        let tgid = (ev.pid_tgid >> 32) as u32;
+        let handshake = super::http::is_tls_handshake(prefix);
+        if !place.sends_requests() && chunk.dir == Dir::Recv {
+            let arrival = Arrival {
+                cookie: ev.sock_cookie,
+                place,
+                tgid,
+                ts_ns: chunk.ts_ns,
+                tid: chunk.tid,
+                head: msg.as_ref().map(|m| m.head.clone()),
+                offset: chunk.offset,
+                end: chunk.offset.saturating_add(u64::from(chunk.len)),
+            };
+            self.receive(flows, arrival, msg.is_some() && !handshake);
+            return;
+        }
+        // Connection set-up is neither a request nor a response.
+        let Some(msg) = msg.filter(|_| !handshake) else {
             return;
         };
-        let tgid = (ev.pid_tgid >> 32) as u32;
-        let request_dir = if place.sends_requests() {
-            Dir::Send
+        if place.sends_requests() && msg.dir == Dir::Send {
+            self.send(flows, ev.sock_cookie, place, tgid, &msg);
         } else {
-            Dir::Recv
-        };
-        if msg.dir == request_dir {
-            self.request(flows, ev.sock_cookie, sock, place, tgid, &msg);
-        } else {
-            self.response(ev.sock_cookie, place, &msg, out);
+            self.response(flows, ev.sock_cookie, place, &msg, out);
         }
     }
 
-    fn request(
-        &mut self,
-        flows: &FlowTable,
-        cookie: u64,
-        sock: &Socket,
-        place: Place,
-        tgid: u32,
-        msg: &Message,
-    ) {
-        let (at, _) = place.moments();
-        let span = match place {
+    /// A request written by the client end of a leg.
+    fn send(&mut self, flows: &FlowTable, cookie: u64, place: Place, tgid: u32, msg: &Message) {
+        let id = match place {
             Place::AppClient if !matches!(msg.head, Head::Request { .. }) => {
                 self.count(Unstitched::NotHttp);
                 return;
             }
-            Place::AppClient => Some(self.start(flows, cookie, msg)),
-            Place::OutboundUp | Place::InboundUp => {
+            Place::AppClient => self.start(flows, cookie, msg),
+            _ => {
                 let side = ProxySide {
                     tgid,
                     inbound: place == Place::InboundUp,
                 };
-                self.forward(side, msg)
-            }
-            // The receiving end: the sender's message at the same offset.
-            _ => {
-                let found = flows
-                    .peer(cookie)
-                    .and_then(|peer| self.sent.pop(&(peer, msg.offset)));
-                if found.is_none() {
-                    self.count(Unstitched::NoSender);
+                match self.forward(side, msg) {
+                    Some(id) => id,
+                    None => return,
                 }
-                found
             }
-        };
-        let Some(id) = span else {
-            return;
         };
         let Some(p) = self.spans.get_mut(&id) else {
             self.count(Unstitched::Evicted);
             return;
         };
-        p.span.moments[at] = Some(msg.ts_ns);
+        p.span.moments[place.moments().0] = Some(msg.ts_ns);
         if let Head::Request { method, path, .. } = &msg.head {
             if p.span.method.is_empty() {
                 p.span.method = method.clone();
                 p.span.path = super::http::template_path(path);
             }
         }
-        if place == Place::AppServer {
-            p.span.destination_pod = sock.pod.as_ref().map(|pod| pod.name.clone());
-        }
-        if place.sends_requests() {
-            self.sent.put((cookie, msg.offset), id);
-        }
-        if matches!(place, Place::OutboundDown | Place::InboundDown) {
-            let side = ProxySide {
-                tgid,
-                inbound: place == Place::InboundDown,
-            };
-            self.hold_for_forwarding(side, id, msg);
-        }
         if let Some(s) = self.sockets.get_mut(&cookie) {
+            s.outstanding.push_back(id);
+        }
+        // The other end may already have read it.
+        let early = self.early.get_mut(&cookie).and_then(|q| {
+            let i = q
+                .iter()
+                .position(|a| a.offset <= msg.offset && msg.offset < a.end)?;
+            q.remove(i)
+        });
+        match early {
+            Some(a) => self.arrived(flows, a, id),
+            None => {
+                let queue = self.sent.entry(cookie).or_default();
+                if queue.len() == MAX_QUEUE {
+                    queue.pop_front();
+                    *self.unstitched.entry(Unstitched::Evicted).or_default() += 1;
+                }
+                queue.push_back(Sent {
+                    offset: msg.offset,
+                    span: id,
+                });
+            }
+        }
+    }
+
+    /// A read at the server end of a leg: every request written by the peer
+    /// that starts inside the bytes read arrived now.
+    fn receive(&mut self, flows: &FlowTable, a: Arrival, starts_message: bool) {
+        let Some(peer) = flows.peer(a.cookie) else {
+            if starts_message {
+                // The client is not on this node (or not traced).
+                self.count(Unstitched::NoSender);
+            }
+            return;
+        };
+        let mut delivered = false;
+        while let Some(front) = self.sent.get(&peer).and_then(|q| q.front().copied()) {
+            if front.offset >= a.end {
+                break;
+            }
+            self.sent.get_mut(&peer).map(VecDeque::pop_front);
+            if front.offset < a.offset {
+                // Its read was never reported.
+                self.count(Unstitched::NoSender);
+                continue;
+            }
+            let mut arrival = a.clone();
+            if front.offset != a.offset {
+                arrival.head = None;
+            }
+            self.arrived(flows, arrival, front.span);
+            delivered = true;
+        }
+        if !delivered && starts_message {
+            let queue = self.early.entry(peer).or_default();
+            if queue.len() == MAX_QUEUE {
+                queue.pop_front();
+            }
+            queue.push_back(a);
+        }
+    }
+
+    /// Records a request's arrival at the server end of a leg.
+    fn arrived(&mut self, flows: &FlowTable, a: Arrival, id: SpanId) {
+        let Some(p) = self.spans.get_mut(&id) else {
+            self.count(Unstitched::Evicted);
+            return;
+        };
+        p.span.moments[a.place.moments().0] = Some(a.ts_ns);
+        if let Some(Head::Request { method, path, .. }) = &a.head {
+            if p.span.method.is_empty() {
+                p.span.method = method.clone();
+                p.span.path = super::http::template_path(path);
+            }
+        }
+        if a.place == Place::AppServer {
+            p.span.destination_pod = flows
+                .socket(a.cookie)
+                .and_then(|s| s.pod.as_ref())
+                .map(|pod| pod.name.clone());
+        }
+        if matches!(a.place, Place::OutboundDown | Place::InboundDown) {
+            let side = ProxySide {
+                tgid: a.tgid,
+                inbound: a.place == Place::InboundDown,
+            };
+            self.hold_for_forwarding(side, id, &a);
+        }
+        if let Some(s) = self.sockets.get_mut(&a.cookie) {
             s.outstanding.push_back(id);
         }
     }
@@ -361,28 +462,28 @@ impl Stitcher {
         id
     }
 
-    fn hold_for_forwarding(&mut self, side: ProxySide, id: SpanId, msg: &Message) {
-        let (request_id, method, path) = match &msg.head {
-            Head::Request {
+    fn hold_for_forwarding(&mut self, side: ProxySide, id: SpanId, a: &Arrival) {
+        let (request_id, method, path) = match &a.head {
+            Some(Head::Request {
                 request_id,
                 method,
                 path,
                 ..
-            } => (request_id.clone(), method.clone(), path.clone()),
+            }) => (request_id.clone(), method.clone(), path.clone()),
             _ => (None, String::new(), String::new()),
         };
         if let (Some(rid), Some(p)) = (&request_id, self.spans.get_mut(&id)) {
             p.span.request_id.get_or_insert_with(|| rid.clone());
         }
         let queue = self.forwardable.entry(side).or_default();
-        if queue.len() == MAX_FORWARDABLE {
+        if queue.len() == MAX_QUEUE {
             queue.pop_front();
             *self.unstitched.entry(Unstitched::Evicted).or_default() += 1;
         }
         queue.push_back(Forwardable {
             span: id,
-            ts_ns: msg.ts_ns,
-            tid: msg.tid,
+            ts_ns: a.ts_ns,
+            tid: a.tid,
             request_id,
             method,
             path,
@@ -408,8 +509,13 @@ impl Stitcher {
             .forwarded
             .entry(side)
             .or_insert_with(|| LruCache::new(std::num::NonZeroUsize::new(4096).expect("non-zero")));
-        // The same request id written again: a retry of a forwarded request.
-        if let Some(id) = rid.as_ref().and_then(|r| retries.get(r).copied()) {
+        // The same request id written again by an outbound sidecar: a retry.
+        // (Inbound sidecars do not retry; the same id arriving twice there is
+        // the outbound sidecar's retry landing on the same pod.)
+        let retried = (!side.inbound)
+            .then(|| rid.as_ref().and_then(|r| retries.get(r).copied()))
+            .flatten();
+        if let Some(id) = retried {
             if let Some(p) = self.spans.get_mut(&id) {
                 p.span.retries += 1;
             }
@@ -442,16 +548,40 @@ impl Stitcher {
             if let Some(p) = self.spans.get_mut(&f.span) {
                 p.span.request_id.get_or_insert_with(|| r.clone());
             }
-            self.forwarded
-                .get_mut(&side)
-                .expect("inserted above")
-                .put(r, f.span);
+            if !side.inbound {
+                self.forwarded
+                    .get_mut(&side)
+                    .expect("inserted above")
+                    .put(r, f.span);
+            }
         }
         Some(f.span)
     }
 
-    fn response(&mut self, cookie: u64, place: Place, msg: &Message, out: &mut Vec<Span>) {
+    fn response(
+        &mut self,
+        flows: &FlowTable,
+        cookie: u64,
+        place: Place,
+        msg: &Message,
+        out: &mut Vec<Span>,
+    ) {
         let (_, at) = place.moments();
+        // Bytes from a server on this node that has not received the request
+        // yet are not its response (e.g. a TLS session ticket).
+        if place.sends_requests() && flows.peer(cookie).is_some() {
+            let next = place.moments().0 + 1;
+            let waiting = self
+                .sockets
+                .get(&cookie)
+                .and_then(|s| s.outstanding.front())
+                .and_then(|id| self.spans.peek(id))
+                .is_some_and(|p| p.span.moments[next].is_none());
+            if waiting {
+                self.count(Unstitched::NoRequest);
+                return;
+            }
+        }
         let Some(id) = self
             .sockets
             .get_mut(&cookie)
@@ -479,6 +609,8 @@ impl Stitcher {
     /// Forgets a closed socket.
     pub fn closed(&mut self, cookie: u64) {
         self.sockets.remove(&cookie);
+        self.sent.remove(&cookie);
+        self.early.remove(&cookie);
     }
 
     /// Drops requests older than the timeout; returns how many.
