@@ -30,6 +30,8 @@ pub enum Command {
     Run(RunArgs),
     /// Stream the connections of the sidecar data path (legs) as JSON lines.
     Flows(crate::flows_cmd::FlowsArgs),
+    /// Stream stitched requests as JSON lines: every moment and every hop.
+    Spans(crate::spans_cmd::SpansArgs),
     /// A local Bookinfo mesh with sidecars, traced live: the quickest way to
     /// see mesh-trace work, no cluster needed.
     Demo(crate::demo::DemoArgs),
@@ -141,6 +143,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => crate::run::main(args),
         Command::Demo(args) => crate::demo::main(args),
         Command::Flows(args) => crate::flows_cmd::main(args),
+        Command::Spans(args) => crate::spans_cmd::main(args),
         Command::Lab(args) => crate::lab::cmd::main(args),
     };
     match result {

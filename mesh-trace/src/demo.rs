@@ -88,6 +88,14 @@ async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Fail
         |_| {},
     ));
     let mut ctrl_c = std::pin::pin!(stop_signal()?);
+    // Traffic starts once the programs are attached: connections opened
+    // before would be invisible for as long as they are kept alive.
+    while !state.ready.load(std::sync::atomic::Ordering::Acquire) {
+        if agent_task.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let records = lab.dir.join("demo-client.jsonl");
     let url = "http://productpage:9080/productpage";
@@ -112,6 +120,9 @@ async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Fail
             _ = &mut ctrl_c => break true,
             _ = tick.tick() => {
                 println!("{}", view.line(started.elapsed(), &state));
+                for row in hop_rows(&state) {
+                    println!("{row}");
+                }
                 if args.duration.is_some_and(|d| started.elapsed().as_secs_f64() >= d) {
                     break false;
                 }
@@ -128,6 +139,45 @@ async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Fail
     let _ = stop_agent.send(());
     agent_task.await.context("agent task")??;
     Ok(())
+}
+
+/// Per service pair, the median of each hop as the kernel measured it.
+fn hop_rows(state: &AgentState) -> Vec<String> {
+    let snapshot = state
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .snapshot(crate::clock::mono_ns());
+    let short = [
+        ("client_to_outbound", "app->sc"),
+        ("outbound_proxy", "out-sc"),
+        ("network", "net"),
+        ("inbound_proxy", "in-sc"),
+        ("inbound_to_app", "sc->app"),
+        ("app", "app"),
+    ];
+    snapshot
+        .rows
+        .iter()
+        .take(4)
+        .map(|r| {
+            let hops: Vec<String> = short
+                .iter()
+                .filter_map(|(k, name)| Some(format!("{name} {:.2}", r.hops.get(*k)?.p50_ms)))
+                .collect();
+            format!(
+                "        {:>12} -> {:<8} {:>5.1} req/s  p50 {:>6.2} ms = {} ms  sidecars {}",
+                r.source_workload,
+                r.destination_service,
+                r.rate,
+                r.total.p50_ms,
+                hops.join(" + "),
+                r.sidecar_share
+                    .map(|s| format!("{:.0}%", s * 100.0))
+                    .unwrap_or_else(|| "-".into())
+            )
+        })
+        .collect()
 }
 
 /// Reads new lines of a JSON-lines file since the last call.

@@ -17,3 +17,4 @@ pub mod lab;
 pub mod netns;
 pub mod run;
 pub mod spans;
+pub mod spans_cmd;

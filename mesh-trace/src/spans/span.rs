@@ -101,6 +101,28 @@ impl Span {
         }
     }
 
+    /// The JSON shape `mesh-trace spans` prints: every moment and every hop.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |ns: Option<u64>| ns.map(|n| n as f64 / 1e6);
+        let hops: serde_json::Map<String, serde_json::Value> = Hop::ALL
+            .iter()
+            .filter_map(|&h| Some((h.label().to_string(), ms(self.hop_ns(h))?.into())))
+            .collect();
+        serde_json::json!({
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "source_workload": self.source_workload,
+            "destination_service": self.destination_service,
+            "destination_pod": self.destination_pod,
+            "retries": self.retries,
+            "total_ms": ms(self.total_ns()),
+            "hops_ms": hops,
+            "moments_ns": self.moments,
+        })
+    }
+
     pub fn status_class(&self) -> &'static str {
         match self.status {
             100..=199 => "1xx",

@@ -213,8 +213,9 @@ pub struct Stitcher {
     early: HashMap<u64, VecDeque<Arrival>>,
     /// Per sidecar process and side: requests read, not yet forwarded.
     forwardable: HashMap<ProxySide, VecDeque<Forwardable>>,
-    /// Per outbound sidecar process: request id -> span, to see retries.
-    forwarded: HashMap<ProxySide, LruCache<String, SpanId>>,
+    /// Per outbound sidecar process: (request id, path) -> span, to see
+    /// retries. The path too: an app propagates one id to several services.
+    forwarded: HashMap<ProxySide, LruCache<(String, String), SpanId>>,
     pub unstitched: HashMap<Unstitched, u64>,
 }
 
@@ -512,8 +513,9 @@ impl Stitcher {
         // The same request id written again by an outbound sidecar: a retry.
         // (Inbound sidecars do not retry; the same id arriving twice there is
         // the outbound sidecar's retry landing on the same pod.)
+        let retry_key = rid.clone().zip(path.map(str::to_string));
         let retried = (!side.inbound)
-            .then(|| rid.as_ref().and_then(|r| retries.get(r).copied()))
+            .then(|| retry_key.as_ref().and_then(|k| retries.get(k).copied()))
             .flatten();
         if let Some(id) = retried {
             if let Some(p) = self.spans.get_mut(&id) {
@@ -544,16 +546,16 @@ impl Stitcher {
             return None;
         };
         let f = queue.remove(i)?;
-        if let Some(r) = rid.or(f.request_id) {
+        if let Some(r) = rid.clone().or(f.request_id) {
             if let Some(p) = self.spans.get_mut(&f.span) {
                 p.span.request_id.get_or_insert_with(|| r.clone());
             }
-            if !side.inbound {
-                self.forwarded
-                    .get_mut(&side)
-                    .expect("inserted above")
-                    .put(r, f.span);
-            }
+        }
+        if let (Some(key), false) = (retry_key, side.inbound) {
+            self.forwarded
+                .get_mut(&side)
+                .expect("inserted above")
+                .put(key, f.span);
         }
         Some(f.span)
     }
