@@ -512,3 +512,125 @@ fn memory_stays_bounded_under_connection_churn() {
     assert!(map_full > 0, "the kernel table's limit is counted too");
     assert!(rss_mib < 128, "peak RSS {rss_mib} MiB");
 }
+
+#[test]
+fn non_http_bytes_are_counted_and_other_traffic_is_unaffected() {
+    require_root();
+    let lab = Lab::up(&options()).unwrap();
+    let traced = Traced::start(&lab);
+    // Garbage and a malformed request to reviews through the sidecar.
+    lab.pod("loadgen-v1")
+        .ns
+        .enter(|| {
+            use std::io::Write;
+            for bytes in [
+                &b"\x00\x01\x02 not http at all\r\n\r\n"[..],
+                b"GET /reviews/0 HTTP/1.1\r\nbroken header line\r\n\r\n",
+            ] {
+                let mut s = TcpStream::connect("10.96.0.12:9080").unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                s.write_all(bytes).unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            }
+        })
+        .unwrap();
+    load(&lab, "loadgen-v1", "http://reviews:9080/reviews/0", 20, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let spans = || {
+        traced
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.source_workload == "loadgen" && s.status == 200)
+            .count()
+    };
+    while spans() < 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(spans(), 20, "normal requests still stitched");
+    let not_http = || {
+        traced
+            .state
+            .metrics
+            .requests_unstitched
+            .get_or_create(&mesh_trace::agent::metrics::ReasonLabel { reason: "not_http" })
+            .get()
+    };
+    while not_http() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        not_http() >= 2,
+        "garbage and malformed requests counted: {}; {:?}\n{}",
+        not_http(),
+        traced.state.metrics.requests_unstitched,
+        summary(&traced.legs.lock().unwrap())
+    );
+}
+
+#[test]
+fn metrics_stay_valid_under_load() {
+    require_root();
+    let lab = Lab::up(&options()).unwrap();
+    let dir = lab.dir.to_str().unwrap().to_string();
+    let agent = AgentProcess::start(&["--lab", &dir]);
+    let loader = {
+        let records = lab.dir.join("bg.jsonl");
+        let args = [
+            "--url",
+            "http://productpage:9080/productpage",
+            "--rate",
+            "50",
+            "--duration-s",
+            "3",
+        ];
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = lab.spawn_load(
+            "loadgen-v1",
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            &records,
+        );
+        child.unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let during = scrape(agent.1);
+    let mut loader = loader;
+    loader.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(agent.1);
+    for text in [&during, &after] {
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(text);
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) must be installed");
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for series in [
+        "mesh_trace_request_duration_seconds_count{",
+        "mesh_trace_hop_duration_seconds_count{hop=\"outbound_proxy\"",
+        "mesh_trace_sidecar_overhead_seconds_count{direction=\"outbound\"",
+        "mesh_trace_requests_total{source_workload=\"loadgen\",destination_service=\"productpage\",status_code=\"200\"}",
+        "mesh_trace_connections_opened_total{leg=\"mesh\"",
+    ] {
+        assert!(after.contains(series), "{series} missing:\n{after}");
+    }
+}

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 
 use super::{
     http_client::{self, HttpClient},
+    ioclock::{Clocked, IoClock, WRITE_WAIT},
     records::{mono_ns, AppRecord, RecordWriter},
 };
 
@@ -70,10 +71,12 @@ pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
         let (stream, peer) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        // The records' times are those of this socket's reads and writes.
+        let (stream, clock) = Clocked::new(stream);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+                let (app, clock) = (app.clone(), clock.clone());
+                async move { Ok::<_, Infallible>(app.handle(req, peer, clock).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -86,8 +89,15 @@ pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
 }
 
 impl App {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
-        let t_read_ns = mono_ns();
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        clock: Arc<IoClock>,
+    ) -> Response<Full<Bytes>> {
+        let entered = mono_ns();
+        // hyper calls us once the head is parsed: its last read completed it.
+        let t_read_ns = clock.last_read_until(entered).unwrap_or(entered);
         let request_id = req
             .headers()
             .get(REQUEST_ID)
@@ -114,7 +124,7 @@ impl App {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("static response parts are valid");
-        self.records.write(&AppRecord {
+        let mut record = AppRecord {
             pod: self.opts.pod.clone(),
             request_id,
             method: req.method().to_string(),
@@ -122,7 +132,18 @@ impl App {
             status: status.as_u16(),
             peer,
             t_read_ns,
-            t_write_ns: mono_ns(),
+            t_write_ns: 0,
+        };
+        // hyper writes the response after we return it: the record waits
+        // for that write. Responses on a connection go out in order and
+        // the next request is not read before, so the first write from
+        // now on is this response's.
+        let answered = mono_ns();
+        let app = Arc::clone(&self);
+        tokio::spawn(async move {
+            let written = clock.wait_write_from(answered, WRITE_WAIT).await;
+            record.t_write_ns = written.unwrap_or(answered);
+            app.records.write(&record);
         });
         resp
     }

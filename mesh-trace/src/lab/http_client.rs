@@ -11,25 +11,39 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
-pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+use super::ioclock::{ClockConnector, ConnectionClock, Exchange};
+
+/// Its connections are timed: see [`exchange`].
+pub type HttpClient = Client<ClockConnector<HttpConnector>, Full<Bytes>>;
+
+fn connector() -> ClockConnector<HttpConnector> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    ClockConnector::new(connector)
+}
 
 /// A pooled HTTP/1.1 client: connections are kept alive and reused, as a
 /// real app's client library would.
 pub fn pooled_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(64)
-        .build(connector)
+        .build(connector())
 }
 
 /// A client that opens a new connection for every request.
 pub fn unpooled_client() -> HttpClient {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(0)
-        .build(connector)
+        .build(connector())
+}
+
+/// When the request of `resp`, handed to the client at `sent_ns`, was
+/// written and its response began to be read, by its connection's clock.
+pub fn exchange<B>(resp: &Response<B>, sent_ns: u64) -> Option<Exchange> {
+    resp.extensions()
+        .get::<ConnectionClock>()?
+        .0
+        .exchange_from(sent_ns)
 }
 
 /// Parses `name:port=ip:port` pairs given on the command line.
@@ -67,7 +81,8 @@ pub fn request_to(
     Ok(Request::get(format!("http://{target}{path}")).header(hyper::header::HOST, host))
 }
 
-/// Sends `req` and reads the whole response.
+/// Sends `req` and reads the whole response (its extensions kept, the
+/// connection's clock among them).
 pub async fn fetch(
     client: &HttpClient,
     req: Request<Full<Bytes>>,

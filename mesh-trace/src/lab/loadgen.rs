@@ -154,6 +154,13 @@ impl Shared {
         .await;
         let t_end_ns = mono_ns();
         let latency = t0.elapsed();
+        // The socket's view of the same exchange: looked up after the body
+        // was read, which is fine, as the first write from `t_start_ns` on
+        // and the first read after it stay what they were.
+        let io = result
+            .as_ref()
+            .ok()
+            .and_then(|(resp, _)| http_client::exchange(resp, t_start_ns));
         let (status, served_by, error) = match result {
             Ok((resp, _)) => (
                 resp.status().as_u16(),
@@ -174,6 +181,8 @@ impl Shared {
                 served_by: served_by.clone(),
                 t_start_ns,
                 t_end_ns,
+                t_write_ns: io.map_or(0, |x| x.write_ns),
+                t_read_ns: io.and_then(|x| x.read_ns).unwrap_or(0),
             });
         }
         (latency, status, served_by)

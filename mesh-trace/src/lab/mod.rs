@@ -7,11 +7,13 @@
 //! - [`topology`]: bringing a lab up and down;
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
 //! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
-//! - [`records`]: what they write down, the ground truth for tests.
+//! - [`records`]: what they write down, the ground truth for tests;
+//! - [`ioclock`]: when connections' reads and writes return, the records' times.
 pub mod app;
 pub mod cmd;
 pub mod config;
 pub mod http_client;
+pub mod ioclock;
 pub mod loadgen;
 pub mod mtls;
 pub mod pod_exec;

@@ -61,6 +61,7 @@ use super::{
         OutboundTrafficPolicy, ProxyConfig, RetryPolicy, RouteAction, WeightedCluster,
         BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER,
     },
+    ioclock::{ClockConnector, Clocked, ConnectionClock, IoClock, WRITE_WAIT},
     mtls::SidecarTls,
     records::{mono_ns, Direction, ProxyRecord, RecordWriter},
 };
@@ -172,9 +173,11 @@ fn so_original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 /// How the proxy learns where an accepted connection was headed: the kernel's
 /// SO_ORIGINAL_DST in production, a fixed answer in tests without iptables.
 type DstLookup = Arc<dyn Fn(&TcpStream, Direction) -> io::Result<SocketAddr> + Send + Sync>;
-type PlainClient = Client<HttpConnector, Full<Bytes>>;
-/// Speaks TLS to `https` URIs only.
-type MeshClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// TCP connections whose reads and writes are timed for the access log.
+type TimedConnector = ClockConnector<HttpConnector>;
+type PlainClient = Client<TimedConnector, Full<Bytes>>;
+/// Speaks TLS to `https` URIs only, over timed TCP connections.
+type MeshClient = Client<HttpsConnector<TimedConnector>, Full<Bytes>>;
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// The pooled client one request's attempts go through.
@@ -220,6 +223,9 @@ struct Proxy {
     delay_outbound: Duration,
     delay_inbound: Duration,
     original_dst: DstLookup,
+    /// HTTP records waiting for their response to be written downstream;
+    /// finished ones are reaped as new ones come, the rest awaited at exit.
+    pending_records: std::sync::Mutex<JoinSet<()>>,
 }
 
 /// One accepted downstream connection.
@@ -261,6 +267,7 @@ impl Proxy {
             delay_outbound: delay(opts.delay_outbound_ms).context("--delay-outbound-ms")?,
             delay_inbound: delay(opts.delay_inbound_ms).context("--delay-inbound-ms")?,
             original_dst,
+            pending_records: std::sync::Mutex::new(JoinSet::new()),
         })
     }
 
@@ -305,14 +312,17 @@ fn delay(ms: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(ms / 1000.0).map_err(|e| anyhow::anyhow!("bad delay {ms} ms: {e}"))
 }
 
-fn http_connector(local: Option<IpAddr>) -> HttpConnector {
+/// Upstream TCP connections, their reads and writes timed: responses carry
+/// the connection's clock (`ConnectionClock`), which the access log's
+/// upstream times come from.
+fn http_connector(local: Option<IpAddr>) -> TimedConnector {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_local_address(local);
     connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     // The TLS connector hands it `https` URIs; the plain clients only build `http` ones.
     connector.enforce_http(false);
-    connector
+    ClockConnector::new(connector)
 }
 
 /// One pooled HTTP/1.1 client: keep-alive connections are reused per endpoint.
@@ -327,7 +337,8 @@ where
 }
 
 /// The pooled client for mesh endpoints. TLS wraps the plain TCP connector,
-/// whose `HttpInfo` (local and remote address) still reaches the responses.
+/// whose `HttpInfo` (local and remote address) and clock (the TCP socket's
+/// reads and writes, under the encryption) still reach the responses.
 fn mesh_client(tls: rustls::ClientConfig) -> MeshClient {
     let connector = HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -367,6 +378,7 @@ async fn serve(
     }
     drop((outbound, inbound));
     conns.drain(drain).await;
+    proxy.flush_records().await;
 }
 
 /// The tasks of accepted connections, and how to end them.
@@ -452,7 +464,10 @@ fn on_accept(
             conns.tasks.spawn(task);
         }
         _ if http => {
-            let watched = conns.graceful.watch(http_connection(&proxy, conn, stream));
+            let (stream, clock) = Clocked::new(stream);
+            let watched = conns
+                .graceful
+                .watch(http_connection(&proxy, conn, stream, clock));
             conns.tasks.spawn(serve_http(conn, watched));
         }
         _ => {
@@ -482,9 +497,9 @@ impl Proxy {
             _ = stopping.changed() => return,
         };
         match opened {
-            Ok((io, tls)) => {
+            Ok((io, tls, clock)) => {
                 conn.tls = tls;
-                let watched = watcher.watch(http_connection(&self, conn, io));
+                let watched = watcher.watch(http_connection(&self, conn, io, clock));
                 serve_http(conn, watched).await;
             }
             // A client certificate not from the mesh CA, or none, ends here.
@@ -495,30 +510,35 @@ impl Proxy {
 
 /// Peeks at the first byte (left in the socket for whoever reads next): a
 /// TLS handshake is accepted, verifying the peer's certificate against the
-/// mesh CA; anything else is plaintext. Returns the stream and whether it is TLS.
+/// mesh CA; anything else is plaintext. Returns the stream, whether it is
+/// TLS, and the clock of the TCP socket's reads and writes (under TLS, so
+/// the times are the socket's, as for plaintext).
 async fn open_permissive(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
-) -> io::Result<(Box<dyn DownstreamIo>, bool)> {
+) -> io::Result<(Box<dyn DownstreamIo>, bool, Arc<IoClock>)> {
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await?;
+    let (stream, clock) = Clocked::new(stream);
     if n == 0 || first[0] != TLS_HANDSHAKE {
-        return Ok((Box::new(stream), false));
+        return Ok((Box::new(stream), false, clock));
     }
     let tls = acceptor.accept(stream).await?;
-    Ok((Box::new(tls), true))
+    Ok((Box::new(tls), true, clock))
 }
 
-/// HTTP/1.1 (keep-alive) on one downstream connection.
+/// HTTP/1.1 (keep-alive) on one downstream connection; `clock` times its
+/// socket's reads and writes.
 fn http_connection(
     proxy: &Arc<Proxy>,
     conn: Conn,
     stream: impl DownstreamIo,
+    clock: Arc<IoClock>,
 ) -> impl GracefulConnection<Error = hyper::Error> + Send + 'static {
     let proxy = Arc::clone(proxy);
     let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.http(conn, req).await) }
+        let (proxy, clock) = (Arc::clone(&proxy), Arc::clone(&clock));
+        async move { Ok::<_, Infallible>(proxy.http(conn, &clock, req).await) }
     });
     hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
@@ -579,10 +599,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Proxy {
-    /// One downstream request: route, forward, answer, write the record.
-    async fn http(self: Arc<Self>, conn: Conn, req: Request<Incoming>) -> Response<ProxyBody> {
+    /// One downstream request: route, forward, answer, write the record
+    /// (once the response is written).
+    async fn http(
+        self: Arc<Self>,
+        conn: Conn,
+        clock: &Arc<IoClock>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let entered = mono_ns();
         let mut rec = self.record(&conn, "http");
-        rec.t_downstream_read_ns = mono_ns();
+        // hyper calls us once the head is parsed: its last read completed it.
+        rec.t_downstream_read_ns = clock.last_read_until(entered).unwrap_or(entered);
         let (mut parts, body) = req.into_parts();
         rec.method = Some(parts.method.to_string());
         rec.path = Some(request_path(&parts.uri).to_owned());
@@ -593,9 +621,39 @@ impl Proxy {
             Direction::Inbound => self.inbound_http(&conn, &mut rec, parts, body).await,
         };
         rec.status = response.status().as_u16();
-        rec.t_downstream_write_ns = mono_ns();
-        self.records.write(&rec);
+        self.record_when_written(rec, Arc::clone(clock));
         response
+    }
+
+    /// Writes `rec` once its response, returned to hyper now, is written
+    /// downstream. Responses on a connection go out in order and the next
+    /// request is not read before, so the first write from now on is this
+    /// response's head.
+    fn record_when_written(self: &Arc<Self>, mut rec: ProxyRecord, clock: Arc<IoClock>) {
+        let answered = mono_ns();
+        let proxy = Arc::clone(self);
+        let mut pending = self
+            .pending_records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        while pending.try_join_next().is_some() {}
+        pending.spawn(async move {
+            let written = clock.wait_write_from(answered, WRITE_WAIT).await;
+            rec.t_downstream_write_ns = written.unwrap_or(answered);
+            proxy.records.write(&rec);
+        });
+    }
+
+    /// Waits for the records of answered requests (at most `WRITE_WAIT`,
+    /// less once their connections are closed).
+    async fn flush_records(&self) {
+        let mut pending = std::mem::take(
+            &mut *self
+                .pending_records
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        while pending.join_next().await.is_some() {}
     }
 
     async fn outbound_http(
@@ -929,6 +987,7 @@ struct Outcome {
     upstream_local: Option<SocketAddr>,
     /// The last attempt went over mutual TLS.
     upstream_tls: bool,
+    /// The last attempt's request write and response read (see `ProxyRecord`).
     t_upstream_write_ns: u64,
     t_upstream_read_ns: u64,
 }
@@ -1017,12 +1076,19 @@ async fn attempt(
             return AttemptResult::Reset;
         }
     };
-    if number == 1 {
-        out.t_upstream_write_ns = mono_ns();
-    }
+    // The request is handed over now; its connection's clock tells when
+    // it was written and the answer read (see `ioclock`).
+    let sent = mono_ns();
+    out.t_upstream_write_ns = sent;
     let result = match client.request(upstream_req).await {
         Ok(resp) => {
-            out.t_upstream_read_ns = mono_ns();
+            let arrived = mono_ns();
+            let io = resp
+                .extensions()
+                .get::<ConnectionClock>()
+                .and_then(|c| c.0.exchange_from(sent));
+            out.t_upstream_write_ns = io.map_or(sent, |x| x.write_ns);
+            out.t_upstream_read_ns = io.and_then(|x| x.read_ns).unwrap_or(arrived);
             out.upstream_local = resp
                 .extensions()
                 .get::<HttpInfo>()

@@ -1,7 +1,10 @@
 //! What the lab's processes write down about every request: the ground truth
 //! that tests and benchmarks compare mesh-trace's observations with. Each is
 //! one JSON object per line. Timestamps are CLOCK_MONOTONIC nanoseconds, the
-//! clock `bpf_ktime_get_ns()` reads.
+//! clock `bpf_ktime_get_ns()` reads. A request's are taken when the read or
+//! write system calls that carried it returned (see [`super::ioclock`]),
+//! where mesh-trace observes it too; the client's start and end are taken
+//! around the whole exchange, as a caller would time it.
 use std::{
     fs::File,
     io::{BufRead, BufReader, Write},
@@ -48,13 +51,20 @@ pub struct ProxyRecord {
     pub method: Option<String>,
     pub path: Option<String>,
     pub host: Option<String>,
-    /// Request headers read from downstream.
+    /// HTTP: the downstream read that completed the request head returned.
+    /// TCP: the connection was accepted.
     pub t_downstream_read_ns: u64,
-    /// Request about to be written upstream (first attempt).
+    /// HTTP: the first upstream write of the request returned, on the last
+    /// attempt (the one whose response goes downstream): mesh-trace, too,
+    /// reports the final attempt's moments, a retry's replacing the failed
+    /// attempt's. When the last attempt got no connection, when it started.
+    /// TCP: connecting to the original destination started.
     pub t_upstream_write_ns: u64,
-    /// Response headers read from upstream (last attempt).
+    /// HTTP: the first upstream read of the response returned (last
+    /// attempt); 0 when the last attempt got no response. TCP: connected.
     pub t_upstream_read_ns: u64,
-    /// Response handed to the downstream connection.
+    /// HTTP: the first downstream write of the response returned (or, if it
+    /// never reached the socket, when the response was ready). TCP: closed.
     pub t_downstream_write_ns: u64,
     /// Outbound: the last upstream attempt was mutual TLS (a mesh endpoint with mTLS on).
     #[serde(default)]
@@ -73,9 +83,10 @@ pub struct AppRecord {
     pub path: String,
     pub status: u16,
     pub peer: SocketAddr,
-    /// Request headers read.
+    /// The read that completed the request head returned.
     pub t_read_ns: u64,
-    /// Response handed to the connection.
+    /// The first write of the response returned (or, if it never reached
+    /// the socket, when the response was ready).
     pub t_write_ns: u64,
 }
 
@@ -92,6 +103,12 @@ pub struct ClientRecord {
     pub t_start_ns: u64,
     /// Response body fully read.
     pub t_end_ns: u64,
+    /// The first write of the request returned; 0 without a response.
+    #[serde(default)]
+    pub t_write_ns: u64,
+    /// The first read of the response returned; 0 without a response.
+    #[serde(default)]
+    pub t_read_ns: u64,
 }
 
 /// Appends records to a JSON-lines file; safe to share between tasks.

@@ -111,6 +111,8 @@ pub struct Lab {
     pub pods: Vec<LabPod>,
     node: Option<NetNs>,
     procs: Vec<(String, Child)>,
+    /// The mesh-trace binary that runs the pods' processes.
+    exe: PathBuf,
     torn_down: bool,
 }
 
@@ -128,6 +130,7 @@ impl Lab {
             pods: Vec::new(),
             node: None,
             procs: Vec::new(),
+            exe: opts.exe.clone(),
             torn_down: false,
         };
         // From here on, an error drops `lab`, which removes what was made.
@@ -368,8 +371,7 @@ impl Lab {
     /// Runs the load generator in `pod` (as the app user) and returns its
     /// summary; its ClientRecords go to `records`.
     pub fn load(&self, pod: &str, args: &[&str], records: &Path) -> anyhow::Result<Summary> {
-        let exe = std::env::current_exe()?;
-        self.load_with(&exe, pod, args, records)
+        self.load_with(&self.exe, pod, args, records)
     }
 
     pub fn load_with(
@@ -402,8 +404,7 @@ impl Lab {
     /// Starts the load generator in `pod` in the background; the lab kills it
     /// at teardown if it is still running.
     pub fn spawn_load(&self, pod: &str, args: &[&str], records: &Path) -> anyhow::Result<Child> {
-        let exe = std::env::current_exe()?;
-        let mut c = Command::new(exe);
+        let mut c = Command::new(&self.exe);
         c.args(["lab", "load"])
             .args(args)
             .arg("--records")

@@ -90,7 +90,15 @@ impl Place {
     fn of(sock: &Socket, leg: Option<LegKind>) -> Option<Place> {
         let passthrough_ip = std::net::IpAddr::from(crate::flows::socket::INBOUND_PASSTHROUGH_IP);
         Some(match sock.role {
-            Role::AppClient if leg == Some(LegKind::Redirect) => Place::AppClient,
+            // Data can be reported before the leg is joined (the server's
+            // ESTABLISHED may come later); in a meshed pod every outgoing
+            // app connection but loopback is redirected.
+            Role::AppClient
+                if leg == Some(LegKind::Redirect)
+                    || (leg.is_none() && !sock.remote.ip().is_loopback()) =>
+            {
+                Place::AppClient
+            }
             Role::ProxyDownstream if sock.local.port() == OUTBOUND_PORT => Place::OutboundDown,
             Role::ProxyDownstream if sock.local.port() == INBOUND_PORT => Place::InboundDown,
             Role::ProxyUpstream if sock.local.ip() == passthrough_ip => Place::InboundUp,

@@ -1,0 +1,406 @@
+//! The lab's I/O clock: when a connection's reads and writes return.
+//!
+//! mesh-trace stamps a request where the kernel sees it, at the read and
+//! write system calls. Stamps taken in a handler or around
+//! `client.request()` miss those moments by hyper's parsing and tokio's
+//! wake-ups (a few hundred microseconds each way), so the lab's records take
+//! their times from here instead: [`Clocked`] wraps a connection's byte
+//! stream (a TCP socket, under TLS if any, so the times are the socket's)
+//! and notes `mono_ns()` whenever a read returns data or a write accepts
+//! some, in an [`IoClock`] shared with whoever writes the record.
+//!
+//! - Servers (apps, the sidecars' downstream side) wrap each accepted
+//!   socket. A request was read by the last read before its handler ran
+//!   ([`IoClock::last_read_until`]); its response was written by the first
+//!   write after the handler returned ([`IoClock::wait_write_from`]).
+//! - Clients (the sidecars' upstream side, the load generator) build their
+//!   pooled client on [`ClockConnector`], which wraps each new connection;
+//!   every response carries its connection's clock ([`ConnectionClock`]),
+//!   and [`IoClock::exchange_from`] finds the request's write and the
+//!   response's read. HTTP/1.1 sends one request at a time on a connection,
+//!   so the first write after the request was handed to the client is
+//!   its own.
+use std::{
+    collections::VecDeque,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use hyper::Uri;
+use hyper_util::{
+    client::legacy::connect::{Connected, Connection},
+    rt::TokioIo,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Notify,
+};
+
+use super::records::mono_ns;
+
+/// Reads and writes remembered per connection. A lookup happens while its
+/// request is the connection's latest (or next to latest), a handful of
+/// calls back: this is plenty, and bounds a long-lived connection's memory.
+const KEPT: usize = 64;
+
+/// How long a server's record waits for its response to reach the socket
+/// before it falls back to the moment the handler returned.
+pub const WRITE_WAIT: Duration = Duration::from_secs(1);
+
+/// The times one connection's reads and writes returned, CLOCK_MONOTONIC ns.
+#[derive(Debug, Default)]
+pub struct IoClock {
+    times: Mutex<Times>,
+    /// Woken on every write and at close, for [`IoClock::wait_write_from`].
+    wrote: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Times {
+    /// Oldest first, at most [`KEPT`].
+    reads: VecDeque<u64>,
+    writes: VecDeque<u64>,
+    /// Client side: when the connector handed the connection over, so a
+    /// TLS handshake's reads and writes are not taken for a request's.
+    ready_ns: u64,
+    /// The stream was dropped: no more writes will come.
+    closed: bool,
+}
+
+/// A request's exchange on a client connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exchange {
+    /// The first write of the request returned.
+    pub write_ns: u64,
+    /// The first read after it returned: the response's beginning.
+    pub read_ns: Option<u64>,
+}
+
+fn push(times: &mut VecDeque<u64>, t: u64) {
+    if times.len() == KEPT {
+        times.pop_front();
+    }
+    times.push_back(t);
+}
+
+/// The first time at or after `t` (the deques are in time order).
+fn first_from(times: &VecDeque<u64>, t: u64) -> Option<u64> {
+    times.iter().copied().find(|&x| x >= t)
+}
+
+impl IoClock {
+    pub fn new() -> Arc<IoClock> {
+        Arc::new(IoClock::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Times> {
+        // Nothing is left half-updated under the lock: a panic elsewhere
+        // while holding it leaves the times valid.
+        self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note_read(&self, t: u64) {
+        push(&mut self.lock().reads, t);
+    }
+
+    fn note_write(&self, t: u64) {
+        push(&mut self.lock().writes, t);
+        self.wrote.notify_waiters();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wrote.notify_waiters();
+    }
+
+    /// Marks the connection as handed to its user; only later I/O belongs
+    /// to requests. The first mark counts.
+    fn mark_ready(&self) {
+        let mut times = self.lock();
+        if times.ready_ns == 0 {
+            times.ready_ns = mono_ns();
+        }
+    }
+
+    /// The last read that returned at or before `t`: on a server, with `t`
+    /// taken as the handler starts, the read that completed the request head.
+    pub fn last_read_until(&self, t: u64) -> Option<u64> {
+        self.lock().reads.iter().rev().copied().find(|&x| x <= t)
+    }
+
+    /// The first write that returned at or after `t`.
+    pub fn first_write_from(&self, t: u64) -> Option<u64> {
+        first_from(&self.lock().writes, t)
+    }
+
+    /// The first write at or after `t`, waiting up to `limit` for it. `None`
+    /// when none came in time or the connection closed without one.
+    ///
+    /// A server's handler returns its response before hyper writes it: the
+    /// record is completed from here once the response is on the wire.
+    pub async fn wait_write_from(&self, t: u64, limit: Duration) -> Option<u64> {
+        let wait = async {
+            loop {
+                // Registered before looking, so a write between the look
+                // and the await still wakes us.
+                let notified = self.wrote.notified();
+                {
+                    let times = self.lock();
+                    if let Some(w) = first_from(&times.writes, t) {
+                        return Some(w);
+                    }
+                    if times.closed {
+                        return None;
+                    }
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.ok().flatten()
+    }
+
+    /// A client request's write and the response's first read, for a
+    /// request handed to the client at `sent_ns`: the first write at or
+    /// after it (and after the connection was ready, past any TLS
+    /// handshake), and the first read after that write.
+    pub fn exchange_from(&self, sent_ns: u64) -> Option<Exchange> {
+        let times = self.lock();
+        let write_ns = first_from(&times.writes, sent_ns.max(times.ready_ns))?;
+        let read_ns = times.reads.iter().copied().find(|&r| r > write_ns);
+        Some(Exchange { write_ns, read_ns })
+    }
+}
+
+/// A byte stream whose reads and writes are timed into an [`IoClock`].
+/// Dropping it marks the clock closed.
+#[derive(Debug)]
+pub struct Clocked<T> {
+    inner: T,
+    clock: Arc<IoClock>,
+}
+
+impl<T> Clocked<T> {
+    /// Wraps `inner` with a new clock; returns the clock too.
+    pub fn new(inner: T) -> (Clocked<T>, Arc<IoClock>) {
+        let clock = IoClock::new();
+        let stream = Clocked {
+            inner,
+            clock: Arc::clone(&clock),
+        };
+        (stream, clock)
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+}
+
+impl<T> Drop for Clocked<T> {
+    fn drop(&mut self) {
+        self.clock.close();
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Clocked<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        // An empty read is EOF (or an empty buffer), not data arriving.
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.clock.note_read(mono_ns());
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.note_write(mono_ns());
+        }
+        polled
+    }
+
+    // Delegated so hyper keeps writing head and body in one writev, as it
+    // does on a bare socket: the wrapper must not change the system calls.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.note_write(mono_ns());
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The clock of the connection a response came on, in the response's
+/// extensions (next to `HttpInfo`).
+#[derive(Clone, Debug)]
+pub struct ConnectionClock(pub Arc<IoClock>);
+
+impl<T: Connection> Connection for Clocked<T> {
+    fn connected(&self) -> Connected {
+        // hyper-util asks a new connection for this once, when the
+        // connector is done with it (TLS handshake included) and before
+        // any request is written: the moment request I/O can begin.
+        self.clock.mark_ready();
+        self.inner
+            .connected()
+            .extra(ConnectionClock(Arc::clone(&self.clock)))
+    }
+}
+
+/// A connector whose connections are [`Clocked`]: wraps a connector that
+/// yields tokio streams in `TokioIo` (as `HttpConnector` does). Under a TLS
+/// connector it times the TCP socket, below the encryption.
+#[derive(Clone, Debug)]
+pub struct ClockConnector<C> {
+    inner: C,
+}
+
+impl<C> ClockConnector<C> {
+    pub fn new(inner: C) -> Self {
+        ClockConnector { inner }
+    }
+}
+
+type Connecting<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<C, T> tower_service::Service<Uri> for ClockConnector<C>
+where
+    C: tower_service::Service<Uri, Response = TokioIo<T>>,
+    C::Future: Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Response = TokioIo<Clocked<T>>;
+    type Error = C::Error;
+    type Future = Connecting<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        Box::pin(async move {
+            let io = connecting.await?;
+            let (stream, _) = Clocked::new(io.into_inner());
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn reads_and_writes_with_data_are_timed() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let (mut a, clock) = Clocked::new(a);
+        let before = mono_ns();
+        a.write_all(b"request").await.expect("write");
+        let wrote = clock.first_write_from(before).expect("a write");
+        assert!(wrote >= before);
+        let mut buf = [0u8; 7];
+        b.read_exact(&mut buf).await.expect("read");
+        b.write_all(b"response").await.expect("write");
+        let mut got = [0u8; 8];
+        a.read_exact(&mut got).await.expect("read");
+        let read = clock.last_read_until(mono_ns()).expect("a read");
+        assert!(read > wrote);
+        assert_eq!(
+            clock.exchange_from(before),
+            Some(Exchange {
+                write_ns: wrote,
+                read_ns: Some(read)
+            })
+        );
+        // EOF is no data: not a read.
+        drop(b);
+        assert_eq!(a.read(&mut got).await.expect("eof"), 0);
+        assert_eq!(clock.lock().reads.len(), 1);
+        assert_eq!(clock.last_read_until(wrote), None, "nothing read before");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_write_wakes_on_it_or_on_close() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (mut a, clock) = Clocked::new(a);
+        let from = mono_ns();
+        let waiter = {
+            let clock = Arc::clone(&clock);
+            tokio::spawn(async move { clock.wait_write_from(from, WRITE_WAIT).await })
+        };
+        tokio::task::yield_now().await;
+        a.write_all(b"x").await.expect("write");
+        let got = waiter.await.expect("waiter").expect("woken by the write");
+        assert!(got >= from);
+        // Already there: no wait.
+        assert_eq!(clock.wait_write_from(from, Duration::ZERO).await, Some(got));
+        // None comes after `later`: closing ends the wait early.
+        let later = mono_ns() + 1;
+        let waiter = {
+            let clock = Arc::clone(&clock);
+            tokio::spawn(async move { clock.wait_write_from(later, WRITE_WAIT).await })
+        };
+        tokio::task::yield_now().await;
+        let started = std::time::Instant::now();
+        drop(a);
+        assert_eq!(waiter.await.expect("waiter"), None);
+        assert!(started.elapsed() < WRITE_WAIT / 2);
+    }
+
+    #[test]
+    fn bounded_and_ordered() {
+        let clock = IoClock::new();
+        for t in 1..=(KEPT as u64 + 10) {
+            clock.note_write(t * 10);
+            clock.note_read(t * 10 + 5);
+        }
+        assert_eq!(clock.lock().writes.len(), KEPT);
+        assert_eq!(clock.lock().reads.len(), KEPT);
+        assert_eq!(clock.first_write_from(701), Some(710));
+        assert_eq!(clock.last_read_until(709), Some(705));
+        let e = clock.exchange_from(700).expect("exchange");
+        assert_eq!(
+            e,
+            Exchange {
+                write_ns: 700,
+                read_ns: Some(705)
+            }
+        );
+        // A connection handed over later: earlier I/O was its handshake.
+        clock.lock().ready_ns = 731;
+        assert_eq!(clock.exchange_from(700).map(|e| e.write_ns), Some(740));
+    }
+}
