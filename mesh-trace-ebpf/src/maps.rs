@@ -58,3 +58,14 @@ pub static TRACKED: HashMap<u64, TrackedSock> =
 /// the agent.
 #[map(name = "MESHED_NETNS")]
 pub static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
+
+/// Set by the agent's `--noop` mode: every program returns at once, so
+/// benchmarks can measure the cost of the hooks themselves (the floor).
+#[no_mangle]
+static NOOP: u32 = 0;
+
+#[inline(always)]
+pub fn noop() -> bool {
+    // SAFETY: a frozen global; volatile so the compiler keeps the load.
+    unsafe { core::ptr::read_volatile(&NOOP) != 0 }
+}

@@ -79,6 +79,10 @@ pub struct RunArgs {
     /// step [default: /var/run/netns].
     #[arg(long, value_name = "DIR")]
     pub netns_dir: Option<PathBuf>,
+    /// Attach every program but let each return at once: the cost of the
+    /// hooks alone (the floor benchmarks compare against).
+    #[arg(long)]
+    pub noop: bool,
 }
 
 /// A failure with the exit code it maps to.

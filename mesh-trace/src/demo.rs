@@ -65,6 +65,7 @@ pub fn main(args: DemoArgs) -> Result<(), Failure> {
         lab: Some(lab.dir.clone()),
         max_flows: crate::flows::table::FlowTableConfig::default().max_sockets,
         netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
+        noop: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

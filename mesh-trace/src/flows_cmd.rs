@@ -68,6 +68,7 @@ pub fn main(args: FlowsArgs) -> Result<(), Failure> {
         lab: args.lab.clone(),
         max_flows: FlowTableConfig::default().max_sockets,
         netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
+        noop: false,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

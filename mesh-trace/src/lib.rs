@@ -5,6 +5,7 @@
 //! - [`agent`]: the long-running agent: metrics, HTTP endpoints, event loop.
 //! - [`cli`] and one module per subcommand ([`check`], [`run`]).
 pub mod agent;
+pub mod bench;
 pub mod check;
 pub mod cli;
 pub mod clock;

@@ -52,6 +52,8 @@ pub struct Settings {
     /// Where named network namespaces (pods) are mounted; each is watched
     /// at the NAT step.
     pub netns_dir: PathBuf,
+    /// Programs attached but returning at once (benchmark floor).
+    pub noop: bool,
 }
 
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
@@ -103,6 +105,7 @@ impl Settings {
                 .clone()
                 .or(file.netns_dir)
                 .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
+            noop: args.noop,
         })
     }
 }
@@ -225,6 +228,7 @@ pub async fn agent_with_spans(
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
         tracked_sockets: settings.max_flows as u32,
+        noop: settings.noop,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;

@@ -24,6 +24,8 @@ enum Cmd {
     Build,
     /// Everything CI checks: fmt, clippy, unit tests and kernel tests (root).
     Test,
+    /// Measure overhead and capacity in the lab; writes BENCHMARKS.md.
+    Bench,
     /// Build and run `mesh-trace demo`: a local mesh traced live.
     Demo {
         /// Arguments passed to `mesh-trace demo`.
@@ -50,6 +52,20 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             cargo(&["build", "--release", "--package", "mesh-trace"])
         }
         Cmd::Test => test(),
+        Cmd::Bench => {
+            setup::ensure()?;
+            cargo(&["build", "--release", "--package", "mesh-trace"])?;
+            step("mesh-trace lab bench (a few minutes)");
+            let status = Command::new(workspace_root().join("target/release/mesh-trace"))
+                .args(["lab", "bench", "--out"])
+                .arg(workspace_root().join("BENCHMARKS.md"))
+                .status()
+                .context("starting target/release/mesh-trace")?;
+            if !status.success() {
+                bail!("mesh-trace lab bench exited with {status}");
+            }
+            Ok(())
+        }
         Cmd::Demo { args } => {
             setup::ensure()?;
             cargo(&["build", "--release", "--package", "mesh-trace"])?;

@@ -25,6 +25,7 @@ const TOOL_PACKAGES: &[&str] = &[
     "prometheus",
     "tmux",
     "curl",
+    "bpftool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

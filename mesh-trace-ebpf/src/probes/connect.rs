@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use mesh_trace_common::{ConnectEvent, Endpoint, EventKind, TaskInfo};
 
-use crate::maps::{emit, header};
+use crate::maps::{emit, header, noop};
 
 const IPPROTO_TCP: u32 = 6;
 /// cgroup/connect* programs must return 1 to let the connect() proceed.
@@ -19,6 +19,9 @@ const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mt_connect4(ctx: SockAddrContext) -> i32 {
+    if noop() {
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     if field!(sa, protocol) == IPPROTO_TCP {
         let port = u16::from_be(field!(sa, user_port) as u16);
@@ -29,6 +32,9 @@ pub fn mt_connect4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(connect6)]
 pub fn mt_connect6(ctx: SockAddrContext) -> i32 {
+    if noop() {
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     if field!(sa, protocol) == IPPROTO_TCP {
         let port = u16::from_be(field!(sa, user_port) as u16);

@@ -14,13 +14,16 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use mesh_trace_common::{Endpoint, EventKind, LossReason, SockEvent, TrackedSock, AF_INET};
 
-use crate::maps::{count_loss, emit, header, TRACKED};
+use crate::maps::{count_loss, emit, header, noop, TRACKED};
 
 /// sock_ops programs return 1; the value is otherwise ignored for these ops.
 const OK: u32 = 1;
 
 #[sock_ops]
 pub fn mt_sock_ops(ctx: SockOpsContext) -> u32 {
+    if noop() {
+        return OK;
+    }
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, 1),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, 0),

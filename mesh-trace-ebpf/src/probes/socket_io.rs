@@ -21,7 +21,7 @@ use mesh_trace_common::{
     DIR_SEND, TRACKED_OWNER_SEEN,
 };
 
-use crate::maps::{count_loss, emit, header, EVENTS, MESHED_NETNS, TRACKED};
+use crate::maps::{count_loss, emit, header, noop, EVENTS, MESHED_NETNS, TRACKED};
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
 #[no_mangle]
@@ -41,12 +41,18 @@ const SYS_RECVMSG: u64 = 47;
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn mt_send_length(ctx: BtfTracePointContext) -> i32 {
+    if noop() {
+        return 0;
+    }
     on_io(&ctx, DIR_SEND);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn mt_recv_length(ctx: BtfTracePointContext) -> i32 {
+    if noop() {
+        return 0;
+    }
     on_io(&ctx, DIR_RECV);
     0
 }

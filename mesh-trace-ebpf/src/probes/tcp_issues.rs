@@ -9,22 +9,31 @@ use mesh_trace_common::{
     EventKind, TcpIssueEvent, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
 };
 
-use crate::maps::{emit, header, TRACKED};
+use crate::maps::{emit, header, noop, TRACKED};
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn mt_retransmit(ctx: BtfTracePointContext) -> i32 {
+    if noop() {
+        return 0;
+    }
     report(&ctx, ISSUE_RETRANSMIT);
     0
 }
 
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn mt_send_reset(ctx: BtfTracePointContext) -> i32 {
+    if noop() {
+        return 0;
+    }
     report(&ctx, ISSUE_RESET_SENT);
     0
 }
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn mt_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    if noop() {
+        return 0;
+    }
     report(&ctx, ISSUE_RESET_RECEIVED);
     0
 }

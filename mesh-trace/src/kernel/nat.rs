@@ -45,6 +45,8 @@ pub struct Shared {
     pub lost: OwnedFd,
     /// Byte offset of `data` in `struct sk_buff`.
     pub skb_data_offset: i16,
+    /// Benchmark floor: link programs that only accept.
+    pub noop: bool,
 }
 
 /// The four programs and links of one namespace; dropping it detaches them.
@@ -116,6 +118,9 @@ use std::os::fd::AsFd;
 
 /// Generates one stage's program.
 fn program(shared: &Shared, pending: BorrowedFd<'_>, stage: Stage, netns_cookie: u64) -> Vec<Insn> {
+    if shared.noop {
+        return netfilter::ACCEPT_ALL.to_vec();
+    }
     let mut a = Asm::default();
     // ctx is struct bpf_nf_ctx { state; skb; }: read the skb's data pointer
     // and copy the IPv4 and TCP headers to the stack.

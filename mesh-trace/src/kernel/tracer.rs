@@ -35,6 +35,9 @@ pub struct TracerOptions {
     pub tracked_sockets: u32,
     /// Payload bytes copied per send/receive in meshed namespaces.
     pub prefix_len: u32,
+    /// Attach every program but make each return at once: the cost of the
+    /// hooks alone, for benchmarks.
+    pub noop: bool,
 }
 
 /// Default payload prefix: a request line, Host and x-request-id fit.
@@ -48,6 +51,7 @@ impl TracerOptions {
             cgroup,
             tracked_sockets: mesh_trace_common::DEFAULT_TRACKED_SOCKETS,
             prefix_len: DEFAULT_PREFIX_LEN,
+            noop: false,
         }
     }
 }
@@ -105,6 +109,7 @@ impl Tracer {
         );
         let mut ebpf = EbpfLoader::new()
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
+            .override_global("NOOP", &u32::from(opts.noop), true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .map_max_entries(names::TRACKED, opts.tracked_sockets)
             .load(obj)
@@ -191,7 +196,7 @@ impl Tracer {
             }
         }
 
-        let nat_shared = nat_shared(&ebpf)
+        let nat_shared = nat_shared(&ebpf, opts.noop)
             .map_err(|e| tracing::warn!("REDIRECTs will not be observed at the NAT step: {e:#}"))
             .ok();
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
@@ -301,7 +306,7 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
 
 /// Duplicates the descriptors of the maps the NAT programs write to, and
 /// finds `sk_buff.data` in the kernel's BTF.
-fn nat_shared(ebpf: &Ebpf) -> anyhow::Result<nat::Shared> {
+fn nat_shared(ebpf: &Ebpf, noop: bool) -> anyhow::Result<nat::Shared> {
     let fd = |name: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
         let map = ebpf.map(name).with_context(|| format!("{name} map"))?;
         let data = match map {
@@ -316,6 +321,7 @@ fn nat_shared(ebpf: &Ebpf) -> anyhow::Result<nat::Shared> {
         events: fd(names::EVENTS)?,
         lost: fd(names::LOST)?,
         skb_data_offset: i16::try_from(offset).context("sk_buff.data offset")?,
+        noop,
     })
 }
 

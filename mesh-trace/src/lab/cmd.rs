@@ -27,6 +27,8 @@ pub enum LabCommand {
     Up(LabUpArgs),
     /// Remove namespaces and processes left by a lab that was killed.
     Down,
+    /// Measure overhead and capacity and write BENCHMARKS.md.
+    Bench(crate::bench::BenchArgs),
     /// The sidecar proxy (run by the lab inside each pod).
     #[command(hide = true)]
     Proxy(ProxyOptions),
@@ -109,6 +111,11 @@ pub fn main(args: LabArgs) -> Result<(), Failure> {
             })?;
             drop(lab);
             println!("lab removed");
+            Ok(())
+        }
+        LabCommand::Bench(args) => {
+            init_logging(crate::config::LogLevel::Warn);
+            crate::bench::main(args)?;
             Ok(())
         }
         LabCommand::Down => {

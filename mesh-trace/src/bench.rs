@@ -1,0 +1,590 @@
+//! `mesh-trace lab bench`: the overhead and capacity figures of
+//! BENCHMARKS.md, measured side by side in one run on this machine.
+//!
+//! - Traffic overhead: the lab under closed-loop load with no tracing, with
+//!   the floor (every program attached but returning at once, `--noop`) and
+//!   with mesh-trace in full, in alternation.
+//! - Kernel cost per program from the kernel's own accounting
+//!   (`kernel.bpf_stats_enabled`), for meshed traffic and for unrelated I/O.
+//! - Agent CPU and memory per 1,000 requests.
+//! - Pipeline capacity: synthetic events through decoding, flow tagging,
+//!   framing and stitching on one core.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+
+use crate::{
+    flows::{
+        metadata::NoMetadata,
+        table::{FlowTable, FlowTableConfig},
+    },
+    kernel::events::Event,
+    lab::{
+        loadgen::Summary,
+        topology::{Lab, LabOptions},
+    },
+    spans::stitch::{StitchConfig, Stitcher},
+};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: PathBuf,
+    /// Seconds per load run.
+    #[arg(long, default_value_t = 8.0)]
+    pub seconds: f64,
+    /// Rounds of the three configurations, in alternation.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: u32,
+    /// Closed-loop connections.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    None,
+    Floor,
+    Full,
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::None => "no tracing",
+            Mode::Floor => "floor (programs attached, returning at once)",
+            Mode::Full => "mesh-trace",
+        }
+    }
+}
+
+/// The agent as a separate process, as on a node.
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Agent {
+    fn start(exe: &std::path::Path, lab: &Lab, noop: bool) -> anyhow::Result<Agent> {
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let mut c = Command::new(exe);
+        c.args(["run", "--metrics-addr", &addr.to_string(), "--lab"])
+            .arg(&lab.dir)
+            .env("MESH_TRACE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if noop {
+            c.arg("--noop");
+        }
+        let child = c.spawn().context("starting the agent")?;
+        let agent = Agent { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !agent.get("/readyz").is_ok_and(|b| b.starts_with("ready")) {
+            if Instant::now() > deadline {
+                bail!("agent not ready in 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    fn get(&self, path: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n")?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        Ok(raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
+    }
+
+    /// (CPU seconds, peak RSS in MiB) of the agent process so far.
+    fn usage(&self) -> (f64, f64) {
+        let pid = self.child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15; index 11 and 12 after ')'.
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100) as f64;
+        let cpu = (ticks(11) + ticks(12)) / hz;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let hwm_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        (cpu, hwm_kib / 1024.0)
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        self.get("/metrics")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .filter(|l| l.starts_with(series))
+                    .map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+                    .sum()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+struct Run {
+    mode: Mode,
+    summary: Summary,
+    agent_cpu_s: f64,
+    agent_rss_mib: f64,
+    lost: f64,
+    spans: f64,
+}
+
+pub fn main(args: BenchArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut opts = LabOptions::bookinfo()?;
+    opts.exe = exe.clone();
+    eprintln!("==> lab up");
+    let lab = Lab::up(&opts)?;
+    let url = "http://details:9080/details/0";
+    let load = |name: &str, extra: &[&str]| -> anyhow::Result<Summary> {
+        let secs = args.seconds.to_string();
+        let mut a = vec!["--url", url, "--duration-s", &secs];
+        a.extend_from_slice(extra);
+        lab.load(CLIENT, &a, &lab.dir.join(format!("bench-{name}.jsonl")))
+    };
+    let conns = args.connections.to_string();
+    // Warm the lab's connections and caches once.
+    load("warmup", &["--connections", &conns])?;
+
+    let mut runs = Vec::new();
+    for round in 0..args.rounds {
+        for mode in [Mode::None, Mode::Floor, Mode::Full] {
+            eprintln!("==> round {} {}", round + 1, mode.label());
+            let agent = match mode {
+                Mode::None => None,
+                Mode::Floor => Some(Agent::start(&exe, &lab, true)?),
+                Mode::Full => Some(Agent::start(&exe, &lab, false)?),
+            };
+            let before = agent.as_ref().map(Agent::usage).unwrap_or_default();
+            let summary = load(&format!("{round}-{mode:?}"), &["--connections", &conns])?;
+            std::thread::sleep(Duration::from_millis(500));
+            let (cpu, rss) = agent.as_ref().map(Agent::usage).unwrap_or_default();
+            let lost = agent
+                .as_ref()
+                .map(|a| a.metric("mesh_trace_events_lost_total"))
+                .unwrap_or(0.0);
+            let spans = agent
+                .as_ref()
+                .map(|a| a.metric("mesh_trace_requests_total"))
+                .unwrap_or(0.0);
+            runs.push(Run {
+                mode,
+                summary,
+                agent_cpu_s: cpu - before.0,
+                agent_rss_mib: rss,
+                lost,
+                spans,
+            });
+        }
+    }
+
+    eprintln!("==> kernel cost per program (kernel.bpf_stats_enabled)");
+    let meshed = program_costs(&exe, &lab, |lab| {
+        load("stats", &["--connections", &conns])
+            .map(|_| ())
+            .map_err(|e| {
+                let _ = lab;
+                e
+            })
+    })?;
+    let unrelated = program_costs(&exe, &lab, |_| unrelated_io(Duration::from_secs(3)))?;
+
+    eprintln!("==> pipeline capacity");
+    let pipeline = pipeline_capacity(400_000);
+
+    let report = render(&args, &runs, &meshed, &unrelated, pipeline);
+    std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("==> wrote {}", args.out.display());
+    Ok(())
+}
+
+const CLIENT: &str = "loadgen-v1";
+
+/// Per program: (run count, average ns per run) during `work`.
+type Costs = BTreeMap<String, (u64, f64)>;
+
+fn program_costs(
+    exe: &std::path::Path,
+    lab: &Lab,
+    work: impl FnOnce(&Lab) -> anyhow::Result<()>,
+) -> anyhow::Result<Costs> {
+    let _agent = Agent::start(exe, lab, false)?;
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf stats")?;
+    let before = prog_stats()?;
+    let result = work(lab);
+    let after = prog_stats()?;
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
+    result?;
+    Ok(after
+        .into_iter()
+        .filter_map(|(name, (cnt, ns))| {
+            let (c0, n0) = before.get(&name).copied().unwrap_or_default();
+            let runs = cnt.saturating_sub(c0);
+            (runs > 0).then(|| (name, (runs, (ns.saturating_sub(n0)) as f64 / runs as f64)))
+        })
+        .collect())
+}
+
+/// run count and run time of every mt_* program, summed per name.
+fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("running bpftool (Debian package bpftool)")?;
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for p in progs.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default();
+        if !name.starts_with("mt_") {
+            continue;
+        }
+        let e = m.entry(name.to_string()).or_default();
+        e.0 += p["run_cnt"].as_u64().unwrap_or(0);
+        e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    Ok(m)
+}
+
+/// File reads and writes and loopback socket I/O outside the mesh.
+fn unrelated_io(d: Duration) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("mt-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept()?;
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            s.write_all(&buf[..n])?;
+        }
+    });
+    use std::io::{Read, Write};
+    let mut sock = TcpStream::connect(addr)?;
+    let mut file = std::fs::File::create(dir.join("f"))?;
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    while started.elapsed() < d {
+        file.write_all(&buf[..16])?;
+        sock.write_all(&buf[..16])?;
+        sock.read_exact(&mut buf[..16])?;
+    }
+    drop(sock);
+    let _ = echo.join();
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Events per second through decoding, flow tagging, framing and stitching
+/// on one core, with a synthetic request pattern on a pair of legs.
+pub fn pipeline_capacity(requests: u64) -> f64 {
+    let events = synthetic_events(requests);
+    let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
+    let mut stitcher = Stitcher::new(StitchConfig::default());
+    let (mut legs, mut spans) = (Vec::new(), Vec::new());
+    let started = Instant::now();
+    for raw in &events {
+        let Ok(ev) = Event::decode(raw) else { continue };
+        if let Event::Data(d) = &ev {
+            stitcher.data(&table, d, &mut spans);
+        }
+        table.apply(&ev, &mut legs);
+        legs.clear();
+        spans.clear();
+    }
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn bytes_of<T>(v: &T) -> Vec<u8> {
+    // SAFETY: the event types are repr(C) plain old data.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+/// An app socket and its sidecar's 15001 socket, joined, then `requests`
+/// request/response exchanges over keep-alive: four data events each.
+fn synthetic_events(requests: u64) -> Vec<Vec<u8>> {
+    use mesh_trace_common::*;
+    let ep = |ip: [u8; 4], port| Endpoint::v4(u32::from_ne_bytes(ip), port);
+    let mut out = Vec::new();
+    let mut connect = ConnectEvent::default();
+    connect.header.kind = EventKind::Connect as u32;
+    connect.sock_cookie = 1;
+    connect.task.uid_gid = 1000;
+    connect.dst = ep([10, 96, 0, 12], 9080);
+    out.push(bytes_of(&connect));
+    let mut app = SockEvent::default();
+    app.header.kind = EventKind::Established as u32;
+    app.sock_cookie = 1;
+    app.local = ep([10, 244, 0, 5], 40000);
+    app.remote = ep([10, 96, 0, 12], 9080);
+    app.active = 1;
+    out.push(bytes_of(&app));
+    let mut proxy = app;
+    proxy.sock_cookie = 2;
+    proxy.local = ep([127, 0, 0, 1], 15001);
+    proxy.remote = ep([10, 244, 0, 5], 40000);
+    proxy.active = 0;
+    out.push(bytes_of(&proxy));
+    let request = b"GET /reviews/0 HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: 8c1e1d9e-3b8a-4f55-9a4e-1f2d3c4b5a69\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    let mut offsets = [0u64; 2];
+    let mut ts = 1_000u64;
+    for _ in 0..requests {
+        for (cookie, dir, payload) in [
+            (1u64, DIR_SEND, &request[..]),
+            (2, DIR_RECV, &request[..]),
+            (2, DIR_SEND, &response[..]),
+            (1, DIR_RECV, &response[..]),
+        ] {
+            let mut d = DataEvent::default();
+            d.header.kind = EventKind::Data as u32;
+            ts += 1_000;
+            d.header.ts_ns = ts;
+            d.sock_cookie = cookie;
+            d.pid_tgid = 7 << 32 | 7;
+            d.direction = dir;
+            // Request bytes flow 1 -> 2, response bytes 2 -> 1.
+            let stream = usize::from(payload.as_ptr() == response.as_ptr());
+            d.offset = offsets[stream];
+            d.len = payload.len() as u32;
+            d.prefix_len = payload.len() as u32;
+            d.prefix[..payload.len()].copy_from_slice(payload);
+            if dir == DIR_RECV {
+                offsets[stream] += payload.len() as u64;
+            }
+            out.push(bytes_of(&d));
+        }
+    }
+    out
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn render(
+    args: &BenchArgs,
+    runs: &[Run],
+    meshed: &Costs,
+    unrelated: &Costs,
+    pipeline: f64,
+) -> String {
+    let mut o = String::new();
+    let host = crate::kernel::sysfs::kernel_release();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let _ = writeln!(o, "# Benchmarks\n");
+    let _ = writeln!(
+        o,
+        "Measured on this repository's reference machine kind: Linux {host}, {cpus} cores. \
+         Reproduce with `cargo xtask bench` (which runs `mesh-trace lab bench --seconds {} --rounds {} --connections {}`). \
+         Figures from one run; the machine is shared and noisy, so compare ratios within the run.\n",
+        args.seconds, args.rounds, args.connections
+    );
+    let by_mode = |m: Mode| -> Vec<&Run> { runs.iter().filter(|r| r.mode == m).collect() };
+    let rate = |m: Mode| median(by_mode(m).iter().map(|r| r.summary.rate).collect());
+    let p50 = |m: Mode| median(by_mode(m).iter().map(|r| r.summary.p50_ms).collect());
+    let p99 = |m: Mode| median(by_mode(m).iter().map(|r| r.summary.p99_ms).collect());
+    let _ = writeln!(o, "## Traffic overhead\n");
+    let _ = writeln!(
+        o,
+        "Closed loop, {} connections from the lab's loadgen pod to `details` through both sidecars, {} s per run, configurations in alternation ({} rounds; medians of the rounds).\n",
+        args.connections, args.seconds, args.rounds
+    );
+    let _ = writeln!(
+        o,
+        "| configuration | requests/s | p50 ms | p99 ms |\n|---|---|---|---|"
+    );
+    for m in [Mode::None, Mode::Floor, Mode::Full] {
+        let _ = writeln!(
+            o,
+            "| {} | {:.0} | {:.2} | {:.2} |",
+            m.label(),
+            rate(m),
+            p50(m),
+            p99(m)
+        );
+    }
+    let (none, floor, full) = (rate(Mode::None), rate(Mode::Floor), rate(Mode::Full));
+    let throughput = full / none;
+    let p99_ratio = p99(Mode::Full) / p99(Mode::None);
+    let floor_cost = (none - floor).max(0.0);
+    let full_cost = (none - full).max(0.0);
+    let cost_ratio = if floor_cost > 0.0 {
+        full_cost / floor_cost
+    } else {
+        f64::NAN
+    };
+    let _ = writeln!(
+        o,
+        "\nThroughput with mesh-trace: {:.1}% of no tracing; p99 {:.2}x; added cost {} the floor's.\n",
+        throughput * 100.0,
+        p99_ratio,
+        if cost_ratio.is_finite() { format!("{cost_ratio:.1}x") } else { "n/a (the floor cost nothing measurable)".into() }
+    );
+    let _ = writeln!(o, "## Kernel cost per program\n");
+    let _ = writeln!(
+        o,
+        "From `kernel.bpf_stats_enabled` (run_time_ns / run_cnt), agent in full mode.\n"
+    );
+    let _ = writeln!(o, "| program | meshed traffic: runs | ns/run | unrelated I/O: runs | ns/run |\n|---|---|---|---|---|");
+    let names: std::collections::BTreeSet<&String> =
+        meshed.keys().chain(unrelated.keys()).collect();
+    for n in names {
+        let (mr, mn) = meshed.get(n).copied().unwrap_or_default();
+        let (ur, un) = unrelated.get(n).copied().unwrap_or_default();
+        let _ = writeln!(o, "| {n} | {mr} | {mn:.0} | {ur} | {un:.0} |");
+    }
+    let per_io = |c: &Costs| -> f64 {
+        ["mt_send_length", "mt_recv_length"]
+            .iter()
+            .filter_map(|n| c.get(*n))
+            .map(|&(_, ns)| ns)
+            .fold(0.0, f64::max)
+    };
+    let _ = writeln!(
+        o,
+        "\nPer traced socket send or receive: {:.0} ns (one of the two socket I/O programs runs per call). \
+         Unrelated socket I/O: {:.0} ns per call. File I/O runs none of the programs: 0 ns.\n",
+        per_io(meshed),
+        per_io(unrelated)
+    );
+    let _ = writeln!(o, "## Agent cost\n");
+    let _ = writeln!(o, "| run | requests | agent CPU s | CPU s per 1,000 req | vCPU per 1,000 req/s | peak RSS MiB | spans | events lost |\n|---|---|---|---|---|---|---|---|");
+    for r in runs.iter().filter(|r| r.mode == Mode::Full) {
+        let per_k = r.agent_cpu_s / (r.summary.sent as f64 / 1000.0);
+        let _ = writeln!(
+            o,
+            "| {:.0} req/s | {} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} | {:.0} |",
+            r.summary.rate,
+            r.summary.sent,
+            r.agent_cpu_s,
+            per_k,
+            per_k,
+            r.agent_rss_mib,
+            r.spans,
+            r.lost
+        );
+    }
+    let _ = writeln!(o, "\n## Pipeline capacity\n");
+    let _ = writeln!(
+        o,
+        "Synthetic events (an app socket and its sidecar socket joined, then keep-alive request/response exchanges) through decoding, flow tagging, HTTP framing and stitching, one core: **{:.0} events/s**.\n",
+        pipeline
+    );
+    let _ = writeln!(o, "## Targets\n");
+    let lost: f64 = runs.iter().map(|r| r.lost).sum();
+    let full_runs = by_mode(Mode::Full);
+    let cpu_per_k = median(
+        full_runs
+            .iter()
+            .map(|r| r.agent_cpu_s / (r.summary.sent as f64 / 1000.0))
+            .collect(),
+    );
+    let rss = full_runs
+        .iter()
+        .map(|r| r.agent_rss_mib)
+        .fold(0.0, f64::max);
+    let rows = [
+        (
+            "Throughput with mesh-trace >= 97% of no tracing",
+            throughput >= 0.97,
+            format!("{:.1}%", throughput * 100.0),
+        ),
+        (
+            "p99 latency <= 1.05x",
+            p99_ratio <= 1.05,
+            format!("{p99_ratio:.2}x"),
+        ),
+        (
+            "Added cost <= 2x the floor's",
+            cost_ratio.is_finite() && cost_ratio <= 2.0,
+            format!("{cost_ratio:.1}x"),
+        ),
+        (
+            "<= 400 ns BPF time per traced socket syscall",
+            per_io(meshed) <= 400.0,
+            format!("{:.0} ns", per_io(meshed)),
+        ),
+        (
+            "<= 80 ns added per unrelated syscall",
+            per_io(unrelated) <= 80.0,
+            format!("{:.0} ns (sockets), 0 ns (files)", per_io(unrelated)),
+        ),
+        (
+            "Agent <= 0.02 vCPU per 1,000 req/s",
+            cpu_per_k <= 0.02,
+            format!("{cpu_per_k:.3}"),
+        ),
+        (
+            "Agent RSS <= 128 MiB under load",
+            rss <= 128.0,
+            format!("{rss:.1} MiB"),
+        ),
+        (
+            "Pipeline >= 1,000,000 events/s on one core",
+            pipeline >= 1e6,
+            format!("{pipeline:.0}"),
+        ),
+        (
+            "No loss at the lab's maximum rate",
+            lost == 0.0,
+            format!("{lost:.0} events lost"),
+        ),
+    ];
+    let _ = writeln!(o, "| target | met | measured |\n|---|---|---|");
+    for (t, met, v) in rows {
+        let _ = writeln!(o, "| {t} | {} | {v} |", if met { "yes" } else { "not yet" });
+    }
+    o
+}
