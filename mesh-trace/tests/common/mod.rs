@@ -39,6 +39,7 @@ impl Traced {
             lab: Some(lab.dir.clone()),
             max_flows: 65_536,
             netns_dir: mesh_trace::run::DEFAULT_NETNS_DIR.into(),
+            noop: false,
         };
         let (st, lg, sp) = (state.clone(), legs.clone(), spans.clone());
         let thread = std::thread::spawn(move || {
