@@ -223,13 +223,8 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     eprintln!("==> kernel cost per program (kernel.bpf_stats_enabled)");
-    let meshed = program_costs(&exe, &lab, |lab| {
-        load("stats", &["--connections", &conns])
-            .map(|_| ())
-            .map_err(|e| {
-                let _ = lab;
-                e
-            })
+    let meshed = program_costs(&exe, &lab, |_| {
+        load("stats", &["--connections", &conns]).map(|_| ())
     })?;
     let unrelated = program_costs(&exe, &lab, |_| unrelated_io(Duration::from_secs(3)))?;
 
