@@ -7,7 +7,8 @@
 //! their times from here instead: [`Clocked`] wraps a connection's byte
 //! stream (a TCP socket, under TLS if any, so the times are the socket's)
 //! and notes `mono_ns()` whenever a read returns data or a write accepts
-//! some, in an [`IoClock`] shared with whoever writes the record.
+//! some (when its work in the kernel ended: see [`Clocked`]), in an
+//! [`IoClock`] shared with whoever writes the record.
 //!
 //! - Servers (apps, the sidecars' downstream side) wrap each accepted
 //!   socket. A request was read by the last read before its handler ran
@@ -51,7 +52,7 @@ const KEPT: usize = 64;
 /// before it falls back to the moment the handler returned.
 pub const WRITE_WAIT: Duration = Duration::from_secs(1);
 
-/// The times one connection's reads and writes returned, CLOCK_MONOTONIC ns.
+/// When one connection's reads and writes ended, CLOCK_MONOTONIC ns.
 #[derive(Debug, Default)]
 pub struct IoClock {
     times: Mutex<Times>,
@@ -177,6 +178,13 @@ impl IoClock {
 
 /// A byte stream whose reads and writes are timed into an [`IoClock`].
 /// Dropping it marks the clock closed.
+///
+/// The kernel's moment for a read or a write is the end of the transfer in
+/// the system call, just before it returns. A read is stamped when it
+/// returns: it comes back at once. A write cannot be: on loopback it
+/// delivers to the reader within the call and wakes it, and on a busy
+/// machine the writer is often preempted on its way back to user space,
+/// for a time slice (~0.3 ms in the lab). See [`WriteStart`].
 #[derive(Debug)]
 pub struct Clocked<T> {
     inner: T,
@@ -192,10 +200,6 @@ impl<T> Clocked<T> {
             clock: Arc::clone(&clock),
         };
         (stream, clock)
-    }
-
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 }
 
@@ -227,9 +231,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        let started = WriteStart::now();
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.note_write(mono_ns());
+            self.clock.note_write(started.done());
         }
         polled
     }
@@ -241,9 +246,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let started = WriteStart::now();
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.note_write(mono_ns());
+            self.clock.note_write(started.done());
         }
         polled
     }
@@ -258,6 +264,47 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// When a write began, to tell when its system call's work ended: the
+/// start plus the CPU time the thread spent since. A stamp after the call
+/// would take in the preemption, one before it would lead by the call's
+/// work (some 40 us in the lab: TCP, netfilter and the delivery to the
+/// reader, all run by the writing thread). Time off the CPU inside the call
+/// is that preemption on the way out, after the kernel's moment, so it is
+/// left out; the result is never later than the call's return.
+struct WriteStart {
+    wall_ns: u64,
+    cpu_ns: Option<u64>,
+}
+
+/// CPU time of the calling thread, ns. A system call (no vDSO for it), but
+/// a cheap one, and not socket I/O: invisible to mesh-trace.
+fn thread_cpu_ns() -> Option<u64> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+    Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
+}
+
+impl WriteStart {
+    fn now() -> WriteStart {
+        WriteStart {
+            wall_ns: mono_ns(),
+            cpu_ns: thread_cpu_ns(),
+        }
+    }
+
+    /// The write returned: when its work in the kernel ended.
+    fn done(self) -> u64 {
+        let returned = mono_ns();
+        match (self.cpu_ns, thread_cpu_ns()) {
+            (Some(before), Some(after)) => {
+                let spent = after.saturating_sub(before);
+                returned.min(self.wall_ns.saturating_add(spent))
+            }
+            // No thread CPU clock (not on Linux): the return will do.
+            _ => returned,
+        }
     }
 }
 
@@ -378,6 +425,20 @@ mod tests {
         drop(a);
         assert_eq!(waiter.await.expect("waiter"), None);
         assert!(started.elapsed() < WRITE_WAIT / 2);
+    }
+
+    #[test]
+    fn a_write_ends_between_its_start_and_its_return() {
+        let before = mono_ns();
+        let started = WriteStart::now();
+        // Work on the CPU counts; time asleep (as if preempted) does not.
+        let busy = std::time::Instant::now();
+        while busy.elapsed() < Duration::from_millis(2) {}
+        std::thread::sleep(Duration::from_millis(20));
+        let done = started.done();
+        let after = mono_ns();
+        assert!(before + 2_000_000 <= done, "{}", done - before);
+        assert!(done + 15_000_000 <= after, "{}", after - done);
     }
 
     #[test]

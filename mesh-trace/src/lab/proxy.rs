@@ -1390,13 +1390,15 @@ mod tests {
 
     #[tokio::test]
     async fn retries_503_on_another_endpoint() {
-        let bad = http_server(503, Duration::ZERO).await;
+        let first_attempt = Duration::from_millis(20);
+        let bad = http_server(503, first_attempt).await;
         let good = http_server(200, Duration::ZERO).await;
         let endpoints = [bad, good];
         let p = policy("connect-failure,retriable-status-codes", 2, &[503]);
         let mut rng = rng_starting_at(&endpoints, bad);
         let plain = pooled(http_connector(None));
         let client = UpstreamClient::Plain(&plain);
+        let started = mono_ns();
         let out = forward_with_retries(client, &get("/x"), &endpoints, Some(&p), &mut rng).await;
         assert_eq!(out.attempts, 2);
         assert_eq!(out.upstream_host, Some(good));
@@ -1409,6 +1411,13 @@ mod tests {
             .expect("local address of the last attempt");
         assert_eq!(local.ip(), IpAddr::from(Ipv4Addr::LOCALHOST));
         assert!(0 < out.t_upstream_write_ns && out.t_upstream_write_ns <= out.t_upstream_read_ns);
+        // The times are the last attempt's, after the first one's answer.
+        let first_answer = started + first_attempt.as_nanos() as u64;
+        assert!(
+            out.t_upstream_write_ns > first_answer,
+            "{} ns early",
+            first_answer - out.t_upstream_write_ns
+        );
     }
 
     #[tokio::test]

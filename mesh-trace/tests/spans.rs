@@ -1,0 +1,314 @@
+//! Per-request spans in the lab, compared with the lab's own record of
+//! every request (CLOCK_MONOTONIC timestamps taken by the load generator,
+//! the sidecars and the apps). Needs root.
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::Traced;
+use mesh_trace::{
+    lab::{
+        records::{read_records, AppRecord, ClientRecord, Direction, ProxyRecord},
+        topology::{Lab, LabOptions},
+    },
+    spans::span::{Hop, Span},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
+const CLIENT: &str = "loadgen-v1";
+const REVIEWS: [&str; 3] = ["reviews-v1", "reviews-v2", "reviews-v3"];
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "span tests load eBPF programs and build a lab: run them as root"
+    );
+}
+
+/// The lab of the acceptance criteria: outbound sidecar 2 ms, inbound 3 ms,
+/// reviews 20 ms.
+fn delayed_lab(mtls: bool) -> LabOptions {
+    let mut o = LabOptions::bookinfo().unwrap();
+    o.exe = BIN.into();
+    o.delay_outbound_ms = 2.0;
+    o.delay_inbound_ms = 3.0;
+    o.mtls = mtls;
+    for pod in REVIEWS {
+        o.service_time_ms.insert(pod.into(), 20.0);
+    }
+    o
+}
+
+/// What the lab recorded for one request: its twelve moments as the lab's
+/// processes saw their reads and writes return (`lab::ioclock`), and the
+/// client's own measure of the whole exchange.
+struct Truth {
+    total_ns: u64,
+    hops: HashMap<Hop, u64>,
+}
+
+fn truths(lab: &Lab, client: &[ClientRecord]) -> HashMap<String, Truth> {
+    let by_id = |recs: Vec<ProxyRecord>, dir: Direction| -> HashMap<String, ProxyRecord> {
+        recs.into_iter()
+            .filter(|r| r.direction == dir)
+            .filter_map(|r| Some((r.request_id.clone()?, r)))
+            .collect()
+    };
+    let outbound = by_id(
+        read_records(&lab.proxy_log(CLIENT)).unwrap(),
+        Direction::Outbound,
+    );
+    let mut inbound = HashMap::new();
+    let mut apps = HashMap::new();
+    for pod in REVIEWS {
+        inbound.extend(by_id(
+            read_records(&lab.proxy_log(pod)).unwrap(),
+            Direction::Inbound,
+        ));
+        for a in read_records::<AppRecord>(&lab.app_log(pod)).unwrap() {
+            if let Some(id) = a.request_id.clone() {
+                apps.insert(id, a);
+            }
+        }
+    }
+    client
+        .iter()
+        // Without a response there are no socket times to compare.
+        .filter(|c| c.t_write_ns != 0 && c.t_read_ns != 0)
+        .filter_map(|c| {
+            let (o, i, a) = (
+                outbound.get(&c.request_id)?,
+                inbound.get(&c.request_id)?,
+                apps.get(&c.request_id)?,
+            );
+            let d = |a: u64, b: u64| b.saturating_sub(a);
+            let hops = HashMap::from([
+                (
+                    Hop::ClientToOutbound,
+                    d(c.t_write_ns, o.t_downstream_read_ns)
+                        + d(o.t_downstream_write_ns, c.t_read_ns),
+                ),
+                (
+                    Hop::OutboundProxy,
+                    d(o.t_downstream_read_ns, o.t_upstream_write_ns)
+                        + d(o.t_upstream_read_ns, o.t_downstream_write_ns),
+                ),
+                (
+                    Hop::Network,
+                    d(o.t_upstream_write_ns, i.t_downstream_read_ns)
+                        + d(i.t_downstream_write_ns, o.t_upstream_read_ns),
+                ),
+                (
+                    Hop::InboundProxy,
+                    d(i.t_downstream_read_ns, i.t_upstream_write_ns)
+                        + d(i.t_upstream_read_ns, i.t_downstream_write_ns),
+                ),
+                (
+                    Hop::InboundToApp,
+                    d(i.t_upstream_write_ns, a.t_read_ns) + d(a.t_write_ns, i.t_upstream_read_ns),
+                ),
+                (Hop::App, d(a.t_read_ns, a.t_write_ns)),
+            ]);
+            Some((
+                c.request_id.clone(),
+                Truth {
+                    total_ns: d(c.t_start_ns, c.t_end_ns),
+                    hops,
+                },
+            ))
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Runs the acceptance load and compares spans with the truth.
+fn spans_match_the_truth(mtls: bool) {
+    require_root();
+    let lab = Lab::up(&delayed_lab(mtls)).unwrap();
+    let traced = Traced::start(&lab);
+    let records = lab.dir.join("client.jsonl");
+    let n = 1000u64;
+    let summary = lab
+        .load_with(
+            BIN.as_ref(),
+            CLIENT,
+            &[
+                "--url",
+                "http://reviews:9080/reviews/0",
+                "--rate",
+                "100",
+                "--requests",
+                &n.to_string(),
+            ],
+            &records,
+        )
+        .unwrap();
+    assert_eq!(summary.ok, n, "{summary:?}");
+    let client: Vec<ClientRecord> = read_records(&records).unwrap();
+    let ids: std::collections::HashSet<&str> =
+        client.iter().map(|c| c.request_id.as_str()).collect();
+    // reviews v2/v3 propagate the id to ratings: only the client's spans count.
+    let mine = |s: &Span| {
+        s.source_workload == "loadgen" && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while traced
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| mine(s))
+        .count()
+        < n as usize
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spans: Vec<Span> = traced
+        .spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| mine(s))
+        .cloned()
+        .collect();
+
+    // At least 99.9% of requests yield exactly one span.
+    let mut per_id: HashMap<&str, Vec<&Span>> = HashMap::new();
+    for s in &spans {
+        per_id
+            .entry(s.request_id.as_deref().unwrap())
+            .or_default()
+            .push(s);
+    }
+    let exactly_one = per_id.values().filter(|v| v.len() == 1).count();
+    assert!(
+        exactly_one as f64 >= 0.999 * n as f64,
+        "{exactly_one} of {n} requests have exactly one span; unstitched: {:?}",
+        traced.state.metrics.requests_unstitched
+    );
+    let incomplete: Vec<_> = spans
+        .iter()
+        .filter(|s| s.moments.iter().any(Option::is_none))
+        .collect();
+    assert!(
+        incomplete.len() as f64 <= 0.001 * n as f64,
+        "{} spans miss moments, e.g. {:?}",
+        incomplete.len(),
+        incomplete.iter().take(3).collect::<Vec<_>>()
+    );
+    for s in &spans {
+        assert_eq!(s.source_workload, "loadgen");
+        assert_eq!(s.destination_service, "reviews");
+        assert_eq!((s.method.as_str(), s.status), ("GET", 200));
+    }
+    let served = spans
+        .iter()
+        .filter(|s| {
+            s.destination_pod
+                .as_deref()
+                .is_some_and(|p| p.starts_with("reviews-"))
+        })
+        .count();
+    assert!(
+        served as f64 >= 0.999 * n as f64,
+        "{served} spans name the reviews pod"
+    );
+
+    // Per-hop medians within 10% or 250 us of the truth; totals within 5%.
+    let truth = truths(&lab, &client);
+    let mut report = String::new();
+    let mut failures = Vec::new();
+    for hop in &Hop::ALL[..6] {
+        let measured = median(spans.iter().filter_map(|s| s.hop_ns(*hop)).collect());
+        let expected = median(truth.values().map(|t| t.hops[hop]).collect());
+        let tolerance = (expected / 10).max(250_000);
+        report += &format!(
+            "{:<20} measured {:>8.3} ms truth {:>8.3} ms\n",
+            hop.label(),
+            measured as f64 / 1e6,
+            expected as f64 / 1e6
+        );
+        if measured.abs_diff(expected) > tolerance {
+            failures.push(hop.label());
+        }
+    }
+    let measured = median(spans.iter().filter_map(Span::total_ns).collect());
+    let expected = median(truth.values().map(|t| t.total_ns).collect());
+    eprintln!("{report}total measured {measured} truth {expected}");
+    assert!(
+        failures.is_empty(),
+        "hops off the truth: {failures:?}\n{report}"
+    );
+    assert!(
+        measured.abs_diff(expected) <= expected / 20,
+        "total median {measured} vs client {expected}\n{report}"
+    );
+}
+
+#[test]
+fn hop_latencies_match_the_lab_truth() {
+    spans_match_the_truth(false);
+}
+
+#[test]
+fn hop_latencies_match_the_lab_truth_with_mutual_tls() {
+    spans_match_the_truth(true);
+}
+
+#[test]
+fn retries_are_counted_as_the_sidecar_made_them() {
+    require_root();
+    let mut opts = LabOptions::bookinfo().unwrap();
+    opts.exe = BIN.into();
+    for pod in REVIEWS {
+        opts.error_rate.insert(pod.into(), 0.2);
+    }
+    let lab = Lab::up(&opts).unwrap();
+    let traced = Traced::start(&lab);
+    let records = lab.dir.join("client.jsonl");
+    let n = 300u64;
+    lab.load_with(
+        BIN.as_ref(),
+        CLIENT,
+        &[
+            "--url",
+            "http://reviews:9080/reviews/0",
+            "--connections",
+            "2",
+            "--requests",
+            &n.to_string(),
+        ],
+        &records,
+    )
+    .unwrap();
+    let proxy: Vec<ProxyRecord> = read_records(&lab.proxy_log(CLIENT)).unwrap();
+    let want: u64 = proxy
+        .iter()
+        .map(|r| u64::from(r.attempts.saturating_sub(1)))
+        .sum();
+    assert!(want > 0, "the sidecar retried");
+    let retries = || {
+        traced
+            .state
+            .metrics
+            .proxy_retries
+            .get_or_create(&mesh_trace::agent::metrics::ServiceLabel {
+                destination_service: "reviews".into(),
+            })
+            .get()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while retries() < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        retries(),
+        want,
+        "mesh_trace_proxy_retries_total vs the sidecar's own count"
+    );
+}
