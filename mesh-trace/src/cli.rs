@@ -37,6 +37,9 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// The mesh lab: a local Istio sidecar data path in network namespaces.
     Lab(crate::lab::cmd::LabArgs),
+    /// Live view of each service pair's latency, hop by hop, from an agent
+    /// (or the probes run in-process with --standalone).
+    Top(crate::top::TopArgs),
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +152,7 @@ pub fn main() -> ExitCode {
         Command::Flows(args) => crate::flows_cmd::main(args),
         Command::Spans(args) => crate::spans_cmd::main(args),
         Command::Lab(args) => crate::lab::cmd::main(args),
+        Command::Top(args) => crate::top::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

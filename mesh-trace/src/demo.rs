@@ -102,30 +102,50 @@ async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Fail
     let url = "http://productpage:9080/productpage";
     let duration = args.duration.unwrap_or(365.0 * 24.0 * 3600.0).to_string();
     let rate = args.rate.to_string();
+    eprintln!(
+        "==> tracing; {} req/s from {CLIENT_POD} to {url}; metrics on http://{}/metrics; Ctrl-C stops",
+        args.rate, args.metrics_addr
+    );
+    // On a terminal, the live view (`mesh-trace top`) replaces the summary
+    // lines; it starts first so that the load generator's stderr goes to
+    // the view's log rather than over the screen.
+    let top = crate::top::view_if_terminal(&state)?;
     let mut loadgen = lab.spawn_load(
         CLIENT_POD,
         &["--url", url, "--rate", &rate, "--duration-s", &duration],
         &records,
     )?;
-    eprintln!(
-        "==> tracing; {} req/s from {CLIENT_POD} to {url}; metrics on http://{}/metrics; Ctrl-C stops",
-        args.rate, args.metrics_addr
-    );
 
     let started = Instant::now();
     let mut view = LiveSummary::new(lab, records);
     let mut tick = tokio::time::interval(SUMMARY_EVERY);
     tick.tick().await;
-    let interrupted = loop {
-        tokio::select! {
-            _ = &mut ctrl_c => break true,
-            _ = tick.tick() => {
-                println!("{}", view.line(started.elapsed(), &state));
-                for row in hop_rows(&state) {
-                    println!("{row}");
-                }
-                if args.duration.is_some_and(|d| started.elapsed().as_secs_f64() >= d) {
-                    break false;
+    let interrupted = if let Some(top) = top {
+        // q in the view ends the demo as Ctrl-C does.
+        let end = async {
+            tokio::select! {
+                _ = &mut ctrl_c => true,
+                _ = async {
+                    match args.duration {
+                        Some(d) => tokio::time::sleep(Duration::from_secs_f64(d)).await,
+                        None => std::future::pending().await,
+                    }
+                } => false,
+            }
+        };
+        top.run_until(end).await?.unwrap_or(true)
+    } else {
+        loop {
+            tokio::select! {
+                _ = &mut ctrl_c => break true,
+                _ = tick.tick() => {
+                    println!("{}", view.line(started.elapsed(), &state));
+                    for row in hop_rows(&state) {
+                        println!("{row}");
+                    }
+                    if args.duration.is_some_and(|d| started.elapsed().as_secs_f64() >= d) {
+                        break false;
+                    }
                 }
             }
         }

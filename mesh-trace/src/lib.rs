@@ -19,3 +19,4 @@ pub mod netns;
 pub mod run;
 pub mod spans;
 pub mod spans_cmd;
+pub mod top;

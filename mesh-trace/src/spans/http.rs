@@ -979,14 +979,19 @@ mod tests {
                 starts.push((m.dir, m.offset, m.ts_ns));
             }
         }
+        // Application data right after a handshake flight, in the same
+        // direction, starts its own message: it is the first request or
+        // response, not more of the handshake.
         let expect = [
             (Dir::Send, 0, 0),
             (Dir::Recv, 0, 1),
+            (Dir::Recv, 1400, 2),
             (Dir::Send, 517, 3),
+            (Dir::Send, 523, 4),
             (Dir::Recv, 2000, 5),
         ];
         assert_eq!(starts, expect);
-        assert_eq!(f.stats().opaque, 4);
+        assert_eq!(f.stats().opaque, 6);
     }
 
     #[test]
