@@ -401,6 +401,29 @@ fn synthetic_events(requests: u64) -> Vec<Vec<u8>> {
     out
 }
 
+/// What was decided because of these numbers, and what comes next.
+const DESIGN_NOTE: &str = "
+## What the numbers decided
+
+- **Socket tracepoints, not syscall tracepoints, for the data path.** A first spike on the
+  read/write syscall tracepoints cost about 1.35 us per traced write and ran on every file
+  read and write on the node. The data path now runs on `tp_btf` `sock_send_length` /
+  `sock_recv_length`, which fire only for socket I/O, and finds the user buffer in the
+  task's saved registers: file I/O costs nothing, unrelated socket I/O costs one cookie
+  and one hash lookup.
+- **Capture only in meshed namespaces.** Payload prefixes are copied only for sockets in
+  pods with a sidecar (`MESHED_NETNS`), 192 bytes by default, enough for the request
+  line, `Host` and `x-request-id`.
+- **NAT observed per pod namespace.** The netfilter programs are generated per namespace
+  with its cookie baked in and run only on SYNs past a four-instruction check; they cost
+  about 100-130 ns per packet in pod namespaces and nothing elsewhere.
+- **One ring buffer, 1 MiB by default.** No loss at the lab's maximum rate on this machine.
+
+Next: per-socket storage (`BPF_MAP_TYPE_SK_STORAGE`) instead of the cookie-keyed hash, to
+bring unrelated socket I/O under 80 ns; a smaller reservation and copy for data events to
+bring traced socket I/O toward 400 ns; agent cost per pod count and at fixed rates.
+";
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -465,7 +488,11 @@ fn render(
         "\nThroughput with mesh-trace: {:.1}% of no tracing; p99 {:.2}x; added cost {} the floor's.\n",
         throughput * 100.0,
         p99_ratio,
-        if cost_ratio.is_finite() { format!("{cost_ratio:.1}x") } else { "n/a (the floor cost nothing measurable)".into() }
+        if cost_ratio.is_finite() {
+            format!("{cost_ratio:.1}x")
+        } else {
+            "not measurable: the floor ran within noise of no tracing".into()
+        }
     );
     let _ = writeln!(o, "## Kernel cost per program\n");
     let _ = writeln!(
@@ -581,5 +608,6 @@ fn render(
     for (t, met, v) in rows {
         let _ = writeln!(o, "| {t} | {} | {v} |", if met { "yes" } else { "not yet" });
     }
+    o.push_str(DESIGN_NOTE);
     o
 }
