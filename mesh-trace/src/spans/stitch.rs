@@ -531,14 +531,22 @@ impl Stitcher {
             }
             return Some(id);
         }
+        let spans = &self.spans;
         let queue = self.forwardable.entry(side).or_default();
         let eligible = |f: &Forwardable| f.ts_ns <= msg.ts_ns;
+        // A request read encrypted (mutual TLS) shows no id; its span knows
+        // the id the client side sent.
+        let id_of = |f: &Forwardable| {
+            f.request_id
+                .clone()
+                .or_else(|| spans.peek(&f.span).and_then(|p| p.span.request_id.clone()))
+        };
         let pick = rid
             .as_ref()
             .and_then(|r| {
                 queue
                     .iter()
-                    .position(|f| eligible(f) && f.request_id.as_ref() == Some(r))
+                    .position(|f| eligible(f) && id_of(f).as_ref() == Some(r))
             })
             .or_else(|| {
                 queue.iter().position(|f| {
