@@ -485,13 +485,14 @@ fn render(
     };
     let _ = writeln!(
         o,
-        "\nThroughput with mesh-trace: {:.1}% of no tracing; p99 {:.2}x; added cost {} the floor's.\n",
+        "\nThroughput with mesh-trace: {:.1}% of no tracing; p99 {:.2}x; {}.\n",
         throughput * 100.0,
         p99_ratio,
         if cost_ratio.is_finite() {
-            format!("{cost_ratio:.1}x")
+            format!("added cost {cost_ratio:.1}x the floor's")
         } else {
-            "not measurable: the floor ran within noise of no tracing".into()
+            "added cost versus the floor not measurable: the floor ran within noise of no tracing"
+                .to_string()
         }
     );
     let _ = writeln!(o, "## Kernel cost per program\n");
@@ -571,7 +572,11 @@ fn render(
         (
             "Added cost <= 2x the floor's",
             cost_ratio.is_finite() && cost_ratio <= 2.0,
-            format!("{cost_ratio:.1}x"),
+            if cost_ratio.is_finite() {
+                format!("{cost_ratio:.1}x")
+            } else {
+                "not measurable in this run (the floor was within noise of no tracing)".into()
+            },
         ),
         (
             "<= 400 ns BPF time per traced socket syscall",
