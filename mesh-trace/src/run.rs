@@ -135,6 +135,93 @@ pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
+/// Feeds the sockets already established in every watched namespace to the
+/// flow table as if just opened, and tracks them in the kernel, so that
+/// connections opened before the agent started are traced. Returns how many.
+fn recover_existing(
+    tracer: &mut Tracer,
+    pipeline: &mut Pipeline,
+    netns_dir: &std::path::Path,
+) -> usize {
+    use mesh_trace_common::{ConnectEvent, Endpoint, EventHeader, EventKind, SockEvent, TaskInfo};
+    let Ok(entries) = std::fs::read_dir(netns_dir) else {
+        return 0;
+    };
+    let endpoint = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => Endpoint::v4(u32::from_ne_bytes(ip.octets()), a.port()),
+        std::net::IpAddr::V6(ip) => {
+            let o = ip.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            Endpoint::v6([w(0), w(4), w(8), w(12)], a.port())
+        }
+    };
+    let (mut legs, mut spans, mut count) = (Vec::new(), Vec::new(), 0);
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let sockets = match (
+            crate::flows::metadata::netns_cookie_at(&path),
+            crate::kernel::sockdiag::tcp_sockets(&path),
+        ) {
+            (Ok(netns), Ok(sockets)) => sockets.into_iter().map(move |s| (netns, s)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("existing sockets of {}: {e:#}", path.display());
+                continue;
+            }
+        };
+        let sockets: Vec<_> = sockets.collect();
+        let listening: std::collections::HashSet<u16> = sockets
+            .iter()
+            .filter(|(_, s)| s.listening)
+            .map(|(_, s)| s.local.port())
+            .collect();
+        let now = crate::clock::mono_ns();
+        for (netns, s) in sockets.iter().filter(|(_, s)| !s.listening) {
+            if let Err(e) = tracer.track_existing(s.cookie, *netns) {
+                tracing::warn!("{e:#}");
+                break;
+            }
+            let active = !listening.contains(&s.local.port());
+            let header = |kind: EventKind| EventHeader {
+                kind: kind as u32,
+                cpu: 0,
+                ts_ns: now,
+            };
+            if active {
+                let mut comm = [0u8; 16];
+                comm[..10].copy_from_slice(b"(existing)");
+                let connect = ConnectEvent {
+                    header: header(EventKind::Connect),
+                    sock_cookie: s.cookie,
+                    netns_cookie: *netns,
+                    task: TaskInfo {
+                        pid_tgid: 0,
+                        uid_gid: u64::from(s.uid) | (u64::from(s.uid) << 32),
+                        comm,
+                    },
+                    dst: endpoint(s.remote),
+                };
+                pipeline.handle(&events::Event::Connect(connect), &mut legs, &mut spans);
+            }
+            let established = SockEvent {
+                header: header(EventKind::Established),
+                sock_cookie: s.cookie,
+                netns_cookie: *netns,
+                local: endpoint(s.local),
+                remote: endpoint(s.remote),
+                active: u32::from(active),
+                ..SockEvent::default()
+            };
+            pipeline.handle(
+                &events::Event::Established(established),
+                &mut legs,
+                &mut spans,
+            );
+            count += 1;
+        }
+    }
+    count
+}
+
 /// How often new network namespaces are looked for.
 const NETNS_SCAN: Duration = Duration::from_secs(1);
 
@@ -259,6 +346,9 @@ pub async fn agent_with_spans(
     pipeline.count_redirects_at_nat(tracer.nat_available());
     let mut netns = NetnsWatch::default();
     let _ = netns.scan(&mut tracer, &settings.netns_dir);
+    // Connections opened before the agent (pooled, long-lived) join in too.
+    let recovered = recover_existing(&mut tracer, &mut pipeline, &settings.netns_dir);
+    tracing::info!("picked up {recovered} TCP connections that were already open");
     state
         .metrics
         .programs_attached

@@ -313,3 +313,49 @@ fn retries_are_counted_as_the_sidecar_made_them() {
         "mesh_trace_proxy_retries_total vs the sidecar's own count"
     );
 }
+
+#[test]
+fn connections_opened_before_the_agent_are_traced() {
+    require_root();
+    let mut opts = LabOptions::bookinfo().unwrap();
+    opts.exe = BIN.into();
+    let lab = Lab::up(&opts).unwrap();
+    // Keep-alive traffic that starts, and opens its connections, first.
+    let records = lab.dir.join("early.jsonl");
+    let mut load = lab
+        .spawn_load(
+            CLIENT,
+            &[
+                "--url",
+                "http://reviews:9080/reviews/0",
+                "--rate",
+                "40",
+                "--duration-s",
+                "8",
+            ],
+            &records,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let traced = Traced::start(&lab);
+    let complete = || {
+        traced
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.source_workload == "loadgen" && s.moments.iter().all(Option::is_some))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while complete() < 40 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = load.kill();
+    let _ = load.wait();
+    assert!(
+        complete() >= 40,
+        "{} complete spans on connections opened before the agent",
+        complete()
+    );
+}

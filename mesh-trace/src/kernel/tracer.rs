@@ -273,6 +273,28 @@ impl Tracer {
         self.nat_probes.len()
     }
 
+    /// Starts tracking a socket that existed before the programs were
+    /// attached (found through sock_diag).
+    pub fn track_existing(&mut self, cookie: u64, netns_cookie: u64) -> anyhow::Result<()> {
+        let map = self._ebpf.map_mut(names::TRACKED).context("TRACKED map")?;
+        let mut tracked: aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock> =
+            aya::maps::HashMap::try_from(map)?;
+        let value = mesh_trace_common::TrackedSock {
+            netns_cookie,
+            ..Default::default()
+        };
+        // BPF_NOEXIST: a socket the programs already track keeps its offsets.
+        match tracked.insert(cookie, value, 1) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e).context("inserting into TRACKED (full?)"),
+        }
+    }
+
     /// Captures the data path of sockets in this namespace from now on.
     pub fn mark_meshed(&mut self, netns_cookie: u64) -> anyhow::Result<()> {
         self.meshed
