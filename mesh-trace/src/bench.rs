@@ -461,11 +461,18 @@ fn unrelated_io(d: Duration) -> anyhow::Result<()> {
 /// on one core, with a synthetic request pattern on a pair of legs.
 pub fn pipeline_capacity(requests: u64) -> f64 {
     let events = synthetic_events(requests);
+    let started = Instant::now();
+    run_pipeline(&events);
+    events.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Feeds raw ring buffer records through decoding, a fresh flow table and
+/// a fresh stitcher, as the agent does.
+pub fn run_pipeline(events: &[Vec<u8>]) {
     let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
     let mut stitcher = Stitcher::new(StitchConfig::default());
     let (mut legs, mut spans) = (Vec::new(), Vec::new());
-    let started = Instant::now();
-    for raw in &events {
+    for raw in events {
         let Ok(ev) = Event::decode(raw) else { continue };
         if let Event::Data(d) = &ev {
             stitcher.data(&table, d, &mut spans);
@@ -474,7 +481,6 @@ pub fn pipeline_capacity(requests: u64) -> f64 {
         legs.clear();
         spans.clear();
     }
-    events.len() as f64 / started.elapsed().as_secs_f64()
 }
 
 fn bytes_of<T>(v: &T) -> Vec<u8> {

@@ -59,6 +59,22 @@ pub struct Settings {
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
 
 impl Settings {
+    /// Defaults for a command that runs the probes in-process and serves no
+    /// HTTP (`flows`, `spans`, `demo`).
+    pub fn in_process(lab: Option<PathBuf>) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            metrics_addr: None,
+            log_level: LogLevel::Warn,
+            ring_buffer_bytes: config::default_ring_buffer_bytes(),
+            cgroup: sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?,
+            print_events: false,
+            lab,
+            max_flows: FlowTableConfig::default().max_sockets,
+            netns_dir: DEFAULT_NETNS_DIR.into(),
+            noop: false,
+        })
+    }
+
     /// The metadata source these settings name.
     pub fn metadata(&self) -> anyhow::Result<Arc<dyn Metadata>> {
         Ok(match &self.lab {
@@ -120,6 +136,27 @@ pub fn main(args: RunArgs) -> Result<(), Failure> {
     rt.block_on(async {
         let stop = stop_signal()?;
         agent(settings, Arc::new(AgentState::new()), stop, |_| {}).await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM, after `limit`, or once `done` is true.
+pub fn stop_on(
+    limit: Option<Duration>,
+    mut done: watch::Receiver<bool>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let signal = stop_signal()?;
+    Ok(async move {
+        let timeout = async {
+            match limit {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = signal => {}
+            _ = timeout => {}
+            _ = done.wait_for(|d| *d) => {}
+        }
     })
 }
 

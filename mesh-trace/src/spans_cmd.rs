@@ -8,9 +8,8 @@ use clap::Args;
 use crate::{
     agent::http::AgentState,
     cli::{init_logging, Failure},
-    config::{self, LogLevel},
-    flows::table::FlowTableConfig,
-    run::{agent_with_spans, stop_signal, Settings},
+    config::LogLevel,
+    run::{agent_with_spans, stop_on, Settings},
 };
 
 #[derive(Debug, Args)]
@@ -34,39 +33,14 @@ pub struct SpansArgs {
 
 pub fn main(args: SpansArgs) -> Result<(), Failure> {
     init_logging(LogLevel::Warn);
-    let cgroup = crate::kernel::sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?;
-    let settings = Settings {
-        metrics_addr: None,
-        log_level: LogLevel::Warn,
-        ring_buffer_bytes: config::default_ring_buffer_bytes(),
-        cgroup,
-        print_events: false,
-        lab: args.lab.clone(),
-        max_flows: FlowTableConfig::default().max_sockets,
-        netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
-        noop: false,
-    };
+    let settings = Settings::in_process(args.lab.clone())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(async {
-        let (done_tx, mut done_rx) = tokio::sync::watch::channel(false);
-        let signal = stop_signal()?;
-        let limit = args.duration.map(Duration::from_secs_f64);
-        let stop = async move {
-            let timeout = async {
-                match limit {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = signal => {}
-                _ = timeout => {}
-                _ = done_rx.wait_for(|d| *d) => {}
-            }
-        };
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let stop = stop_on(args.duration.map(Duration::from_secs_f64), done_rx)?;
         let mut printed = 0u64;
         let stdout = std::io::stdout();
         agent_with_spans(

@@ -432,8 +432,15 @@ mod tests {
         let before = mono_ns();
         let started = WriteStart::now();
         // Work on the CPU counts; time asleep (as if preempted) does not.
-        let busy = std::time::Instant::now();
-        while busy.elapsed() < Duration::from_millis(2) {}
+        // Spin for 2 ms of this thread's CPU time, not of wall time: on a
+        // busy machine the spinning thread can itself be preempted.
+        let cpu = || {
+            let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+                .expect("thread CPU clock");
+            t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+        };
+        let busy = cpu();
+        while cpu() < busy + 2_000_000 {}
         std::thread::sleep(Duration::from_millis(20));
         let done = started.done();
         let after = mono_ns();
