@@ -73,8 +73,16 @@ pub struct RunArgs {
     #[arg(long)]
     pub print_events: bool,
     /// Pod and service metadata from a running lab's directory.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "kubernetes")]
     pub lab: Option<PathBuf>,
+    /// Pod and service metadata from the Kubernetes API server (in-cluster
+    /// service account, else KUBECONFIG): the pods on --node-name and every
+    /// service.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// This node's name, whose pods are watched with --kubernetes.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
     /// Sockets tracked at once, in the kernel and in the flow table.
     #[arg(long, value_name = "N")]
     pub max_flows: Option<usize>,

@@ -48,6 +48,9 @@ pub struct ConfigFile {
     pub mount: Option<bool>,
     /// Metadata from a running lab's directory.
     pub lab: Option<PathBuf>,
+    /// Metadata from the Kubernetes API server, for the pods on `node_name`.
+    pub kubernetes: Option<bool>,
+    pub node_name: Option<String>,
     /// Sockets tracked at once.
     pub max_flows: Option<usize>,
     /// Directory of named network namespaces to watch at the NAT step.

@@ -52,20 +52,13 @@ pub fn main(args: DemoArgs) -> Result<(), Failure> {
         return Err(Failure::usage(anyhow::anyhow!("--rate must be positive")));
     }
     let opts = args.shape.options().map_err(Failure::usage)?;
-    let cgroup = crate::kernel::sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?;
     eprintln!("==> starting the Bookinfo lab (network namespaces, istio-iptables, sidecars)");
     let lab = Lab::up(&opts)?;
     print!("{}", describe(&lab));
     let settings = Settings {
         metrics_addr: Some(args.metrics_addr),
         log_level: LogLevel::Info,
-        ring_buffer_bytes: crate::config::default_ring_buffer_bytes(),
-        cgroup,
-        print_events: false,
-        lab: Some(lab.dir.clone()),
-        max_flows: crate::flows::table::FlowTableConfig::default().max_sockets,
-        netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
-        noop: false,
+        ..Settings::in_process(Some(lab.dir.clone()))?
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

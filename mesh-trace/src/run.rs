@@ -23,6 +23,7 @@ use crate::{
     cli::{init_logging, Failure, RunArgs},
     config::{self, ConfigFile, LogLevel},
     flows::{
+        kubernetes::KubeMetadata,
         metadata::{LabManifest, LabMetadata, Metadata, NoMetadata},
         table::{FlowTable, FlowTableConfig, LegRecord},
     },
@@ -47,6 +48,8 @@ pub struct Settings {
     pub print_events: bool,
     /// Metadata from a running lab's directory (pods, services).
     pub lab: Option<PathBuf>,
+    /// Metadata from the Kubernetes API server: this node's name.
+    pub kubernetes_node: Option<String>,
     /// Sockets the flow table tracks at once.
     pub max_flows: usize,
     /// Where named network namespaces (pods) are mounted; each is watched
@@ -69,17 +72,27 @@ impl Settings {
             cgroup: sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?,
             print_events: false,
             lab,
+            kubernetes_node: None,
             max_flows: FlowTableConfig::default().max_sockets,
             netns_dir: DEFAULT_NETNS_DIR.into(),
             noop: false,
         })
     }
 
-    /// The metadata source these settings name.
-    pub fn metadata(&self) -> anyhow::Result<Arc<dyn Metadata>> {
+    /// The metadata source these settings name. A Kubernetes source starts
+    /// watching at once and is also returned as itself, for its metrics.
+    pub async fn metadata(&self) -> anyhow::Result<(Arc<dyn Metadata>, Option<Arc<KubeMetadata>>)> {
+        if let Some(node) = &self.kubernetes_node {
+            let kube = KubeMetadata::new(node.clone());
+            kube.spawn_watchers(KubeMetadata::client().await?);
+            return Ok((kube.clone(), Some(kube)));
+        }
         Ok(match &self.lab {
-            Some(dir) => Arc::new(LabMetadata::from_manifest(&LabManifest::load(dir)?)?),
-            None => Arc::new(NoMetadata),
+            Some(dir) => (
+                Arc::new(LabMetadata::from_manifest(&LabManifest::load(dir)?)?),
+                None,
+            ),
+            None => (Arc::new(NoMetadata), None),
         })
     }
 }
@@ -91,6 +104,7 @@ impl Settings {
             Some(path) => ConfigFile::load(path).map_err(Failure::usage)?,
             None => ConfigFile::default(),
         };
+        let kubernetes_node = kubernetes_node(args, &file)?;
         let ring = args
             .ring_buffer_bytes
             .or(file.ring_buffer_bytes)
@@ -111,6 +125,7 @@ impl Settings {
             ring_buffer_bytes,
             cgroup,
             print_events: args.print_events,
+            kubernetes_node,
             lab: args.lab.clone().or(file.lab),
             max_flows: args
                 .max_flows
@@ -123,6 +138,24 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
             noop: args.noop,
         })
+    }
+}
+
+/// The node whose pods are watched, when Kubernetes metadata is asked for.
+fn kubernetes_node(args: &RunArgs, file: &ConfigFile) -> Result<Option<String>, Failure> {
+    if !(args.kubernetes || file.kubernetes == Some(true)) {
+        return Ok(None);
+    }
+    if args.lab.is_some() || file.lab.is_some() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "choose one metadata source: --lab or --kubernetes"
+        )));
+    }
+    match args.node_name.clone().or_else(|| file.node_name.clone()) {
+        Some(n) if !n.is_empty() => Ok(Some(n)),
+        _ => Err(Failure::usage(anyhow::anyhow!(
+            "--kubernetes needs this node's name: --node-name or NODE_NAME (in a DaemonSet, from the downward API spec.nodeName)"
+        ))),
     }
 }
 
@@ -327,7 +360,7 @@ pub async fn agent_with_spans(
     mut on_leg: impl FnMut(&LegRecord),
     mut on_span: impl FnMut(&Span),
 ) -> Result<(), Failure> {
-    let metadata = settings.metadata()?;
+    let (metadata, kube) = settings.metadata().await?;
     let table = FlowTable::new(
         FlowTableConfig {
             max_sockets: settings.max_flows,
@@ -359,6 +392,10 @@ pub async fn agent_with_spans(
     // Capture the data path of pods known to have a sidecar now, and of any
     // namespace where a REDIRECT is seen later.
     let mut meshed = std::collections::HashSet::new();
+    metadata.refresh(&settings.netns_dir);
+    state
+        .metadata_synced
+        .store(metadata.synced(), Ordering::Release);
     for cookie in metadata.meshed_netns() {
         tracer.mark_meshed(cookie)?;
         meshed.insert(cookie);
@@ -419,9 +456,24 @@ pub async fn agent_with_spans(
                     .map(|&k| state.metrics.events.get_or_create(&crate::agent::metrics::KindLabel { kind: events::kind_label(k) }).get())
                     .sum();
                 info.events_lost = loss.total();
+                drop(info);
+                if let Some(kube) = &kube {
+                    state.metrics.record_kubernetes(kube);
+                }
+                state.metadata_synced.store(metadata.synced(), Ordering::Release);
             }
             _ = netns_tick.tick() => {
                 let watched = netns.scan(&mut tracer, &settings.netns_dir);
+                // Pods that appeared since: their namespaces, and whether
+                // they have a sidecar, come from the metadata source.
+                metadata.refresh(&settings.netns_dir);
+                for cookie in metadata.meshed_netns() {
+                    if meshed.insert(cookie) {
+                        if let Err(e) = tracer.mark_meshed(cookie) {
+                            tracing::warn!("{e:#}");
+                        }
+                    }
+                }
                 state.info.lock().unwrap_or_else(|p| p.into_inner()).netns_watched = watched;
             }
             _ = flow_tick.tick() => {

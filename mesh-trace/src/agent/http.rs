@@ -34,6 +34,8 @@ pub struct AgentState {
     pub metrics: Metrics,
     /// Set once every program is attached.
     pub ready: AtomicBool,
+    /// Set once the metadata source has its first complete view.
+    pub metadata_synced: AtomicBool,
     /// Sliding-window percentiles per service and hop.
     pub live: std::sync::Mutex<LiveStats>,
     /// What the agent is doing, for `top`'s header.
@@ -62,6 +64,7 @@ impl AgentState {
         AgentState {
             metrics: Metrics::new(),
             ready: AtomicBool::new(false),
+            metadata_synced: AtomicBool::new(false),
             live: std::sync::Mutex::new(LiveStats::new(LIVE_WINDOW, 12, 2_000)),
             info: std::sync::Mutex::new(AgentInfo {
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -114,14 +117,22 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
         "/api/v1/stats" => respond(StatusCode::OK, "application/json", state.stats_json()),
-        "/readyz" if state.ready.load(Ordering::Acquire) => {
-            respond(StatusCode::OK, TEXT, "ready\n")
-        }
-        "/readyz" => respond(
-            StatusCode::SERVICE_UNAVAILABLE,
-            TEXT,
-            "not ready: programs not attached yet\n",
-        ),
+        "/readyz" => match (
+            state.ready.load(Ordering::Acquire),
+            state.metadata_synced.load(Ordering::Acquire),
+        ) {
+            (true, true) => respond(StatusCode::OK, TEXT, "ready\n"),
+            (false, _) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "not ready: programs not attached yet\n",
+            ),
+            (true, false) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                TEXT,
+                "not ready: pods and services not listed from the API server yet\n",
+            ),
+        },
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,

@@ -86,6 +86,11 @@ pub struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    pub resource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
     pub destination_service: String,
 }
@@ -137,6 +142,13 @@ pub struct Metrics {
     pub requests: Family<StatusLabels, Counter>,
     pub proxy_retries: Family<ServiceLabel, Counter>,
     pub requests_unstitched: Family<ReasonLabel, Counter>,
+    /// Objects the Kubernetes metadata source holds (`pods`, `services`).
+    pub metadata_objects: Family<ResourceLabel, Gauge>,
+    /// Watch events the Kubernetes metadata source applied.
+    pub metadata_events: Family<ResourceLabel, Counter>,
+    pub metadata_relists: Counter,
+    pub metadata_errors: Counter,
+    pub process: super::process::ProcessMetrics,
     workload_pairs: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
@@ -308,7 +320,36 @@ impl Metrics {
             "Requests or messages that could not be stitched into a span, by reason",
             requests_unstitched.clone(),
         );
+        let metadata_objects = Family::<ResourceLabel, Gauge>::default();
+        registry.register(
+            "metadata_objects",
+            "Pods on this node and services the Kubernetes metadata source holds",
+            metadata_objects.clone(),
+        );
+        let metadata_events = Family::<ResourceLabel, Counter>::default();
+        registry.register(
+            "metadata_events",
+            "List and watch events the Kubernetes metadata source applied",
+            metadata_events.clone(),
+        );
+        let metadata_relists = Counter::default();
+        registry.register(
+            "metadata_relists",
+            "Complete lists of pods or services (at start, and after a watch expired with 410 Gone)",
+            metadata_relists.clone(),
+        );
+        let metadata_errors = Counter::default();
+        registry.register(
+            "metadata_errors",
+            "Errors from the Kubernetes API server; the watch is retried with backoff",
+            metadata_errors.clone(),
+        );
         Metrics {
+            metadata_objects,
+            metadata_events,
+            metadata_relists,
+            metadata_errors,
+            process: super::process::ProcessMetrics::new(),
             request_duration,
             hop_duration,
             sidecar_overhead,
@@ -431,10 +472,39 @@ impl Metrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        self.process.refresh();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.process.registry))
+            .and_then(|()| encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Copies the Kubernetes metadata source's counts.
+    pub fn record_kubernetes(&self, kube: &crate::flows::kubernetes::KubeMetadata) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (pods, services) = kube.counts();
+        for (resource, objects, events) in [
+            ("pods", pods, &kube.stats.pod_events),
+            ("services", services, &kube.stats.service_events),
+        ] {
+            let label = ResourceLabel { resource };
+            self.metadata_objects
+                .get_or_create(&label)
+                .set(objects as i64);
+            self.metadata_events
+                .get_or_create(&label)
+                .inner()
+                .store(events.load(Relaxed), Relaxed);
+        }
+        self.metadata_relists
+            .inner()
+            .store(kube.stats.relists.load(Relaxed), Relaxed);
+        self.metadata_errors
+            .inner()
+            .store(kube.stats.errors.load(Relaxed), Relaxed);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Who a socket belongs to: pods by network namespace and IP, services by
 //! virtual IP. The lab provides this from its topology; on Kubernetes nodes
-//! the API server will.
+//! the API server does ([`super::kubernetes`]).
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
@@ -17,8 +17,11 @@ use crate::lab::config::LabTopology;
 pub struct Pod {
     pub namespace: String,
     pub name: String,
-    /// The workload (the `app` label): what metrics use as source_workload.
+    /// The workload (Deployment, StatefulSet, ...; the `app` label in the
+    /// lab): what metrics use as source_workload.
     pub workload: String,
+    /// The `app` label.
+    pub app: String,
     pub version: String,
     pub ip: IpAddr,
     /// Whether traffic is intercepted by a sidecar.
@@ -38,6 +41,13 @@ pub trait Metadata: Send + Sync {
     fn meshed_netns(&self) -> Vec<u64> {
         Vec::new()
     }
+    /// Whether the source has its first complete view (for /readyz).
+    fn synced(&self) -> bool {
+        true
+    }
+    /// Looks at the network namespaces under `netns_dir` again (called
+    /// every few seconds): sources that find pods by namespace do it here.
+    fn refresh(&self, _netns_dir: &Path) {}
 }
 
 /// No metadata: everything is "unknown".
@@ -97,6 +107,7 @@ impl LabMetadata {
                 namespace: topo.namespace.clone(),
                 name: spec.name.clone(),
                 workload: spec.app.clone(),
+                app: spec.app.clone(),
                 version: spec.version.clone(),
                 ip: spec.ip.into(),
                 sidecar: spec.sidecar,

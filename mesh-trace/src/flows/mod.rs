@@ -1,6 +1,7 @@
 //! Flow tagging in userspace: sockets reported by the kernel are joined
 //! into legs (the two ends of one TCP connection), each classified by its
 //! place in the sidecar data path and labelled with pods and services.
+pub mod kubernetes;
 pub mod legs;
 pub mod metadata;
 pub mod socket;

@@ -193,19 +193,8 @@ struct LocalAgent {
 
 impl LocalAgent {
     async fn start(lab: Option<PathBuf>) -> Result<LocalAgent, Failure> {
-        let settings = Settings {
-            // The view reads the state directly: nothing to serve.
-            metrics_addr: None,
-            log_level: LogLevel::Warn,
-            ring_buffer_bytes: crate::config::default_ring_buffer_bytes(),
-            cgroup: crate::kernel::sysfs::cgroup2_root()
-                .context("no cgroup v2 hierarchy mounted")?,
-            print_events: false,
-            lab,
-            max_flows: crate::flows::table::FlowTableConfig::default().max_sockets,
-            netns_dir: crate::run::DEFAULT_NETNS_DIR.into(),
-            noop: false,
-        };
+        // The view reads the state directly: nothing to serve.
+        let settings = Settings::in_process(lab)?;
         let state = Arc::new(AgentState::new());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(agent_with_spans(

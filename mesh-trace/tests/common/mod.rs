@@ -2,6 +2,9 @@
 //! and spans.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod agent;
+pub mod kubeapi;
+
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -31,15 +34,9 @@ impl Traced {
         let spans = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let settings = Settings {
-            metrics_addr: None,
-            log_level: mesh_trace::config::LogLevel::Warn,
             ring_buffer_bytes: 1 << 22,
-            cgroup: mesh_trace::kernel::sysfs::cgroup2_root().expect("cgroup v2"),
-            print_events: false,
-            lab: Some(lab.dir.clone()),
             max_flows: 65_536,
-            netns_dir: mesh_trace::run::DEFAULT_NETNS_DIR.into(),
-            noop: false,
+            ..Settings::in_process(Some(lab.dir.clone())).expect("cgroup v2")
         };
         let (st, lg, sp) = (state.clone(), legs.clone(), spans.clone());
         let thread = std::thread::spawn(move || {
