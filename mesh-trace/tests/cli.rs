@@ -1,13 +1,14 @@
 //! The binary as a user meets it: exit codes, one-line errors, the preflight,
 //! and the agent's endpoints and clean stop.
 use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Output, Stdio},
-    time::{Duration, Instant},
+    io::Write,
+    net::{TcpListener, TcpStream},
+    process::{Command, Output, Stdio},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
+mod common;
+
+use common::agent::{get, AgentProcess, BIN};
 
 fn mesh_trace(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -34,6 +35,23 @@ fn bad_flag_is_one_line_and_exit_2() {
     let err = stderr(&out);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("--no-such-flag"), "{err}");
+}
+
+#[test]
+fn kubernetes_metadata_needs_the_node_name_and_excludes_the_lab() {
+    let out = Command::new(BIN)
+        .args(["run", "--kubernetes"])
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("--node-name") && err.contains("NODE_NAME"), "{err}");
+
+    let out = mesh_trace(&["run", "--kubernetes", "--node-name", "n1", "--lab", "/tmp"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--lab"), "{}", stderr(&out));
 }
 
 #[test]
@@ -126,59 +144,6 @@ fn check_reports_this_kernel() {
     );
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// A minimal HTTP/1.0 GET: (status, body).
-fn get(addr: SocketAddr, path: &str, accept: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: x\r\nAccept: {accept}\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("0")
-        .parse()
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_ready(agent: &mut Agent, addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok((200, _)) = get(addr, "/readyz", "*/*") {
-            return;
-        }
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            panic!("agent exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "agent not ready in 20 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn link_count() -> usize {
     aya::programs::loaded_links().filter_map(Result::ok).count()
 }
@@ -187,15 +152,8 @@ fn link_count() -> usize {
 fn agent_serves_valid_metrics_and_stops_cleanly() {
     require_root();
     let links_before = link_count();
-    let addr = free_port();
-    let mut agent = Agent(
-        Command::new(BIN)
-            .args(["run", "--metrics-addr", &addr.to_string()])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    wait_ready(&mut agent, addr);
+    let mut agent = AgentProcess::start(&[], &[]);
+    let addr = agent.addr;
     assert!(link_count() >= links_before + 3, "programs attached");
     assert_eq!(get(addr, "/healthz", "*/*").unwrap().0, 200);
 
@@ -241,11 +199,11 @@ fn agent_serves_valid_metrics_and_stops_cleanly() {
     assert!(om.ends_with("# EOF\n"), "OpenMetrics when asked for:\n{om}");
 
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::unistd::Pid::from_raw(agent.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = agent.0.wait().unwrap();
+    let status = agent.child.wait().unwrap();
     assert!(status.success(), "agent exit status {status}");
     assert_eq!(link_count(), links_before, "links left after SIGTERM");
 }

@@ -4,13 +4,13 @@ use std::{
     collections::HashSet,
     io::Read,
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 mod common;
 
-use common::Traced;
+use common::{agent::AgentProcess, Traced};
 use mesh_trace::{
     agent::metrics::DirectionLabel,
     flows::{legs::LegKind, table::LegRecord},
@@ -354,74 +354,15 @@ fn passthrough_blackhole_and_bypass_are_classified() {
     }
 }
 
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    use std::io::Write;
-    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
+/// A sample's value, which must be there.
 fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("{series} missing"))
-}
-
-struct AgentProcess(Child, SocketAddr);
-
-impl AgentProcess {
-    fn start(args: &[&str]) -> AgentProcess {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let child = Command::new(BIN)
-            .args(["run", "--metrics-addr", &addr.to_string()])
-            .args(args)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !TcpStream::connect(addr).is_ok_and(|mut s| {
-            use std::io::Write;
-            let _ = write!(s, "GET /readyz HTTP/1.0\r\n\r\n");
-            let mut r = String::new();
-            let _ = s.read_to_string(&mut r);
-            r.contains(" 200 ")
-        }) {
-            assert!(Instant::now() < deadline, "agent not ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        AgentProcess(child, addr)
-    }
-
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    common::agent::metric(text, series).unwrap_or_else(|| panic!("{series} missing")) as u64
 }
 
 #[test]
 fn a_full_ring_buffer_is_counted_and_the_agent_keeps_working() {
     require_root();
-    let agent = AgentProcess::start(&["--ring-buffer-bytes", "4096"]);
+    let agent = AgentProcess::start(&["--ring-buffer-bytes", "4096"], &[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = std::thread::spawn(move || {
@@ -437,7 +378,7 @@ fn a_full_ring_buffer_is_counted_and_the_agent_keeps_working() {
     drop(open);
     acceptor.join().unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let text = scrape(agent.1);
+    let text = agent.scrape();
     let lost = metric(
         &text,
         "mesh_trace_events_lost_total{reason=\"ringbuf_full\"}",
@@ -449,10 +390,7 @@ fn a_full_ring_buffer_is_counted_and_the_agent_keeps_working() {
     let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let now = metric(
-            &scrape(agent.1),
-            "mesh_trace_events_total{kind=\"connect\"}",
-        );
+        let now = metric(&agent.scrape(), "mesh_trace_events_total{kind=\"connect\"}");
         if now > before {
             break;
         }
@@ -465,7 +403,7 @@ fn a_full_ring_buffer_is_counted_and_the_agent_keeps_working() {
 fn memory_stays_bounded_under_connection_churn() {
     require_root();
     let max_flows = 1000;
-    let agent = AgentProcess::start(&["--max-flows", &max_flows.to_string()]);
+    let agent = AgentProcess::start(&["--max-flows", &max_flows.to_string()], &[]);
     let ns = mesh_trace::netns::NetNs::create(&format!("mt-churn-{}", std::process::id())).unwrap();
     let total = 50_000;
     let held = 3_000;
@@ -499,7 +437,7 @@ fn memory_stays_bounded_under_connection_churn() {
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let text = scrape(agent.1);
+    let text = agent.scrape();
     let tracked = metric(&text, "mesh_trace_flows_tracked");
     let evicted = metric(&text, "mesh_trace_flows_evicted_total");
     let map_full = metric(&text, "mesh_trace_events_lost_total{reason=\"map_full\"}");
@@ -575,7 +513,7 @@ fn metrics_stay_valid_under_load() {
     require_root();
     let lab = Lab::up(&options()).unwrap();
     let dir = lab.dir.to_str().unwrap().to_string();
-    let agent = AgentProcess::start(&["--lab", &dir]);
+    let agent = AgentProcess::start(&["--lab", &dir], &[]);
     let loader = {
         let records = lab.dir.join("bg.jsonl");
         let args = [
@@ -595,11 +533,11 @@ fn metrics_stay_valid_under_load() {
         child.unwrap()
     };
     std::thread::sleep(Duration::from_millis(1500));
-    let during = scrape(agent.1);
+    let during = agent.scrape();
     let mut loader = loader;
     loader.wait().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let after = scrape(agent.1);
+    let after = agent.scrape();
     for text in [&during, &after] {
         let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or(text);
         let mut promtool = Command::new("promtool")

@@ -2,7 +2,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -50,6 +50,8 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 pub struct AgentProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The agent's stderr.
+    pub log: std::path::PathBuf,
 }
 
 impl AgentProcess {
@@ -57,14 +59,15 @@ impl AgentProcess {
     /// waits until /readyz answers 200.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
         let addr = free_port();
+        let log = std::env::temp_dir().join(format!("mesh-trace-agent-{}.log", addr.port()));
         let child = Command::new(BIN)
             .args(["run", "--metrics-addr", &addr.to_string()])
             .args(args)
             .envs(env.iter().copied())
-            .stderr(Stdio::inherit())
+            .stderr(std::fs::File::create(&log).expect("agent log file"))
             .spawn()
             .expect("starting the agent");
-        let mut agent = AgentProcess { child, addr };
+        let mut agent = AgentProcess { child, addr, log };
         agent.wait_ready(Duration::from_secs(30));
         agent
     }
@@ -76,7 +79,10 @@ impl AgentProcess {
                 return;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("agent exited early: {status}");
+                panic!(
+                    "agent exited early: {status}\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
             }
             let (_, why) = get(self.addr, "/readyz", "*/*").unwrap_or_default();
             assert!(
@@ -109,5 +115,6 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
