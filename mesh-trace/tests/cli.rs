@@ -47,7 +47,10 @@ fn kubernetes_metadata_needs_the_node_name_and_excludes_the_lab() {
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-    assert!(err.contains("--node-name") && err.contains("NODE_NAME"), "{err}");
+    assert!(
+        err.contains("--node-name") && err.contains("NODE_NAME"),
+        "{err}"
+    );
 
     let out = mesh_trace(&["run", "--kubernetes", "--node-name", "n1", "--lab", "/tmp"]);
     assert_eq!(out.status.code(), Some(2));

@@ -515,7 +515,7 @@ fn netns_addresses(path: &Path) -> anyhow::Result<(u64, Vec<IpAddr>)> {
     std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<(u64, Vec<IpAddr>)> {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the namespace")?;
+                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
             let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
             let cookie = crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")?;
             let mut ips = Vec::new();

@@ -164,7 +164,7 @@ pub fn netns_cookie_at(path: &Path) -> anyhow::Result<u64> {
     std::thread::scope(|s| {
         s.spawn(|| -> anyhow::Result<u64> {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the namespace")?;
+                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
             let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
             crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")
         })

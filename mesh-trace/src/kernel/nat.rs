@@ -93,7 +93,7 @@ impl NatProbe {
         let links = std::thread::scope(|s| {
             s.spawn(|| -> anyhow::Result<Vec<OwnedFd>> {
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering the namespace")?;
+                    .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
                 plan.iter()
                     .map(|&(fd, hooknum, priority)| {
                         // SAFETY: fd belongs to a program in `progs`, alive here.

@@ -36,7 +36,7 @@ pub fn tcp_sockets(netns: &Path) -> anyhow::Result<Vec<DiagSocket>> {
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the namespace")?;
+                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
             dump()
         })
         .join()

@@ -95,8 +95,9 @@ impl Tracer {
         if !missing.is_empty() {
             let names: Vec<_> = missing.iter().map(|c| c.name()).collect();
             bail!(
-                "missing capability {} (run as root, or grant CAP_BPF, CAP_PERFMON and \
-                 CAP_NET_ADMIN)",
+                "missing capability {} (run as root, or grant CAP_NET_ADMIN and CAP_SYS_ADMIN; \
+                 CAP_BPF and CAP_PERFMON stand in for CAP_SYS_ADMIN when no pod network \
+                 namespace is watched)",
                 names.join(", ")
             );
         }
