@@ -20,10 +20,18 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs a checking script or tool from the repository root; its output is
-/// shown, and it must succeed.
+/// Runs a checking script or tool from the repository root, with the tools
+/// `cargo xtask setup` installs on PATH; its output is shown, and it must
+/// succeed.
 fn passes(cmd: &mut Command) {
+    let tools = repo().join("target/tools/python/bin");
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let out = cmd
+        .env("PATH", path)
         .current_dir(repo())
         .output()
         .unwrap_or_else(|e| panic!("{cmd:?}: {e} (run `cargo xtask setup`)"));

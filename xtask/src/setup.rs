@@ -30,6 +30,11 @@ const TOOL_PACKAGES: &[&str] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// What deploy/validate.sh checks the manifests with, installed into a
+/// virtual environment of the project's (target/tools/python), not into
+/// the machine's Python.
+const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "check-jsonschema==0.39.0"];
+
 pub fn ensure() -> anyhow::Result<()> {
     let mut wanted: Vec<&str> = TOOL_PACKAGES.to_vec();
     if nightly_with_rust_src() && bpf_linker_version().is_some() {
@@ -47,7 +52,36 @@ pub fn ensure() -> anyhow::Result<()> {
         Some(v) => step(&format!("bpf-linker: {v}")),
         None => install_bpf_linker()?,
     }
-    Ok(())
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        apt_install(&["kubernetes-client"])?;
+    }
+    ensure_python_tools()
+}
+
+fn ensure_python_tools() -> anyhow::Result<()> {
+    let venv = crate::workspace_root().join("target/tools/python");
+    let bin = venv.join("bin");
+    let present = ["kubernetes-validate", "check-jsonschema"]
+        .iter()
+        .all(|t| bin.join(t).exists());
+    if present {
+        step("Python tools: kubernetes-validate, check-jsonschema");
+        return Ok(());
+    }
+    step(&format!(
+        "pip install {} (into {})",
+        PYTHON_TOOLS.join(" "),
+        venv.display()
+    ));
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(bin.join("pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PYTHON_TOOLS))
 }
 
 fn installed(package: &str) -> bool {
