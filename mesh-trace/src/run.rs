@@ -457,6 +457,7 @@ pub async fn agent_with_spans(
                     .sum();
                 info.events_lost = loss.total();
                 drop(info);
+                state.metrics.record_metadata(metadata.as_ref());
                 if let Some(kube) = &kube {
                     state.metrics.record_kubernetes(kube);
                 }

@@ -60,7 +60,25 @@ pub fn ensure() -> anyhow::Result<()> {
     {
         apt_install(&["kubernetes-client"])?;
     }
-    ensure_python_tools()
+    ensure_python_tools()?;
+    ensure_dashboard_validator()
+}
+
+/// `@grafana/schema` and TypeScript, pinned by the lock file, for
+/// deploy/grafana/validate.
+fn ensure_dashboard_validator() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("deploy/grafana/validate");
+    if dir.join("node_modules/.package-lock.json").exists() {
+        step("npm packages for the dashboard validator: present");
+        return Ok(());
+    }
+    if Command::new("npm").arg("--version").output().is_err() {
+        apt_install(&["nodejs", "npm"])?;
+    }
+    step("npm ci (deploy/grafana/validate: @grafana/schema, typescript)");
+    run(Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir))
 }
 
 fn ensure_python_tools() -> anyhow::Result<()> {

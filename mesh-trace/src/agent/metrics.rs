@@ -321,12 +321,16 @@ impl Metrics {
             requests_unstitched.clone(),
         );
         let metadata_objects = Family::<ResourceLabel, Gauge>::default();
+        let metadata_events = Family::<ResourceLabel, Counter>::default();
+        for resource in ["pods", "services"] {
+            let _ = metadata_objects.get_or_create(&ResourceLabel { resource });
+            let _ = metadata_events.get_or_create(&ResourceLabel { resource });
+        }
         registry.register(
             "metadata_objects",
-            "Pods on this node and services the Kubernetes metadata source holds",
+            "Pods and services the metadata source holds (the lab's, or this node's pods and every service from the API server)",
             metadata_objects.clone(),
         );
-        let metadata_events = Family::<ResourceLabel, Counter>::default();
         registry.register(
             "metadata_events",
             "List and watch events the Kubernetes metadata source applied",
@@ -482,20 +486,25 @@ impl Metrics {
         out
     }
 
-    /// Copies the Kubernetes metadata source's counts.
+    /// Copies what the metadata source holds.
+    pub fn record_metadata(&self, meta: &dyn crate::flows::metadata::Metadata) {
+        let (pods, services) = meta.counts();
+        for (resource, objects) in [("pods", pods), ("services", services)] {
+            self.metadata_objects
+                .get_or_create(&ResourceLabel { resource })
+                .set(objects as i64);
+        }
+    }
+
+    /// Copies the Kubernetes metadata source's counters.
     pub fn record_kubernetes(&self, kube: &crate::flows::kubernetes::KubeMetadata) {
         use std::sync::atomic::Ordering::Relaxed;
-        let (pods, services) = kube.counts();
-        for (resource, objects, events) in [
-            ("pods", pods, &kube.stats.pod_events),
-            ("services", services, &kube.stats.service_events),
+        for (resource, events) in [
+            ("pods", &kube.stats.pod_events),
+            ("services", &kube.stats.service_events),
         ] {
-            let label = ResourceLabel { resource };
-            self.metadata_objects
-                .get_or_create(&label)
-                .set(objects as i64);
             self.metadata_events
-                .get_or_create(&label)
+                .get_or_create(&ResourceLabel { resource })
                 .inner()
                 .store(events.load(Relaxed), Relaxed);
         }

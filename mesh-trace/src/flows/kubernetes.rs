@@ -284,12 +284,6 @@ impl KubeMetadata {
         pods
     }
 
-    /// How many pods and services are held.
-    pub fn counts(&self) -> (usize, usize) {
-        let state = self.read();
-        (state.pods.len(), state.services.len())
-    }
-
     /// Services known now, as `name.namespace`, sorted.
     pub fn services(&self) -> Vec<String> {
         let mut s: Vec<_> = self.read().services.values().map(|s| s.label()).collect();
@@ -321,6 +315,10 @@ impl Metadata for KubeMetadata {
             .filter(|(_, p)| p.sidecar)
             .map(|(&c, _)| c)
             .collect()
+    }
+    fn counts(&self) -> (usize, usize) {
+        let state = self.read();
+        (state.pods.len(), state.services.len())
     }
     fn synced(&self) -> bool {
         self.pods_synced.load(Ordering::Acquire) && self.services_synced.load(Ordering::Acquire)

@@ -41,6 +41,10 @@ pub trait Metadata: Send + Sync {
     fn meshed_netns(&self) -> Vec<u64> {
         Vec::new()
     }
+    /// Pods and services held now.
+    fn counts(&self) -> (usize, usize) {
+        (0, 0)
+    }
     /// Whether the source has its first complete view (for /readyz).
     fn synced(&self) -> bool {
         true
@@ -142,6 +146,10 @@ impl Metadata for LabMetadata {
     }
     fn service_by_vip(&self, addr: SocketAddr) -> Option<String> {
         self.vips.get(&addr).cloned()
+    }
+    fn counts(&self) -> (usize, usize) {
+        let services: std::collections::HashSet<&String> = self.vips.values().collect();
+        (self.by_ip.len(), services.len())
     }
     fn meshed_netns(&self) -> Vec<u64> {
         self.by_netns

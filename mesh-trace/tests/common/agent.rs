@@ -58,7 +58,11 @@ impl AgentProcess {
     /// Starts the agent with these extra arguments and environment, and
     /// waits until /readyz answers 200.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
-        let addr = free_port();
+        Self::start_on(free_port(), args, env)
+    }
+
+    /// [`AgentProcess::start`], serving on `addr`.
+    pub fn start_on(addr: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
         let log = std::env::temp_dir().join(format!("mesh-trace-agent-{}.log", addr.port()));
         let child = Command::new(BIN)
             .args(["run", "--metrics-addr", &addr.to_string()])
