@@ -1,5 +1,6 @@
 //! Maps shared by every program, and the helpers that write to them.
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -35,13 +36,35 @@ pub fn header(kind: EventKind) -> EventHeader {
     }
 }
 
+/// Bytes waiting in the ring buffer past which a commit wakes the agent,
+/// set by the agent; below it the agent finds them at its next poll. Waking
+/// the reader on every event (the kernel's default when the reader has
+/// caught up) costs an interrupt per event. 0: the kernel's default.
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 0;
+
+/// Submit flags for a record just reserved: wake the agent only when enough
+/// is waiting.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    // SAFETY: a frozen global; volatile so the compiler keeps the load.
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    if threshold == 0 {
+        0
+    } else if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
 /// Writes `event` to the ring buffer, or counts it as lost.
 #[inline(always)]
 pub fn emit<T: 'static>(event: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(0);
+            slot.submit(wakeup_flags());
         }
         None => count_loss(LossReason::RingBufFull),
     }

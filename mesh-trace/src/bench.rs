@@ -76,10 +76,20 @@ struct Agent {
 
 impl Agent {
     fn start(exe: &std::path::Path, lab: &Lab, noop: bool) -> anyhow::Result<Agent> {
+        Self::start_with(exe, lab, noop, &[])
+    }
+
+    fn start_with(
+        exe: &std::path::Path,
+        lab: &Lab,
+        noop: bool,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
         let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let mut c = Command::new(exe);
         c.args(["run", "--metrics-addr", &addr.to_string(), "--lab"])
             .arg(&lab.dir)
+            .args(extra)
             .env("MESH_TRACE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -109,6 +119,19 @@ impl Agent {
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_string())
             .unwrap_or_default())
+    }
+
+    /// Resident memory now, in MiB.
+    fn rss_now_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
     }
 
     /// (CPU seconds, peak RSS in MiB) of the agent process so far.
@@ -252,11 +275,14 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         pods.push(idle_pods(&exe, &lab, n)?);
     }
 
+    eprintln!("==> agent memory with 100k tracked flows");
+    let flows = many_flows(&exe, &lab, 50_000)?;
+
     eprintln!("==> pipeline capacity");
     let pipeline = pipeline_capacity(400_000);
 
     let mut report = render(&args, &runs, &meshed, &unrelated, pipeline);
-    report.push_str(&render_scaling(&args, &rated, &pods));
+    report.push_str(&render_scaling(&args, &rated, &pods, &flows));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("==> wrote {}", args.out.display());
     Ok(())
@@ -307,7 +333,107 @@ fn idle_pods(exe: &std::path::Path, lab: &Lab, n: usize) -> anyhow::Result<Pods>
     })
 }
 
-fn render_scaling(args: &BenchArgs, rated: &[Rated], pods: &[Pods]) -> String {
+/// The agent holding many flows at once.
+struct ManyFlows {
+    connections: usize,
+    tracked: f64,
+    rss_mib: f64,
+    peak_rss_mib: f64,
+    settle_s: f64,
+    lost: f64,
+    evicted: f64,
+}
+
+/// Opens `connections` loopback connections (two tracked sockets each) and
+/// holds them while the agent's memory is read.
+fn many_flows(exe: &std::path::Path, lab: &Lab, connections: usize) -> anyhow::Result<ManyFlows> {
+    raise_open_files(connections as u64 * 2 + 4096)?;
+    let max_flows = (connections * 2 + 16_384).to_string();
+    let agent = Agent::start_with(exe, lab, false, &["--max-flows", &max_flows])?;
+    let (_, baseline_mib) = agent.usage();
+    // Several listeners, so that ephemeral ports do not run out.
+    let listeners: Vec<TcpListener> = (0..4)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?;
+    let per = connections.div_ceil(listeners.len());
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            std::thread::spawn(move || -> Vec<TcpStream> {
+                l.incoming().take(per).filter_map(Result::ok).collect()
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(per * addrs.len());
+    for i in 0..per * addrs.len() {
+        clients.push(TcpStream::connect(addrs[i % addrs.len()]).context("connecting")?);
+    }
+    let servers: Vec<Vec<TcpStream>> = acceptors
+        .into_iter()
+        .map(|a| a.join().map_err(|_| anyhow::anyhow!("acceptor panicked")))
+        .collect::<anyhow::Result<_>>()?;
+    let want = (clients.len() * 2) as f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tracked = 0.0;
+    while Instant::now() < deadline {
+        tracked = agent.metric("mesh_trace_flows_tracked");
+        if tracked >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let settle_s = started.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    let flows = ManyFlows {
+        connections: clients.len(),
+        tracked: agent.metric("mesh_trace_flows_tracked").max(tracked),
+        rss_mib: agent.rss_now_mib(),
+        peak_rss_mib: agent.usage().1,
+        settle_s,
+        lost: agent.metric("mesh_trace_events_lost_total"),
+        evicted: agent.metric("mesh_trace_flows_evicted_total"),
+    };
+    eprintln!(
+        "    {} sockets tracked, RSS {:.1} MiB (was {baseline_mib:.1} MiB)",
+        flows.tracked, flows.rss_mib
+    );
+    drop(clients);
+    drop(servers);
+    Ok(flows)
+}
+
+/// Raises this process's open-file limit to at least `n` (root may).
+fn raise_open_files(n: u64) -> anyhow::Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid rlimit to fill and then read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur >= n {
+            return Ok(());
+        }
+        lim.rlim_cur = n;
+        lim.rlim_max = lim.rlim_max.max(n);
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            bail!(
+                "raising the open-file limit to {n}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn render_scaling(args: &BenchArgs, rated: &[Rated], pods: &[Pods], flows: &ManyFlows) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "\n## Agent cost and loss at fixed rates\n");
     let _ = writeln!(
@@ -373,7 +499,30 @@ fn render_scaling(args: &BenchArgs, rated: &[Rated], pods: &[Pods]) -> String {
     );
     let _ = writeln!(
         o,
-        "| Agent RSS <= 128 MiB at 100k tracked flows | not measured | the churn test holds 3,000 open connections at a 1,000-socket limit: 51 MiB |"
+        "| Agent RSS <= 128 MiB at 100k tracked flows | {} | {:.1} MiB with {:.0} sockets tracked |",
+        if flows.rss_mib <= 128.0 && flows.tracked >= 100_000.0 {
+            "yes"
+        } else {
+            "not yet"
+        },
+        flows.rss_mib,
+        flows.tracked
+    );
+    let _ = writeln!(o, "\n## Agent memory with many tracked flows\n");
+    let _ = writeln!(
+        o,
+        "{} loopback connections held open on the node (both ends are tracked sockets), agent started with `--max-flows {}`.\n",
+        flows.connections,
+        flows.connections * 2 + 16_384
+    );
+    let _ = writeln!(
+        o,
+        "| sockets tracked | RSS MiB | peak RSS MiB | all tracked after s | events lost | evicted |\n|---|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        o,
+        "| {:.0} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} |",
+        flows.tracked, flows.rss_mib, flows.peak_rss_mib, flows.settle_s, flows.lost, flows.evicted
     );
     o
 }

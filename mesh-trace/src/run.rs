@@ -384,6 +384,8 @@ pub async fn agent_with_spans(
 
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
+        // An eighth of the ring: the agent is woken long before it fills.
+        wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
         tracked_sockets: settings.max_flows as u32,
         noop: settings.noop,
         ..TracerOptions::new(settings.cgroup.clone())

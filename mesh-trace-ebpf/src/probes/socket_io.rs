@@ -21,7 +21,7 @@ use mesh_trace_common::{
     DIR_SEND, TRACKED_OWNER_SEEN,
 };
 
-use crate::maps::{count_loss, emit, header, noop, EVENTS, MESHED_NETNS, TRACKED};
+use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_NETNS, TRACKED};
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
 #[no_mangle]
@@ -148,7 +148,7 @@ fn capture(cookie: u64, direction: u32, offset: u64, len: u64) {
             (*ev).prefix_len = n as u32;
         }
     }
-    slot.submit(0);
+    slot.submit(wakeup_flags());
 }
 
 /// The current syscall's user buffer and its size, from the task's saved

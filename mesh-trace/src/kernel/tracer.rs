@@ -38,7 +38,15 @@ pub struct TracerOptions {
     /// Attach every program but make each return at once: the cost of the
     /// hooks alone, for benchmarks.
     pub noop: bool,
+    /// Bytes waiting in the ring buffer past which the kernel wakes the
+    /// agent; the rest is read every [`RING_POLL`]. 0 wakes it for every
+    /// event (the kernel's default).
+    pub wakeup_bytes: u64,
 }
+
+/// How often the agent reads the ring buffer when the kernel has not woken
+/// it: the longest an event waits at low rates.
+pub const RING_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Default payload prefix: a request line, Host and x-request-id fit.
 pub const DEFAULT_PREFIX_LEN: u32 = 192;
@@ -52,6 +60,7 @@ impl TracerOptions {
             tracked_sockets: mesh_trace_common::DEFAULT_TRACKED_SOCKETS,
             prefix_len: DEFAULT_PREFIX_LEN,
             noop: false,
+            wakeup_bytes: u64::from(DEFAULT_RING_BUFFER_BYTES / 8),
         }
     }
 }
@@ -111,6 +120,7 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
             .override_global("NOOP", &u32::from(opts.noop), true)
+            .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .map_max_entries(names::TRACKED, opts.tracked_sockets)
             .load(obj)
@@ -241,12 +251,23 @@ impl Tracer {
         &mut self,
         out: &mut Vec<Result<Event, DecodeError>>,
     ) -> anyhow::Result<()> {
-        let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            out.push(Event::decode(&item));
+        // Woken by the kernel once enough is waiting, else on the poll.
+        match tokio::time::timeout(RING_POLL, self.ring.readable_mut()).await {
+            Ok(guard) => {
+                let mut guard = guard?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    out.push(Event::decode(&item));
+                }
+                guard.clear_ready();
+            }
+            Err(_) => {
+                let ring = self.ring.get_mut();
+                while let Some(item) = ring.next() {
+                    out.push(Event::decode(&item));
+                }
+            }
         }
-        guard.clear_ready();
         Ok(())
     }
 
