@@ -20,7 +20,9 @@ pub mod names {
     pub const CONNECT4: &str = "mt_connect4";
     pub const CONNECT6: &str = "mt_connect6";
     pub const SOCK_OPS: &str = "mt_sock_ops";
-    pub const TRACKED: &str = "TRACKED";
+    pub const SOCKS: &str = "SOCKS";
+    pub const ADOPT: &str = "ADOPT";
+    pub const ADOPT_PROG: &str = "mt_adopt";
     pub const SEND_LENGTH: &str = "mt_send_length";
     pub const RECV_LENGTH: &str = "mt_recv_length";
     pub const RETRANSMIT: &str = "mt_retransmit";
@@ -213,11 +215,14 @@ pub struct TcpIssueEvent {
     pub _pad: u32,
 }
 
-/// Value of the `TRACKED` map: TCP sockets between ESTABLISHED and close,
-/// keyed by socket cookie. Bounded; a failed insert counts as `map_full`.
+/// Value of the `SOCKS` socket-local storage: TCP sockets between
+/// ESTABLISHED and close. Lives on the socket and goes with it; a failed
+/// creation (no memory) counts as `map_full`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedSock {
+    /// The socket's cookie, kept so the data path need not ask for it.
+    pub cookie: u64,
     pub netns_cookie: u64,
     /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent.
     pub flags: u32,
@@ -274,8 +279,9 @@ impl Default for DataEvent {
 
 pub const TRACKED_OWNER_SEEN: u32 = 1;
 
-/// Default size of the `TRACKED` map (sockets alive at once).
-pub const DEFAULT_TRACKED_SOCKETS: u32 = 65_536;
+/// Size of the `ADOPT` map: sockets found open when the agent starts,
+/// adopted one network namespace at a time.
+pub const ADOPT_MAX: u32 = 16_384;
 
 /// Netfilter hooks a [`RedirectEvent`] comes from.
 pub const HOOK_LOCAL_OUT: u16 = 0;
@@ -337,7 +343,7 @@ mod tests {
         assert_eq!(size_of::<SockEvent>(), 16 + 8 + 8 + 24 + 24 + 4 + 4 + 8 + 8);
         assert_eq!(size_of::<OwnerEvent>(), 16 + 8 + 32);
         assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4);
-        assert_eq!(size_of::<TrackedSock>(), 8 + 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<TrackedSock>(), 8 + 8 + 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<DataEvent>(),
             16 + 8 + 8 + 8 + 4 * 4 + DATA_PREFIX_MAX

@@ -1,11 +1,16 @@
 //! Maps shared by every program, and the helpers that write to them.
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::map,
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SK_STORAGE_GET_F_CREATE,
+    },
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    macros::{btf_map, map},
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use mesh_trace_common::{EventHeader, EventKind, LossReason, TrackedSock, DEFAULT_TRACKED_SOCKETS};
+use mesh_trace_common::{EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX};
 
 /// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
 const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -70,11 +75,63 @@ pub fn emit<T: 'static>(event: T) {
     }
 }
 
-/// TCP sockets between ESTABLISHED and close, by socket cookie: the sockets
-/// the data-path programs care about. Sized by the agent.
-#[map(name = "TRACKED")]
-pub static TRACKED: HashMap<u64, TrackedSock> =
-    HashMap::with_max_entries(DEFAULT_TRACKED_SOCKETS, 0);
+/// Socket-local storage (`BPF_MAP_TYPE_SK_STORAGE`) declared the BTF way,
+/// which that map type requires. The kernel keeps the value on the socket
+/// itself: looking it up is a pointer walk, not a hash, so sockets without
+/// it (everything outside the mesh's TCP connections) cost almost nothing,
+/// and it is freed with the socket, so it needs no size limit of its own.
+#[repr(C)]
+pub struct SockStorage<V> {
+    r#type: *const [i32; 24], // BPF_MAP_TYPE_SK_STORAGE
+    key: *const i32,
+    value: *const V,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; 1], // BPF_F_NO_PREALLOC, required
+}
+
+// SAFETY: the fields only describe the map to the loader; nothing reads them.
+unsafe impl<V> Sync for SockStorage<V> {}
+
+impl<V> SockStorage<V> {
+    const fn new() -> Self {
+        SockStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The value stored on `sk` (any pointer the verifier knows as a socket),
+    /// created from `init` when given and absent.
+    #[inline(always)]
+    pub fn get(&self, sk: *mut c_void, init: Option<&mut V>) -> Option<&mut V> {
+        let (value, flags) = match init {
+            Some(v) => (
+                v as *mut V as *mut c_void,
+                BPF_SK_STORAGE_GET_F_CREATE as u64,
+            ),
+            None => (core::ptr::null_mut(), 0),
+        };
+        let map = self as *const Self as *mut c_void;
+        // SAFETY: the helper returns null or a pointer to this map's value on
+        // the socket, valid for this program run.
+        unsafe { (bpf_sk_storage_get(map, sk, value, flags) as *mut V).as_mut() }
+    }
+}
+
+/// TCP sockets between ESTABLISHED and close: the sockets the data-path
+/// programs care about, with their stream offsets.
+#[btf_map(name = "SOCKS")]
+pub static SOCKS: SockStorage<TrackedSock> = SockStorage::new();
+
+/// Sockets that were established before the programs were attached, by
+/// cookie, written by the agent from sock_diag; the `iter/tcp` program moves
+/// them into [`SOCKS`].
+#[map(name = "ADOPT")]
+pub static ADOPT: HashMap<u64, TrackedSock> =
+    HashMap::with_max_entries(ADOPT_MAX, BPF_F_NO_PREALLOC);
 
 /// Network namespaces whose sockets carry mesh traffic (pods with a sidecar),
 /// by namespace cookie: the only ones whose payload is captured. Written by

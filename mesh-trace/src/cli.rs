@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// This node's name, whose pods are watched with --kubernetes.
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
-    /// Sockets tracked at once, in the kernel and in the flow table.
+    /// Sockets tracked at once in the flow table.
     #[arg(long, value_name = "N")]
     pub max_flows: Option<usize>,
     /// Directory of named network namespaces (pods) to watch at the NAT

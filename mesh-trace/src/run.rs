@@ -244,12 +244,21 @@ fn recover_existing(
             .filter(|(_, s)| s.listening)
             .map(|(_, s)| s.local.port())
             .collect();
+        let established: Vec<_> = sockets
+            .iter()
+            .filter(|(_, s)| !s.listening)
+            .map(|(netns, s)| (s.cookie, *netns))
+            .collect();
+        match tracer.adopt_existing(&path, &established) {
+            Ok(n) => tracing::debug!(
+                "{}: {n} of {} open connections adopted",
+                path.display(),
+                established.len()
+            ),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
         let now = crate::clock::mono_ns();
         for (netns, s) in sockets.iter().filter(|(_, s)| !s.listening) {
-            if let Err(e) = tracer.track_existing(s.cookie, *netns) {
-                tracing::warn!("{e:#}");
-                break;
-            }
             let active = !listening.contains(&s.local.port());
             let header = |kind: EventKind| EventHeader {
                 kind: kind as u32,
@@ -386,7 +395,6 @@ pub async fn agent_with_spans(
         ring_buffer_bytes: settings.ring_buffer_bytes,
         // An eighth of the ring: the agent is woken long before it fills.
         wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
-        tracked_sockets: settings.max_flows as u32,
         noop: settings.noop,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;

@@ -447,7 +447,8 @@ fn memory_stays_bounded_under_connection_churn() {
     );
     assert!(tracked <= max_flows, "flow table over its limit: {tracked}");
     assert!(evicted > 0, "evictions are counted");
-    assert!(map_full > 0, "the kernel table's limit is counted too");
+    // The kernel's per-socket state lives on the sockets: nothing to fill.
+    assert_eq!(map_full, 0, "socket storage failed under churn");
     assert!(rss_mib < 128, "peak RSS {rss_mib} MiB");
 }
 

@@ -10,6 +10,7 @@ macro_rules! field {
     };
 }
 
+pub mod adopt;
 pub mod connect;
 pub mod sock_ops;
 pub mod socket_io;

@@ -1,6 +1,8 @@
 //! sock_ops: every TCP socket that reaches ESTABLISHED (both ends) and its
 //! close, with 4-tuple, RTT and byte counts. Passive opens run in softirq, so
 //! nothing here reads the current task.
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -14,7 +16,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use mesh_trace_common::{Endpoint, EventKind, LossReason, SockEvent, TrackedSock, AF_INET};
 
-use crate::maps::{count_loss, emit, header, noop, TRACKED};
+use crate::maps::{count_loss, emit, header, noop, SOCKS};
 
 /// sock_ops programs return 1; the value is otherwise ignored for these ops.
 const OK: u32 = 1;
@@ -28,9 +30,8 @@ pub fn mt_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, 1),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, 0),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let ev = event(&ctx, EventKind::Closed, 0);
-            let _ = TRACKED.remove(ev.sock_cookie);
-            emit(ev);
+            // The socket's storage goes with the socket.
+            emit(event(&ctx, EventKind::Closed, 0));
         }
         _ => {}
     }
@@ -46,14 +47,17 @@ fn established(ctx: &SockOpsContext, active: u32) {
         warn!(ctx, "sock_ops: cannot enable state callbacks: {}", err);
     }
     let ev = event(ctx, EventKind::Established, active);
-    let tracked = TrackedSock {
+    let mut tracked = TrackedSock {
+        cookie: ev.sock_cookie,
         netns_cookie: ev.netns_cookie,
         flags: 0,
         _pad: 0,
         sent: 0,
         received: 0,
     };
-    if TRACKED.insert(ev.sock_cookie, tracked, 0).is_err() {
+    let sk = field!(ctx.ops, __bindgen_anon_2.sk) as *mut c_void;
+    // Null sk or no memory for the storage: the data path misses this socket.
+    if sk.is_null() || SOCKS.get(sk, Some(&mut tracked)).is_none() {
         count_loss(LossReason::MapFull);
     }
     emit(ev);

@@ -10,7 +10,6 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_get_socket_cookie,
         generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::btf_tracepoint,
@@ -21,7 +20,7 @@ use mesh_trace_common::{
     DIR_SEND, TRACKED_OWNER_SEEN,
 };
 
-use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_NETNS, TRACKED};
+use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS};
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
 #[no_mangle]
@@ -60,12 +59,11 @@ pub fn mt_recv_length(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     let sk: *mut c_void = ctx.arg(0);
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    let Some(tracked) = TRACKED.get_ptr_mut(cookie) else {
+    // Sockets outside the tracked set leave here, after one pointer walk.
+    let Some(tracked) = SOCKS.get(sk, None) else {
         return;
     };
-    // SAFETY: a map value pointer, valid for this program run.
-    let tracked = unsafe { &mut *tracked };
+    let cookie = tracked.cookie;
     if tracked.flags & TRACKED_OWNER_SEEN == 0 {
         // Two CPUs may both get here for one socket; the agent keeps the first.
         tracked.flags |= TRACKED_OWNER_SEEN;

@@ -2,14 +2,12 @@
 //! retransmissions and resets on tracked sockets.
 use core::ffi::c_void;
 
-use aya_ebpf::{
-    helpers::bpf_get_socket_cookie, macros::btf_tracepoint, programs::BtfTracePointContext,
-};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use mesh_trace_common::{
     EventKind, TcpIssueEvent, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
 };
 
-use crate::maps::{emit, header, noop, TRACKED};
+use crate::maps::{emit, header, noop, SOCKS};
 
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn mt_retransmit(ctx: BtfTracePointContext) -> i32 {
@@ -40,15 +38,15 @@ pub fn mt_receive_reset(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn report(ctx: &BtfTracePointContext, issue: u32) {
-    // May be NULL for resets sent without a socket; the helper returns 0 then.
+    // May be NULL (resets sent without a socket) or a time-wait socket; the
+    // storage helper finds nothing on either.
     let sk: *mut c_void = ctx.arg(0);
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    if cookie == 0 || unsafe { TRACKED.get(cookie) }.is_none() {
+    let Some(tracked) = SOCKS.get(sk, None) else {
         return;
-    }
+    };
     emit(TcpIssueEvent {
         header: header(EventKind::TcpIssue),
-        sock_cookie: cookie,
+        sock_cookie: tracked.cookie,
         issue,
         _pad: 0,
     });

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Iter, SockOps},
     Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -31,8 +31,6 @@ pub struct TracerOptions {
     pub ring_buffer_bytes: u32,
     /// cgroup v2 directory the cgroup programs attach to (the root sees all pods).
     pub cgroup: PathBuf,
-    /// Size of the kernel's table of live TCP sockets.
-    pub tracked_sockets: u32,
     /// Payload bytes copied per send/receive in meshed namespaces.
     pub prefix_len: u32,
     /// Attach every program but make each return at once: the cost of the
@@ -57,7 +55,6 @@ impl TracerOptions {
         TracerOptions {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             cgroup,
-            tracked_sockets: mesh_trace_common::DEFAULT_TRACKED_SOCKETS,
             prefix_len: DEFAULT_PREFIX_LEN,
             noop: false,
             wakeup_bytes: u64::from(DEFAULT_RING_BUFFER_BYTES / 8),
@@ -94,6 +91,8 @@ pub struct Tracer {
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub attached: Vec<Attached>,
     pub skipped: Vec<Skipped>,
+    /// Whether the `iter/tcp` program that adopts open sockets loaded.
+    can_adopt: bool,
     // Last: dropped after the maps so the links go last.
     _ebpf: Ebpf,
 }
@@ -122,7 +121,6 @@ impl Tracer {
             .override_global("NOOP", &u32::from(opts.noop), true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
-            .map_max_entries(names::TRACKED, opts.tracked_sockets)
             .load(obj)
             .context("loading the tracer's eBPF object")?;
         let logger = match EbpfLogger::init(&mut ebpf) {
@@ -207,6 +205,21 @@ impl Tracer {
             }
         }
 
+        let can_adopt = match &btf {
+            Ok(btf) => load_adopt(&mut ebpf, btf),
+            Err(e) => Err(anyhow::anyhow!("no kernel BTF: {e}")),
+        }
+        .map_err(|e| {
+            let reason = format!("{:#}", summarize(e));
+            tracing::warn!("{} not loaded: {reason}", names::ADOPT_PROG);
+            skipped.push(Skipped {
+                program: names::ADOPT_PROG,
+                reason,
+                consequence: "connections opened before the agent started are not traced",
+            });
+        })
+        .is_ok();
+
         let nat_shared = nat_shared(&ebpf, opts.noop)
             .map_err(|e| tracing::warn!("REDIRECTs will not be observed at the NAT step: {e:#}"))
             .ok();
@@ -225,6 +238,7 @@ impl Tracer {
             logger,
             attached,
             skipped,
+            can_adopt,
             _ebpf: ebpf,
         })
     }
@@ -295,26 +309,63 @@ impl Tracer {
         self.nat_probes.len()
     }
 
-    /// Starts tracking a socket that existed before the programs were
-    /// attached (found through sock_diag).
-    pub fn track_existing(&mut self, cookie: u64, netns_cookie: u64) -> anyhow::Result<()> {
-        let map = self._ebpf.map_mut(names::TRACKED).context("TRACKED map")?;
-        let mut tracked: aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock> =
-            aya::maps::HashMap::try_from(map)?;
-        let value = mesh_trace_common::TrackedSock {
-            netns_cookie,
-            ..Default::default()
-        };
-        // BPF_NOEXIST: a socket the programs already track keeps its offsets.
-        match tracked.insert(cookie, value, 1) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e).context("inserting into TRACKED (full?)"),
+    /// Starts tracking sockets that existed before the programs were
+    /// attached (found through sock_diag in the namespace at `netns`, as
+    /// (cookie, namespace cookie)): the `iter/tcp` program, run inside that
+    /// namespace, gives each its socket storage. Returns how many it found;
+    /// the others closed in the meantime.
+    pub fn adopt_existing(
+        &mut self,
+        netns: &Path,
+        sockets: &[(u64, u64)],
+    ) -> anyhow::Result<usize> {
+        if sockets.is_empty() {
+            return Ok(0);
         }
+        anyhow::ensure!(
+            self.can_adopt,
+            "connections opened before the agent started are not traced: {} is not loaded",
+            names::ADOPT_PROG
+        );
+        let map = self._ebpf.map_mut(names::ADOPT).context("ADOPT map")?;
+        let mut adopt: aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock> =
+            aya::maps::HashMap::try_from(map)?;
+        let mut offered = 0;
+        for &(cookie, netns_cookie) in sockets.iter().take(mesh_trace_common::ADOPT_MAX as usize) {
+            let value = mesh_trace_common::TrackedSock {
+                cookie,
+                netns_cookie,
+                ..Default::default()
+            };
+            adopt.insert(cookie, value, 0).context("writing ADOPT")?;
+            offered += 1;
+        }
+        let iter: &mut Iter = program(&mut self._ebpf, names::ADOPT_PROG)?.try_into()?;
+        let link = iter.attach().context("attaching the adopt iterator")?;
+        let link = iter.take_link(link)?;
+        let ns = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+        // The iterator walks the sockets of the namespace it is created in.
+        std::thread::scope(|s| {
+            s.spawn(move || -> anyhow::Result<()> {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
+                let mut out = link.into_file().context("creating the adopt iterator")?;
+                std::io::copy(&mut out, &mut std::io::sink())
+                    .context("running the adopt iterator")?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("adopt thread panicked"))?
+        })?;
+        // What the program did not take (it removes what it adopts) closed.
+        let map = self._ebpf.map_mut(names::ADOPT).context("ADOPT map")?;
+        let mut adopt: aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock> =
+            aya::maps::HashMap::try_from(map)?;
+        let left: Vec<u64> = adopt.keys().filter_map(Result::ok).collect();
+        for cookie in &left {
+            let _ = adopt.remove(cookie);
+        }
+        Ok(offered - left.len())
     }
 
     /// Captures the data path of sockets in this namespace from now on.
@@ -374,6 +425,13 @@ fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str, btf: &Btf) -> an
     prog.load(tracepoint, btf)
         .with_context(|| format!("loading {name}"))?;
     prog.attach().with_context(|| format!("attaching {name}"))?;
+    Ok(())
+}
+
+fn load_adopt(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<()> {
+    let prog: &mut Iter = program(ebpf, names::ADOPT_PROG)?.try_into()?;
+    prog.load("tcp", btf)
+        .with_context(|| format!("loading {}", names::ADOPT_PROG))?;
     Ok(())
 }
 
