@@ -1,11 +1,13 @@
 //! The Kubernetes metadata source against an API server that replays
-//! recorded list and watch responses: add, update, delete, a watch that
+//! list and watch responses in the API server's format: add, update, delete, a watch that
 //! ends and is resumed, a watch that expires (410 Gone) and the re-list
-//! that follows; pod network namespaces found by address; and the agent
-//! labelling a lab's traffic with what the API server said.
+//! that follows; pod network namespaces found by address, or through the
+//! processes in pod cgroups; and the agent labelling a lab's traffic with
+//! what the API server said.
 use std::{
     net::{IpAddr, SocketAddr},
-    process::Command,
+    path::{Path, PathBuf},
+    process::{Child, Command},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -17,7 +19,10 @@ use common::{
     kubeapi::{event, fixture, gone, list, ReplayServer, Reply},
 };
 use mesh_trace::{
-    flows::{kubernetes::KubeMetadata, metadata::Metadata},
+    flows::{
+        kubernetes::{KubeMetadata, ProcScan},
+        metadata::{netns_cookie_at, Metadata},
+    },
     lab::topology::{Lab, LabOptions},
 };
 use serde_json::{json, Value};
@@ -69,12 +74,15 @@ struct Source {
 }
 
 fn source(server: &ReplayServer) -> Source {
+    source_with(server, KubeMetadata::new(NODE))
+}
+
+fn source_with(server: &ReplayServer, meta: Arc<KubeMetadata>) -> Source {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
-    let meta = KubeMetadata::new(NODE);
     let url: hyper::Uri = format!("http://{}", server.addr).parse().unwrap();
     let client = runtime.block_on(async {
         kube::Client::try_from(kube::Config::new(url)).expect("client for the replay server")
@@ -331,13 +339,14 @@ fn pod_network_namespaces_are_found_by_their_address() {
     let stranger = TestNetns::new("stranger");
     stranger.add_address("10.99.0.7/24");
     let pending = TestNetns::new("pending");
-    let dir = tempfile_dir();
+    let scratch = ScratchDir::new("netns");
+    let dir = &scratch.0;
     for ns in [&reviews, &stranger, &pending] {
         std::os::unix::fs::symlink(ns.path(), dir.join(&ns.name)).unwrap();
     }
-    let cookie = |ns: &TestNetns| mesh_trace::flows::metadata::netns_cookie_at(&ns.path()).unwrap();
+    let cookie = |ns: &TestNetns| netns_cookie_at(&ns.path()).unwrap();
 
-    meta.refresh(&dir);
+    meta.refresh(dir);
     let found = meta
         .pod_by_netns(cookie(&reviews))
         .expect("reviews-v1's namespace");
@@ -349,7 +358,7 @@ fn pod_network_namespaces_are_found_by_their_address() {
     // The CNI plugin configures the address after the namespace exists:
     // the next scan finds it.
     pending.add_address("10.244.0.31/24");
-    meta.refresh(&dir);
+    meta.refresh(dir);
     assert_eq!(
         meta.pod_by_netns(cookie(&pending))
             .map(|p| p.workload.clone())
@@ -358,16 +367,241 @@ fn pod_network_namespaces_are_found_by_their_address() {
     );
     // A namespace that is gone is forgotten.
     std::fs::remove_file(dir.join(&reviews.name)).unwrap();
-    meta.refresh(&dir);
+    meta.refresh(dir);
     assert_eq!(meta.pod_by_netns(cookie(&reviews)), None);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn tempfile_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("mt-kube-netns-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// An empty directory under the temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(format!("mt-kube-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        ScratchDir(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` in a hybrid layout), from mountinfo.
+fn cgroup2_mount() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            // `id parent dev root mount-point options ... - fstype source ...`
+            let (mount, fs) = line.split_once(" - ")?;
+            let fstype = fs.split(' ').next()?;
+            let mount_point = mount.split(' ').nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
+        })
+        .expect("a cgroup v2 hierarchy mounted (none in /proc/self/mountinfo)")
+}
+
+/// A pod's cgroup as the kubelet's cgroupfs driver lays it out, with the
+/// directories this test made removed bottom-up on drop.
+struct PodCgroup {
+    dir: PathBuf,
+    made: Vec<PathBuf>,
+}
+
+impl PodCgroup {
+    fn new(root: &Path, uid: &str) -> PodCgroup {
+        let dir = root.join(format!("kubepods/besteffort/pod{uid}"));
+        let mut made = Vec::new();
+        let mut at = root.to_path_buf();
+        for part in ["kubepods", "besteffort", &format!("pod{uid}")] {
+            at.push(part);
+            if !at.exists() {
+                std::fs::create_dir(&at)
+                    .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", at.display()));
+                made.push(at.clone());
+            }
+        }
+        PodCgroup { dir, made }
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", self.dir.display()));
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in self.made.iter().rev() {
+            // A killed process leaves its cgroup as it exits: wait briefly.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while std::fs::remove_dir(dir).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `sleep` in a network namespace of its own with no name, as runtimes
+/// that do not mount pod namespaces under /var/run/netns leave them;
+/// killed and reaped on drop.
+struct AnonymousNetnsProcess {
+    child: Child,
+}
+
+impl AnonymousNetnsProcess {
+    fn start() -> AnonymousNetnsProcess {
+        let child = Command::new("unshare")
+            .args(["--net", "sleep", "120"])
+            .spawn()
+            .expect("unshare (util-linux), to start a process in a new network namespace");
+        let mut process = AnonymousNetnsProcess { child };
+        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let path = process.netns_path();
+        wait_until("unshare has made the network namespace", || {
+            if let Some(status) = process.child.try_wait().unwrap() {
+                panic!("unshare --net sleep exited: {status}");
+            }
+            std::fs::read_link(&path).is_ok_and(|ns| ns != own)
+        });
+        process
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn netns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid()))
+    }
+
+    fn netns_cookie(&self) -> u64 {
+        netns_cookie_at(&self.netns_path()).unwrap()
+    }
+}
+
+impl Drop for AnonymousNetnsProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn pod_network_namespaces_are_found_through_pod_cgroups() {
+    require_root();
+    let cgroup_root = cgroup2_mount();
+    // A pod the netns directory does not show: its IP is in no named
+    // namespace, and its UID is unique to this run.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let uid = format!("{:08x}-7e57-4c9a-8d1e-{nanos:012x}", std::process::id());
+    let pod_ip = "10.244.0.231";
+    let mut pods = items(&fixture("pods-list.json"));
+    let ratings = pods
+        .iter_mut()
+        .find(|p| {
+            p["metadata"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("ratings-v1-")
+        })
+        .unwrap();
+    ratings["metadata"]["uid"] = json!(uid);
+    ratings["status"]["podIP"] = json!(pod_ip);
+    ratings["status"]["podIPs"] = json!([{ "ip": pod_ip }]);
+    let ratings_name = ratings["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(
+        ratings["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "istio-proxy"),
+        "ratings-v1 has a sidecar, so counts as meshed"
+    );
+
+    let server = ReplayServer::start();
+    server.push("pods", Reply::List(list("PodList", pods, 9100)));
+    server.push("services", Reply::List(fixture("services-list.json")));
+    let min_interval = Duration::from_secs(3);
+    let src = source_with(
+        &server,
+        KubeMetadata::with_proc_scan(
+            NODE,
+            ProcScan {
+                min_interval,
+                ..ProcScan::default()
+            },
+        ),
+    );
+    let meta = &src.meta;
+    wait_until("pods and services are listed", || meta.synced());
+
+    // Dropped in reverse: the processes are killed before their cgroup goes.
+    let cgroup = PodCgroup::new(&cgroup_root, &uid);
+    let in_pod = AnonymousNetnsProcess::start();
+    let outsider = AnonymousNetnsProcess::start();
+    let (pod_netns, outsider_netns) = (in_pod.netns_cookie(), outsider.netns_cookie());
+    let netns_scratch = ScratchDir::new("no-named-netns");
+    let netns_dir = &netns_scratch.0;
+
+    // Before the process joins the pod's cgroup, nothing says whose it is.
+    meta.refresh(netns_dir);
+    assert_eq!(meta.pod_by_netns(pod_netns), None);
+    assert_eq!(meta.pod_by_netns(outsider_netns), None);
+    assert_eq!(meta.meshed_netns(), Vec::<u64>::new());
+
+    cgroup.add(in_pod.pid());
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", in_pod.pid())).unwrap();
+    assert!(
+        cgroups.contains(&format!("/kubepods/besteffort/pod{uid}")),
+        "the process is in the pod's cgroup:
+{cgroups}"
+    );
+    // /proc was walked just now: not again before min_interval.
+    let walked = Instant::now();
+    meta.refresh(netns_dir);
+    assert_eq!(meta.pod_by_netns(pod_netns), None, "rate-limited");
+    wait_until("the pod's namespace is found through its cgroup", || {
+        meta.refresh(netns_dir);
+        meta.pod_by_netns(pod_netns).is_some()
+    });
+    assert!(walked.elapsed() >= min_interval - Duration::from_millis(500));
+    let found = meta.pod_by_netns(pod_netns).unwrap();
+    assert_eq!(
+        (
+            found.namespace.as_str(),
+            found.name.as_str(),
+            found.workload.as_str()
+        ),
+        ("bookinfo", ratings_name.as_str(), "ratings-v1")
+    );
+    assert!(found.sidecar);
+    assert_eq!(
+        meta.pod_by_netns(outsider_netns),
+        None,
+        "not in a pod cgroup"
+    );
+    assert_eq!(meta.meshed_netns(), vec![pod_netns]);
+
+    // A named namespace that holds the pod's IP takes precedence.
+    let named = TestNetns::new("cgroup-pod");
+    named.add_address(&format!("{pod_ip}/24"));
+    std::os::unix::fs::symlink(named.path(), netns_dir.join(&named.name)).unwrap();
+    let named_netns = netns_cookie_at(&named.path()).unwrap();
+    meta.refresh(netns_dir);
+    assert_eq!(
+        meta.pod_by_netns(named_netns).map(|p| p.name.clone()),
+        Some(ratings_name)
+    );
+    assert_eq!(meta.pod_by_netns(pod_netns), None);
+    assert_eq!(meta.meshed_netns(), vec![named_netns]);
 }
 
 #[test]

@@ -2,15 +2,19 @@
 //! node (field selector `spec.nodeName`) and every service, kept current by
 //! list/watch. A pod's network namespace is found by the addresses inside
 //! it: the namespaces under the netns directory are scanned, and one that
-//! holds a pod's IP belongs to that pod. Cgroup paths name the pod's UID.
+//! holds a pod's IP belongs to that pod. Runtimes that do not name pod
+//! namespaces there leave pods unfound; for those, the processes under the
+//! proc directory are looked at: cgroup paths name the pod's UID, and the
+//! process's network namespace is the pod's.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, RwLock,
+        Arc, Mutex, RwLock,
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -63,16 +67,31 @@ impl ServiceRecord {
     }
 }
 
+/// A pod's network namespace found through a process in the pod's cgroup.
+#[derive(Clone, Debug)]
+struct CgroupFinding {
+    uid: String,
+    /// The pod's IPs when found: new IPs mean a new sandbox, so a new
+    /// namespace to look for.
+    ips: Vec<IpAddr>,
+}
+
 #[derive(Default)]
 struct State {
     pods: HashMap<String, PodRecord>,
     services: HashMap<String, ServiceRecord>,
     /// Network namespace cookie -> addresses inside it, from the scans.
     netns_ips: HashMap<u64, Vec<IpAddr>>,
+    /// Network namespace cookie -> the pod whose processes are inside, for
+    /// pods no namespace under the netns directory holds the IP of.
+    cgroup_netns: HashMap<u64, CgroupFinding>,
     // Indexes rebuilt after every change.
     by_ip: HashMap<IpAddr, Arc<Pod>>,
     by_uid: HashMap<String, Arc<Pod>>,
     by_netns: HashMap<u64, Arc<Pod>>,
+    /// UIDs of pods that have a namespace of their own (not hostNetwork,
+    /// with an IP) and no namespace found for it yet.
+    pods_without_netns: HashSet<String>,
     vips: HashMap<SocketAddr, String>,
 }
 
@@ -112,20 +131,72 @@ impl State {
             .values()
             .map(|r| (r.uid.clone(), r.pod.clone()))
             .collect();
-        self.by_netns = self
+        let uid_by_ip: HashMap<IpAddr, &str> = self
+            .pods
+            .values()
+            .filter(|r| !r.host_network)
+            .flat_map(|r| r.ips.iter().map(|&ip| (ip, r.uid.as_str())))
+            .collect();
+        let mut netns_uid: HashMap<u64, &str> = self
             .netns_ips
             .iter()
             .filter_map(|(&cookie, ips)| {
                 ips.iter()
-                    .find_map(|ip| self.by_ip.get(ip))
-                    .map(|p| (cookie, p.clone()))
+                    .find_map(|ip| uid_by_ip.get(ip))
+                    .map(|&uid| (cookie, uid))
             })
+            .collect();
+        // A namespace holding the pod's IP is the surer sign: a cgroup
+        // finding counts only for a pod without one, and only while the pod
+        // is there with the IPs it had when found.
+        let found_by_ip: HashSet<&str> = netns_uid.values().copied().collect();
+        let pods = &self.pods;
+        self.cgroup_netns.retain(|_, found| {
+            !found_by_ip.contains(found.uid.as_str())
+                && pods
+                    .get(&found.uid)
+                    .is_some_and(|r| !r.host_network && r.ips == found.ips)
+        });
+        for (&cookie, found) in &self.cgroup_netns {
+            netns_uid.entry(cookie).or_insert(found.uid.as_str());
+        }
+        self.by_netns = netns_uid
+            .iter()
+            .map(|(&cookie, uid)| (cookie, self.pods[*uid].pod.clone()))
+            .collect();
+        let with_netns: HashSet<&str> = netns_uid.into_values().collect();
+        self.pods_without_netns = self
+            .pods
+            .values()
+            .filter(|r| !r.host_network && !r.ips.is_empty())
+            .filter(|r| !with_netns.contains(r.uid.as_str()))
+            .map(|r| r.uid.clone())
             .collect();
         self.vips = self
             .services
             .values()
             .flat_map(|s| s.vips.iter().map(move |&a| (a, s.label())))
             .collect();
+    }
+}
+
+/// How pods' network namespaces are looked for through their processes,
+/// when the netns directory does not show them.
+#[derive(Clone, Debug)]
+pub struct ProcScan {
+    /// The host's processes: the DaemonSet runs with hostPID.
+    pub proc_dir: PathBuf,
+    /// The shortest time between two walks of `proc_dir`, which reads a
+    /// file per process: costly on a busy node if done every refresh.
+    pub min_interval: Duration,
+}
+
+impl Default for ProcScan {
+    fn default() -> ProcScan {
+        ProcScan {
+            proc_dir: "/proc".into(),
+            min_interval: Duration::from_secs(10),
+        }
     }
 }
 
@@ -137,18 +208,26 @@ pub struct KubeMetadata {
     services_synced: AtomicBool,
     /// Network namespaces already scanned, by name: their cookie and
     /// addresses. A namespace with no address yet is scanned again.
-    scanned: std::sync::Mutex<HashMap<String, (u64, Vec<IpAddr>)>>,
+    scanned: Mutex<HashMap<String, (u64, Vec<IpAddr>)>>,
+    proc_scan: ProcScan,
+    last_proc_scan: Mutex<Option<Instant>>,
     pub stats: KubeStats,
 }
 
 impl KubeMetadata {
     pub fn new(node: impl Into<String>) -> Arc<KubeMetadata> {
+        KubeMetadata::with_proc_scan(node, ProcScan::default())
+    }
+
+    pub fn with_proc_scan(node: impl Into<String>, proc_scan: ProcScan) -> Arc<KubeMetadata> {
         Arc::new(KubeMetadata {
             node: node.into(),
             state: RwLock::default(),
             pods_synced: AtomicBool::new(false),
             services_synced: AtomicBool::new(false),
             scanned: Default::default(),
+            proc_scan,
+            last_proc_scan: Mutex::new(None),
             stats: KubeStats::default(),
         })
     }
@@ -324,6 +403,14 @@ impl Metadata for KubeMetadata {
         self.pods_synced.load(Ordering::Acquire) && self.services_synced.load(Ordering::Acquire)
     }
     fn refresh(&self, netns_dir: &Path) {
+        self.scan_netns_dir(netns_dir);
+        self.scan_processes_of_pods_without_netns();
+    }
+}
+
+impl KubeMetadata {
+    /// Finds pods' namespaces by the IPs inside the named namespaces.
+    fn scan_netns_dir(&self, netns_dir: &Path) {
         let Ok(entries) = std::fs::read_dir(netns_dir) else {
             return;
         };
@@ -355,6 +442,41 @@ impl Metadata for KubeMetadata {
             state.netns_ips = scanned.values().cloned().collect();
             state.rebuild();
         }
+    }
+
+    /// Finds the namespaces of pods the netns directory did not show,
+    /// through processes in their cgroups; at most once per
+    /// `min_interval`, and not at all while every pod has one.
+    fn scan_processes_of_pods_without_netns(&self) {
+        let wanted = self.read().pods_without_netns.clone();
+        if wanted.is_empty() {
+            return;
+        }
+        {
+            let mut last = self
+                .last_proc_scan
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < self.proc_scan.min_interval) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let found = netns_of_pod_processes(&self.proc_scan.proc_dir, &wanted);
+        if found.is_empty() {
+            return;
+        }
+        let mut state = self.write();
+        for (cookie, uid) in found {
+            // The pod may have gone while /proc was read.
+            let Some(ips) = state.pods.get(&uid).map(|r| r.ips.clone()) else {
+                continue;
+            };
+            state
+                .cgroup_netns
+                .insert(cookie, CgroupFinding { uid, ips });
+        }
+        state.rebuild();
     }
 }
 
@@ -506,6 +628,56 @@ pub fn pod_uid_from_cgroup(path: &str) -> Option<String> {
     })
 }
 
+/// Network namespace cookie -> pod UID, for the `wanted` pods that have a
+/// process under `proc_dir`. The first process found stands for its pod:
+/// all of a pod's containers share the sandbox's namespace, and the lowest
+/// pid, listed first, is normally the sandbox's own.
+fn netns_of_pod_processes(proc_dir: &Path, wanted: &HashSet<String>) -> HashMap<u64, String> {
+    let mut found = HashMap::new();
+    let entries = match std::fs::read_dir(proc_dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            tracing::debug!("listing processes in {}: {e}", proc_dir.display());
+            return found;
+        }
+    };
+    let mut pods_done: HashSet<&str> = HashSet::new();
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // Processes exit while the directory is read: skip them quietly.
+        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+            continue;
+        };
+        // `hierarchy-ID:controllers:path`, one line per hierarchy (cgroup
+        // v1 and v2 both name the pod in a hybrid layout).
+        let Some(uid) = cgroups
+            .lines()
+            .filter_map(|line| line.splitn(3, ':').nth(2))
+            .find_map(pod_uid_from_cgroup)
+        else {
+            continue;
+        };
+        let Some(uid) = wanted.get(&uid).filter(|u| !pods_done.contains(u.as_str())) else {
+            continue;
+        };
+        match super::metadata::netns_cookie_at(&entry.path().join("ns/net")) {
+            Ok(cookie) => {
+                tracing::debug!("pod {uid}: network namespace of process {pid}");
+                found.insert(cookie, uid.clone());
+                pods_done.insert(uid);
+            }
+            Err(e) => tracing::debug!("network namespace of process {pid} (pod {uid}): {e:#}"),
+        }
+    }
+    found
+}
+
 /// The namespace cookie of the network namespace at `path` and the
 /// addresses of its interfaces other than loopback.
 fn netns_addresses(path: &Path) -> anyhow::Result<(u64, Vec<IpAddr>)> {
@@ -553,5 +725,105 @@ mod tests {
             None
         );
         assert_eq!(pod_uid_from_cgroup("/kubepods/podnotauid"), None);
+    }
+
+    fn record(uid: &str, ip: &str, host_network: bool) -> PodRecord {
+        let ip: IpAddr = ip.parse().unwrap();
+        PodRecord {
+            uid: uid.into(),
+            labels: BTreeMap::new(),
+            host_network,
+            ips: vec![ip],
+            pod: Arc::new(Pod {
+                namespace: "ns".into(),
+                name: uid.into(),
+                workload: uid.into(),
+                app: uid.into(),
+                version: String::new(),
+                ip,
+                sidecar: true,
+                service: None,
+            }),
+        }
+    }
+
+    fn found(uid: &str, ip: &str) -> CgroupFinding {
+        CgroupFinding {
+            uid: uid.into(),
+            ips: vec![ip.parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn cgroup_findings_count_for_pods_no_namespace_holds_the_ip_of() {
+        let mut state = State::default();
+        for r in [
+            record("by-ip", "10.0.0.1", false),
+            record("by-cgroup", "10.0.0.2", false),
+            record("unfound", "10.0.0.3", false),
+            record("host", "192.168.0.1", true),
+        ] {
+            state.pods.insert(r.uid.clone(), r);
+        }
+        state.netns_ips.insert(1, vec!["10.0.0.1".parse().unwrap()]);
+        state.cgroup_netns.insert(2, found("by-cgroup", "10.0.0.2"));
+        // Pods found by IP keep their namespace; hostNetwork pods have none.
+        state.cgroup_netns.insert(3, found("by-ip", "10.0.0.1"));
+        state.cgroup_netns.insert(4, found("host", "192.168.0.1"));
+        state.rebuild();
+        let uid_of = |cookie| state.by_netns.get(&cookie).map(|p| p.name.as_str());
+        assert_eq!(uid_of(1), Some("by-ip"));
+        assert_eq!(uid_of(2), Some("by-cgroup"));
+        assert_eq!((uid_of(3), uid_of(4)), (None, None));
+        assert_eq!(state.pods_without_netns, HashSet::from(["unfound".into()]));
+
+        // New IPs mean a new sandbox: the namespace found before is not it.
+        state
+            .pods
+            .insert("by-cgroup".into(), record("by-cgroup", "10.0.0.9", false));
+        state.rebuild();
+        assert_eq!(state.by_netns.get(&2), None);
+        assert!(state.pods_without_netns.contains("by-cgroup"));
+    }
+
+    #[test]
+    fn pod_processes_are_read_from_the_proc_dir() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "entering a network namespace needs CAP_SYS_ADMIN: run as root"
+        );
+        let uid = "0b5e3c1a-7f2d-4c8e-9a61-2d4f5e6a7b8c";
+        let other = "11111111-2222-4333-8444-555555555555";
+        struct RemoveOnDrop(PathBuf);
+        impl Drop for RemoveOnDrop {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let proc_dir = std::env::temp_dir().join(format!("mt-kube-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&proc_dir);
+        let _cleanup = RemoveOnDrop(proc_dir.clone());
+        let process = |pid: &str, cgroup: Option<&str>| {
+            let dir = proc_dir.join(pid);
+            std::fs::create_dir_all(dir.join("ns")).unwrap();
+            std::os::unix::fs::symlink("/proc/self/ns/net", dir.join("ns/net")).unwrap();
+            if let Some(cgroup) = cgroup {
+                std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+            }
+        };
+        process("self", Some(&format!("0::/kubepods/besteffort/pod{uid}\n")));
+        process("10", Some("0::/system.slice/containerd.service\n"));
+        process("11", None); // exited while the directory was read
+        process("12", Some(&format!("0::/kubepods/pod{other}/c1\n")));
+        process(
+            "13",
+            Some(&format!(
+                "4:memory:/kubepods/besteffort/pod{uid}/c2\n0::/kubepods/besteffort/pod{uid}/c2\n"
+            )),
+        );
+        let wanted = HashSet::from([uid.to_string()]);
+        let found = netns_of_pod_processes(&proc_dir, &wanted);
+        let own = super::super::metadata::netns_cookie_at(Path::new("/proc/self/ns/net")).unwrap();
+        assert_eq!(found, HashMap::from([(own, uid.to_string())]));
     }
 }
