@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Closed-loop connections.
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
+    /// Measure only the kernel cost per program (quick, for work on the
+    /// programs) and print that section.
+    #[arg(long)]
+    pub kernel_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -213,6 +217,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     // Warm the lab's connections and caches once.
     load("warmup", &["--connections", &conns])?;
 
+    if args.kernel_only {
+        let kernel = kernel_costs(&exe, &lab, &load, &conns)?;
+        print!("{}", render_kernel(&kernel));
+        return Ok(());
+    }
     let mut runs = Vec::new();
     for round in 0..args.rounds {
         for mode in [Mode::None, Mode::Floor, Mode::Full] {
@@ -246,10 +255,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
 
     eprintln!("==> kernel cost per program (kernel.bpf_stats_enabled)");
-    let meshed = program_costs(&exe, &lab, |_| {
-        load("stats", &["--connections", &conns]).map(|_| ())
-    })?;
-    let unrelated = program_costs(&exe, &lab, |_| unrelated_io(Duration::from_secs(3)))?;
+    let kernel = kernel_costs(&exe, &lab, &load, &conns)?;
 
     eprintln!("==> agent cost and loss at fixed rates");
     let mut rated = Vec::new();
@@ -281,7 +287,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("==> pipeline capacity");
     let pipeline = pipeline_capacity(400_000);
 
-    let mut report = render(&args, &runs, &meshed, &unrelated, pipeline);
+    let mut report = render(&args, &runs, &kernel, pipeline);
     report.push_str(&render_scaling(&args, &rated, &pods, &flows));
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("==> wrote {}", args.out.display());
@@ -345,39 +351,34 @@ struct ManyFlows {
 }
 
 /// Opens `connections` loopback connections (two tracked sockets each) and
-/// holds them while the agent's memory is read.
+/// holds them while the agent's memory is read. The sockets are spread over
+/// holder processes (`lab hold`) so no process needs more open files than
+/// the usual limit allows.
 fn many_flows(exe: &std::path::Path, lab: &Lab, connections: usize) -> anyhow::Result<ManyFlows> {
-    raise_open_files(connections as u64 * 2 + 4096)?;
     let max_flows = (connections * 2 + 16_384).to_string();
     let agent = Agent::start_with(exe, lab, false, &["--max-flows", &max_flows])?;
     let (_, baseline_mib) = agent.usage();
-    // Several listeners, so that ephemeral ports do not run out.
-    let listeners: Vec<TcpListener> = (0..4)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let addrs: Vec<SocketAddr> = listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<Result<_, _>>()?;
-    let per = connections.div_ceil(listeners.len());
-    let acceptors: Vec<_> = listeners
-        .into_iter()
-        .map(|l| {
-            std::thread::spawn(move || -> Vec<TcpStream> {
-                l.incoming().take(per).filter_map(Result::ok).collect()
-            })
-        })
-        .collect();
     let started = Instant::now();
-    let mut clients = Vec::with_capacity(per * addrs.len());
-    for i in 0..per * addrs.len() {
-        clients.push(TcpStream::connect(addrs[i % addrs.len()]).context("connecting")?);
+    let mut holders = Vec::new();
+    let mut left = connections;
+    while left > 0 {
+        let n = left.min(HOLD_PER_PROCESS);
+        left -= n;
+        let mut child = Command::new(exe)
+            .args(["lab", "hold", "--connections", &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting `mesh-trace lab hold`")?;
+        // One line once every connection is open.
+        let mut line = String::new();
+        use std::io::BufRead as _;
+        std::io::BufReader::new(child.stdout.take().context("holder stdout")?)
+            .read_line(&mut line)?;
+        anyhow::ensure!(line.trim() == "ready", "holder said {line:?}");
+        holders.push(child);
     }
-    let servers: Vec<Vec<TcpStream>> = acceptors
-        .into_iter()
-        .map(|a| a.join().map_err(|_| anyhow::anyhow!("acceptor panicked")))
-        .collect::<anyhow::Result<_>>()?;
-    let want = (clients.len() * 2) as f64;
+    let want = (connections * 2) as f64;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut tracked = 0.0;
     while Instant::now() < deadline {
@@ -390,7 +391,7 @@ fn many_flows(exe: &std::path::Path, lab: &Lab, connections: usize) -> anyhow::R
     let settle_s = started.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
     let flows = ManyFlows {
-        connections: clients.len(),
+        connections,
         tracked: agent.metric("mesh_trace_flows_tracked").max(tracked),
         rss_mib: agent.rss_now_mib(),
         peak_rss_mib: agent.usage().1,
@@ -402,34 +403,36 @@ fn many_flows(exe: &std::path::Path, lab: &Lab, connections: usize) -> anyhow::R
         "    {} sockets tracked, RSS {:.1} MiB (was {baseline_mib:.1} MiB)",
         flows.tracked, flows.rss_mib
     );
-    drop(clients);
-    drop(servers);
+    for mut h in holders {
+        drop(h.stdin.take()); // EOF: the holder closes its sockets and exits
+        let _ = h.wait();
+    }
     Ok(flows)
 }
 
-/// Raises this process's open-file limit to at least `n` (root may).
-fn raise_open_files(n: u64) -> anyhow::Result<()> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid rlimit to fill and then read.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        if lim.rlim_cur >= n {
-            return Ok(());
-        }
-        lim.rlim_cur = n;
-        lim.rlim_max = lim.rlim_max.max(n);
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-            bail!(
-                "raising the open-file limit to {n}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+/// Connections per holder process: two descriptors each, under the common
+/// limit of 20,000 open files.
+const HOLD_PER_PROCESS: usize = 9_000;
+
+/// `lab hold`: opens `connections` loopback connections to listeners of its
+/// own, prints `ready`, and holds them until its standard input closes.
+pub fn hold(connections: usize) -> anyhow::Result<()> {
+    // Several listeners, so that ephemeral ports do not run out.
+    let listeners: Vec<TcpListener> = (0..4)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<Result<_, _>>()?;
+    let mut clients = Vec::with_capacity(connections);
+    let mut servers = Vec::with_capacity(connections);
+    for i in 0..connections {
+        clients.push(TcpStream::connect(addrs[i % addrs.len()]).context("connecting")?);
+        servers.push(listeners[i % addrs.len()].accept().context("accepting")?.0);
     }
+    println!("ready");
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
     Ok(())
 }
 
@@ -530,12 +533,45 @@ fn render_scaling(args: &BenchArgs, rated: &[Rated], pods: &[Pods], flows: &Many
 /// Per program: (run count, average ns per run) during `work`.
 type Costs = BTreeMap<String, (u64, f64)>;
 
+/// Program costs for meshed traffic (the closed-loop load) and unrelated
+/// I/O, with the agent in full mode, then in floor mode.
+fn kernel_costs(
+    exe: &std::path::Path,
+    lab: &Lab,
+    load: &dyn Fn(&str, &[&str]) -> anyhow::Result<Summary>,
+    conns: &str,
+) -> anyhow::Result<KernelCosts> {
+    let mut kernel = KernelCosts::default();
+    for noop in [false, true] {
+        let meshed = program_costs(exe, lab, noop, |_| {
+            load("stats", &["--connections", conns]).map(|_| ())
+        })?;
+        let unrelated = program_costs(exe, lab, noop, |_| unrelated_io(Duration::from_secs(3)))?;
+        if noop {
+            (kernel.meshed_floor, kernel.unrelated_floor) = (meshed, unrelated);
+        } else {
+            (kernel.meshed, kernel.unrelated) = (meshed, unrelated);
+        }
+    }
+    Ok(kernel)
+}
+
+/// Kernel cost per program with the agent in full and in floor mode.
+#[derive(Default)]
+struct KernelCosts {
+    meshed: Costs,
+    unrelated: Costs,
+    meshed_floor: Costs,
+    unrelated_floor: Costs,
+}
+
 fn program_costs(
     exe: &std::path::Path,
     lab: &Lab,
+    noop: bool,
     work: impl FnOnce(&Lab) -> anyhow::Result<()>,
 ) -> anyhow::Result<Costs> {
-    let _agent = Agent::start(exe, lab, false)?;
+    let _agent = Agent::start(exe, lab, noop)?;
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf stats")?;
     let before = prog_stats()?;
     let result = work(lab);
@@ -550,6 +586,16 @@ fn program_costs(
             (runs > 0).then(|| (name, (runs, (ns.saturating_sub(n0)) as f64 / runs as f64)))
         })
         .collect())
+}
+
+/// BPF time per socket send or receive: the costlier of the two socket I/O
+/// programs (one of them runs per call).
+fn per_io(c: &Costs) -> f64 {
+    ["mt_send_length", "mt_recv_length"]
+        .iter()
+        .filter_map(|n| c.get(*n))
+        .map(|&(_, ns)| ns)
+        .fold(0.0, f64::max)
 }
 
 /// run count and run time of every mt_* program, summed per name.
@@ -723,13 +769,45 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn render(
-    args: &BenchArgs,
-    runs: &[Run],
-    meshed: &Costs,
-    unrelated: &Costs,
-    pipeline: f64,
-) -> String {
+/// The "Kernel cost per program" section.
+fn render_kernel(kernel: &KernelCosts) -> String {
+    let mut o = String::new();
+    let (meshed, unrelated) = (&kernel.meshed, &kernel.unrelated);
+    let _ = writeln!(o, "## Kernel cost per program\n");
+    let _ = writeln!(
+        o,
+        "From `kernel.bpf_stats_enabled` (run_time_ns / run_cnt), the same work with the agent in full mode and in \
+         floor mode (`--noop`: every program attached, returning at once; what the accounting and the hook's \
+         entry cost by themselves).\n"
+    );
+    let _ = writeln!(o, "| program | meshed traffic: runs | ns/run | floor ns/run | unrelated I/O: runs | ns/run | floor ns/run |\n|---|---|---|---|---|---|---|");
+    let names: std::collections::BTreeSet<&String> =
+        meshed.keys().chain(unrelated.keys()).collect();
+    let ns_of = |c: &Costs, n: &str| c.get(n).map_or(0.0, |&(_, ns)| ns);
+    for n in names {
+        let (mr, mn) = meshed.get(n).copied().unwrap_or_default();
+        let (ur, un) = unrelated.get(n).copied().unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "| {n} | {mr} | {mn:.0} | {:.0} | {ur} | {un:.0} | {:.0} |",
+            ns_of(&kernel.meshed_floor, n),
+            ns_of(&kernel.unrelated_floor, n)
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\nPer traced socket send or receive: {:.0} ns (one of the two socket I/O programs runs per call; floor {:.0} ns). \
+         Unrelated socket I/O: {:.0} ns per call (floor {:.0} ns). File I/O runs none of the programs: 0 ns.\n",
+        per_io(&kernel.meshed),
+        per_io(&kernel.meshed_floor),
+        per_io(&kernel.unrelated),
+        per_io(&kernel.unrelated_floor)
+    );
+    o
+}
+
+fn render(args: &BenchArgs, runs: &[Run], kernel: &KernelCosts, pipeline: f64) -> String {
+    let (meshed, unrelated) = (&kernel.meshed, &kernel.unrelated);
     let mut o = String::new();
     let host = crate::kernel::sysfs::kernel_release();
     let cpus = std::thread::available_parallelism()
@@ -789,33 +867,7 @@ fn render(
                 .to_string()
         }
     );
-    let _ = writeln!(o, "## Kernel cost per program\n");
-    let _ = writeln!(
-        o,
-        "From `kernel.bpf_stats_enabled` (run_time_ns / run_cnt), agent in full mode.\n"
-    );
-    let _ = writeln!(o, "| program | meshed traffic: runs | ns/run | unrelated I/O: runs | ns/run |\n|---|---|---|---|---|");
-    let names: std::collections::BTreeSet<&String> =
-        meshed.keys().chain(unrelated.keys()).collect();
-    for n in names {
-        let (mr, mn) = meshed.get(n).copied().unwrap_or_default();
-        let (ur, un) = unrelated.get(n).copied().unwrap_or_default();
-        let _ = writeln!(o, "| {n} | {mr} | {mn:.0} | {ur} | {un:.0} |");
-    }
-    let per_io = |c: &Costs| -> f64 {
-        ["mt_send_length", "mt_recv_length"]
-            .iter()
-            .filter_map(|n| c.get(*n))
-            .map(|&(_, ns)| ns)
-            .fold(0.0, f64::max)
-    };
-    let _ = writeln!(
-        o,
-        "\nPer traced socket send or receive: {:.0} ns (one of the two socket I/O programs runs per call). \
-         Unrelated socket I/O: {:.0} ns per call. File I/O runs none of the programs: 0 ns.\n",
-        per_io(meshed),
-        per_io(unrelated)
-    );
+    o.push_str(&render_kernel(kernel));
     let _ = writeln!(o, "## Agent cost\n");
     let _ = writeln!(o, "| run | requests | agent CPU s | CPU s per 1,000 req | vCPU per 1,000 req/s | peak RSS MiB | spans | events lost |\n|---|---|---|---|---|---|---|---|");
     for r in runs.iter().filter(|r| r.mode == Mode::Full) {

@@ -38,6 +38,12 @@ pub enum LabCommand {
     /// The load generator; prints a JSON summary.
     #[command(hide = true)]
     Load(LoadOptions),
+    /// Holds loopback connections open until stdin closes (for `lab bench`).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        connections: usize,
+    },
 }
 
 /// Settings shared by `lab up` and `demo`.
@@ -118,6 +124,7 @@ pub fn main(args: LabArgs) -> Result<(), Failure> {
             crate::bench::main(args)?;
             Ok(())
         }
+        LabCommand::Hold { connections } => Ok(crate::bench::hold(connections)?),
         LabCommand::Down => {
             let removed = topology::remove_leftovers()?;
             println!(

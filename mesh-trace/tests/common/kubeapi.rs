@@ -1,4 +1,4 @@
-//! A Kubernetes API server that replays recorded list and watch responses,
+//! A Kubernetes API server that replays list and watch responses in the API server's format,
 //! one scripted reply per request, in order. A request that arrives when no
 //! reply is queued waits for the test to queue one, so a test can look at
 //! the client's state between steps. Every request is logged.
