@@ -18,6 +18,11 @@ use mesh_trace_common::{Endpoint, EventKind, LossReason, SockEvent, TrackedSock,
 
 use crate::maps::{count_loss, emit, header, noop, SOCKS};
 
+/// Cookie of the host's network namespace, set by the agent (0: unknown,
+/// every socket is tracked).
+#[no_mangle]
+static HOST_NETNS: u64 = 0;
+
 /// sock_ops programs return 1; the value is otherwise ignored for these ops.
 const OK: u32 = 1;
 
@@ -47,6 +52,12 @@ fn established(ctx: &SockOpsContext, active: u32) {
         warn!(ctx, "sock_ops: cannot enable state callbacks: {}", err);
     }
     let ev = event(ctx, EventKind::Established, active);
+    // The node's own sockets (host network) never carry sidecar traffic:
+    // without storage, their sends and receives cost one pointer walk.
+    if ev.netns_cookie == unsafe { core::ptr::read_volatile(&HOST_NETNS) } {
+        emit(ev);
+        return;
+    }
     let mut tracked = TrackedSock {
         cookie: ev.sock_cookie,
         netns_cookie: ev.netns_cookie,

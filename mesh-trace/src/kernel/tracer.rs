@@ -120,6 +120,7 @@ impl Tracer {
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
             .override_global("NOOP", &u32::from(opts.noop), true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
+            .override_global("HOST_NETNS", &host_netns_cookie(), true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .load(obj)
             .context("loading the tracer's eBPF object")?;
@@ -426,6 +427,23 @@ fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tracepoint: &str, btf: &Btf) -> an
         .with_context(|| format!("loading {name}"))?;
     prog.attach().with_context(|| format!("attaching {name}"))?;
     Ok(())
+}
+
+/// The cookie of the host's network namespace, whose sockets are not
+/// traced: pid 1's (the agent runs with the host's PID namespace), else the
+/// agent's own (it runs with the host's network); 0 when neither can be
+/// read, and then every socket is.
+fn host_netns_cookie() -> u64 {
+    let metadata = crate::flows::metadata::netns_cookie_at;
+    metadata(Path::new("/proc/1/ns/net"))
+        .or_else(|e| {
+            tracing::debug!("pid 1's network namespace: {e:#}; taking the agent's own");
+            metadata(Path::new("/proc/self/ns/net"))
+        })
+        .unwrap_or_else(|e| {
+            tracing::warn!("host network namespace unknown, its sockets are tracked too: {e:#}");
+            0
+        })
 }
 
 fn load_adopt(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<()> {
