@@ -49,10 +49,16 @@ pub struct BenchArgs {
     /// Closed-loop connections.
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
-    /// Measure only the kernel cost per program (quick, for work on the
-    /// programs) and print that section.
-    #[arg(long)]
-    pub kernel_only: bool,
+    /// Measure only one section and print it, for quick work on one part:
+    /// `kernel` (cost per program) or `pipeline` (capacity on one core).
+    #[arg(long, value_enum)]
+    pub only: Option<Section>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Kernel,
+    Pipeline,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -201,6 +207,10 @@ struct Run {
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<()> {
+    if args.only == Some(Section::Pipeline) {
+        println!("pipeline: {:.0} events/s on one core", pipeline_capacity(400_000));
+        return Ok(());
+    }
     let exe = std::env::current_exe()?;
     let mut opts = LabOptions::bookinfo()?;
     opts.exe = exe.clone();
@@ -217,7 +227,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     // Warm the lab's connections and caches once.
     load("warmup", &["--connections", &conns])?;
 
-    if args.kernel_only {
+    if args.only == Some(Section::Kernel) {
         let kernel = kernel_costs(&exe, &lab, &load, &conns)?;
         print!("{}", render_kernel(&kernel));
         return Ok(());

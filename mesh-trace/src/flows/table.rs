@@ -2,12 +2,13 @@
 //! `max_sockets` sockets (least recently used evicted first, counted), and
 //! sockets idle longer than `max_age` are dropped.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     net::SocketAddr,
     num::NonZeroUsize,
     sync::Arc,
 };
 
+use foldhash::{HashMap, HashMapExt as _};
 use lru::LruCache;
 use serde::Serialize;
 

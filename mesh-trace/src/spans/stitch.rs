@@ -12,7 +12,9 @@
 //!   retry (its moments replace the failed attempt's).
 //!
 //! What cannot be matched is counted by reason, never guessed.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use lru::LruCache;
 
