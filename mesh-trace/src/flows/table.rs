@@ -1,12 +1,7 @@
 //! The flow table: kernel socket events in, legs out. Bounded: at most
 //! `max_sockets` sockets (least recently used evicted first, counted), and
 //! sockets idle longer than `max_age` are dropped.
-use std::{
-    collections::VecDeque,
-    net::SocketAddr,
-    num::NonZeroUsize,
-    sync::Arc,
-};
+use std::{collections::VecDeque, net::SocketAddr, num::NonZeroUsize, sync::Arc};
 
 use foldhash::{HashMap, HashMapExt as _};
 use lru::LruCache;
