@@ -401,14 +401,17 @@ impl Metrics {
                 })
                 .observe(total as f64 / 1e9);
         }
+        // One label set for all hops: the lookups take it by reference.
+        let mut hop_labels = HopLabels {
+            hop: "",
+            source_workload: source.clone(),
+            destination_service: destination.clone(),
+        };
         for hop in Hop::ALL {
             if let Some(ns) = span.hop_ns(hop) {
+                hop_labels.hop = hop.label();
                 self.hop_duration
-                    .get_or_create(&HopLabels {
-                        hop: hop.label(),
-                        source_workload: source.clone(),
-                        destination_service: destination.clone(),
-                    })
+                    .get_or_create(&hop_labels)
                     .observe(ns as f64 / 1e9);
             }
         }

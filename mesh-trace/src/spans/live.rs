@@ -352,7 +352,10 @@ impl RowAcc {
             self.sidecar_ns = self.sidecar_ns.saturating_add(sidecar_ns);
             self.sidecar_total_ns = self.sidecar_total_ns.saturating_add(total_ns);
         }
-        keep_slowest(&mut self.slowest, Slow::new(span, total_ns));
+        // Most spans are not among the slowest: decide before copying one.
+        if would_keep(&self.slowest, total_ns) {
+            keep_slowest(&mut self.slowest, Slow::new(span, total_ns));
+        }
     }
 
     fn merge(&mut self, other: &RowAcc) {
@@ -425,8 +428,13 @@ impl Slow {
 }
 
 /// Inserts `slow` into `list` (slowest first) if it ranks in the top `SLOWEST`.
+/// Whether a request taking `total_ns` belongs in the slowest `list`.
+fn would_keep(list: &[Slow], total_ns: u64) -> bool {
+    list.len() < SLOWEST || list.last().is_some_and(|s| s.total_ns < total_ns)
+}
+
 fn keep_slowest(list: &mut Vec<Slow>, slow: Slow) {
-    if list.len() >= SLOWEST && list.last().is_some_and(|s| s.total_ns >= slow.total_ns) {
+    if !would_keep(list, slow.total_ns) {
         return;
     }
     // After equals, so that earlier requests win ties.
