@@ -487,10 +487,6 @@ fn request_method(bytes: &[u8]) -> Option<&'static str> {
 }
 
 fn parse_request(bytes: &[u8], method: &'static str) -> Parsed {
-    // A head cut by the prefix is parsed once, as closed at its last line.
-    if !has_head_end(bytes) {
-        return partial_request(bytes, method);
-    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(bytes) {
@@ -510,14 +506,8 @@ fn partial_request(bytes: &[u8], method: &'static str) -> Parsed {
     if let Some(closed) = close_head(bytes) {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&closed) {
-            Ok(httparse::Status::Complete(_)) => {
-                return request(method, req.path.unwrap_or(""), fields(req.headers), None)
-            }
-            Err(e) if e != httparse::Error::TooManyHeaders => {
-                return Parsed::other(Head::Malformed)
-            }
-            _ => {}
+        if let Ok(httparse::Status::Complete(_)) = req.parse(&closed) {
+            return request(method, req.path.unwrap_or(""), fields(req.headers), None);
         }
     }
     let target = bytes.get(method.len() + 1..).unwrap_or_default();
@@ -552,9 +542,6 @@ fn clean_path(target: &str) -> String {
 }
 
 fn parse_response(bytes: &[u8]) -> Parsed {
-    if !has_head_end(bytes) {
-        return partial_response(bytes);
-    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(bytes) {
@@ -573,14 +560,8 @@ fn partial_response(bytes: &[u8]) -> Parsed {
     if let Some(closed) = close_head(bytes) {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
-        match resp.parse(&closed) {
-            Ok(httparse::Status::Complete(_)) => {
-                return response(resp.code.unwrap_or(0), fields(resp.headers), None)
-            }
-            Err(e) if e != httparse::Error::TooManyHeaders => {
-                return Parsed::other(Head::Malformed)
-            }
-            _ => {}
+        if let Ok(httparse::Status::Complete(_)) = resp.parse(&closed) {
+            return response(resp.code.unwrap_or(0), fields(resp.headers), None);
         }
     }
     // "HTTP/1.x NNN": the code is bytes 9..12, if the prefix reaches them.
@@ -599,11 +580,6 @@ fn response(status: u16, fields: Fields, head_len: Option<usize>) -> Parsed {
         head_len,
         fields,
     }
-}
-
-/// Whether `bytes` hold the blank line that ends an HTTP head.
-fn has_head_end(bytes: &[u8]) -> bool {
-    bytes.windows(4).any(|w| w == b"\r\n\r\n") || bytes.windows(2).any(|w| w == b"\n\n")
 }
 
 /// The complete lines of a cut head, closed by an empty line; None when
