@@ -130,39 +130,25 @@ fn spans_match_the_truth(mtls: bool) {
     require_root();
     let lab = Lab::up(&delayed_lab(mtls)).unwrap();
     let traced = Traced::start(&lab);
-    // Open the sidecars' pooled connections first: the measured load is the
-    // steady state.
-    lab.load_with(
-        BIN.as_ref(),
-        CLIENT,
-        &[
+    // 100 requests/s to reviews, written to `records`.
+    let load = |requests: u64, records: &std::path::Path| {
+        let requests = requests.to_string();
+        let args = [
             "--url",
             "http://reviews:9080/reviews/0",
             "--rate",
             "100",
             "--requests",
-            "100",
-        ],
-        &lab.dir.join("warmup.jsonl"),
-    )
-    .unwrap();
+            &requests,
+        ];
+        lab.load_with(BIN.as_ref(), CLIENT, &args, records)
+    };
+    // Open the sidecars' pooled connections first: the measured load is the
+    // steady state.
+    load(100, &lab.dir.join("warmup.jsonl")).unwrap();
     let records = lab.dir.join("client.jsonl");
     let n = 1000u64;
-    let summary = lab
-        .load_with(
-            BIN.as_ref(),
-            CLIENT,
-            &[
-                "--url",
-                "http://reviews:9080/reviews/0",
-                "--rate",
-                "100",
-                "--requests",
-                &n.to_string(),
-            ],
-            &records,
-        )
-        .unwrap();
+    let summary = load(n, &records).unwrap();
     assert_eq!(summary.ok, n, "{summary:?}");
     let client: Vec<ClientRecord> = read_records(&records).unwrap();
     let ids: std::collections::HashSet<&str> =
