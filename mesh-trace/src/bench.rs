@@ -850,7 +850,7 @@ fn render_kernel(kernel: &KernelCosts) -> String {
     let _ = writeln!(
         o,
         "\nPer traced socket send or receive: {:.0} ns (one of the two socket I/O programs runs per call; floor {:.0} ns). \
-         Unrelated socket I/O: {:.0} ns per call (floor {:.0} ns). File I/O runs none of the programs: 0 ns.\n",
+         Unrelated socket I/O (loopback in the host network namespace; sockets in pods without a sidecar keep their state and cost more): {:.0} ns per call (floor {:.0} ns). File I/O runs none of the programs: 0 ns.\n",
         per_io(&kernel.meshed),
         per_io(&kernel.meshed_floor),
         per_io(&kernel.unrelated),

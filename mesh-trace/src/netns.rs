@@ -75,16 +75,7 @@ impl NetNs {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> anyhow::Result<R> {
-        let file = File::open(self.path())
-            .with_context(|| format!("opening {}", self.path().display()))?;
-        let name = self.name.clone();
-        std::thread::spawn(move || -> anyhow::Result<R> {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering network namespace {name}"))?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", self.name))?
+        in_namespace(&self.path(), || Ok(f()))
     }
 }
 
@@ -97,6 +88,26 @@ impl Drop for NetNs {
             tracing::warn!("{e:#}");
         }
     }
+}
+
+/// Runs `f` on a thread that has joined the network namespace at `path` (a
+/// bind mount under /var/run/netns or /proc/PID/ns/net), so that sockets,
+/// links and iterators it creates belong to that namespace; the calling
+/// thread stays where it is. Needs CAP_SYS_ADMIN.
+pub fn in_namespace<R: Send>(
+    path: &std::path::Path,
+    f: impl FnOnce() -> anyhow::Result<R> + Send,
+) -> anyhow::Result<R> {
+    let ns = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            setns(&ns, CloneFlags::CLONE_NEWNET)
+                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace {} panicked", path.display()))?
+    })
 }
 
 /// The namespace cookie of the socket `fd` (SO_NETNS_COOKIE, Linux 5.14+):

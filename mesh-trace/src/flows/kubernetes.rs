@@ -369,12 +369,6 @@ impl KubeMetadata {
         s.sort();
         s
     }
-
-    /// The pod a process belongs to, from one line of its cgroup path.
-    pub fn pod_by_cgroup(&self, cgroup_path: &str) -> Option<Arc<Pod>> {
-        let uid = pod_uid_from_cgroup(cgroup_path)?;
-        self.read().by_uid.get(&uid).cloned()
-    }
 }
 
 impl Metadata for KubeMetadata {
@@ -681,31 +675,24 @@ fn netns_of_pod_processes(proc_dir: &Path, wanted: &HashSet<String>) -> HashMap<
 /// The namespace cookie of the network namespace at `path` and the
 /// addresses of its interfaces other than loopback.
 fn netns_addresses(path: &Path) -> anyhow::Result<(u64, Vec<IpAddr>)> {
-    let ns = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<(u64, Vec<IpAddr>)> {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            let cookie = crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")?;
-            let mut ips = Vec::new();
-            for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
-                let Some(addr) = ifa.address else { continue };
-                let ip: IpAddr = if let Some(a) = addr.as_sockaddr_in() {
-                    a.ip().into()
-                } else if let Some(a) = addr.as_sockaddr_in6() {
-                    a.ip().into()
-                } else {
-                    continue;
-                };
-                if !ip.is_loopback() {
-                    ips.push(ip);
-                }
+    crate::netns::in_namespace(path, || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let cookie = crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")?;
+        let mut ips = Vec::new();
+        for ifa in nix::ifaddrs::getifaddrs().context("getifaddrs")? {
+            let Some(addr) = ifa.address else { continue };
+            let ip: IpAddr = if let Some(a) = addr.as_sockaddr_in() {
+                a.ip().into()
+            } else if let Some(a) = addr.as_sockaddr_in6() {
+                a.ip().into()
+            } else {
+                continue;
+            };
+            if !ip.is_loopback() {
+                ips.push(ip);
             }
-            Ok((cookie, ips))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+        }
+        Ok((cookie, ips))
     })
 }
 

@@ -168,15 +168,8 @@ pub fn netns_cookie_of(name: &str) -> anyhow::Result<u64> {
 /// The namespace cookie of the network namespace at `path` (a bind mount
 /// under /var/run/netns or /proc/PID/ns/net): a socket made inside says.
 pub fn netns_cookie_at(path: &Path) -> anyhow::Result<u64> {
-    let ns = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| -> anyhow::Result<u64> {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-            crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    crate::netns::in_namespace(path, || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        crate::netns::netns_cookie(&sock).context("SO_NETNS_COOKIE")
     })
 }

@@ -88,23 +88,15 @@ impl NatProbe {
             }
         }
         // Links are created in the namespace of the calling thread.
-        let ns = std::fs::File::open(netns_path)
-            .with_context(|| format!("opening {}", netns_path.display()))?;
-        let links = std::thread::scope(|s| {
-            s.spawn(|| -> anyhow::Result<Vec<OwnedFd>> {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
-                plan.iter()
-                    .map(|&(fd, hooknum, priority)| {
-                        // SAFETY: fd belongs to a program in `progs`, alive here.
-                        let prog = unsafe { BorrowedFd::borrow_raw(fd) };
-                        netfilter::attach(&prog, NFPROTO_IPV4, hooknum, priority)
-                            .context("BPF_LINK_CREATE (netfilter)")
-                    })
-                    .collect()
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("netfilter attach thread panicked"))?
+        let links = crate::netns::in_namespace(netns_path, || {
+            plan.iter()
+                .map(|&(fd, hooknum, priority)| {
+                    // SAFETY: fd belongs to a program in `progs`, alive here.
+                    let prog = unsafe { BorrowedFd::borrow_raw(fd) };
+                    netfilter::attach(&prog, NFPROTO_IPV4, hooknum, priority)
+                        .context("BPF_LINK_CREATE (netfilter)")
+                })
+                .collect::<anyhow::Result<Vec<OwnedFd>>>()
         })?;
         Ok(NatProbe {
             _links: links,

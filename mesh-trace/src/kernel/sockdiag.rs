@@ -8,7 +8,7 @@ use std::{
     path::Path,
 };
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -32,16 +32,7 @@ pub struct DiagSocket {
 
 /// IPv4 TCP sockets (established and listening) of the namespace at `netns`.
 pub fn tcp_sockets(netns: &Path) -> anyhow::Result<Vec<DiagSocket>> {
-    let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
-            dump()
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("sock_diag thread panicked"))?
-    })
+    crate::netns::in_namespace(netns, dump)
 }
 
 fn dump() -> anyhow::Result<Vec<DiagSocket>> {

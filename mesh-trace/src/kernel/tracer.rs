@@ -328,45 +328,50 @@ impl Tracer {
             "connections opened before the agent started are not traced: {} is not loaded",
             names::ADOPT_PROG
         );
-        let map = self._ebpf.map_mut(names::ADOPT).context("ADOPT map")?;
-        let mut adopt: aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock> =
-            aya::maps::HashMap::try_from(map)?;
-        let mut offered = 0;
-        for &(cookie, netns_cookie) in sockets.iter().take(mesh_trace_common::ADOPT_MAX as usize) {
-            let value = mesh_trace_common::TrackedSock {
-                cookie,
-                netns_cookie,
-                ..Default::default()
-            };
-            adopt.insert(cookie, value, 0).context("writing ADOPT")?;
-            offered += 1;
+        let mut adopted = 0;
+        // ADOPT is bounded: a namespace with more open sockets takes turns.
+        for batch in sockets.chunks(mesh_trace_common::ADOPT_MAX as usize) {
+            let mut adopt = self.adopt_map()?;
+            for &(cookie, netns_cookie) in batch {
+                let value = mesh_trace_common::TrackedSock {
+                    cookie,
+                    netns_cookie,
+                    ..Default::default()
+                };
+                adopt.insert(cookie, value, 0).context("writing ADOPT")?;
+            }
+            let walked = self.run_adopt_iterator(netns);
+            // What the program did not take (it removes what it adopts)
+            // closed meanwhile; ADOPT is left empty whatever happened.
+            let mut adopt = self.adopt_map()?;
+            let left: Vec<u64> = adopt.keys().filter_map(Result::ok).collect();
+            for cookie in &left {
+                let _ = adopt.remove(cookie);
+            }
+            walked?;
+            adopted += batch.len() - left.len();
         }
+        Ok(adopted)
+    }
+
+    fn adopt_map(
+        &mut self,
+    ) -> anyhow::Result<aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock>> {
+        let map = self._ebpf.map_mut(names::ADOPT).context("ADOPT map")?;
+        Ok(aya::maps::HashMap::try_from(map)?)
+    }
+
+    /// Walks the TCP sockets of the namespace at `netns` with the adopt
+    /// program: an iterator walks the namespace it is created in.
+    fn run_adopt_iterator(&mut self, netns: &Path) -> anyhow::Result<()> {
         let iter: &mut Iter = program(&mut self._ebpf, names::ADOPT_PROG)?.try_into()?;
         let link = iter.attach().context("attaching the adopt iterator")?;
         let link = iter.take_link(link)?;
-        let ns = fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-        // The iterator walks the sockets of the namespace it is created in.
-        std::thread::scope(|s| {
-            s.spawn(move || -> anyhow::Result<()> {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .context("entering the namespace (needs CAP_SYS_ADMIN)")?;
-                let mut out = link.into_file().context("creating the adopt iterator")?;
-                std::io::copy(&mut out, &mut std::io::sink())
-                    .context("running the adopt iterator")?;
-                Ok(())
-            })
-            .join()
-            .map_err(|_| anyhow::anyhow!("adopt thread panicked"))?
-        })?;
-        // What the program did not take (it removes what it adopts) closed.
-        let map = self._ebpf.map_mut(names::ADOPT).context("ADOPT map")?;
-        let mut adopt: aya::maps::HashMap<&mut MapData, u64, mesh_trace_common::TrackedSock> =
-            aya::maps::HashMap::try_from(map)?;
-        let left: Vec<u64> = adopt.keys().filter_map(Result::ok).collect();
-        for cookie in &left {
-            let _ = adopt.remove(cookie);
-        }
-        Ok(offered - left.len())
+        crate::netns::in_namespace(netns, move || {
+            let mut out = link.into_file().context("creating the adopt iterator")?;
+            std::io::copy(&mut out, &mut std::io::sink()).context("running the adopt iterator")?;
+            Ok(())
+        })
     }
 
     /// Captures the data path of sockets in this namespace from now on.
