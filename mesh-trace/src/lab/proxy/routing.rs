@@ -1,0 +1,419 @@
+//! What the proxy does with one HTTP request: the route table's answer
+//! (listener by port, virtual host by Host or VIP:port, route by path, one
+//! of weighted clusters) or a reply of its own; the request id it ensures
+//! and the hop-by-hop headers it strips.
+use std::{net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    http::request::Parts,
+    Request, Response, StatusCode, Uri,
+};
+use rand::Rng;
+
+use super::{
+    clusters::{Upstream, UpstreamClient},
+    listeners::Conn,
+    Proxy, ProxyBody,
+};
+use crate::lab::{
+    config::{
+        OutboundTrafficPolicy, ProxyConfig, RetryPolicy, RouteAction, WeightedCluster,
+        BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER,
+    },
+    ioclock::IoClock,
+    records::{mono_ns, Direction, ProxyRecord},
+};
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// Connection-scoped headers that must not be forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+impl Proxy {
+    /// One downstream request: route, forward, answer, write the record
+    /// (once the response is written).
+    pub(super) async fn http(
+        self: Arc<Self>,
+        conn: Conn,
+        clock: &Arc<IoClock>,
+        req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let entered = mono_ns();
+        let mut rec = self.record(&conn, "http");
+        // hyper calls us once the head is parsed: its last read completed it.
+        rec.t_downstream_read_ns = clock.last_read_until(entered).unwrap_or(entered);
+        let (mut parts, body) = req.into_parts();
+        rec.method = Some(parts.method.to_string());
+        rec.path = Some(request_path(&parts.uri).to_owned());
+        rec.host = host_header(&parts.headers).map(str::to_owned);
+        rec.request_id = Some(ensure_request_id(&mut parts.headers));
+        let response = match conn.direction {
+            Direction::Outbound => self.outbound_http(&conn, &mut rec, parts, body).await,
+            Direction::Inbound => self.inbound_http(&conn, &mut rec, parts, body).await,
+        };
+        rec.status = response.status().as_u16();
+        self.record_when_written(rec, Arc::clone(clock));
+        response
+    }
+
+    async fn outbound_http(
+        &self,
+        conn: &Conn,
+        rec: &mut ProxyRecord,
+        parts: Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let host = routing_host(&parts.headers, conn.original_dst);
+        let path = request_path(&parts.uri);
+        let decision = decide_outbound(
+            &self.config,
+            self.policy,
+            conn.original_dst,
+            &host,
+            path,
+            &mut rand::rng(),
+        );
+        rec.route = decision.vhost.to_owned();
+        rec.cluster = decision.cluster.to_owned();
+        let (endpoints, retry, mesh) = match decision.action {
+            Action::Forward {
+                endpoints,
+                retry,
+                mesh,
+            } => (endpoints, retry, mesh),
+            Action::Reply(status, text) => return local_reply(status, text),
+        };
+        let upstream = Upstream {
+            client: self.outbound_client(mesh),
+            endpoints: &endpoints,
+            retry,
+            delay: self.delay_outbound,
+        };
+        upstream.forward(rec, parts, body).await
+    }
+
+    async fn inbound_http(
+        &self,
+        conn: &Conn,
+        rec: &mut ProxyRecord,
+        parts: Parts,
+        body: Incoming,
+    ) -> Response<ProxyBody> {
+        let port = conn.original_dst.port();
+        rec.route = format!("inbound|http|{port}");
+        rec.cluster = format!("inbound|{port}||");
+        let upstream = Upstream {
+            client: UpstreamClient::Plain(&self.inbound_client),
+            endpoints: &[conn.original_dst],
+            retry: None,
+            delay: self.delay_inbound,
+        };
+        upstream.forward(rec, parts, body).await
+    }
+}
+
+/// The request-target Envoy matches route prefixes against (`:path`).
+fn request_path(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+pub(super) fn host_header(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+/// The Host header, or "VIP:port" of the original destination without one.
+fn routing_host(headers: &HeaderMap, original_dst: SocketAddr) -> String {
+    host_header(headers).map_or_else(|| original_dst.to_string(), str::to_owned)
+}
+
+/// The request's x-request-id, set to a new UUID when it has none.
+fn ensure_request_id(headers: &mut HeaderMap) -> String {
+    if let Some(id) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !id.is_empty() {
+            return id.to_owned();
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    match HeaderValue::from_str(&id) {
+        Ok(v) => {
+            headers.insert(REQUEST_ID, v);
+        }
+        Err(e) => tracing::warn!("x-request-id {id}: {e}"),
+    }
+    id
+}
+
+/// A response the proxy makes up itself (no upstream answer to relay).
+pub(super) fn local_reply(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let body = Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// What the route table says about one outbound HTTP request.
+#[derive(Debug)]
+struct Decision<'a> {
+    /// Virtual host name; empty when none matched.
+    vhost: &'a str,
+    /// Cluster name; empty when no route matched.
+    cluster: &'a str,
+    action: Action<'a>,
+}
+
+#[derive(Debug)]
+enum Action<'a> {
+    Forward {
+        endpoints: Vec<SocketAddr>,
+        retry: Option<&'a RetryPolicy>,
+        /// The endpoints are sidecar pods (mutual TLS when it is on).
+        mesh: bool,
+    },
+    /// Answer locally without an upstream connection.
+    Reply(StatusCode, &'static str),
+}
+
+impl<'a> Decision<'a> {
+    fn no_route(vhost: &'a str) -> Self {
+        Decision {
+            vhost,
+            cluster: "",
+            action: Action::Reply(StatusCode::NOT_FOUND, "route not found"),
+        }
+    }
+}
+
+/// Envoy's choice for a request to `original_dst` with this Host and path.
+fn decide_outbound<'a>(
+    cfg: &'a ProxyConfig,
+    policy: OutboundTrafficPolicy,
+    original_dst: SocketAddr,
+    host: &str,
+    path: &str,
+    rng: &mut impl Rng,
+) -> Decision<'a> {
+    let vhost = cfg
+        .listener(original_dst.port())
+        .and_then(|l| cfg.route_config(&l.route_config_name))
+        .and_then(|rc| rc.virtual_host(host));
+    let Some(vhost) = vhost else {
+        return Decision::no_route("");
+    };
+    let Some(route) = vhost.route(path) else {
+        return Decision::no_route(&vhost.name);
+    };
+    let retry = route.route.retry_policy.as_ref();
+    let cluster = pick_cluster(&route.route, rng).unwrap_or("");
+    let blackhole = Decision {
+        vhost: &vhost.name,
+        cluster: BLACKHOLE_CLUSTER,
+        action: Action::Reply(StatusCode::BAD_GATEWAY, "blackholed"),
+    };
+    let action = if cluster == PASSTHROUGH_CLUSTER {
+        if policy == OutboundTrafficPolicy::RegistryOnly {
+            return blackhole;
+        }
+        let endpoints = vec![original_dst];
+        Action::Forward {
+            endpoints,
+            retry,
+            mesh: false,
+        }
+    } else if cluster == BLACKHOLE_CLUSTER {
+        return blackhole;
+    } else {
+        cluster_action(cfg, cluster, original_dst, retry)
+    };
+    Decision {
+        vhost: &vhost.name,
+        cluster,
+        action,
+    }
+}
+
+fn cluster_action<'a>(
+    cfg: &ProxyConfig,
+    cluster: &str,
+    original_dst: SocketAddr,
+    retry: Option<&'a RetryPolicy>,
+) -> Action<'a> {
+    let (endpoints, mesh) = match cfg.cluster(cluster) {
+        Some(c) if c.kind == "ORIGINAL_DST" => (vec![original_dst], false),
+        Some(c) => (c.endpoints(), c.is_mesh()),
+        None => return Action::Reply(StatusCode::SERVICE_UNAVAILABLE, "cluster not found"),
+    };
+    if endpoints.is_empty() {
+        return Action::Reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+    }
+    Action::Forward {
+        endpoints,
+        retry,
+        mesh,
+    }
+}
+
+/// The route's cluster; for weighted clusters one drawn by weight.
+fn pick_cluster<'a>(action: &'a RouteAction, rng: &mut impl Rng) -> Option<&'a str> {
+    match (&action.cluster, &action.weighted_clusters) {
+        (Some(c), _) => Some(c),
+        (None, Some(w)) => pick_weighted(&w.clusters, rng),
+        (None, None) => None,
+    }
+}
+
+/// A cluster with probability weight / sum of weights (uniform if all are 0).
+fn pick_weighted<'a>(clusters: &'a [WeightedCluster], rng: &mut impl Rng) -> Option<&'a str> {
+    let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+    if total == 0 {
+        let i = rng.random_range(0..clusters.len().max(1));
+        return clusters.get(i).map(|c| c.name.as_str());
+    }
+    let mut ticket = rng.random_range(0..total);
+    for c in clusters {
+        let w = u64::from(c.weight);
+        if ticket < w {
+            return Some(&c.name);
+        }
+        ticket -= w;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{rngs::StdRng, SeedableRng as _};
+
+    use super::*;
+    use crate::lab::{config::BOOKINFO_PROXY, proxy::tests::addr};
+
+    #[test]
+    fn weighted_clusters_follow_their_weights() {
+        let clusters: Vec<WeightedCluster> = [("v1", 10), ("v2", 40), ("v3", 50)]
+            .into_iter()
+            .map(|(name, weight)| WeightedCluster {
+                name: name.to_owned(),
+                weight,
+            })
+            .collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut counts = [0u32; 3];
+        for _ in 0..10_000 {
+            match pick_weighted(&clusters, &mut rng) {
+                Some("v1") => counts[0] += 1,
+                Some("v2") => counts[1] += 1,
+                Some("v3") => counts[2] += 1,
+                other => panic!("picked {other:?}"),
+            }
+        }
+        for (count, expected) in counts.iter().zip([1_000, 4_000, 5_000]) {
+            assert!(count.abs_diff(expected) < 250, "{counts:?}");
+        }
+        assert_eq!(pick_weighted(&[], &mut rng), None);
+    }
+
+    #[test]
+    fn missing_host_routes_by_vip_and_port() {
+        let cfg = ProxyConfig::parse(BOOKINFO_PROXY).expect("shipped config");
+        let dst = addr("10.96.0.12:9080");
+        let host = routing_host(&HeaderMap::new(), dst);
+        assert_eq!(host, "10.96.0.12:9080");
+        let mut rng = StdRng::seed_from_u64(3);
+        let d = decide_outbound(
+            &cfg,
+            OutboundTrafficPolicy::AllowAny,
+            dst,
+            &host,
+            "/reviews/0",
+            &mut rng,
+        );
+        assert_eq!(d.vhost, "reviews.bookinfo.svc.cluster.local:9080");
+        assert!(d.cluster.starts_with("outbound|9080|v"), "{}", d.cluster);
+        let Action::Forward {
+            endpoints,
+            retry,
+            mesh,
+        } = d.action
+        else {
+            panic!("{:?}", d.action);
+        };
+        assert!(!endpoints.is_empty());
+        assert!(mesh, "reviews endpoints are sidecar pods (EDS)");
+        assert_eq!(retry.map(|r| r.num_retries), Some(2));
+    }
+
+    #[test]
+    fn unknown_hosts_pass_through_or_blackhole() {
+        let cfg = ProxyConfig::parse(BOOKINFO_PROXY).expect("shipped config");
+        let dst = addr("192.0.2.1:9080");
+        let mut rng = StdRng::seed_from_u64(3);
+        let allow = decide_outbound(
+            &cfg,
+            OutboundTrafficPolicy::AllowAny,
+            dst,
+            "example.com",
+            "/",
+            &mut rng,
+        );
+        assert_eq!(
+            (allow.vhost, allow.cluster),
+            ("allow_any", PASSTHROUGH_CLUSTER)
+        );
+        assert!(
+            matches!(&allow.action, Action::Forward { endpoints, retry: None, mesh: false } if endpoints == &[dst]),
+            "{:?}",
+            allow.action
+        );
+        let deny = decide_outbound(
+            &cfg,
+            OutboundTrafficPolicy::RegistryOnly,
+            dst,
+            "example.com",
+            "/",
+            &mut rng,
+        );
+        assert_eq!((deny.vhost, deny.cluster), ("allow_any", BLACKHOLE_CLUSTER));
+        assert!(matches!(
+            deny.action,
+            Action::Reply(StatusCode::BAD_GATEWAY, _)
+        ));
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID, HeaderValue::from_static("abc"));
+        assert_eq!(ensure_request_id(&mut headers), "abc");
+        let mut headers = HeaderMap::new();
+        let id = ensure_request_id(&mut headers);
+        assert!(uuid::Uuid::parse_str(&id).is_ok());
+        assert_eq!(
+            headers.get(REQUEST_ID).and_then(|v| v.to_str().ok()),
+            Some(id.as_str())
+        );
+    }
+}
