@@ -15,6 +15,7 @@ use hyper::{
     http::request::Parts,
     Request, Response, StatusCode, Uri,
 };
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{
         connect::{Connect, HttpConnector, HttpInfo},
@@ -24,19 +25,13 @@ use hyper_util::{
 };
 use rand::{rngs::StdRng, Rng, SeedableRng as _};
 
-use super::{
-    routing::{local_reply, strip_hop_by_hop},
-    tls::MeshClient,
-    Proxy, ProxyBody,
-};
+use super::{local_reply, strip_hop_by_hop, tls, Proxy, ProxyBody, CONNECT_TIMEOUT};
 use crate::lab::{
     config::RetryPolicy,
     ioclock::{ClockConnector, ConnectionClock},
     records::{mono_ns, ProxyRecord},
 };
 
-/// Istio's default cluster connect_timeout.
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Envoy sets it on upstream requests when the virtual host has
 /// `include_request_attempt_count`, as every Istio virtual host does.
@@ -45,6 +40,13 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 /// TCP connections whose reads and writes are timed for the access log.
 pub(super) type TimedConnector = ClockConnector<HttpConnector>;
 pub(super) type PlainClient = Client<TimedConnector, Full<Bytes>>;
+/// Speaks mutual TLS to `https` URIs only, over timed TCP connections.
+pub(super) type MeshClient = Client<HttpsConnector<TimedConnector>, Full<Bytes>>;
+
+/// The pooled client for mesh endpoints.
+pub(super) fn mesh_client(tls: rustls::ClientConfig) -> MeshClient {
+    pooled(tls::https_only(tls, http_connector(None)))
+}
 
 /// The pooled client one request's attempts go through.
 #[derive(Clone, Copy)]

@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use super::{clusters::CONNECT_TIMEOUT, Proxy};
+use super::{Proxy, CONNECT_TIMEOUT};
 use crate::lab::{
     config::{OutboundTrafficPolicy, BLACKHOLE_CLUSTER, PASSTHROUGH_CLUSTER},
     ioclock::{Clocked, IoClock},

@@ -29,7 +29,11 @@ use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full};
+use hyper::{
+    header::{self, HeaderValue},
+    HeaderMap, Response, StatusCode,
+};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -47,9 +51,8 @@ mod tls;
 
 use self::{
     admin::shutdown_signal,
-    clusters::{http_connector, pooled, PlainClient},
+    clusters::{http_connector, mesh_client, pooled, MeshClient, PlainClient},
     listeners::{bind, serve, so_original_dst, DstLookup},
-    tls::{mesh_client, MeshClient},
 };
 
 const OUTBOUND_PORT: u16 = 15001;
@@ -108,6 +111,39 @@ pub async fn run(opts: ProxyOptions) -> anyhow::Result<()> {
 }
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Istio's default cluster connect_timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection-scoped headers that must not be forwarded (RFC 9110 7.6.1).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// A response the proxy makes up itself (no upstream answer to relay).
+pub(super) fn local_reply(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let body = Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
 
 struct Proxy {
     config: ProxyConfig,

@@ -1,11 +1,9 @@
 //! What the proxy does with one HTTP request: the route table's answer
 //! (listener by port, virtual host by Host or VIP:port, route by path, one
-//! of weighted clusters) or a reply of its own; the request id it ensures
-//! and the hop-by-hop headers it strips.
+//! of weighted clusters) or a reply of its own, and the request id it
+//! ensures.
 use std::{net::SocketAddr, sync::Arc};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
 use hyper::{
     body::Incoming,
     header::{self, HeaderMap, HeaderName, HeaderValue},
@@ -17,7 +15,7 @@ use rand::Rng;
 use super::{
     clusters::{Upstream, UpstreamClient},
     listeners::Conn,
-    Proxy, ProxyBody,
+    local_reply, Proxy, ProxyBody,
 };
 use crate::lab::{
     config::{
@@ -29,23 +27,6 @@ use crate::lab::{
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// Connection-scoped headers that must not be forwarded (RFC 9110 7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-];
-
-pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-}
 
 impl Proxy {
     /// One downstream request: route, forward, answer, write the record
@@ -162,18 +143,6 @@ fn ensure_request_id(headers: &mut HeaderMap) -> String {
         Err(e) => tracing::warn!("x-request-id {id}: {e}"),
     }
     id
-}
-
-/// A response the proxy makes up itself (no upstream answer to relay).
-pub(super) fn local_reply(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
-    let body = Full::new(Bytes::from_static(text.as_bytes()))
-        .map_err(|never| match never {})
-        .boxed();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    resp
 }
 
 /// What the route table says about one outbound HTTP request.

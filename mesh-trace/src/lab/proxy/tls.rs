@@ -1,27 +1,18 @@
-//! Mutual TLS between sidecars, on the proxy's side: the pooled client
-//! that speaks it to mesh endpoints. The certificates and the rustls
-//! configurations come from `lab::mtls`; the inbound acceptor is made from
-//! them in `Proxy::new`, and `listeners` peeks for the handshake.
-use bytes::Bytes;
-use http_body_util::Full;
+//! Mutual TLS between sidecars, on the proxy's side: the connector that
+//! speaks it to mesh endpoints (`clusters` pools it). The certificates and
+//! the rustls configurations come from `lab::mtls`; the inbound acceptor is
+//! made from them in `Proxy::new`, and `listeners` peeks for the handshake.
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
 
-use super::clusters::{http_connector, pooled, TimedConnector};
-
-/// Speaks TLS to `https` URIs only, over timed TCP connections.
-pub(super) type MeshClient = Client<HttpsConnector<TimedConnector>, Full<Bytes>>;
-
-/// The pooled client for mesh endpoints. TLS wraps the plain TCP connector,
-/// whose `HttpInfo` (local and remote address) and clock (the TCP socket's
-/// reads and writes, under the encryption) still reach the responses.
-pub(super) fn mesh_client(tls: rustls::ClientConfig) -> MeshClient {
-    let connector = HttpsConnectorBuilder::new()
+/// TLS over `tcp`, to `https` URIs only. The plain TCP connector's
+/// `HttpInfo` (local and remote address) and clock (the TCP socket's reads
+/// and writes, under the encryption) still reach the responses.
+pub(super) fn https_only<C>(tls: rustls::ClientConfig, tcp: C) -> HttpsConnector<C> {
+    HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()
         .enable_http1()
-        .wrap_connector(http_connector(None));
-    pooled(connector)
+        .wrap_connector(tcp)
 }
 
 #[cfg(test)]
