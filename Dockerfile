@@ -47,8 +47,10 @@ COPY . .
 
 # MESH_TRACE_BPF_TOOLCHAIN=debian: build.rs uses the Debian route or fails,
 # instead of quietly producing a binary without its kernel programs.
+# --no-default-features: the agent without the lab (its proxy, CA and load
+# generator), `demo` and the benchmarks.
 # --strip-debug drops the DWARF (most of the size), keeping the symbols.
-RUN MESH_TRACE_BPF_TOOLCHAIN=debian cargo build --release --package mesh-trace --locked \
+RUN MESH_TRACE_BPF_TOOLCHAIN=debian cargo build --release --package mesh-trace --locked --no-default-features \
     && strip --strip-debug -o /usr/local/bin/mesh-trace target/release/mesh-trace \
     && /usr/local/bin/mesh-trace --version
 

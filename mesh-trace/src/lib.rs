@@ -1,22 +1,30 @@
 //! mesh-trace: an eBPF datapath tracer for Istio sidecar traffic.
 //!
-//! - [`kernel`]: the embedded eBPF objects, feature detection, loading and
-//!   attaching, and decoding what the programs report.
-//! - [`agent`]: the long-running agent: metrics, HTTP endpoints, event loop.
-//! - [`cli`] and one module per subcommand ([`check`], [`run`]).
+//! The layout follows the data: [`kernel`] (the embedded eBPF objects,
+//! feature detection, loading and attaching, decoding what the programs
+//! report) feeds [`flows`] (sockets joined into legs, pod metadata) and
+//! [`spans`] (HTTP framing, stitching, live percentiles), which the
+//! [`agent`] runs and exports; [`top`] is the live view of an agent.
+//! [`commands`] holds one thin module per subcommand and [`cli`] the clap
+//! tree over them. [`error`], [`logging`], [`shutdown`], [`clock`] and
+//! [`netns`] are leaves every layer may use.
+//!
+//! With the `lab` feature (on by default, off in the DaemonSet image):
+//! [`lab`], a local mesh of network namespaces, sidecars and apps for the
+//! demo, the tests and [`bench`], the benchmarks.
 pub mod agent;
+#[cfg(feature = "lab")]
 pub mod bench;
-pub mod check;
 pub mod cli;
 pub mod clock;
-pub mod config;
-pub mod demo;
+pub mod commands;
+pub mod error;
 pub mod flows;
-pub mod flows_cmd;
 pub mod kernel;
+#[cfg(feature = "lab")]
 pub mod lab;
+pub mod logging;
 pub mod netns;
-pub mod run;
+pub mod shutdown;
 pub mod spans;
-pub mod spans_cmd;
 pub mod top;

@@ -2,6 +2,7 @@
 //!
 //! `setup` installs what a fresh Debian 12 machine lacks (idempotent, quick
 //! when everything is present); the other commands run it first.
+mod modules;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -92,6 +93,8 @@ fn test() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--check"])?;
     step("cargo clippy (warnings denied)");
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    step("the agent image's build: no lab, no import circles");
+    image_build()?;
     // One thread: kernel tests share the root cgroup, netfilter hooks and
     // iptables; running them in parallel would make them see each other.
     step("cargo test (unit, kernel and lab tests)");
@@ -101,6 +104,59 @@ fn test() -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} test(s) failed");
     }
+    Ok(())
+}
+
+/// The DaemonSet image builds mesh-trace without the `lab` feature: that
+/// build must pass clippy and carry neither the feature nor the crates only
+/// the lab uses (its CA's rcgen, its proxy's request ids); and the crate's
+/// modules must not import each other in a circle.
+fn image_build() -> anyhow::Result<()> {
+    let no_lab = ["--package", "mesh-trace", "--no-default-features"];
+    cargo(
+        &[
+            &["clippy", "--all-targets"][..],
+            &no_lab,
+            &["--", "-D", "warnings"],
+        ]
+        .concat(),
+    )?;
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = Command::new(&cargo_bin)
+        .args([&["tree", "-e", "features,no-dev"][..], &no_lab].concat())
+        .current_dir(workspace_root())
+        .output()
+        .context("running cargo tree")?;
+    if !tree.status.success() {
+        bail!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&tree.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&tree.stdout);
+    let lab_only = [
+        "rcgen",
+        "uuid",
+        "mesh-trace feature \"lab\"",
+        "mesh-trace feature \"default\"",
+    ];
+    let found: Vec<&str> = lab_only
+        .iter()
+        .copied()
+        .filter(|c| text.contains(c))
+        .collect();
+    if !found.is_empty() {
+        bail!("the image build (--no-default-features) still pulls in {found:?}");
+    }
+    println!("image build: none of {lab_only:?} in `cargo tree -e features --no-default-features`");
+    let g = modules::graph(&modules::read_crate(
+        &workspace_root().join("mesh-trace/src"),
+    )?);
+    let circles = modules::circles(&g);
+    if !circles.is_empty() {
+        bail!("modules that import each other: {circles:?}");
+    }
+    println!("modules: {} in mesh-trace/src, no import circles", g.len());
     Ok(())
 }
 

@@ -7,32 +7,9 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::kernel::tracer::DEFAULT_RING_BUFFER_BYTES;
+use crate::{kernel::tracer::DEFAULT_RING_BUFFER_BYTES, logging::LogLevel};
 
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Error,
-    Warn,
-    #[default]
-    Info,
-    Debug,
-    Trace,
-}
-
-impl LogLevel {
-    pub fn as_filter(self) -> &'static str {
-        match self {
-            LogLevel::Error => "error",
-            LogLevel::Warn => "warn",
-            LogLevel::Info => "info",
-            LogLevel::Debug => "debug",
-            LogLevel::Trace => "trace",
-        }
-    }
-}
 
 /// The file's shape. Unknown keys are errors, so a typo never goes unnoticed.
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -1,5 +1,18 @@
-//! The long-running agent: metrics and the HTTP endpoints that serve them.
+//! The long-running agent, all in one place:
+//! - [`settings`] and [`config`]: what it runs with (flags, file, defaults);
+//! - [`run`]: its event loop, from attaching the programs to detaching them;
+//! - [`pipeline`]: what each kernel event goes through (flows, spans);
+//! - [`metrics`] and [`http`]: what it exports and serves;
+//! - [`local`]: an agent inside another command's process;
+//! - [`process`]: its own CPU and memory.
+pub mod config;
 pub mod http;
+pub mod local;
 pub mod metrics;
 pub mod pipeline;
 pub mod process;
+pub mod run;
+pub mod settings;
+
+pub use run::{agent, agent_with_spans};
+pub use settings::Settings;

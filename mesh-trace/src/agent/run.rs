@@ -1,34 +1,27 @@
-//! `mesh-trace run`: the agent.
+//! The agent's event loop: load and attach the programs, serve the
+//! endpoints, feed every kernel event through the pipeline, and detach
+//! everything when told to stop.
 use std::{
     io::Write as _,
     net::SocketAddr,
-    path::PathBuf,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
 use anyhow::Context as _;
-use tokio::{
-    net::TcpListener,
-    signal::unix::{signal, SignalKind},
-    sync::watch,
-};
+use tokio::{net::TcpListener, sync::watch};
 
+use super::{
+    http::{self, AgentState},
+    metrics::{LossTracker, ReasonLabel, UNDECODABLE},
+    pipeline::Pipeline,
+    settings::Settings,
+};
 use crate::{
-    agent::{
-        http::{self, AgentState},
-        metrics::{LossTracker, ReasonLabel, UNDECODABLE},
-        pipeline::Pipeline,
-    },
-    cli::{init_logging, Failure, RunArgs},
-    config::{self, ConfigFile, LogLevel},
-    flows::{
-        kubernetes::KubeMetadata,
-        metadata::{LabManifest, LabMetadata, Metadata, NoMetadata},
-        table::{FlowTable, FlowTableConfig, LegRecord},
-    },
+    error::Failure,
+    flows::table::{FlowTable, FlowTableConfig, LegRecord},
     kernel::{
-        events, sysfs,
+        events,
         tracer::{Tracer, TracerOptions},
     },
     spans::span::Span,
@@ -36,174 +29,6 @@ use crate::{
 
 /// How often the kernel's loss counters are read.
 const LOSS_POLL: Duration = Duration::from_secs(1);
-
-/// The agent's settings after merging defaults, the config file and flags.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Where to serve /metrics, /healthz and /readyz; None serves nothing.
-    pub metrics_addr: Option<SocketAddr>,
-    pub log_level: LogLevel,
-    pub ring_buffer_bytes: u32,
-    pub cgroup: PathBuf,
-    pub print_events: bool,
-    /// Metadata from a running lab's directory (pods, services).
-    pub lab: Option<PathBuf>,
-    /// Metadata from the Kubernetes API server: this node's name.
-    pub kubernetes_node: Option<String>,
-    /// Sockets the flow table tracks at once.
-    pub max_flows: usize,
-    /// Where named network namespaces (pods) are mounted; each is watched
-    /// at the NAT step.
-    pub netns_dir: PathBuf,
-    /// Programs attached but returning at once (benchmark floor).
-    pub noop: bool,
-}
-
-pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
-
-impl Settings {
-    /// Defaults for a command that runs the probes in-process and serves no
-    /// HTTP (`flows`, `spans`, `demo`).
-    pub fn in_process(lab: Option<PathBuf>) -> anyhow::Result<Settings> {
-        Ok(Settings {
-            metrics_addr: None,
-            log_level: LogLevel::Warn,
-            ring_buffer_bytes: config::default_ring_buffer_bytes(),
-            cgroup: sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?,
-            print_events: false,
-            lab,
-            kubernetes_node: None,
-            max_flows: FlowTableConfig::default().max_sockets,
-            netns_dir: DEFAULT_NETNS_DIR.into(),
-            noop: false,
-        })
-    }
-
-    /// The metadata source these settings name. A Kubernetes source starts
-    /// watching at once and is also returned as itself, for its metrics.
-    pub async fn metadata(&self) -> anyhow::Result<(Arc<dyn Metadata>, Option<Arc<KubeMetadata>>)> {
-        if let Some(node) = &self.kubernetes_node {
-            let kube = KubeMetadata::new(node.clone());
-            kube.spawn_watchers(KubeMetadata::client().await?);
-            return Ok((kube.clone(), Some(kube)));
-        }
-        Ok(match &self.lab {
-            Some(dir) => (
-                Arc::new(LabMetadata::from_manifest(&LabManifest::load(dir)?)?),
-                None,
-            ),
-            None => (Arc::new(NoMetadata), None),
-        })
-    }
-}
-
-impl Settings {
-    /// Merges flags over the config file over defaults. Errors are usage errors.
-    pub fn resolve(args: &RunArgs) -> Result<Settings, Failure> {
-        let file = match &args.config {
-            Some(path) => ConfigFile::load(path).map_err(Failure::usage)?,
-            None => ConfigFile::default(),
-        };
-        let kubernetes_node = kubernetes_node(args, &file)?;
-        let ring = args
-            .ring_buffer_bytes
-            .or(file.ring_buffer_bytes)
-            .unwrap_or_else(config::default_ring_buffer_bytes);
-        let ring_buffer_bytes = config::check_ring_buffer_bytes(ring).map_err(Failure::usage)?;
-        let cgroup = match args.cgroup.clone().or(file.cgroup) {
-            Some(c) => c,
-            None => sysfs::cgroup2_root()
-                .context("no cgroup v2 hierarchy is mounted (looked for /sys/fs/cgroup and /sys/fs/cgroup/unified); pass --cgroup")?,
-        };
-        Ok(Settings {
-            metrics_addr: Some(
-                args.metrics_addr
-                    .or(file.metrics_addr)
-                    .unwrap_or_else(|| config::DEFAULT_METRICS_ADDR.parse().unwrap()),
-            ),
-            log_level: args.log_level.or(file.log_level).unwrap_or_default(),
-            ring_buffer_bytes,
-            cgroup,
-            print_events: args.print_events,
-            kubernetes_node,
-            lab: args.lab.clone().or(file.lab),
-            max_flows: args
-                .max_flows
-                .or(file.max_flows)
-                .unwrap_or(FlowTableConfig::default().max_sockets),
-            netns_dir: args
-                .netns_dir
-                .clone()
-                .or(file.netns_dir)
-                .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
-            noop: args.noop,
-        })
-    }
-}
-
-/// The node whose pods are watched, when Kubernetes metadata is asked for.
-fn kubernetes_node(args: &RunArgs, file: &ConfigFile) -> Result<Option<String>, Failure> {
-    if !(args.kubernetes || file.kubernetes == Some(true)) {
-        return Ok(None);
-    }
-    if args.lab.is_some() || file.lab.is_some() {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "choose one metadata source: --lab or --kubernetes"
-        )));
-    }
-    match args.node_name.clone().or_else(|| file.node_name.clone()) {
-        Some(n) if !n.is_empty() => Ok(Some(n)),
-        _ => Err(Failure::usage(anyhow::anyhow!(
-            "--kubernetes needs this node's name: --node-name or NODE_NAME (in a DaemonSet, from the downward API spec.nodeName)"
-        ))),
-    }
-}
-
-pub fn main(args: RunArgs) -> Result<(), Failure> {
-    let settings = Settings::resolve(&args)?;
-    init_logging(settings.log_level);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async {
-        let stop = stop_signal()?;
-        agent(settings, Arc::new(AgentState::new()), stop, |_| {}).await
-    })
-}
-
-/// Resolves on SIGINT or SIGTERM, after `limit`, or once `done` is true.
-pub fn stop_on(
-    limit: Option<Duration>,
-    mut done: watch::Receiver<bool>,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let signal = stop_signal()?;
-    Ok(async move {
-        let timeout = async {
-            match limit {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = signal => {}
-            _ = timeout => {}
-            _ = done.wait_for(|d| *d) => {}
-        }
-    })
-}
-
-/// Resolves on the first SIGINT or SIGTERM.
-pub fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    Ok(async move {
-        tokio::select! {
-            _ = sigterm.recv() => {}
-            _ = sigint.recv() => {}
-        }
-    })
-}
 
 /// Feeds the sockets already established in every watched namespace to the
 /// flow table as if just opened, and tracks them in the kernel, so that

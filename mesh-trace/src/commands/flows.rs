@@ -6,11 +6,11 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::{
-    agent::http::AgentState,
-    cli::{init_logging, Failure},
-    config::LogLevel,
+    agent::{agent, http::AgentState, Settings},
+    error::Failure,
     flows::{legs::LegKind, table::LegRecord},
-    run::{agent, stop_on, Settings},
+    logging::{init_logging, LogLevel},
+    shutdown::stop_on,
 };
 
 #[derive(Debug, Args)]

@@ -6,10 +6,10 @@ use anyhow::Context as _;
 use clap::Args;
 
 use crate::{
-    agent::http::AgentState,
-    cli::{init_logging, Failure},
-    config::LogLevel,
-    run::{agent_with_spans, stop_on, Settings},
+    agent::{agent_with_spans, http::AgentState, Settings},
+    error::Failure,
+    logging::{init_logging, LogLevel},
+    shutdown::stop_on,
 };
 
 #[derive(Debug, Args)]

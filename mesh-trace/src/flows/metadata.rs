@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::lab::config::LabTopology;
+use super::lab_topology::LabTopology;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Pod {

@@ -2,6 +2,7 @@
 //! into legs (the two ends of one TCP connection), each classified by its
 //! place in the sidecar data path and labelled with pods and services.
 pub mod kubernetes;
+pub mod lab_topology;
 pub mod legs;
 pub mod metadata;
 pub mod socket;

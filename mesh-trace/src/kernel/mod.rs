@@ -7,6 +7,7 @@ pub mod features;
 pub mod nat;
 pub mod netfilter;
 pub mod objects;
+pub mod preflight;
 pub mod sockdiag;
 pub mod sysfs;
 pub mod tracer;

@@ -1,13 +1,11 @@
-//! `mesh-trace check`: the preflight.
+//! The preflight report: kernel, BTF, pseudo-filesystems, cgroup layout,
+//! capabilities and every hook type tried for real (`mesh-trace check`).
 use serde::Serialize;
 
-use crate::{
-    cli::{CheckArgs, Failure},
-    kernel::{
-        caps::{Cap, Caps},
-        features::{Features, Need},
-        sysfs::{self, MountState, Mounts, PseudoFs},
-    },
+use super::{
+    caps::{Cap, Caps},
+    features::{Features, Need},
+    sysfs::{self, MountState, Mounts, PseudoFs},
 };
 
 #[derive(Debug, Serialize)]
@@ -141,20 +139,5 @@ impl Report {
             }
         }
         o
-    }
-}
-
-pub fn main(args: CheckArgs) -> Result<(), Failure> {
-    let mut mounts = Mounts::default();
-    let report = Report::gather(&mut mounts, !args.no_mount);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", report.render_table());
-    }
-    if report.blockers.is_empty() {
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!("cannot run: {}", report.blockers.join("; ")).into())
     }
 }

@@ -8,9 +8,12 @@
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
 //! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
 //! - [`records`]: what they write down, the ground truth for tests;
-//! - [`ioclock`]: when connections' reads and writes return, the records' times.
+//! - [`ioclock`]: when connections' reads and writes return, the records' times;
+//! - [`shape`]: the lab's shape as flags, and a description of a running lab;
+//! - [`summary`]: the demo's text summary, the lab's records next to the kernel's.
+//!
+//! Built only with the `lab` feature: the DaemonSet's agent carries none of it.
 pub mod app;
-pub mod cmd;
 pub mod config;
 pub mod http_client;
 pub mod ioclock;
@@ -19,4 +22,6 @@ pub mod mtls;
 pub mod pod_exec;
 pub mod proxy;
 pub mod records;
+pub mod shape;
+pub mod summary;
 pub mod topology;

@@ -1,5 +1,5 @@
-//! `mesh-trace top`: the live view of an agent's per-hop statistics, in the
-//! terminal, or printed once as text or JSON for scripts.
+//! The live view of an agent's per-hop statistics, in the terminal, or
+//! printed once as text for scripts (`mesh-trace top`).
 //!
 //! - [`source`] fetches the statistics (an agent's `/api/v1/stats`, or an
 //!   agent in this process) on a tokio task, every interval;
@@ -14,7 +14,7 @@ pub mod stats;
 pub mod ui;
 
 use std::{
-    io::{IsTerminal as _, Write as _},
+    io::IsTerminal as _,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicI32, Ordering},
@@ -24,7 +24,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Args;
 use crossterm::{
     cursor,
     event::{self, Event, KeyEventKind},
@@ -33,128 +32,9 @@ use crossterm::{
 };
 use ratatui::{backend::CrosstermBackend, Terminal};
 
-use crate::{
-    agent::http::AgentState,
-    cli::{init_logging, Failure},
-    config::LogLevel,
-    run::{agent_with_spans, stop_signal, Settings},
-};
+use crate::agent::http::AgentState;
 use app::App;
-use source::{AgentUrl, Source};
-
-#[derive(Debug, Args)]
-pub struct TopArgs {
-    /// The agent to watch: where it serves /metrics.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9464")]
-    pub agent: String,
-    /// Run the probes in this process instead of reading an agent (root).
-    #[arg(long, conflicts_with = "agent")]
-    pub standalone: bool,
-    /// With --standalone: pod and service metadata from a running lab.
-    #[arg(long, value_name = "DIR")]
-    pub lab: Option<PathBuf>,
-    /// Seconds between samples.
-    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
-    pub interval: f64,
-    /// Print one snapshot as plain text and exit (no terminal needed).
-    #[arg(long)]
-    pub once: bool,
-    /// With --once: print the agent's JSON document instead.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Shortest interval: below it the view would redraw faster than anyone
-/// reads, and a remote agent would serve a snapshot every few milliseconds.
-const MIN_INTERVAL: f64 = 0.1;
-
-pub fn main(args: TopArgs) -> Result<(), Failure> {
-    if !(args.interval.is_finite() && args.interval >= MIN_INTERVAL) {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "--interval must be at least {MIN_INTERVAL} s"
-        )));
-    }
-    // Checked here rather than by clap, whose message for a missing
-    // companion flag does not fit the one-line usage error.
-    if args.json && !args.once {
-        return Err(Failure::usage(anyhow::anyhow!("--json needs --once")));
-    }
-    if args.lab.is_some() && !args.standalone {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "--lab needs --standalone (an agent has its own metadata)"
-        )));
-    }
-    let interval = Duration::from_secs_f64(args.interval);
-    if !args.once && !std::io::stdout().is_terminal() {
-        return Err(Failure::usage(anyhow::anyhow!(
-            "the live view needs a terminal; use --once (or --once --json) in scripts"
-        )));
-    }
-    let remote = if args.standalone {
-        None
-    } else {
-        Some(AgentUrl::parse(&args.agent).map_err(Failure::usage)?)
-    };
-    if args.standalone {
-        // While the view is up these go to a file (see `StderrToFile`).
-        init_logging(LogLevel::Warn);
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let local = match &remote {
-            None => Some(LocalAgent::start(args.lab.clone()).await?),
-            Some(_) => None,
-        };
-        let source = match (&remote, &local) {
-            (Some(url), _) => Source::Agent(url.clone()),
-            (None, Some(agent)) => Source::Local(agent.state.clone()),
-            (None, None) => unreachable!("one of the two is set"),
-        };
-        let result = if args.once {
-            if local.is_some() {
-                // Just attached: give the probes one interval of traffic.
-                tokio::time::sleep(interval).await;
-            }
-            print_once(&source, args.json, interval).await
-        } else {
-            let stop = stop_signal()?;
-            match View::start(source, interval) {
-                Ok(view) => view
-                    .run_until(stop)
-                    .await
-                    .map(|_| ())
-                    .map_err(Failure::from),
-                Err(e) => Err(e.into()),
-            }
-        };
-        if let Some(agent) = local {
-            agent.stop().await?;
-        }
-        result
-    })
-}
-
-/// `--once`: one fetch, printed, or the failure as the exit status.
-async fn print_once(source: &Source, json: bool, interval: Duration) -> Result<(), Failure> {
-    let timeout = source::fetch_timeout(interval);
-    let described = source.describe();
-    let text = source
-        .fetch_json(timeout)
-        .await
-        .with_context(|| format!("agent unreachable at {described}"))?;
-    let mut out = std::io::stdout().lock();
-    if json {
-        writeln!(out, "{}", text.trim_end())?;
-        return Ok(());
-    }
-    let stats: stats::AgentStats = serde_json::from_str(&text)
-        .context("the agent's statistics are not what this version reads")?;
-    write!(out, "{}", once_text(&stats, &described))?;
-    Ok(())
-}
+use source::Source;
 
 /// The plain-text snapshot: a summary of the agent, then the table.
 pub fn once_text(s: &stats::AgentStats, source: &str) -> String {
@@ -182,45 +62,6 @@ pub fn once_text(s: &stats::AgentStats, source: &str) -> String {
         out.push_str("(milliseconds; hops are medians; * marks the largest hop of each row)\n");
     }
     out
-}
-
-/// An agent run in this process for `--standalone`.
-struct LocalAgent {
-    state: Arc<AgentState>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), Failure>>,
-}
-
-impl LocalAgent {
-    async fn start(lab: Option<PathBuf>) -> Result<LocalAgent, Failure> {
-        // The view reads the state directly: nothing to serve.
-        let settings = Settings::in_process(lab)?;
-        let state = Arc::new(AgentState::new());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(agent_with_spans(
-            settings,
-            state.clone(),
-            async {
-                let _ = stopped.await;
-            },
-            |_| {},
-            |_| {},
-        ));
-        while !state.ready.load(Ordering::Acquire) {
-            if task.is_finished() {
-                // It failed to load or attach: that error is the answer.
-                task.await.context("agent task")??;
-                return Err(anyhow::anyhow!("the agent stopped before it was ready").into());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(LocalAgent { state, stop, task })
-    }
-
-    async fn stop(self) -> Result<(), Failure> {
-        let _ = self.stop.send(());
-        self.task.await.context("agent task")?
-    }
 }
 
 /// The interactive view, running: sampling on the runtime, the terminal on

@@ -12,9 +12,9 @@ use std::{
 
 use mesh_trace::{
     agent::http::AgentState,
+    agent::{agent_with_spans, Settings},
     flows::table::LegRecord,
     lab::topology::Lab,
-    run::{agent_with_spans, Settings},
     spans::span::Span,
 };
 

@@ -1,0 +1,77 @@
+//! The agent's settings: defaults, the configuration file and flags merged
+//! into one value, and the metadata source they name.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+
+use crate::{
+    flows::{
+        kubernetes::KubeMetadata,
+        metadata::{LabManifest, LabMetadata, Metadata, NoMetadata},
+        table::FlowTableConfig,
+    },
+    kernel::sysfs,
+    logging::LogLevel,
+};
+
+use super::config;
+
+/// The agent's settings after merging defaults, the config file and flags.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where to serve /metrics, /healthz and /readyz; None serves nothing.
+    pub metrics_addr: Option<SocketAddr>,
+    pub log_level: LogLevel,
+    pub ring_buffer_bytes: u32,
+    pub cgroup: PathBuf,
+    pub print_events: bool,
+    /// Metadata from a running lab's directory (pods, services).
+    pub lab: Option<PathBuf>,
+    /// Metadata from the Kubernetes API server: this node's name.
+    pub kubernetes_node: Option<String>,
+    /// Sockets the flow table tracks at once.
+    pub max_flows: usize,
+    /// Where named network namespaces (pods) are mounted; each is watched
+    /// at the NAT step.
+    pub netns_dir: PathBuf,
+    /// Programs attached but returning at once (benchmark floor).
+    pub noop: bool,
+}
+
+pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
+
+impl Settings {
+    /// Defaults for a command that runs the probes in-process and serves no
+    /// HTTP (`flows`, `spans`, `demo`).
+    pub fn in_process(lab: Option<PathBuf>) -> anyhow::Result<Settings> {
+        Ok(Settings {
+            metrics_addr: None,
+            log_level: LogLevel::Warn,
+            ring_buffer_bytes: config::default_ring_buffer_bytes(),
+            cgroup: sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?,
+            print_events: false,
+            lab,
+            kubernetes_node: None,
+            max_flows: FlowTableConfig::default().max_sockets,
+            netns_dir: DEFAULT_NETNS_DIR.into(),
+            noop: false,
+        })
+    }
+
+    /// The metadata source these settings name. A Kubernetes source starts
+    /// watching at once and is also returned as itself, for its metrics.
+    pub async fn metadata(&self) -> anyhow::Result<(Arc<dyn Metadata>, Option<Arc<KubeMetadata>>)> {
+        if let Some(node) = &self.kubernetes_node {
+            let kube = KubeMetadata::new(node.clone());
+            kube.spawn_watchers(KubeMetadata::client().await?);
+            return Ok((kube.clone(), Some(kube)));
+        }
+        Ok(match &self.lab {
+            Some(dir) => (
+                Arc::new(LabMetadata::from_manifest(&LabManifest::load(dir)?)?),
+                None,
+            ),
+            None => (Arc::new(NoMetadata), None),
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! `mesh-trace run`: the agent, as the DaemonSet runs it.
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::Context as _;
+use clap::Args;
+
+use crate::{
+    agent::{
+        self,
+        config::{self, ConfigFile},
+        http::AgentState,
+        settings::{Settings, DEFAULT_NETNS_DIR},
+    },
+    error::Failure,
+    flows::table::FlowTableConfig,
+    kernel::sysfs,
+    logging::{init_logging, LogLevel},
+    shutdown::stop_signal,
+};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Address for /metrics, /healthz and /readyz [default: 0.0.0.0:9464].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log verbosity [default: info].
+    #[arg(long, value_enum)]
+    pub log_level: Option<LogLevel>,
+    /// TOML configuration file; flags override it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Size of the kernel-to-agent ring buffer in bytes (power of two).
+    #[arg(long, value_name = "BYTES")]
+    pub ring_buffer_bytes: Option<u32>,
+    /// cgroup v2 directory to attach to [default: the cgroup v2 root].
+    #[arg(long, value_name = "DIR")]
+    pub cgroup: Option<PathBuf>,
+    /// Print every kernel event as a JSON line on stdout.
+    #[arg(long)]
+    pub print_events: bool,
+    /// Pod and service metadata from a running lab's directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "kubernetes")]
+    pub lab: Option<PathBuf>,
+    /// Pod and service metadata from the Kubernetes API server (in-cluster
+    /// service account, else KUBECONFIG): the pods on --node-name and every
+    /// service.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// This node's name, whose pods are watched with --kubernetes.
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Sockets tracked at once in the flow table.
+    #[arg(long, value_name = "N")]
+    pub max_flows: Option<usize>,
+    /// Directory of named network namespaces (pods) to watch at the NAT
+    /// step [default: /var/run/netns].
+    #[arg(long, value_name = "DIR")]
+    pub netns_dir: Option<PathBuf>,
+    /// Attach every program but let each return at once: the cost of the
+    /// hooks alone (the floor benchmarks compare against).
+    #[arg(long)]
+    pub noop: bool,
+}
+
+/// Merges flags over the config file over defaults. Errors are usage errors.
+pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path).map_err(Failure::usage)?,
+        None => ConfigFile::default(),
+    };
+    let kubernetes_node = kubernetes_node(args, &file)?;
+    let ring = args
+        .ring_buffer_bytes
+        .or(file.ring_buffer_bytes)
+        .unwrap_or_else(config::default_ring_buffer_bytes);
+    let ring_buffer_bytes = config::check_ring_buffer_bytes(ring).map_err(Failure::usage)?;
+    let cgroup = match args.cgroup.clone().or(file.cgroup) {
+            Some(c) => c,
+            None => sysfs::cgroup2_root()
+                .context("no cgroup v2 hierarchy is mounted (looked for /sys/fs/cgroup and /sys/fs/cgroup/unified); pass --cgroup")?,
+        };
+    Ok(Settings {
+        metrics_addr: Some(
+            args.metrics_addr
+                .or(file.metrics_addr)
+                .unwrap_or_else(|| config::DEFAULT_METRICS_ADDR.parse().unwrap()),
+        ),
+        log_level: args.log_level.or(file.log_level).unwrap_or_default(),
+        ring_buffer_bytes,
+        cgroup,
+        print_events: args.print_events,
+        kubernetes_node,
+        lab: args.lab.clone().or(file.lab),
+        max_flows: args
+            .max_flows
+            .or(file.max_flows)
+            .unwrap_or(FlowTableConfig::default().max_sockets),
+        netns_dir: args
+            .netns_dir
+            .clone()
+            .or(file.netns_dir)
+            .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
+        noop: args.noop,
+    })
+}
+
+/// The node whose pods are watched, when Kubernetes metadata is asked for.
+fn kubernetes_node(args: &RunArgs, file: &ConfigFile) -> Result<Option<String>, Failure> {
+    if !(args.kubernetes || file.kubernetes == Some(true)) {
+        return Ok(None);
+    }
+    if args.lab.is_some() || file.lab.is_some() {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "choose one metadata source: --lab or --kubernetes"
+        )));
+    }
+    match args.node_name.clone().or_else(|| file.node_name.clone()) {
+        Some(n) if !n.is_empty() => Ok(Some(n)),
+        _ => Err(Failure::usage(anyhow::anyhow!(
+            "--kubernetes needs this node's name: --node-name or NODE_NAME (in a DaemonSet, from the downward API spec.nodeName)"
+        ))),
+    }
+}
+
+pub fn main(args: RunArgs) -> Result<(), Failure> {
+    let settings = settings(&args)?;
+    init_logging(settings.log_level);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let stop = stop_signal()?;
+        agent::agent(settings, Arc::new(AgentState::new()), stop, |_| {}).await
+    })
+}

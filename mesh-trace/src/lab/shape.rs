@@ -1,0 +1,96 @@
+//! The lab's shape as flags (shared by `lab up` and `demo`), and a table
+//! describing a running lab.
+use std::collections::BTreeMap;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::{
+    config::OutboundTrafficPolicy,
+    topology::{Lab, LabOptions},
+};
+
+/// Settings shared by `lab up` and `demo`.
+#[derive(Debug, Clone, Args)]
+pub struct LabShape {
+    /// What sidecars do with unregistered destinations.
+    #[arg(long, value_enum)]
+    pub policy: Option<OutboundTrafficPolicy>,
+    /// Processing delay each sidecar adds on the outbound side (ms).
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_outbound_ms: f64,
+    /// Processing delay each sidecar adds on the inbound side (ms).
+    #[arg(long, default_value_t = 0.0)]
+    pub delay_inbound_ms: f64,
+    /// Share of 503s a pod's app answers, as POD=RATE (repeatable).
+    #[arg(long, value_name = "POD=RATE")]
+    pub error_rate: Vec<String>,
+    /// Mutual TLS between sidecars (certificates made at start; app legs stay plaintext).
+    #[arg(long)]
+    pub mtls: bool,
+}
+
+impl LabShape {
+    pub fn options(&self) -> anyhow::Result<LabOptions> {
+        let mut opts = LabOptions::bookinfo()?;
+        opts.policy = self.policy;
+        opts.delay_outbound_ms = self.delay_outbound_ms;
+        opts.delay_inbound_ms = self.delay_inbound_ms;
+        opts.error_rate = parse_pod_values(&self.error_rate)?;
+        opts.mtls = self.mtls;
+        for pod in opts.error_rate.keys() {
+            anyhow::ensure!(
+                opts.topology.pod(pod).is_some(),
+                "--error-rate: no pod {pod}"
+            );
+        }
+        Ok(opts)
+    }
+}
+
+fn parse_pod_values(pairs: &[String]) -> anyhow::Result<BTreeMap<String, f64>> {
+    pairs
+        .iter()
+        .map(|p| {
+            let (pod, v) = p
+                .split_once('=')
+                .with_context(|| format!("{p}: expected POD=VALUE"))?;
+            let v: f64 = v.parse().with_context(|| format!("{p}: not a number"))?;
+            Ok((pod.to_string(), v))
+        })
+        .collect()
+}
+
+/// A table of the lab's pods and services and how to reach them.
+pub fn describe(lab: &Lab) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "{:<16} {:<14} {:<8} NETNS", "POD", "IP", "SIDECAR");
+    for p in &lab.pods {
+        let _ = writeln!(
+            o,
+            "{:<16} {:<14} {:<8} {}",
+            p.spec.name,
+            p.spec.ip,
+            if p.spec.sidecar { "yes" } else { "no" },
+            p.ns.name()
+        );
+    }
+    let _ = writeln!(o, "\n{:<16} {:<14} PORT", "SERVICE", "VIP");
+    for s in &lab.topology.services {
+        let _ = writeln!(o, "{:<16} {:<14} {}", s.name, s.vip, s.port);
+    }
+    if let (Some(client), Some(reviews)) = (
+        lab.pods.iter().find(|p| p.spec.app == "loadgen"),
+        lab.topology.service("reviews"),
+    ) {
+        let _ = writeln!(
+            o,
+            "\ntry:  ip netns exec {} curl -s -H 'Host: reviews:9080' http://{}:9080/reviews/0",
+            client.ns.name(),
+            reviews.vip
+        );
+    }
+    let _ = writeln!(o, "logs and access records: {}", lab.dir.display());
+    o
+}
