@@ -1,32 +1,41 @@
 //! Stitching: the messages framed on each socket, joined into one span per
 //! request across the six sockets it crosses.
 //!
-//! - Across a leg (app <-> 15001, sidecar <-> 15006, 127.0.0.6 <-> app) a
-//!   request is matched exactly: the receiver's message starts at the stream
-//!   offset where the sender's began, whatever the bytes are (TLS included).
-//! - Responses come back on the socket the request went out on: each
-//!   socket keeps its outstanding requests in order (HTTP/1.1).
-//! - Inside a sidecar, a request read downstream is matched to the request
-//!   written upstream by x-request-id, else by method and path, else by
-//!   thread, else by order; a second upstream write with the same id is a
+//! - `place`: where a socket sits on a request's path, which says which
+//!   moments its messages are.
+//! - `leg`: across a leg (app <-> 15001, sidecar <-> 15006, 127.0.0.6 <->
+//!   app) a request is matched exactly: the receiver's message starts at the
+//!   stream offset where the sender's began, whatever the bytes are (TLS
+//!   included).
+//! - `assemble`: the spans in flight. Responses come back on the socket the
+//!   request went out on: each socket keeps its outstanding requests in
+//!   order (HTTP/1.1).
+//! - `proxy`: inside a sidecar, a request read downstream is matched to the
+//!   request written upstream by x-request-id, else by method and path, else
+//!   by thread, else by order; a second upstream write with the same id is a
 //!   retry (its moments replace the failed attempt's).
 //!
-//! What cannot be matched is counted by reason, never guessed.
-use std::collections::VecDeque;
+//! What cannot be matched is counted by reason, never guessed. This module
+//! reads each socket's place and peer from the flow table, frames its bytes,
+//! and passes what it finds between the parts.
+mod assemble;
+mod leg;
+mod place;
+mod proxy;
 
 use foldhash::{HashMap, HashMapExt as _};
 
-use lru::LruCache;
-
+use self::{
+    assemble::{Outstanding, Spans},
+    leg::{Arrival, Legs, Write},
+    place::Place,
+    proxy::{Forwardable, Forwarded, Proxies, ProxySide},
+};
 use super::{
     http::{Chunk, Dir, Framer, Head, Message},
     span::Span,
 };
-use crate::flows::{
-    legs::LegKind,
-    socket::{Role, Socket, INBOUND_PORT, OUTBOUND_PORT},
-    table::FlowTable,
-};
+use crate::flows::table::FlowTable;
 
 /// Why a request produced no span. Label values of
 /// `mesh_trace_requests_unstitched_total`.
@@ -70,111 +79,13 @@ impl Unstitched {
     }
 }
 
-/// Where a socket sits on a request's path, which says which moment its
-/// messages are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Place {
-    /// App socket to its outbound sidecar: t0 send request, t11 recv response.
-    AppClient,
-    /// Outbound sidecar's 15001 socket: t1, t10.
-    OutboundDown,
-    /// Outbound sidecar's upstream socket: t2, t9.
-    OutboundUp,
-    /// Inbound sidecar's 15006 socket: t3, t8.
-    InboundDown,
-    /// Inbound sidecar's socket to the app from 127.0.0.6: t4, t7.
-    InboundUp,
-    /// The server app's socket: t5, t6.
-    AppServer,
-}
-
-impl Place {
-    fn of(sock: &Socket, leg: Option<LegKind>) -> Option<Place> {
-        let passthrough_ip = std::net::IpAddr::from(crate::flows::socket::INBOUND_PASSTHROUGH_IP);
-        Some(match sock.role {
-            // Data can be reported before the leg is joined (the server's
-            // ESTABLISHED may come later); in a meshed pod every outgoing
-            // app connection but loopback is redirected.
-            Role::AppClient
-                if leg == Some(LegKind::Redirect)
-                    || (leg.is_none() && !sock.remote.ip().is_loopback()) =>
-            {
-                Place::AppClient
-            }
-            Role::ProxyDownstream if sock.local.port() == OUTBOUND_PORT => Place::OutboundDown,
-            Role::ProxyDownstream if sock.local.port() == INBOUND_PORT => Place::InboundDown,
-            Role::ProxyUpstream if sock.local.ip() == passthrough_ip => Place::InboundUp,
-            Role::ProxyUpstream => Place::OutboundUp,
-            Role::AppServer if sock.remote.ip() == passthrough_ip => Place::AppServer,
-            _ => return None,
-        })
-    }
-
-    /// Indexes of (request moment, response moment).
-    fn moments(self) -> (usize, usize) {
-        match self {
-            Place::AppClient => (0, 11),
-            Place::OutboundDown => (1, 10),
-            Place::OutboundUp => (2, 9),
-            Place::InboundDown => (3, 8),
-            Place::InboundUp => (4, 7),
-            Place::AppServer => (5, 6),
-        }
-    }
-
-    /// Whether this socket sends the requests (client end of its leg).
-    fn sends_requests(self) -> bool {
-        matches!(
-            self,
-            Place::AppClient | Place::OutboundUp | Place::InboundUp
-        )
-    }
-}
-
 type SpanId = u64;
-
-struct Pending {
-    span: Span,
-    started_ns: u64,
-}
-
-/// A request read by a sidecar and not yet written upstream.
-struct Forwardable {
-    span: SpanId,
-    ts_ns: u64,
-    tid: u32,
-    request_id: Option<String>,
-    method: String,
-    path: String,
-}
-
-/// A request written on a socket, waiting to be read at the other end.
-#[derive(Clone, Copy)]
-struct Sent {
-    offset: u64,
-    span: SpanId,
-}
-
-/// A read at the server end of a leg: the moment a request arrived.
-#[derive(Clone)]
-struct Arrival {
-    cookie: u64,
-    place: Place,
-    tgid: u32,
-    ts_ns: u64,
-    tid: u32,
-    /// The request's head, when the read started with it.
-    head: Option<Head>,
-    /// Stream range the read covered.
-    offset: u64,
-    end: u64,
-}
 
 struct SockState {
     framer: Framer,
     /// Requests sent (client end) or received (server end), oldest first,
     /// waiting for their response.
-    outstanding: VecDeque<SpanId>,
+    outstanding: Outstanding,
 }
 
 #[derive(Clone, Debug)]
@@ -194,52 +105,29 @@ impl Default for StitchConfig {
     }
 }
 
-/// A sidecar process and the side of it a request crosses. Apps propagate
-/// x-request-id, so the same id crosses a sidecar inbound and again
-/// outbound (reviews calling ratings): the two sides never match each other.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct ProxySide {
-    tgid: u32,
-    inbound: bool,
-}
-
 /// Most requests a sidecar may hold between reading and forwarding, and
 /// most requests in flight on one connection.
 const MAX_QUEUE: usize = 4096;
 
 pub struct Stitcher {
     cfg: StitchConfig,
-    spans: LruCache<SpanId, Pending>,
-    next: SpanId,
+    spans: Spans,
     sockets: HashMap<u64, SockState>,
-    /// Per sending socket: requests written, not yet read at the other end,
-    /// in stream order. Reads are matched by stream offset, so a read that
-    /// coalesces several writes (a TLS handshake and a request) still finds
-    /// the request inside it.
-    sent: HashMap<u64, VecDeque<Sent>>,
-    /// Per sending socket: reads reported before the matching write. On
-    /// loopback the reader can run (and its event be queued) before the
-    /// writer's tracepoint does.
-    early: HashMap<u64, VecDeque<Arrival>>,
-    /// Per sidecar process and side: requests read, not yet forwarded.
-    forwardable: HashMap<ProxySide, VecDeque<Forwardable>>,
-    /// Per outbound sidecar process: (request id, path) -> span, to see
-    /// retries. The path too: an app propagates one id to several services.
-    forwarded: HashMap<ProxySide, LruCache<(String, String), SpanId>>,
+    legs: Legs,
+    proxies: Proxies,
+    /// The requests one read delivered, kept to reuse the allocation.
+    delivered: Vec<(Arrival, SpanId)>,
     pub unstitched: HashMap<Unstitched, u64>,
 }
 
 impl Stitcher {
     pub fn new(cfg: StitchConfig) -> Stitcher {
-        let cap = std::num::NonZeroUsize::new(cfg.max_pending.max(1)).expect("max(1)");
         Stitcher {
-            spans: LruCache::new(cap),
-            next: 1,
+            spans: Spans::new(cfg.max_pending),
             sockets: HashMap::new(),
-            sent: HashMap::new(),
-            early: HashMap::new(),
-            forwardable: HashMap::new(),
-            forwarded: HashMap::new(),
+            legs: Legs::new(),
+            proxies: Proxies::new(),
+            delivered: Vec::new(),
             unstitched: HashMap::new(),
             cfg,
         }
@@ -247,6 +135,12 @@ impl Stitcher {
 
     fn count(&mut self, why: Unstitched) {
         *self.unstitched.entry(why).or_default() += 1;
+    }
+
+    fn count_n(&mut self, why: Unstitched, n: u64) {
+        if n > 0 {
+            *self.unstitched.entry(why).or_default() += n;
+        }
     }
 
     /// Feeds one data event; completed spans go to `out`.
@@ -267,7 +161,7 @@ impl Stitcher {
             .entry(ev.sock_cookie)
             .or_insert_with(|| SockState {
                 framer: Framer::new(),
-                outstanding: VecDeque::new(),
+                outstanding: Outstanding::default(),
             });
         let prefix = &ev.prefix[..(ev.prefix_len as usize).min(ev.prefix.len())];
         let chunk = Chunk {
@@ -329,39 +223,22 @@ impl Stitcher {
                 }
             }
         };
-        let Some(p) = self.spans.get_mut(&id) else {
-            self.count(Unstitched::Evicted);
+        if let Err(why) = self
+            .spans
+            .request(id, place.moments().0, msg.ts_ns, Some(&msg.head))
+        {
+            self.count(why);
             return;
-        };
-        p.span.moments[place.moments().0] = Some(msg.ts_ns);
-        if let Head::Request { method, path, .. } = &msg.head {
-            if p.span.method.is_empty() {
-                p.span.method = method.clone();
-                p.span.path = super::http::template_path(path);
-            }
         }
         if let Some(s) = self.sockets.get_mut(&cookie) {
-            s.outstanding.push_back(id);
+            s.outstanding.push(id);
         }
-        // The other end may already have read it.
-        let early = self.early.get_mut(&cookie).and_then(|q| {
-            let i = q
-                .iter()
-                .position(|a| a.offset <= msg.offset && msg.offset < a.end)?;
-            q.remove(i)
-        });
-        match early {
-            Some(a) => self.arrived(flows, a, id),
-            None => {
-                let queue = self.sent.entry(cookie).or_default();
-                if queue.len() == MAX_QUEUE {
-                    queue.pop_front();
-                    *self.unstitched.entry(Unstitched::Evicted).or_default() += 1;
+        match self.legs.written(cookie, msg.offset, id) {
+            Write::Read(a) => self.arrived(flows, a, id),
+            Write::Queued(dropped) => {
+                if let Some(why) = dropped {
+                    self.count(why);
                 }
-                queue.push_back(Sent {
-                    offset: msg.offset,
-                    span: id,
-                });
             }
         }
     }
@@ -376,48 +253,29 @@ impl Stitcher {
             }
             return;
         };
-        let mut delivered = false;
-        while let Some(front) = self.sent.get(&peer).and_then(|q| q.front().copied()) {
-            if front.offset >= a.end {
-                break;
-            }
-            self.sent.get_mut(&peer).map(VecDeque::pop_front);
-            if front.offset < a.offset {
-                // Its read was never reported.
-                self.count(Unstitched::NoSender);
-                continue;
-            }
-            let mut arrival = a.clone();
-            if front.offset != a.offset {
-                arrival.head = None;
-            }
-            self.arrived(flows, arrival, front.span);
-            delivered = true;
+        let mut delivered = std::mem::take(&mut self.delivered);
+        let unreported = self.legs.read(peer, a, starts_message, &mut delivered);
+        self.count_n(Unstitched::NoSender, unreported);
+        for (arrival, id) in delivered.drain(..) {
+            self.arrived(flows, arrival, id);
         }
-        if !delivered && starts_message {
-            let queue = self.early.entry(peer).or_default();
-            if queue.len() == MAX_QUEUE {
-                queue.pop_front();
-            }
-            queue.push_back(a);
-        }
+        self.delivered = delivered;
     }
 
     /// Records a request's arrival at the server end of a leg.
     fn arrived(&mut self, flows: &FlowTable, a: Arrival, id: SpanId) {
-        let Some(p) = self.spans.get_mut(&id) else {
-            self.count(Unstitched::Evicted);
-            return;
-        };
-        p.span.moments[a.place.moments().0] = Some(a.ts_ns);
-        if let Some(Head::Request { method, path, .. }) = &a.head {
-            if p.span.method.is_empty() {
-                p.span.method = method.clone();
-                p.span.path = super::http::template_path(path);
+        let span = match self
+            .spans
+            .request(id, a.place.moments().0, a.ts_ns, a.head.as_ref())
+        {
+            Ok(span) => span,
+            Err(why) => {
+                self.count(why);
+                return;
             }
-        }
+        };
         if a.place == Place::AppServer {
-            p.span.destination_pod = flows
+            span.destination_pod = flows
                 .socket(a.cookie)
                 .and_then(|s| s.pod.as_ref())
                 .map(|pod| pod.name.clone());
@@ -430,7 +288,7 @@ impl Stitcher {
             self.hold_for_forwarding(side, id, &a);
         }
         if let Some(s) = self.sockets.get_mut(&a.cookie) {
-            s.outstanding.push_back(id);
+            s.outstanding.push(id);
         }
     }
 
@@ -440,142 +298,40 @@ impl Stitcher {
             .leg_info(cookie)
             .map(|(_, s, d)| (s.to_string(), d.to_string()))
             .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-        let request_id = match &msg.head {
-            Head::Request { request_id, .. } => request_id.clone(),
-            _ => None,
-        };
-        let id = self.next;
-        self.next += 1;
-        let span = Span {
-            request_id,
-            method: String::new(),
-            path: String::new(),
-            status: 0,
-            source_workload: source,
-            destination_service: destination,
-            destination_pod: None,
-            moments: [None; 12],
-            retries: 0,
-        };
-        if self
-            .spans
-            .push(
-                id,
-                Pending {
-                    span,
-                    started_ns: msg.ts_ns,
-                },
-            )
-            .is_some_and(|(old, _)| old != id)
-        {
-            self.count(Unstitched::Evicted);
+        let (id, evicted) = self.spans.start(source, destination, msg);
+        if let Some(why) = evicted {
+            self.count(why);
         }
         id
     }
 
     fn hold_for_forwarding(&mut self, side: ProxySide, id: SpanId, a: &Arrival) {
-        let (request_id, method, path) = match &a.head {
-            Some(Head::Request {
-                request_id,
-                method,
-                path,
-                ..
-            }) => (request_id.clone(), method.clone(), path.clone()),
-            _ => (None, String::new(), String::new()),
-        };
-        if let (Some(rid), Some(p)) = (&request_id, self.spans.get_mut(&id)) {
-            p.span.request_id.get_or_insert_with(|| rid.clone());
+        let f = Forwardable::new(id, a.ts_ns, a.tid, a.head.as_ref());
+        self.spans.note_request_id(id, f.request_id());
+        if let Some(why) = self.proxies.hold(side, f) {
+            self.count(why);
         }
-        let queue = self.forwardable.entry(side).or_default();
-        if queue.len() == MAX_QUEUE {
-            queue.pop_front();
-            *self.unstitched.entry(Unstitched::Evicted).or_default() += 1;
-        }
-        queue.push_back(Forwardable {
-            span: id,
-            ts_ns: a.ts_ns,
-            tid: a.tid,
-            request_id,
-            method,
-            path,
-        });
     }
 
     /// The request a sidecar is writing upstream: one it read before.
     fn forward(&mut self, side: ProxySide, msg: &Message) -> Option<SpanId> {
-        let (rid, method, path) = match &msg.head {
-            Head::Request {
-                request_id,
-                method,
-                path,
-                ..
-            } => (
-                request_id.clone(),
-                Some(method.as_str()),
-                Some(path.as_str()),
-            ),
-            _ => (None, None, None),
-        };
-        let retries = self
-            .forwarded
-            .entry(side)
-            .or_insert_with(|| LruCache::new(std::num::NonZeroUsize::new(4096).expect("non-zero")));
-        // The same request id written again by an outbound sidecar: a retry.
-        // (Inbound sidecars do not retry; the same id arriving twice there is
-        // the outbound sidecar's retry landing on the same pod.)
-        let retry_key = rid.clone().zip(path.map(str::to_string));
-        let retried = (!side.inbound)
-            .then(|| retry_key.as_ref().and_then(|k| retries.get(k).copied()))
-            .flatten();
-        if let Some(id) = retried {
-            if let Some(p) = self.spans.get_mut(&id) {
-                p.span.retries += 1;
-            }
-            return Some(id);
-        }
         let spans = &self.spans;
-        let queue = self.forwardable.entry(side).or_default();
-        let eligible = |f: &Forwardable| f.ts_ns <= msg.ts_ns;
-        // A request read encrypted (mutual TLS) shows no id; its span knows
-        // the id the client side sent.
-        let id_of = |f: &Forwardable| {
-            f.request_id
-                .clone()
-                .or_else(|| spans.peek(&f.span).and_then(|p| p.span.request_id.clone()))
-        };
-        let pick = rid
-            .as_ref()
-            .and_then(|r| {
-                queue
-                    .iter()
-                    .position(|f| eligible(f) && id_of(f).as_ref() == Some(r))
-            })
-            .or_else(|| {
-                queue.iter().position(|f| {
-                    eligible(f)
-                        && Some(f.method.as_str()) == method
-                        && Some(f.path.as_str()) == path
-                })
-            })
-            .or_else(|| queue.iter().position(|f| eligible(f) && f.tid == msg.tid))
-            .or_else(|| queue.iter().position(eligible));
-        let Some(i) = pick else {
-            self.count(Unstitched::NoDownstream);
-            return None;
-        };
-        let f = queue.remove(i)?;
-        if let Some(r) = rid.clone().or(f.request_id) {
-            if let Some(p) = self.spans.get_mut(&f.span) {
-                p.span.request_id.get_or_insert_with(|| r.clone());
+        match self.proxies.forward(side, msg, |id| spans.request_id(id)) {
+            Ok(Forwarded::Retry(id)) => {
+                self.spans.retried(id);
+                Some(id)
+            }
+            Ok(Forwarded::Read { span, request_id }) => {
+                if let Some(r) = request_id {
+                    self.spans.note_request_id(span, Some(&r));
+                }
+                Some(span)
+            }
+            Err(why) => {
+                self.count(why);
+                None
             }
         }
-        if let (Some(key), false) = (retry_key, side.inbound) {
-            self.forwarded
-                .get_mut(&side)
-                .expect("inserted above")
-                .put(key, f.span);
-        }
-        Some(f.span)
     }
 
     fn response(
@@ -586,66 +342,25 @@ impl Stitcher {
         msg: &Message,
         out: &mut Vec<Span>,
     ) {
-        let (_, at) = place.moments();
-        // Bytes from a server on this node that has not received the request
-        // yet are not its response (e.g. a TLS session ticket).
-        if place.sends_requests() && flows.peer(cookie).is_some() {
-            let next = place.moments().0 + 1;
-            let waiting = self
-                .sockets
-                .get(&cookie)
-                .and_then(|s| s.outstanding.front())
-                .and_then(|id| self.spans.peek(id))
-                .is_some_and(|p| p.span.moments[next].is_none());
-            if waiting {
-                self.count(Unstitched::NoRequest);
-                return;
-            }
-        }
-        let Some(id) = self
-            .sockets
-            .get_mut(&cookie)
-            .and_then(|s| s.outstanding.pop_front())
-        else {
-            self.count(Unstitched::NoRequest);
-            return;
-        };
-        let Some(p) = self.spans.get_mut(&id) else {
-            self.count(Unstitched::Evicted);
-            return;
-        };
-        p.span.moments[at] = Some(msg.ts_ns);
-        if let Head::Response { status, .. } = msg.head {
-            // The status the client finally sees wins: it is written last.
-            p.span.status = status;
-        }
-        if place == Place::AppClient {
-            if let Some(done) = self.spans.pop(&id) {
-                out.push(done.span);
-            }
+        let peer_here = place.sends_requests() && flows.peer(cookie).is_some();
+        let outstanding = self.sockets.get_mut(&cookie).map(|s| &mut s.outstanding);
+        match self.spans.response(outstanding, place, peer_here, msg) {
+            Ok(Some(done)) => out.push(done),
+            Ok(None) => {}
+            Err(why) => self.count(why),
         }
     }
 
     /// Forgets a closed socket.
     pub fn closed(&mut self, cookie: u64) {
         self.sockets.remove(&cookie);
-        self.sent.remove(&cookie);
-        self.early.remove(&cookie);
+        self.legs.closed(cookie);
     }
 
     /// Drops requests older than the timeout; returns how many.
     pub fn expire(&mut self, now_ns: u64) {
-        let mut expired = 0;
-        while let Some((_, p)) = self.spans.peek_lru() {
-            if now_ns.saturating_sub(p.started_ns) < self.cfg.timeout_ns {
-                break;
-            }
-            self.spans.pop_lru();
-            expired += 1;
-        }
-        if expired > 0 {
-            *self.unstitched.entry(Unstitched::Timeout).or_default() += expired;
-        }
+        let expired = self.spans.expire(now_ns, self.cfg.timeout_ns);
+        self.count_n(Unstitched::Timeout, expired);
     }
 
     /// Requests in flight.
@@ -656,5 +371,266 @@ impl Stitcher {
     /// Framing counters summed over open sockets (for metrics).
     pub fn open_sockets(&self) -> usize {
         self.sockets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mesh_trace_common::{
+        ConnectEvent, DataEvent, Endpoint, EventKind, SockEvent, DIR_RECV, DIR_SEND,
+    };
+
+    use super::*;
+    use crate::{
+        flows::{legs::LegKind, metadata::NoMetadata, table::FlowTableConfig},
+        kernel::events::Event,
+    };
+
+    /// Processes: the client app, its outbound sidecar, the server's
+    /// inbound sidecar, the server app.
+    const APP: u32 = 10;
+    const OUTBOUND: u32 = 20;
+    const INBOUND: u32 = 30;
+    const SERVER: u32 = 40;
+
+    fn ep(ip: [u8; 4], port: u16) -> Endpoint {
+        Endpoint::v4(u32::from_ne_bytes(ip), port)
+    }
+
+    fn connect(cookie: u64, netns: u64, uid: u64, tgid: u32, dst: Endpoint) -> Event {
+        let mut c = ConnectEvent::default();
+        c.header.kind = EventKind::Connect as u32;
+        c.sock_cookie = cookie;
+        c.netns_cookie = netns;
+        c.task.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
+        c.task.uid_gid = uid << 32 | uid;
+        c.dst = dst;
+        Event::Connect(c)
+    }
+
+    fn established(
+        cookie: u64,
+        netns: u64,
+        local: Endpoint,
+        remote: Endpoint,
+        active: bool,
+    ) -> Event {
+        let mut s = SockEvent::default();
+        s.header.kind = EventKind::Established as u32;
+        s.sock_cookie = cookie;
+        s.netns_cookie = netns;
+        s.local = local;
+        s.remote = remote;
+        s.active = u32::from(active);
+        Event::Established(s)
+    }
+
+    /// A flow table and a stitcher fed data events as the agent feeds them.
+    struct Node {
+        table: FlowTable,
+        stitcher: Stitcher,
+        ts_ns: u64,
+        /// Next stream offset per socket and direction.
+        offsets: HashMap<(u64, u32), u64>,
+        spans: Vec<Span>,
+    }
+
+    impl Node {
+        fn new(events: &[Event]) -> (Node, Vec<LegKind>) {
+            let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
+            let mut legs = Vec::new();
+            for ev in events {
+                table.apply(ev, &mut legs);
+            }
+            let node = Node {
+                table,
+                stitcher: Stitcher::new(StitchConfig::default()),
+                ts_ns: 0,
+                offsets: HashMap::new(),
+                spans: Vec::new(),
+            };
+            (node, legs.iter().map(|l| l.leg).collect())
+        }
+
+        /// A client app (netns 1) calling a server app (netns 2) on the
+        /// same node: its six sockets, joined into three legs.
+        fn six_sockets() -> Node {
+            let vip = ep([10, 96, 0, 12], 9080);
+            let server = ep([10, 244, 0, 9], 9080);
+            let (node, legs) = Node::new(&[
+                connect(1, 1, 1000, APP, vip),
+                established(1, 1, ep([10, 244, 0, 5], 40000), vip, true),
+                established(
+                    2,
+                    1,
+                    ep([127, 0, 0, 1], 15001),
+                    ep([10, 244, 0, 5], 40000),
+                    false,
+                ),
+                connect(3, 1, 1337, OUTBOUND, server),
+                established(3, 1, ep([10, 244, 0, 5], 50000), server, true),
+                established(
+                    4,
+                    2,
+                    ep([10, 244, 0, 9], 15006),
+                    ep([10, 244, 0, 5], 50000),
+                    false,
+                ),
+                connect(5, 2, 1337, INBOUND, server),
+                established(5, 2, ep([127, 0, 0, 6], 41000), server, true),
+                established(6, 2, server, ep([127, 0, 0, 6], 41000), false),
+            ]);
+            assert_eq!(
+                legs,
+                vec![LegKind::Redirect, LegKind::Mesh, LegKind::Delivery]
+            );
+            node
+        }
+
+        /// Socket `cookie` of process `tgid` moves `payload` in `dir`;
+        /// returns when.
+        fn io(&mut self, cookie: u64, tgid: u32, dir: u32, payload: &[u8]) -> u64 {
+            self.ts_ns += 1_000;
+            let offset = self.offsets.entry((cookie, dir)).or_default();
+            let mut d = DataEvent::default();
+            d.header.kind = EventKind::Data as u32;
+            d.header.ts_ns = self.ts_ns;
+            d.sock_cookie = cookie;
+            d.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
+            d.direction = dir;
+            d.offset = *offset;
+            d.len = payload.len() as u32;
+            let n = payload.len().min(d.prefix.len());
+            d.prefix_len = n as u32;
+            d.prefix[..n].copy_from_slice(&payload[..n]);
+            *offset += payload.len() as u64;
+            // Data first: the table forgets a socket at its close.
+            self.stitcher.data(&self.table, &d, &mut self.spans);
+            self.table.apply(&Event::Data(Box::new(d)), &mut Vec::new());
+            self.ts_ns
+        }
+    }
+
+    /// The app's request with x-request-id `id`.
+    fn request(id: &str) -> Vec<u8> {
+        format!("GET /reviews/0 HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: {id}\r\n\r\n")
+            .into_bytes()
+    }
+    /// The request as a sidecar forwards it.
+    fn forwarded(id: &str) -> Vec<u8> {
+        format!(
+            "GET /reviews/0 HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: {id}\r\nx-forwarded-proto: http\r\n\r\n"
+        )
+        .into_bytes()
+    }
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    /// A TLS application data record.
+    const ENCRYPTED: &[u8] = b"\x17\x03\x03\x00\x20 thirty-two bytes of ciphertext";
+
+    /// One request with x-request-id `id` through all six sockets, the
+    /// sidecars' leg between them in plain text or (mutual TLS) encrypted:
+    /// t0..t11.
+    fn one_request(node: &mut Node, id: &str, encrypted: bool) -> [u64; 12] {
+        let (request, forwarded) = (request(id), forwarded(id));
+        let (mesh_request, mesh_response) = if encrypted {
+            (ENCRYPTED, ENCRYPTED)
+        } else {
+            (&forwarded[..], RESPONSE)
+        };
+        [
+            node.io(1, APP, DIR_SEND, &request),
+            node.io(2, OUTBOUND, DIR_RECV, &request),
+            node.io(3, OUTBOUND, DIR_SEND, mesh_request),
+            node.io(4, INBOUND, DIR_RECV, mesh_request),
+            node.io(5, INBOUND, DIR_SEND, &forwarded),
+            node.io(6, SERVER, DIR_RECV, &forwarded),
+            node.io(6, SERVER, DIR_SEND, RESPONSE),
+            node.io(5, INBOUND, DIR_RECV, RESPONSE),
+            node.io(4, INBOUND, DIR_SEND, mesh_response),
+            node.io(3, OUTBOUND, DIR_RECV, mesh_response),
+            node.io(2, OUTBOUND, DIR_SEND, RESPONSE),
+            node.io(1, APP, DIR_RECV, RESPONSE),
+        ]
+    }
+
+    #[test]
+    fn a_request_through_all_six_sockets_is_one_span_with_twelve_moments() {
+        for encrypted in [false, true] {
+            let mut node = Node::six_sockets();
+            // Two in turn on the same connections (keep-alive).
+            for id in ["8c1e-4f55", "9d2f-5a66"] {
+                let t = one_request(&mut node, id, encrypted);
+                let spans = std::mem::take(&mut node.spans);
+                assert_eq!(spans.len(), 1, "encrypted: {encrypted}");
+                let span = &spans[0];
+                assert_eq!(span.moments, t.map(Some), "encrypted: {encrypted}");
+                assert_eq!(span.method, "GET");
+                assert_eq!(span.path, "/reviews/:id");
+                assert_eq!(span.status, 200);
+                assert_eq!(span.request_id.as_deref(), Some(id));
+                assert_eq!(span.retries, 0);
+                assert_eq!(span.source_workload, "unknown");
+            }
+            assert_eq!(node.stitcher.pending(), 0);
+            assert!(
+                node.stitcher.unstitched.is_empty(),
+                "{:?}",
+                node.stitcher.unstitched
+            );
+            assert_eq!(node.stitcher.open_sockets(), 6);
+            for cookie in 1..=6 {
+                node.stitcher.closed(cookie);
+            }
+            assert_eq!(node.stitcher.open_sockets(), 0);
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_stitched_is_counted() {
+        let mut node = Node::six_sockets();
+        // Not HTTP from the app.
+        node.io(1, APP, DIR_SEND, b"\x00\x00\x00\x05hello");
+        // A read at an inbound sidecar whose client is not on this node.
+        node.table.apply(
+            &established(
+                7,
+                2,
+                ep([10, 244, 0, 9], 15006),
+                ep([10, 244, 1, 7], 50000),
+                false,
+            ),
+            &mut Vec::new(),
+        );
+        node.io(7, INBOUND, DIR_RECV, &forwarded("a"));
+        // The inbound sidecar writes upstream a request it never read.
+        node.io(5, INBOUND, DIR_SEND, &forwarded("b"));
+        // A response on the server app's socket that received no request.
+        node.io(6, SERVER, DIR_SEND, RESPONSE);
+        let count = |why| node.stitcher.unstitched.get(&why).copied();
+        assert_eq!(count(Unstitched::NotHttp), Some(1));
+        assert_eq!(count(Unstitched::NoSender), Some(1));
+        assert_eq!(count(Unstitched::NoDownstream), Some(1));
+        assert_eq!(count(Unstitched::NoRequest), Some(1));
+        assert_eq!(node.stitcher.pending(), 0);
+        // Requests in flight past the timeout.
+        let mut node = Node::six_sockets();
+        node.io(1, APP, DIR_SEND, &request("c"));
+        assert_eq!(node.stitcher.pending(), 1);
+        node.stitcher.expire(StitchConfig::default().timeout_ns);
+        assert_eq!(node.stitcher.pending(), 1);
+        node.stitcher
+            .expire(StitchConfig::default().timeout_ns + 1_000);
+        assert_eq!(node.stitcher.pending(), 0);
+        assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
+    }
+
+    #[test]
+    fn every_reason_has_its_own_label() {
+        let labels: std::collections::HashSet<_> =
+            Unstitched::ALL.iter().map(|u| u.label()).collect();
+        assert_eq!(labels.len(), Unstitched::ALL.len());
+        assert_eq!(Unstitched::NoDownstream.label(), "no_downstream");
     }
 }
