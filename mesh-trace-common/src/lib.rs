@@ -227,10 +227,6 @@ pub struct TrackedSock {
     /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent.
     pub flags: u32,
     pub _pad: u32,
-    /// Stream offsets: bytes sent and received so far through the syscalls
-    /// seen, so the two ends of a connection can be matched byte for byte.
-    pub sent: u64,
-    pub received: u64,
 }
 
 /// Most payload bytes a [`DataEvent`] carries; the agent may ask for fewer.
@@ -248,7 +244,8 @@ pub struct DataEvent {
     pub header: EventHeader,
     pub sock_cookie: u64,
     pub pid_tgid: u64,
-    /// Stream offset of the first byte moved, in this direction.
+    /// TCP sequence number of the first byte moved (the low 32 bits; the
+    /// high bits are 0): both ends of a connection see the same numbers.
     pub offset: u64,
     /// Bytes moved by the call.
     pub len: u32,

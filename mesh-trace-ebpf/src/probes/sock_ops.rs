@@ -63,8 +63,6 @@ fn established(ctx: &SockOpsContext, active: u32) {
         netns_cookie: ev.netns_cookie,
         flags: 0,
         _pad: 0,
-        sent: 0,
-        received: 0,
     };
     let sk = field!(ctx.ops, __bindgen_anon_2.sk) as *mut c_void;
     // Null sk or no memory for the storage: the data path misses this socket.

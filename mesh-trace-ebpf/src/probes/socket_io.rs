@@ -2,22 +2,29 @@
 //! of the thread doing socket I/O, after the bytes moved, on every socket of
 //! the node (never for files). They exit at once for sockets that are not
 //! tracked. For tracked sockets they report the owner process once, and in
-//! meshed namespaces every send and receive: time, thread, stream offset and
-//! a bounded prefix of the payload, read from the syscall's user buffer.
+//! meshed namespaces every send and receive: time, thread, TCP sequence
+//! number of the first byte moved and a bounded prefix of the payload, read
+//! from the syscall's user buffer.
+//!
+//! Sequence numbers, not counters: the two ends of a connection number its
+//! bytes alike whenever each was first tracked (adopted sockets, a restarted
+//! agent), and a lost event leaves no lasting shift.
 use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
+        generated::{
+            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
+        },
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use mesh_trace_common::{
-    DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, TrackedSock, DATA_PREFIX_MAX, DIR_RECV,
-    DIR_SEND, TRACKED_OWNER_SEEN,
+    DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, DATA_PREFIX_MAX, DIR_RECV, DIR_SEND,
+    TRACKED_OWNER_SEEN,
 };
 
 use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS};
@@ -25,6 +32,14 @@ use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_N
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
 #[no_mangle]
 static PREFIX_LEN: u32 = 128;
+
+/// Offsets of `tcp_sock.write_seq` (the sequence number after the last byte
+/// queued for sending) and `tcp_sock.copied_seq` (after the last byte read
+/// by the application), set by the agent from the kernel's BTF.
+#[no_mangle]
+static OFF_WRITE_SEQ: u32 = 0;
+#[no_mangle]
+static OFF_COPIED_SEQ: u32 = 0;
 
 const MSG_PEEK: i32 = 2;
 
@@ -87,24 +102,35 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let len = ret as u64;
-    let offset = advance(tracked, direction, len);
     if unsafe { MESHED_NETNS.get(tracked.netns_cookie) }.is_none() {
         return;
     }
-    capture(cookie, direction, offset, len);
+    let seq = first_seq(sk, direction, ret as u32);
+    capture(cookie, direction, u64::from(seq), len);
 }
 
-/// Moves the socket's stream offset past `len` bytes; returns the old one.
+/// Sequence number of the first of the `len` bytes this call moved: the
+/// call has just advanced `write_seq` (send) or `copied_seq` (receive) past
+/// them, under the socket lock.
 #[inline(always)]
-fn advance(tracked: &mut TrackedSock, direction: u32, len: u64) -> u64 {
-    let counter = if direction == DIR_SEND {
-        &mut tracked.sent
-    } else {
-        &mut tracked.received
+fn first_seq(sk: *mut c_void, direction: u32, len: u32) -> u32 {
+    let off = unsafe {
+        if direction == DIR_SEND {
+            core::ptr::read_volatile(&OFF_WRITE_SEQ)
+        } else {
+            core::ptr::read_volatile(&OFF_COPIED_SEQ)
+        }
     };
-    let offset = *counter;
-    *counter = offset + len;
-    offset
+    let mut seq: u32 = 0;
+    // SAFETY: reads 4 bytes of the kernel's tcp_sock; a failed read leaves 0.
+    unsafe {
+        bpf_probe_read_kernel(
+            &mut seq as *mut u32 as *mut c_void,
+            4,
+            (sk as *const u8).add(off as usize) as *const c_void,
+        );
+    }
+    seq.wrapping_sub(len)
 }
 
 #[inline(always)]

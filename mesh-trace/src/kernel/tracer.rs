@@ -116,8 +116,11 @@ impl Tracer {
             opts.prefix_len,
             mesh_trace_common::DATA_PREFIX_MAX
         );
+        let seq = TcpSeqOffsets::from_kernel_btf()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
+            .override_global("OFF_WRITE_SEQ", &seq.write_seq, true)
+            .override_global("OFF_COPIED_SEQ", &seq.copied_seq, true)
             .override_global("NOOP", &u32::from(opts.noop), true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
             .override_global("HOST_NETNS", &host_netns_cookie(), true)
@@ -403,6 +406,24 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // open for as long as it is registered.
     unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
+}
+
+/// Where `struct tcp_sock` keeps the two sequence numbers the data events
+/// carry (see `mesh-trace-ebpf/src/probes/socket_io.rs`).
+struct TcpSeqOffsets {
+    write_seq: u32,
+    copied_seq: u32,
+}
+
+impl TcpSeqOffsets {
+    fn from_kernel_btf() -> anyhow::Result<TcpSeqOffsets> {
+        let btf = super::btf::KernelBtf::from_sys_fs()
+            .context("reading the kernel's BTF for tcp_sock's sequence numbers")?;
+        Ok(TcpSeqOffsets {
+            write_seq: btf.member_offset("tcp_sock", "write_seq")?,
+            copied_seq: btf.member_offset("tcp_sock", "copied_seq")?,
+        })
+    }
 }
 
 /// Duplicates the descriptors of the maps the NAT programs write to, and
