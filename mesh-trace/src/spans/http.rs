@@ -25,6 +25,8 @@
 
 /// Longest request path kept, in bytes.
 const MAX_PATH: usize = 128;
+/// Longest request target (path and query) kept, in bytes.
+const MAX_TARGET: usize = 256;
 /// Longest `x-request-id` kept, in bytes.
 const MAX_REQUEST_ID: usize = 128;
 /// Longest `Host` kept, in bytes (a DNS name is at most 253).
@@ -103,8 +105,14 @@ pub enum Head {
         method: String,
         /// Without the query string, at most 128 bytes.
         path: String,
+        /// The whole request target as written, query included, at most
+        /// 256 bytes: a proxy forwards it untouched, so it identifies the
+        /// request on both of the proxy's sides.
+        target: String,
         host: Option<String>,
         request_id: Option<String>,
+        /// `Content-Length`, when the prefix holds it.
+        content_length: Option<u64>,
     },
     Response {
         /// 0 when the prefix ends before the status code.
@@ -520,11 +528,18 @@ fn partial_request(bytes: &[u8], method: &'static str) -> Parsed {
 }
 
 fn request(method: &str, path: &str, fields: Fields, head_len: Option<usize>) -> Parsed {
+    let mut target = path.to_string();
+    truncate(&mut target, MAX_TARGET);
     let head = Head::Request {
         method: method.to_string(),
         path: clean_path(path),
+        target,
         host: fields.host.clone(),
         request_id: fields.request_id.clone(),
+        content_length: match fields.content_length {
+            Length::Known(n) => Some(n),
+            Length::Absent | Length::Invalid => None,
+        },
     };
     Parsed {
         head,
@@ -695,8 +710,31 @@ mod tests {
         Head::Request {
             method: method.into(),
             path: path.into(),
+            target: path.into(),
             host: host.map(Into::into),
             request_id: id.map(Into::into),
+            content_length: None,
+        }
+    }
+
+    /// `head` with the full target and Content-Length the framer reports.
+    fn with_target(head: Head, full: &str, length: Option<u64>) -> Head {
+        match head {
+            Head::Request {
+                method,
+                path,
+                host,
+                request_id,
+                ..
+            } => Head::Request {
+                method,
+                path,
+                target: full.into(),
+                host,
+                request_id,
+                content_length: length,
+            },
+            other => other,
         }
     }
 
@@ -723,7 +761,11 @@ mod tests {
         ];
         let got = feed(&mut f, &parts);
         assert_eq!(got.len(), 2);
-        let expect_req = req("GET", "/reviews/0", Some("reviews:9080"), Some("abc-1"));
+        let expect_req = with_target(
+            req("GET", "/reviews/0", Some("reviews:9080"), Some("abc-1")),
+            "/reviews/0?u=1",
+            None,
+        );
         assert_eq!(
             got[0],
             Message {
@@ -848,7 +890,7 @@ mod tests {
         assert_eq!(
             heads,
             [
-                req("POST", "/p", None, None),
+                with_target(req("POST", "/p", None, None), "/p", Some(5)),
                 resp(100, None),
                 resp(201, None)
             ]
@@ -904,7 +946,11 @@ mod tests {
         let m = f.push(&first).expect("message");
         assert_eq!(
             m.head,
-            req("GET", "/productpage", Some("productpage:9080"), None)
+            with_target(
+                req("GET", "/productpage", Some("productpage:9080"), None),
+                "/productpage?u=1",
+                None
+            )
         );
         // Unknown length: the next chunk in the same direction continues it.
         assert!(f
