@@ -26,6 +26,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "tmux",
     "curl",
     "bpftool",
+    // A third-party sidecar for the span tests (lab::haproxy).
+    "haproxy",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -31,6 +31,10 @@ pub struct AppOptions {
     /// Milliseconds of work per request.
     #[arg(long, default_value_t = 0.0)]
     pub service_time_ms: f64,
+    /// Service times to pick from at random for each request, in ms
+    /// (repeatable); when given, they replace --service-time-ms.
+    #[arg(long = "service-time-choice-ms")]
+    pub service_time_choices_ms: Vec<f64>,
     /// Share of requests answered 503 (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
@@ -103,8 +107,12 @@ impl App {
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if self.opts.service_time_ms > 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(self.opts.service_time_ms / 1000.0)).await;
+        let service_time_ms = match self.opts.service_time_choices_ms.as_slice() {
+            [] => self.opts.service_time_ms,
+            choices => choices[rand::random_range(0..choices.len())],
+        };
+        if service_time_ms > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(service_time_ms / 1000.0)).await;
         }
         let status = if rand::random::<f64>() < self.opts.error_rate {
             StatusCode::SERVICE_UNAVAILABLE

@@ -6,6 +6,7 @@
 //! - [`config`]: the topology and the sidecars' Envoy-shaped configuration;
 //! - [`topology`]: bringing a lab up and down;
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
+//! - [`haproxy`]: a third-party sidecar (Debian's HAProxy) in the same layout;
 //! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
 //! - [`records`]: what they write down, the ground truth for tests;
 //! - [`ioclock`]: when connections' reads and writes return, the records' times;
@@ -15,6 +16,7 @@
 //! Built only with the `lab` feature: the DaemonSet's agent carries none of it.
 pub mod app;
 pub mod config;
+pub mod haproxy;
 pub mod http_client;
 pub mod ioclock;
 pub mod loadgen;

@@ -7,8 +7,19 @@ use clap::Args;
 
 use super::{
     config::OutboundTrafficPolicy,
-    topology::{Lab, LabOptions},
+    haproxy::RequestIds,
+    topology::{Lab, LabOptions, Sidecar},
 };
+
+/// `--sidecar`: which proxy the sidecars run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SidecarKind {
+    /// The lab's own Envoy-like proxy.
+    #[default]
+    Lab,
+    /// HAProxy from Debian's packages (two threads, pooled upstreams).
+    Haproxy,
+}
 
 /// Settings shared by `lab up` and `demo`.
 #[derive(Debug, Clone, Args)]
@@ -28,6 +39,9 @@ pub struct LabShape {
     /// Mutual TLS between sidecars (certificates made at start; app legs stay plaintext).
     #[arg(long)]
     pub mtls: bool,
+    /// The proxy the sidecars run.
+    #[arg(long, value_enum, default_value_t = SidecarKind::Lab)]
+    pub sidecar: SidecarKind,
 }
 
 impl LabShape {
@@ -38,6 +52,13 @@ impl LabShape {
         opts.delay_inbound_ms = self.delay_inbound_ms;
         opts.error_rate = parse_pod_values(&self.error_rate)?;
         opts.mtls = self.mtls;
+        opts.sidecar = match self.sidecar {
+            SidecarKind::Lab => Sidecar::Lab,
+            SidecarKind::Haproxy => Sidecar::Haproxy {
+                ids: RequestIds::Untouched,
+                threads: 2,
+            },
+        };
         for pod in opts.error_rate.keys() {
             anyhow::ensure!(
                 opts.topology.pod(pod).is_some(),

@@ -20,6 +20,7 @@ use anyhow::{bail, Context as _};
 
 use super::{
     config::{LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY},
+    haproxy::{self, RequestIds},
     loadgen::Summary,
     mtls::{self, MeshCa, Workload},
     pod_exec::in_pod,
@@ -77,6 +78,22 @@ pub struct LabOptions {
     pub drain_ms: u64,
     /// Mutual TLS between sidecars, with certificates made at start (see `lab::mtls`).
     pub mtls: bool,
+    /// Which proxy the sidecars run.
+    pub sidecar: Sidecar,
+    /// Per pod: service times its app picks from at random for each
+    /// request, overriding the fixed one.
+    pub service_time_choices_ms: BTreeMap<String, Vec<f64>>,
+}
+
+/// The proxy a lab's sidecars run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sidecar {
+    /// The lab's own Envoy-like proxy (`lab::proxy`).
+    #[default]
+    Lab,
+    /// HAProxy from Debian's packages (`lab::haproxy`), with this many
+    /// worker threads.
+    Haproxy { ids: RequestIds, threads: u32 },
 }
 
 impl LabOptions {
@@ -93,6 +110,8 @@ impl LabOptions {
             exe: std::env::current_exe().context("locating the mesh-trace binary")?,
             drain_ms: 300,
             mtls: false,
+            sidecar: Sidecar::Lab,
+            service_time_choices_ms: BTreeMap::new(),
         })
     }
 }
@@ -118,6 +137,17 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
+        if let Sidecar::Haproxy { .. } = opts.sidecar {
+            anyhow::ensure!(
+                !opts.mtls,
+                "mutual TLS needs the lab's own sidecars (HAProxy sidecars speak plaintext)"
+            );
+            anyhow::ensure!(
+                Path::new(haproxy::HAPROXY).exists(),
+                "HAProxy sidecars need {} (Debian package haproxy; `cargo xtask setup` installs it)",
+                haproxy::HAPROXY
+            );
+        }
         let id = format!("{:04x}", rand::random::<u16>());
         let dir = std::env::temp_dir().join(format!("mesh-trace-lab-{id}"));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -254,7 +284,14 @@ impl Lab {
         let resolve = self.resolve_args();
         for i in 0..self.pods.len() {
             let spec = self.pods[i].spec.clone();
-            if spec.sidecar {
+            if let (true, Sidecar::Haproxy { ids, threads }) = (spec.sidecar, opts.sidecar) {
+                let cfg = self.dir.join(format!("{}.haproxy.cfg", spec.name));
+                fs::write(&cfg, haproxy::config(&self.topology, &spec, ids, threads))?;
+                let mut c = Command::new(haproxy::HAPROXY);
+                // -db: in the foreground, logging to stderr (the pod's log).
+                c.arg("-db").arg("-f").arg(&cfg);
+                self.spawn_in(i, format!("{}/haproxy", spec.name), c, PROXY_UID)?;
+            } else if spec.sidecar {
                 let mut c = Command::new(&opts.exe);
                 c.args(["lab", "proxy", "--pod", &spec.name])
                     .arg("--config")
@@ -279,6 +316,7 @@ impl Lab {
                     .copied()
                     .unwrap_or(spec.service_time_ms);
                 let error_rate = opts.error_rate.get(&spec.name).copied().unwrap_or(0.0);
+                let choices = opts.service_time_choices_ms.get(&spec.name);
                 let mut c = Command::new(&opts.exe);
                 c.args(["lab", "app", "--pod", &spec.name])
                     .args(["--listen", &format!("0.0.0.0:{}", spec.port)])
@@ -289,6 +327,9 @@ impl Lab {
                     .args(&resolve);
                 for url in &spec.calls {
                     c.args(["--call", url]);
+                }
+                for ms in choices.into_iter().flatten() {
+                    c.args(["--service-time-choice-ms", &ms.to_string()]);
                 }
                 self.spawn_in(i, format!("{}/app", spec.name), c, APP_UID)?;
             }

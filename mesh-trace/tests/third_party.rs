@@ -1,0 +1,225 @@
+//! Spans through a sidecar no one here wrote: HAProxy from Debian's
+//! packages in the Istio port layout (two worker threads, pooled keep-alive
+//! upstreams, no x-request-id of its own, 403s it answers itself), 16
+//! concurrent keep-alive clients, an app whose service time is 2 ms or
+//! 40 ms at random. Each span is judged against its own request's truth:
+//! the client's and the app's records of that request. Needs root.
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::Traced;
+use mesh_trace::{
+    lab::{
+        haproxy::RequestIds,
+        records::{read_records, AppRecord, ClientRecord},
+        topology::{Lab, LabOptions, Sidecar},
+    },
+    spans::span::{Hop, LocalReply, Span},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
+const CLIENT: &str = "loadgen-v1";
+const REVIEWS: [&str; 3] = ["reviews-v1", "reviews-v2", "reviews-v3"];
+
+#[test]
+fn spans_through_haproxy_sidecars_are_each_their_own_requests() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "span tests load eBPF programs and build a lab: run them as root"
+    );
+    let mut opts = LabOptions::bookinfo().unwrap();
+    opts.exe = BIN.into();
+    opts.sidecar = Sidecar::Haproxy {
+        ids: RequestIds::Untouched,
+        threads: 2,
+    };
+    for pod in REVIEWS {
+        opts.service_time_choices_ms
+            .insert(pod.into(), vec![2.0, 40.0]);
+    }
+    let lab = Lab::up(&opts).unwrap();
+    let traced = Traced::start(&lab);
+    let warmup = lab.dir.join("warmup.jsonl");
+    lab.load_with(
+        BIN.as_ref(),
+        CLIENT,
+        &[
+            "--url",
+            "http://reviews:9080/reviews/0",
+            "--connections",
+            "16",
+            "--requests",
+            "160",
+        ],
+        &warmup,
+    )
+    .unwrap();
+    // Requests the sidecar denies itself, mixed in while the main load runs.
+    let denied_records = lab.dir.join("denied.jsonl");
+    let mut denied = lab
+        .spawn_load(
+            CLIENT,
+            &[
+                "--url",
+                "http://reviews:9080/denied/0",
+                "--rate",
+                "10",
+                "--duration-s",
+                "3",
+            ],
+            &denied_records,
+        )
+        .unwrap();
+    let records = lab.dir.join("client.jsonl");
+    let n = 1600u64;
+    let summary = lab
+        .load_with(
+            BIN.as_ref(),
+            CLIENT,
+            &[
+                "--url",
+                "http://reviews:9080/reviews/0",
+                "--connections",
+                "16",
+                "--requests",
+                &n.to_string(),
+            ],
+            &records,
+        )
+        .unwrap();
+    assert_eq!(summary.ok, n, "{summary:?}");
+    denied.wait().unwrap();
+    let client: Vec<ClientRecord> = read_records(&records).unwrap();
+    let denied_client: Vec<ClientRecord> = read_records(&denied_records).unwrap();
+    assert!(
+        denied_client.len() >= 20,
+        "{} denied requests",
+        denied_client.len()
+    );
+    assert!(
+        denied_client.iter().all(|c| c.status == 403),
+        "HAProxy denies /denied"
+    );
+
+    let mut apps: HashMap<String, AppRecord> = HashMap::new();
+    for pod in REVIEWS {
+        for a in read_records::<AppRecord>(&lab.app_log(pod)).unwrap() {
+            if let Some(id) = a.request_id.clone() {
+                apps.insert(id, a);
+            }
+        }
+    }
+    let mine: std::collections::HashSet<&str> = client
+        .iter()
+        .chain(&denied_client)
+        .map(|c| c.request_id.as_str())
+        .collect();
+    let wanted = client.len() + denied_client.len();
+    let collect = || -> Vec<Span> {
+        traced
+            .spans
+            .lock()
+            .unwrap()
+            .iter()
+            // reviews v2/v3 propagate the id to ratings: the client's only.
+            .filter(|s| s.source_workload == "loadgen")
+            .filter(|s| s.request_id.as_deref().is_some_and(|id| mine.contains(id)))
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while collect().len() < wanted && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spans = collect();
+    let unstitched = traced.unstitched();
+    eprintln!(
+        "{} of {wanted} requests yield a span; unstitched: {unstitched:?}",
+        spans.len()
+    );
+
+    // Each request at most one span; at least 99.9% of them one; the rest
+    // counted.
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        spans.iter().all(|s| seen.insert(s.request_id.clone())),
+        "a request with two spans"
+    );
+    assert!(
+        spans.len() as f64 >= 0.999 * wanted as f64,
+        "{} of {wanted} requests have a span; unstitched: {unstitched:?}",
+        spans.len()
+    );
+    let counted: u64 = unstitched.values().sum();
+    assert!(counted >= (wanted - spans.len()) as u64, "{unstitched:?}");
+
+    // The sidecar's own replies are spans of their own, flagged, and no
+    // forwarded request is taken for one.
+    let by_id: HashMap<&str, &ClientRecord> = client
+        .iter()
+        .chain(&denied_client)
+        .map(|c| (c.request_id.as_str(), c))
+        .collect();
+    let mut local = 0;
+    let (mut exact, mut compared, mut wrong) = (0, 0, Vec::new());
+    for s in &spans {
+        let id = s.request_id.as_deref().unwrap();
+        let c = by_id[id];
+        if c.status == 403 {
+            assert_eq!(s.local_reply, Some(LocalReply::Outbound), "{s:?}");
+            assert_eq!(s.status, 403);
+            assert!(s.hop_ns(Hop::OutboundProxy).is_some(), "{s:?}");
+            local += 1;
+            continue;
+        }
+        assert_eq!(s.local_reply, None, "{s:?}");
+        assert_eq!(s.status, 200);
+        assert!(s.moments.iter().all(Option::is_some), "{s:?}");
+        // Against this request's own truth: the app's time between reading
+        // it and writing the response, and the client's socket exchange.
+        let Some(a) = apps.get(id) else { continue };
+        compared += 1;
+        let app = s
+            .hop_ns(Hop::App)
+            .unwrap()
+            .abs_diff(a.t_write_ns - a.t_read_ns);
+        let total = s.total_ns().unwrap().abs_diff(c.t_read_ns - c.t_write_ns);
+        // Another request's moments inside the span show in the app hop
+        // (2 ms against 40 ms). The total's ends are the client socket's
+        // own write and read, the truth's from user space: printed, not
+        // judged.
+        if app <= 500_000 && total <= 500_000 {
+            exact += 1;
+        }
+        if app > 30_000_000 {
+            wrong.push(format!("{id}: app off {app} ns"));
+        }
+        if total > 30_000_000 {
+            eprintln!(
+                "{id}: total off {total} ns (span t0 {:?} t11 {:?}; client write {} read {})",
+                s.moments[0], s.moments[11], c.t_write_ns, c.t_read_ns
+            );
+        }
+    }
+    eprintln!(
+        "{local} local replies; {exact} of {compared} spans exact to 0.5 ms, {} wrong",
+        wrong.len()
+    );
+    assert!(
+        local as f64 >= 0.999 * denied_client.len() as f64,
+        "{local} local-reply spans"
+    );
+    assert!(
+        wrong.is_empty(),
+        "spans holding another request's moments: {wrong:?}"
+    );
+    assert!(
+        compared as f64 >= 0.99 * n as f64,
+        "{compared} spans compared"
+    );
+    assert!(
+        exact as f64 >= 0.5 * compared as f64,
+        "{exact} of {compared} exact"
+    );
+}
