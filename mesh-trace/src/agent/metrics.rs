@@ -86,6 +86,15 @@ pub struct StatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalReplyLabels {
+    /// Which sidecar answered: `outbound` (the client's) or `inbound`.
+    pub direction: &'static str,
+    pub source_workload: String,
+    pub destination_service: String,
+    pub status_code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabel {
     pub resource: &'static str,
 }
@@ -141,6 +150,7 @@ pub struct Metrics {
     pub sidecar_overhead: Family<OverheadLabels, Histogram>,
     pub requests: Family<StatusLabels, Counter>,
     pub proxy_retries: Family<ServiceLabel, Counter>,
+    pub local_replies: Family<LocalReplyLabels, Counter>,
     pub requests_unstitched: Family<ReasonLabel, Counter>,
     /// Objects the Kubernetes metadata source holds (`pods`, `services`).
     pub metadata_objects: Family<ResourceLabel, Gauge>,
@@ -309,6 +319,12 @@ impl Metrics {
             "Upstream attempts beyond the first a sidecar made for one request",
             proxy_retries.clone(),
         );
+        let local_replies = Family::<LocalReplyLabels, Counter>::default();
+        registry.register(
+            "local_replies",
+            "Requests a sidecar answered itself (no route, no healthy upstream, denied, rate limited, timeout), by status",
+            local_replies.clone(),
+        );
         let requests_unstitched = Family::<ReasonLabel, Counter>::default();
         for reason in crate::spans::stitch::Unstitched::ALL {
             let _ = requests_unstitched.get_or_create(&ReasonLabel {
@@ -359,6 +375,7 @@ impl Metrics {
             sidecar_overhead,
             requests,
             proxy_retries,
+            local_replies,
             requests_unstitched,
             registry,
             events,
@@ -424,6 +441,16 @@ impl Metrics {
                     })
                     .observe(ns as f64 / 1e9);
             }
+        }
+        if let Some(by) = span.local_reply {
+            self.local_replies
+                .get_or_create(&LocalReplyLabels {
+                    direction: by.label(),
+                    source_workload: source.clone(),
+                    destination_service: destination.clone(),
+                    status_code: span.status.to_string(),
+                })
+                .inc();
         }
         self.requests
             .get_or_create(&StatusLabels {

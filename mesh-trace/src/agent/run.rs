@@ -126,6 +126,19 @@ fn recover_existing(
     count
 }
 
+/// Events dropped so far because the ring buffer was full.
+fn ring_full_total(tracer: &Tracer) -> u64 {
+    tracer
+        .lost()
+        .map(|l| {
+            l.iter()
+                .filter(|(r, _)| *r == mesh_trace_common::LossReason::RingBufFull)
+                .map(|(_, n)| n)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// How often new network namespaces are looked for.
 const NETNS_SCAN: Duration = Duration::from_secs(1);
 
@@ -276,6 +289,7 @@ pub async fn agent_with_spans(
     let mut flow_tick = tokio::time::interval(FLOW_TICK);
     let mut netns_tick = tokio::time::interval(NETNS_SCAN);
     let mut loss = LossTracker::default();
+    let mut ring_full_seen = ring_full_total(&tracer);
     let mut batch = Vec::with_capacity(1024);
     let stdout = std::io::stdout();
     let result: anyhow::Result<()> = loop {
@@ -319,6 +333,13 @@ pub async fn agent_with_spans(
             r = tracer.next_batch(&mut batch) => {
                 if let Err(e) = r {
                     break Err(e);
+                }
+                // Events the ring could not take: any request in flight may
+                // have lost one of its own, so none of them is exported.
+                let ring_full = ring_full_total(&tracer);
+                if ring_full > ring_full_seen {
+                    ring_full_seen = ring_full;
+                    pipeline.stitcher.events_lost();
                 }
                 let mut out = stdout.lock();
                 for ev in batch.drain(..) {

@@ -519,6 +519,7 @@ mod tests {
             destination_pod: None,
             moments: moments_ms.map(|m| m.map(|m| m * MS)),
             retries: 0,
+            local_reply: None,
         }
     }
 

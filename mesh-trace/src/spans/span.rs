@@ -48,6 +48,31 @@ impl Hop {
     }
 }
 
+/// Which sidecar answered a request itself (a local reply: no route, no
+/// healthy upstream, denied, rate limited, upstream timeout) instead of
+/// forwarding it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalReply {
+    /// The outbound sidecar: moments t0, t1, t10, t11 only.
+    Outbound,
+    /// The inbound sidecar: t4 to t7 are missing.
+    Inbound,
+}
+
+impl LocalReply {
+    pub fn label(self) -> &'static str {
+        match self {
+            LocalReply::Outbound => "outbound",
+            LocalReply::Inbound => "inbound",
+        }
+    }
+}
+
+/// How far a leg's receiving moment may precede its sending one and still
+/// be the same instant (see [`Span::settle_leg_skew`]).
+pub const LEG_SKEW_NS: u64 = 100_000;
+
 /// The twelve moments, CLOCK_MONOTONIC nanoseconds; None where not observed.
 pub type Moments = [Option<u64>; 12];
 
@@ -67,6 +92,8 @@ pub struct Span {
     pub moments: Moments,
     /// Upstream attempts beyond the first (retries) seen in the outbound sidecar.
     pub retries: u32,
+    /// Set when a sidecar answered the request itself.
+    pub local_reply: Option<LocalReply>,
 }
 
 impl Span {
@@ -76,13 +103,47 @@ impl Span {
         let d = |a: usize, b: usize| t(b)?.checked_sub(t(a)?);
         match hop {
             Hop::ClientToOutbound => Some(d(0, 1)? + d(10, 11)?),
+            // A local reply never left the sidecar that wrote it.
+            Hop::OutboundProxy if self.local_reply == Some(LocalReply::Outbound) => d(1, 10),
             Hop::OutboundProxy => Some(d(1, 2)? + d(9, 10)?),
             Hop::Network => Some(d(2, 3)? + d(8, 9)?),
+            Hop::InboundProxy if self.local_reply == Some(LocalReply::Inbound) => d(3, 8),
             Hop::InboundProxy => Some(d(3, 4)? + d(7, 8)?),
             Hop::InboundToApp => Some(d(4, 5)? + d(6, 7)?),
             Hop::App => d(5, 6),
             Hop::Upstream => d(2, 9),
         }
+    }
+
+    /// Across a leg on loopback the reader can return (and its moment be
+    /// taken) a few microseconds before the writer's send does, since the
+    /// bytes reach the peer inside the send: a receiver's moment up to
+    /// [`LEG_SKEW_NS`] before its sender's is the same instant. Larger
+    /// inversions are left for [`Span::is_consistent`] to refuse.
+    pub fn settle_leg_skew(&mut self) {
+        // (sender, receiver) moments of each leg, both ways.
+        for (a, b) in [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)] {
+            if let (Some(sent), Some(read)) = (self.moments[a], self.moments[b]) {
+                if read < sent && sent - read <= LEG_SKEW_NS {
+                    self.moments[b] = Some(sent);
+                }
+            }
+        }
+    }
+
+    /// Whether the moments observed follow the request's path in time
+    /// (each no earlier than the one before it) and so the hops, none
+    /// negative, add up to the total. A span that fails this holds another
+    /// request's moments or a clock step and must not be exported.
+    pub fn is_consistent(&self) -> bool {
+        let mut last = None;
+        for t in self.moments.iter().flatten() {
+            if last.is_some_and(|l| *t < l) {
+                return false;
+            }
+            last = Some(*t);
+        }
+        true
     }
 
     /// t11 - t0.
@@ -117,6 +178,7 @@ impl Span {
             "destination_service": self.destination_service,
             "destination_pod": self.destination_pod,
             "retries": self.retries,
+            "local_reply": self.local_reply,
             "total_ms": ms(self.total_ns()),
             "hops_ms": hops,
             "moments_ns": self.moments,
@@ -150,6 +212,7 @@ mod tests {
             destination_pod: None,
             moments: ms.map(|m| Some(m * 1_000_000)),
             retries: 0,
+            local_reply: None,
         }
     }
 
@@ -166,6 +229,49 @@ mod tests {
         let sum: u64 = Hop::ALL[..6].iter().map(|&h| ms(h)).sum();
         assert_eq!(sum, s.total_ns().unwrap() / 1_000_000);
         assert_eq!(ms(Hop::Upstream), 30);
+    }
+
+    #[test]
+    fn local_replies_keep_the_time_inside_the_sidecar_that_answered() {
+        let mut s = span([0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 5, 7]);
+        s.moments[2..10].fill(None);
+        assert_eq!(s.hop_ns(Hop::OutboundProxy), None);
+        s.local_reply = Some(LocalReply::Outbound);
+        assert_eq!(s.hop_ns(Hop::OutboundProxy), Some(4_000_000));
+        assert_eq!(s.hop_ns(Hop::ClientToOutbound), Some(3_000_000));
+        assert_eq!(s.total_ns(), Some(7_000_000));
+        assert!(s.is_consistent());
+    }
+
+    #[test]
+    fn a_read_reported_just_before_its_write_is_the_same_instant() {
+        let mut s = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        // The app's read (t5) 30 us before the sidecar's write (t4) ended.
+        s.moments[5] = Some(4_000_000 - 30_000);
+        assert!(!s.is_consistent());
+        s.settle_leg_skew();
+        assert_eq!(s.moments[5], Some(4_000_000));
+        assert_eq!(s.hop_ns(Hop::InboundToApp), Some(1_000_000));
+        assert!(s.is_consistent());
+        // A millisecond is not skew: another request's moment.
+        let mut far = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        far.moments[9] = Some(7_500_000);
+        far.settle_leg_skew();
+        assert_eq!(far.moments[9], Some(7_500_000));
+        assert!(!far.is_consistent());
+    }
+
+    #[test]
+    fn moments_out_of_order_are_inconsistent() {
+        let s = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        assert!(s.is_consistent());
+        let mut late = s.clone();
+        // Another request's t9 after this one's t10: a negative hop.
+        late.moments[9] = Some(10_500_000);
+        assert!(!late.is_consistent());
+        let mut gaps = s;
+        gaps.moments[3..9].fill(None);
+        assert!(gaps.is_consistent());
     }
 
     #[test]

@@ -28,6 +28,23 @@ pub struct Traced {
 }
 
 impl Traced {
+    /// The requests that yielded no span so far, by reason (non-zero only).
+    pub fn unstitched(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        mesh_trace::spans::stitch::Unstitched::ALL
+            .iter()
+            .map(|u| {
+                let n = self
+                    .state
+                    .metrics
+                    .requests_unstitched
+                    .get_or_create(&mesh_trace::agent::metrics::ReasonLabel { reason: u.label() })
+                    .get();
+                (u.label(), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     pub fn start(lab: &Lab) -> Traced {
         let state = Arc::new(AgentState::new());
         let legs = Arc::new(Mutex::new(Vec::new()));

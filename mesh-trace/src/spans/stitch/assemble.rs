@@ -3,19 +3,44 @@
 //! response reaches the app. Responses come back on the socket the request
 //! went out on: each socket keeps its outstanding requests in order
 //! (HTTP/1.1). Bounded: the least recently touched span is dropped first.
+//!
+//! A span is exported only when it is exact: not ambiguous inside a
+//! sidecar, touched by no lost event, and with its moments in the order of
+//! the request's path (hops non-negative, adding up to the total). Writes
+//! upstream that belong to no known request get an orphan span, so that
+//! the responses on their sockets still pair with the right requests; an
+//! orphan is dropped, uncounted, when its response comes back where it
+//! started.
 use std::collections::VecDeque;
 
+use foldhash::{HashMap, HashMapExt as _};
 use lru::LruCache;
 
-use super::{place::Place, SpanId, Unstitched};
+use super::{
+    place::Place,
+    proxy::{Identity, ProxySide},
+    SpanId, Unstitched,
+};
 use crate::spans::{
     http::{Head, Message},
-    span::Span,
+    span::{LocalReply, Span},
 };
 
 struct Pending {
     span: Span,
     started_ns: u64,
+    /// What the app's request showed (method, target, host, ...).
+    identity: Option<Identity>,
+    /// A sidecar wrote upstream a request it could not tell from this
+    /// one: exported only if later evidence settles which it was.
+    contested: bool,
+    /// An event that may have been its own was lost.
+    lost: bool,
+    /// An orphan: started by an unmatched upstream write at this place.
+    orphan_at: Option<Place>,
+    /// For an orphan: the sidecar side that wrote it and the requests it
+    /// held that it may be, until what the request shows further on says.
+    candidates: Option<(ProxySide, Vec<SpanId>)>,
 }
 
 /// A socket's requests sent (client end) or received (server end), oldest
@@ -27,12 +52,24 @@ impl Outstanding {
     pub(super) fn push(&mut self, id: SpanId) {
         self.0.push_back(id);
     }
+
+    /// The oldest, which the next response answers.
+    pub(super) fn front(&self) -> Option<SpanId> {
+        self.0.front().copied()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = SpanId> + '_ {
+        self.0.iter().copied()
+    }
 }
 
 /// The spans in flight.
 pub(super) struct Spans {
     spans: LruCache<SpanId, Pending>,
     next: SpanId,
+    /// Orphans found to be a request: orphan -> that request's span.
+    /// Bounded with the spans: an alias is dropped with its target.
+    aliases: HashMap<SpanId, SpanId>,
 }
 
 impl Spans {
@@ -42,7 +79,27 @@ impl Spans {
         Spans {
             spans: LruCache::new(cap),
             next: 1,
+            aliases: HashMap::new(),
         }
+    }
+
+    /// The span an id stands for (an orphan found to be a request stands
+    /// for that request).
+    fn alias(&self, id: SpanId) -> SpanId {
+        self.aliases.get(&id).copied().unwrap_or(id)
+    }
+
+    fn push(&mut self, pending: Pending) -> (SpanId, Option<Unstitched>) {
+        let id = self.next;
+        self.next += 1;
+        let evicted = match self.spans.push(id, pending) {
+            Some((old, p)) if old != id => {
+                self.aliases.retain(|from, to| *to != old && *from != old);
+                p.orphan_at.is_none()
+            }
+            _ => false,
+        };
+        (id, evicted.then_some(Unstitched::Evicted))
     }
 
     /// A new span from the app's request, labelled with its leg's source
@@ -58,8 +115,6 @@ impl Spans {
             Head::Request { request_id, .. } => request_id.clone(),
             _ => None,
         };
-        let id = self.next;
-        self.next += 1;
         let span = Span {
             request_id,
             method: String::new(),
@@ -70,33 +125,90 @@ impl Spans {
             destination_pod: None,
             moments: [None; 12],
             retries: 0,
+            local_reply: None,
         };
-        let evicted = self
-            .spans
-            .push(
-                id,
-                Pending {
-                    span,
-                    started_ns: msg.ts_ns,
-                },
-            )
-            .is_some_and(|(old, _)| old != id);
-        (id, evicted.then_some(Unstitched::Evicted))
+        self.push(Pending {
+            span,
+            started_ns: msg.ts_ns,
+            identity: Identity::of(Some(&msg.head)),
+            contested: false,
+            lost: false,
+            orphan_at: None,
+            candidates: None,
+        })
+    }
+
+    /// A span for an upstream write at `at` by `side` that belongs to no
+    /// request this node saw start, or to one of `candidates` (none can
+    /// tell which yet); known by what the write showed.
+    pub(super) fn orphan(
+        &mut self,
+        at: Place,
+        side: ProxySide,
+        candidates: Vec<SpanId>,
+        msg: &Message,
+    ) -> (SpanId, Option<Unstitched>) {
+        let span = Span {
+            request_id: None,
+            method: String::new(),
+            path: String::new(),
+            status: 0,
+            source_workload: String::new(),
+            destination_service: String::new(),
+            destination_pod: None,
+            moments: [None; 12],
+            retries: 0,
+            local_reply: None,
+        };
+        self.push(Pending {
+            span,
+            started_ns: msg.ts_ns,
+            identity: Identity::of(Some(&msg.head)),
+            contested: false,
+            lost: false,
+            orphan_at: Some(at),
+            candidates: (!candidates.is_empty()).then_some((side, candidates)),
+        })
+    }
+
+    /// For orphan `id` still to be settled: the side that wrote it and the
+    /// requests it may be.
+    pub(super) fn candidates(&self, id: SpanId) -> Option<(ProxySide, Vec<SpanId>)> {
+        self.spans
+            .peek(&self.alias(id))
+            .and_then(|p| p.candidates.clone())
+    }
+
+    /// Orphan `orphan` is request `span`: its moments so far join the
+    /// span's, and from now on it stands for it.
+    pub(super) fn settle(&mut self, orphan: SpanId, span: SpanId) {
+        let Some(o) = self.spans.pop(&orphan) else {
+            return;
+        };
+        if let Some(p) = self.spans.get_mut(&span) {
+            for (mine, theirs) in p.span.moments.iter_mut().zip(o.span.moments) {
+                if mine.is_none() {
+                    *mine = theirs;
+                }
+            }
+            p.contested = false;
+            p.lost |= o.lost;
+            self.aliases.insert(orphan, span);
+        }
     }
 
     /// Records the request of span `id` at request moment `moment`; the
     /// first head that shows a request gives the span its method and path.
-    /// The span, for more to record, unless it was dropped.
+    /// The span, for more to record; None when it is no longer in flight
+    /// (completed, or dropped and counted then).
     pub(super) fn request(
         &mut self,
         id: SpanId,
         moment: usize,
         ts_ns: u64,
         head: Option<&Head>,
-    ) -> Result<&mut Span, Unstitched> {
-        let Some(p) = self.spans.get_mut(&id) else {
-            return Err(Unstitched::Evicted);
-        };
+    ) -> Option<&mut Span> {
+        let p = self.spans.get_mut(&self.alias(id))?;
         p.span.moments[moment] = Some(ts_ns);
         if let Some(Head::Request { method, path, .. }) = head {
             if p.span.method.is_empty() {
@@ -104,32 +216,84 @@ impl Spans {
                 p.span.path = crate::spans::http::template_path(path);
             }
         }
-        Ok(&mut p.span)
+        Some(&mut p.span)
     }
 
     /// A request id seen for span `id`, kept unless it has one.
     pub(super) fn note_request_id(&mut self, id: SpanId, request_id: Option<&str>) {
+        let id = self.alias(id);
         if let (Some(rid), Some(p)) = (request_id, self.spans.get_mut(&id)) {
             p.span.request_id.get_or_insert_with(|| rid.to_owned());
         }
     }
 
     /// The request id span `id` is known by.
+    #[cfg(test)]
     pub(super) fn request_id(&self, id: SpanId) -> Option<String> {
-        self.spans.peek(&id).and_then(|p| p.span.request_id.clone())
+        self.spans
+            .peek(&self.alias(id))
+            .and_then(|p| p.span.request_id.clone())
+    }
+
+    /// What the request of span `id` showed where it started.
+    pub(super) fn identity(&self, id: SpanId) -> Option<Identity> {
+        self.spans
+            .peek(&self.alias(id))
+            .and_then(|p| p.identity.clone())
+    }
+
+    /// Whether span `id` is in flight and its upstream attempt has been
+    /// answered (t9): a second write of it can be a retry.
+    pub(super) fn answered(&self, id: SpanId) -> bool {
+        self.spans
+            .peek(&self.alias(id))
+            .is_some_and(|p| p.span.moments[9].is_some())
     }
 
     /// Another upstream attempt of span `id`.
     pub(super) fn retried(&mut self, id: SpanId) {
+        let id = self.alias(id);
         if let Some(p) = self.spans.get_mut(&id) {
             p.span.retries += 1;
+        }
+    }
+
+    /// A sidecar wrote a request it could not tell from span `id`.
+    pub(super) fn contest(&mut self, id: SpanId) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.contested = true;
+        }
+    }
+
+    /// An event that may have been span `id`'s was lost.
+    pub(super) fn mark_lost(&mut self, id: SpanId) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.lost = true;
+        }
+    }
+
+    /// Every span in flight may have lost an event.
+    pub(super) fn mark_all_lost(&mut self) {
+        for (_, p) in self.spans.iter_mut() {
+            p.lost = true;
+        }
+    }
+
+    /// A sidecar answered span `id` itself.
+    pub(super) fn local_reply(&mut self, id: SpanId, by: LocalReply) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.span.local_reply = Some(by);
         }
     }
 
     /// A response on a socket at `place` with the socket's `outstanding`
     /// requests (None when the socket is not tracked); `peer_here` when the
     /// other end of its leg is traced on this node. The span it completes,
-    /// when it reached the app.
+    /// when it reached the app and is exact; the reason it is not exported
+    /// otherwise.
     pub(super) fn response(
         &mut self,
         outstanding: Option<&mut Outstanding>,
@@ -145,7 +309,7 @@ impl Spans {
             let waiting = outstanding
                 .as_ref()
                 .and_then(|s| s.0.front())
-                .and_then(|id| self.spans.peek(id))
+                .and_then(|id| self.spans.peek(&self.alias(*id)))
                 .is_some_and(|p| p.span.moments[next].is_none());
             if waiting {
                 return Err(Unstitched::NoRequest);
@@ -154,32 +318,51 @@ impl Spans {
         let Some(id) = outstanding.and_then(|s| s.0.pop_front()) else {
             return Err(Unstitched::NoRequest);
         };
+        let id = self.alias(id);
         let Some(p) = self.spans.get_mut(&id) else {
-            return Err(Unstitched::Evicted);
+            // Completed or dropped already, and counted then.
+            return Ok(None);
         };
         p.span.moments[at] = Some(msg.ts_ns);
         if let Head::Response { status, .. } = msg.head {
             // The status the client finally sees wins: it is written last.
             p.span.status = status;
         }
-        if place == Place::AppClient {
-            if let Some(done) = self.spans.pop(&id) {
-                return Ok(Some(done.span));
-            }
+        if p.orphan_at == Some(place) {
+            self.spans.pop(&id);
+            return Ok(None);
         }
-        Ok(None)
+        if place != Place::AppClient {
+            return Ok(None);
+        }
+        let Some(mut done) = self.spans.pop(&id) else {
+            return Ok(None);
+        };
+        done.span.settle_leg_skew();
+        self.aliases.retain(|_, to| *to != id);
+        if done.contested {
+            Err(Unstitched::Ambiguous)
+        } else if done.lost {
+            Err(Unstitched::LostEvent)
+        } else if !done.span.is_consistent() {
+            Err(Unstitched::Inconsistent)
+        } else {
+            Ok(Some(done.span))
+        }
     }
 
     /// Drops spans started `timeout_ns` or longer before `now_ns`; returns
-    /// how many.
+    /// how many requests (orphans are not requests).
     pub(super) fn expire(&mut self, now_ns: u64, timeout_ns: u64) -> u64 {
         let mut expired = 0;
         while let Some((_, p)) = self.spans.peek_lru() {
             if now_ns.saturating_sub(p.started_ns) < timeout_ns {
                 break;
             }
-            self.spans.pop_lru();
-            expired += 1;
+            if let Some((id, p)) = self.spans.pop_lru() {
+                expired += u64::from(p.orphan_at.is_none());
+                self.aliases.retain(|_, to| *to != id);
+            }
         }
         expired
     }
@@ -199,8 +382,10 @@ mod tests {
         Head::Request {
             method: "GET".into(),
             path: path.into(),
+            target: path.into(),
             host: None,
             request_id: request_id.map(str::to_string),
+            content_length: None,
         }
     }
 
@@ -414,11 +599,8 @@ mod tests {
         assert_eq!(spans.expire(59, 60), 0);
         assert_eq!(spans.expire(100, 60), 1);
         assert_eq!(spans.len(), 1);
-        assert_eq!(
-            spans.request(old, 1, 1, None).err(),
-            Some(Unstitched::Evicted)
-        );
-        assert!(spans.request(young, 1, 1, None).is_ok());
+        assert!(spans.request(old, 1, 1, None).is_none());
+        assert!(spans.request(young, 1, 1, None).is_some());
         assert_eq!(spans.expire(u64::MAX, 60), 1);
         assert_eq!(spans.len(), 0);
     }
@@ -434,25 +616,18 @@ mod tests {
         let (third, evicted) = spans.start("a".into(), "b".into(), &m);
         assert_eq!(evicted, Some(Unstitched::Evicted));
         assert_eq!(spans.len(), 2);
-        assert_eq!(
-            spans.request(second, 1, 5, None).err(),
-            Some(Unstitched::Evicted)
-        );
-        assert!(spans.request(first, 2, 5, None).is_ok());
-        assert!(spans.request(third, 1, 5, None).is_ok());
-        // A response for a dropped span.
+        assert!(spans.request(second, 1, 5, None).is_none());
+        assert!(spans.request(first, 2, 5, None).is_some());
+        assert!(spans.request(third, 1, 5, None).is_some());
+        // A response for a dropped span: counted when it was dropped.
         let mut out = Outstanding::default();
         out.push(second);
-        assert_eq!(
-            spans
-                .response(
-                    Some(&mut out),
-                    Place::InboundDown,
-                    false,
-                    &msg(Dir::Send, 6, response(200))
-                )
-                .err(),
-            Some(Unstitched::Evicted)
+        let r = spans.response(
+            Some(&mut out),
+            Place::InboundDown,
+            false,
+            &msg(Dir::Send, 6, response(200)),
         );
+        assert!(matches!(r, Ok(None)));
     }
 }

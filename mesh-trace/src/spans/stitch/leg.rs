@@ -2,12 +2,28 @@
 //! app): a request written by the client end is matched to the read at the
 //! server end that covers the stream offset where it began, whatever the
 //! bytes are (TLS included), in whichever order the two are reported.
+//!
+//! Stream offsets are TCP sequence numbers, the same at both ends of a
+//! connection; each end's are widened to 64 bits on its own, so they are
+//! compared on their low 32 bits, modulo 2^32 (a connection has far less
+//! than 2 GiB in flight between a write and its read).
 use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashMapExt as _};
 
 use super::{place::Place, SpanId, Unstitched, MAX_QUEUE};
 use crate::spans::http::Head;
+
+/// How far `x` is past `from` in the sequence space: negative when before.
+fn seq_delta(x: u64, from: u64) -> i64 {
+    i64::from((x as u32).wrapping_sub(from as u32) as i32)
+}
+
+/// Whether stream offset `x` falls within the read `[start, end)`.
+fn within(x: u64, start: u64, end: u64) -> bool {
+    let d = seq_delta(x, start);
+    d >= 0 && d < seq_delta(end, start)
+}
 
 /// A request written on a socket, waiting to be read at the other end.
 #[derive(Clone, Copy)]
@@ -68,9 +84,7 @@ impl Legs {
     pub(super) fn written(&mut self, cookie: u64, offset: u64, span: SpanId) -> Write {
         // The other end may already have read it.
         let early = self.early.get_mut(&cookie).and_then(|q| {
-            let i = q
-                .iter()
-                .position(|a| a.offset <= offset && offset < a.end)?;
+            let i = q.iter().position(|a| within(offset, a.offset, a.end))?;
             q.remove(i)
         });
         match early {
@@ -105,17 +119,17 @@ impl Legs {
         let mut unreported = 0;
         let mut any = false;
         while let Some(front) = self.sent.get(&peer).and_then(|q| q.front().copied()) {
-            if front.offset >= a.end {
+            if seq_delta(front.offset, a.end) >= 0 {
                 break;
             }
             self.sent.get_mut(&peer).map(VecDeque::pop_front);
-            if front.offset < a.offset {
+            if seq_delta(front.offset, a.offset) < 0 {
                 // Its read was never reported.
                 unreported += 1;
                 continue;
             }
             let mut arrival = a.clone();
-            if front.offset != a.offset {
+            if seq_delta(front.offset, a.offset) != 0 {
                 arrival.head = None;
             }
             delivered.push((arrival, front.span));
@@ -129,6 +143,11 @@ impl Legs {
             queue.push_back(a);
         }
         unreported
+    }
+
+    /// Requests written by `cookie` and not yet read at the other end.
+    pub(super) fn unread(&self, cookie: u64) -> impl Iterator<Item = SpanId> + '_ {
+        self.sent.get(&cookie).into_iter().flatten().map(|s| s.span)
     }
 
     /// Forgets a closed sending socket.
@@ -149,8 +168,10 @@ mod tests {
         Head::Request {
             method: "GET".into(),
             path: path.into(),
+            target: path.into(),
             host: None,
             request_id: None,
+            content_length: None,
         }
     }
 
@@ -279,6 +300,33 @@ mod tests {
         assert!(out.is_empty());
         legs.read(CLIENT, read_at(100, 0, 80, None), false, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn offsets_match_across_the_wrap_of_the_sequence_space() {
+        let mut legs = Legs::new();
+        // The client end widened 0xffff_fff0 without a wrap, the server end
+        // first saw the bytes after it, so their high bits differ.
+        let client_offset = 0xffff_fff0u64;
+        legs.written(CLIENT, client_offset, 7);
+        let server_read = read_at(
+            5,
+            (1 << 32) + 0xffff_fff0,
+            (1 << 33) + 0x10,
+            Some(head("/a")),
+        );
+        let mut delivered = Vec::new();
+        assert_eq!(legs.read(CLIENT, server_read, true, &mut delivered), 0);
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered[0].1, 7);
+        assert!(delivered[0].0.head.is_some());
+        // And a read that ends before a write that starts past the wrap.
+        legs.written(CLIENT, 0x20, 8);
+        let before = read_at(6, 0xffff_ff00, 0xffff_ff80, None);
+        delivered.clear();
+        assert_eq!(legs.read(CLIENT, before, false, &mut delivered), 0);
+        assert!(delivered.is_empty());
+        assert_eq!(legs.unread(CLIENT).collect::<Vec<_>>(), vec![8]);
     }
 
     #[test]

@@ -5,19 +5,22 @@
 //!   moments its messages are.
 //! - `leg`: across a leg (app <-> 15001, sidecar <-> 15006, 127.0.0.6 <->
 //!   app) a request is matched exactly: the receiver's message starts at the
-//!   stream offset where the sender's began, whatever the bytes are (TLS
-//!   included).
+//!   TCP sequence number where the sender's began, whatever the bytes are
+//!   (TLS included).
 //! - `assemble`: the spans in flight. Responses come back on the socket the
 //!   request went out on: each socket keeps its outstanding requests in
-//!   order (HTTP/1.1).
+//!   order (HTTP/1.1). Only exact spans are exported.
 //! - `proxy`: inside a sidecar, a request read downstream is matched to the
-//!   request written upstream by x-request-id, else by method and path, else
-//!   by thread, else by order; a second upstream write with the same id is a
-//!   retry (its moments replace the failed attempt's).
+//!   request written upstream on evidence only (causality and the request's
+//!   identity); a request the sidecar answers itself is a local reply, a
+//!   span of its own.
 //!
-//! What cannot be matched is counted by reason, never guessed. This module
-//! reads each socket's place and peer from the flow table, frames its bytes,
-//! and passes what it finds between the parts.
+//! What cannot be matched is counted by reason, never guessed: a request
+//! that could be another is `ambiguous`, one that may have lost an event
+//! (a gap in a socket's sequence numbers, or events the kernel could not
+//! deliver) is `lost_event`, one whose moments are out of order is
+//! `inconsistent`. This module reads each socket's place and peer from the
+//! flow table, frames its bytes, and passes what it finds between the parts.
 mod assemble;
 mod leg;
 mod place;
@@ -29,11 +32,11 @@ use self::{
     assemble::{Outstanding, Spans},
     leg::{Arrival, Legs, Write},
     place::Place,
-    proxy::{Forwardable, Forwarded, Proxies, ProxySide},
+    proxy::{Forwardable, Forwarded, Identity, Proxies, ProxySide},
 };
 use super::{
     http::{Chunk, Dir, Framer, Head, Message},
-    span::Span,
+    span::{LocalReply, Span},
 };
 use crate::flows::table::FlowTable;
 
@@ -44,7 +47,8 @@ pub enum Unstitched {
     /// A sidecar read a request no traced app socket sent (e.g. the client
     /// was not redirected on this node, or its bytes were lost).
     NoSender,
-    /// A sidecar wrote upstream a request it was never seen reading.
+    /// A sidecar wrote upstream a request it was never seen reading, or
+    /// whose identity fits none it read.
     NoDownstream,
     /// A response arrived on a socket with no outstanding request.
     NoRequest,
@@ -55,16 +59,28 @@ pub enum Unstitched {
     /// The app sent bytes that are not an HTTP/1.1 request (other protocols,
     /// malformed requests): tracked as TCP only.
     NotHttp,
+    /// A sidecar held other requests it could not be told from.
+    Ambiguous,
+    /// An event on its way may have been lost.
+    LostEvent,
+    /// Its moments are out of the path's order: a negative hop.
+    Inconsistent,
+    /// A request or response on a socket the flow table does not know.
+    UnknownSocket,
 }
 
 impl Unstitched {
-    pub const ALL: [Unstitched; 6] = [
+    pub const ALL: [Unstitched; 10] = [
         Unstitched::NoSender,
         Unstitched::NoDownstream,
         Unstitched::NoRequest,
         Unstitched::Timeout,
         Unstitched::Evicted,
         Unstitched::NotHttp,
+        Unstitched::Ambiguous,
+        Unstitched::LostEvent,
+        Unstitched::Inconsistent,
+        Unstitched::UnknownSocket,
     ];
 
     pub fn label(self) -> &'static str {
@@ -75,6 +91,10 @@ impl Unstitched {
             Unstitched::Timeout => "timeout",
             Unstitched::Evicted => "evicted",
             Unstitched::NotHttp => "not_http",
+            Unstitched::Ambiguous => "ambiguous",
+            Unstitched::LostEvent => "lost_event",
+            Unstitched::Inconsistent => "inconsistent",
+            Unstitched::UnknownSocket => "unknown_socket",
         }
     }
 }
@@ -86,6 +106,27 @@ struct SockState {
     /// Requests sent (client end) or received (server end), oldest first,
     /// waiting for their response.
     outstanding: Outstanding,
+    /// Per direction (send, receive): the 64-bit stream position right
+    /// after the last bytes seen, widened from 32-bit sequence numbers.
+    next: [Option<u64>; 2],
+}
+
+impl SockState {
+    /// The 64-bit position of `len` bytes at sequence number `seq` in
+    /// `dir`, and whether bytes before them went by unseen (a lost event).
+    fn position(&mut self, dir: Dir, seq: u32, len: u32) -> (u64, bool) {
+        let i = usize::from(dir == Dir::Recv);
+        let (pos, gap) = match self.next[i] {
+            // High bits set so a position never goes below zero.
+            None => ((1 << 32) | u64::from(seq), false),
+            Some(next) => {
+                let delta = i64::from(seq.wrapping_sub(next as u32) as i32);
+                (next.wrapping_add_signed(delta), delta != 0)
+            }
+        };
+        self.next[i] = Some(pos + u64::from(len));
+        (pos, gap)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -143,6 +184,12 @@ impl Stitcher {
         }
     }
 
+    /// The kernel could not deliver some events: any request in flight may
+    /// have lost one, so none of them is exported.
+    pub fn events_lost(&mut self) {
+        self.spans.mark_all_lost();
+    }
+
     /// Feeds one data event; completed spans go to `out`.
     pub fn data(
         &mut self,
@@ -150,11 +197,24 @@ impl Stitcher {
         ev: &mesh_trace_common::DataEvent,
         out: &mut Vec<Span>,
     ) {
+        let prefix = &ev.prefix[..(ev.prefix_len as usize).min(ev.prefix.len())];
         let Some(sock) = flows.socket(ev.sock_cookie) else {
+            // Its connection was never reported, or the table dropped it.
+            if starts_http(prefix) {
+                self.count(Unstitched::UnknownSocket);
+                // If a sidecar did this, it may have been forwarding or
+                // answering any request it holds.
+                self.unseen_proxy_io((ev.pid_tgid >> 32) as u32, None);
+            }
             return;
         };
         let Some(place) = Place::of(sock, flows.leg_info(ev.sock_cookie).map(|l| l.0)) else {
             return;
+        };
+        let dir = if ev.direction == mesh_trace_common::DIR_SEND {
+            Dir::Send
+        } else {
+            Dir::Recv
         };
         let state = self
             .sockets
@@ -162,22 +222,28 @@ impl Stitcher {
             .or_insert_with(|| SockState {
                 framer: Framer::new(),
                 outstanding: Outstanding::default(),
+                next: [None; 2],
             });
-        let prefix = &ev.prefix[..(ev.prefix_len as usize).min(ev.prefix.len())];
+        let (offset, gap) = state.position(dir, ev.offset as u32, ev.len);
         let chunk = Chunk {
             ts_ns: ev.header.ts_ns,
             tid: ev.pid_tgid as u32,
-            dir: if ev.direction == mesh_trace_common::DIR_SEND {
-                Dir::Send
-            } else {
-                Dir::Recv
-            },
-            offset: ev.offset,
+            dir,
+            offset,
             len: ev.len,
             prefix,
         };
         let msg = state.framer.push(&chunk);
         let tgid = (ev.pid_tgid >> 32) as u32;
+        if gap {
+            // Bytes went by unseen: whatever waits on this socket may have
+            // lost its request or response.
+            let mut touched: Vec<SpanId> = state.outstanding.iter().collect();
+            touched.extend(self.legs.unread(ev.sock_cookie));
+            for id in touched {
+                self.spans.mark_lost(id);
+            }
+        }
         let handshake = super::http::is_tls_handshake(prefix);
         if !place.sends_requests() && chunk.dir == Dir::Recv {
             let arrival = Arrival {
@@ -200,7 +266,7 @@ impl Stitcher {
         if place.sends_requests() && msg.dir == Dir::Send {
             self.send(flows, ev.sock_cookie, place, tgid, &msg);
         } else {
-            self.response(flows, ev.sock_cookie, place, &msg, out);
+            self.response(flows, ev.sock_cookie, place, tgid, &msg, out);
         }
     }
 
@@ -217,17 +283,14 @@ impl Stitcher {
                     tgid,
                     inbound: place == Place::InboundUp,
                 };
-                match self.forward(side, msg) {
-                    Some(id) => id,
-                    None => return,
-                }
+                self.forward(side, place, msg)
             }
         };
-        if let Err(why) = self
+        if self
             .spans
             .request(id, place.moments().0, msg.ts_ns, Some(&msg.head))
+            .is_none()
         {
-            self.count(why);
             return;
         }
         if let Some(s) = self.sockets.get_mut(&cookie) {
@@ -264,15 +327,11 @@ impl Stitcher {
 
     /// Records a request's arrival at the server end of a leg.
     fn arrived(&mut self, flows: &FlowTable, a: Arrival, id: SpanId) {
-        let span = match self
+        let Some(span) = self
             .spans
             .request(id, a.place.moments().0, a.ts_ns, a.head.as_ref())
-        {
-            Ok(span) => span,
-            Err(why) => {
-                self.count(why);
-                return;
-            }
+        else {
+            return;
         };
         if a.place == Place::AppServer {
             span.destination_pod = flows
@@ -306,32 +365,113 @@ impl Stitcher {
     }
 
     fn hold_for_forwarding(&mut self, side: ProxySide, id: SpanId, a: &Arrival) {
-        let f = Forwardable::new(id, a.ts_ns, a.tid, a.head.as_ref());
-        self.spans.note_request_id(id, f.request_id());
-        if let Some(why) = self.proxies.hold(side, f) {
-            self.count(why);
+        let read = Identity::of(a.head.as_ref());
+        if let Some(seen) = &read {
+            self.settle(id, seen);
+        }
+        // An encrypted read shows nothing: the span knows what the client's
+        // request was.
+        let identity = read.or_else(|| self.spans.identity(id));
+        self.spans
+            .note_request_id(id, identity.as_ref().and_then(Identity::request_id));
+        if let Some(dropped) = self
+            .proxies
+            .hold(side, Forwardable::new(id, a.ts_ns, identity))
+        {
+            // Too many held on one side: that request can no longer be
+            // matched.
+            self.spans.contest(dropped);
         }
     }
 
-    /// The request a sidecar is writing upstream: one it read before.
-    fn forward(&mut self, side: ProxySide, msg: &Message) -> Option<SpanId> {
-        let spans = &self.spans;
-        match self.proxies.forward(side, msg, |id| spans.request_id(id)) {
-            Ok(Forwarded::Retry(id)) => {
-                self.spans.retried(id);
-                Some(id)
+    /// For each request `side` holds without an identity of its own (an
+    /// orphan read encrypted): the identities of the requests it may be.
+    fn could_be(&self, side: ProxySide) -> HashMap<SpanId, Vec<Identity>> {
+        let mut out = HashMap::new();
+        for id in self.proxies.held_unknown(side) {
+            if let Some((origin, candidates)) = self.spans.candidates(id) {
+                let ids = candidates
+                    .into_iter()
+                    .filter(|&c| self.proxies.holds(origin, c))
+                    .filter_map(|c| self.spans.identity(c))
+                    .collect();
+                out.insert(id, ids);
             }
-            Ok(Forwarded::Read { span, request_id }) => {
+        }
+        out
+    }
+
+    /// Orphan `id`, written upstream by a sidecar that held several
+    /// requests it could be, shows `seen` further on: if exactly one of
+    /// them (still held) fits, it is that request.
+    fn settle(&mut self, id: SpanId, seen: &Identity) {
+        let Some((side, candidates)) = self.spans.candidates(id) else {
+            return;
+        };
+        let fitting: Vec<SpanId> = candidates
+            .into_iter()
+            .filter(|&c| self.proxies.holds(side, c))
+            .filter(|&c| self.spans.identity(c).is_none_or(|i| i.fits(seen)))
+            .collect();
+        if let [only] = fitting[..] {
+            self.proxies.take(side, only);
+            self.spans.settle(id, only);
+        }
+    }
+
+    /// The span of the request a sidecar is writing upstream: the one it
+    /// read before, a retry, or an orphan when that cannot be told.
+    fn forward(&mut self, side: ProxySide, place: Place, msg: &Message) -> SpanId {
+        let could_be = self.could_be(side);
+        let spans = &self.spans;
+        let forwarded = self
+            .proxies
+            .forward(side, msg, |id| spans.answered(id), &could_be);
+        if let Some(why) = forwarded.unstitched() {
+            self.count(why);
+        }
+        match forwarded {
+            Forwarded::Retry(id) => {
+                self.spans.retried(id);
+                id
+            }
+            Forwarded::Read { span, request_id } => {
+                if let Some(seen) = Identity::of(Some(&msg.head)) {
+                    self.settle(span, &seen);
+                }
                 if let Some(r) = request_id {
                     self.spans.note_request_id(span, Some(&r));
                 }
-                Some(span)
+                span
             }
-            Err(why) => {
-                self.count(why);
-                None
+            Forwarded::Ambiguous(candidates) => {
+                for &id in &candidates {
+                    self.spans.contest(id);
+                }
+                self.orphan(place, side, candidates, msg)
+            }
+            Forwarded::Unmatched(held) => {
+                // It may have been any of them, rewritten past recognition.
+                for id in held {
+                    self.spans.contest(id);
+                }
+                self.orphan(place, side, Vec::new(), msg)
             }
         }
+    }
+
+    fn orphan(
+        &mut self,
+        place: Place,
+        side: ProxySide,
+        candidates: Vec<SpanId>,
+        msg: &Message,
+    ) -> SpanId {
+        let (id, evicted) = self.spans.orphan(place, side, candidates, msg);
+        if let Some(why) = evicted {
+            self.count(why);
+        }
+        id
     }
 
     fn response(
@@ -339,15 +479,64 @@ impl Stitcher {
         flows: &FlowTable,
         cookie: u64,
         place: Place,
+        tgid: u32,
         msg: &Message,
         out: &mut Vec<Span>,
     ) {
         let peer_here = place.sends_requests() && flows.peer(cookie).is_some();
-        let outstanding = self.sockets.get_mut(&cookie).map(|s| &mut s.outstanding);
-        match self.spans.response(outstanding, place, peer_here, msg) {
+        let Some(state) = self.sockets.get_mut(&cookie) else {
+            return;
+        };
+        // A sidecar answering downstream a request it still holds never
+        // forwarded it: a local reply, and no longer one to match.
+        if let (Place::OutboundDown | Place::InboundDown, Some(id)) =
+            (place, state.outstanding.front())
+        {
+            let side = ProxySide {
+                tgid,
+                inbound: place == Place::InboundDown,
+            };
+            if self.proxies.take(side, id) {
+                let by = if side.inbound {
+                    LocalReply::Inbound
+                } else {
+                    LocalReply::Outbound
+                };
+                self.spans.local_reply(id, by);
+            }
+        }
+        match self
+            .spans
+            .response(Some(&mut state.outstanding), place, peer_here, msg)
+        {
             Ok(Some(done)) => out.push(done),
             Ok(None) => {}
-            Err(why) => self.count(why),
+            Err(why) => {
+                self.count(why);
+                if why == Unstitched::NoRequest
+                    && matches!(place, Place::OutboundUp | Place::InboundUp)
+                {
+                    // A response upstream to no request seen: the sidecar
+                    // wrote one unseen, which may be any request it holds
+                    // (and none of them is a local reply for sure).
+                    self.unseen_proxy_io(tgid, Some(place == Place::InboundUp));
+                }
+            }
+        }
+    }
+
+    /// A sidecar process did I/O this node could not follow (on one side,
+    /// or either): the requests it holds can no longer be trusted.
+    fn unseen_proxy_io(&mut self, tgid: u32, inbound: Option<bool>) {
+        let sides = match inbound {
+            Some(i) => vec![i],
+            None => vec![false, true],
+        };
+        for inbound in sides {
+            let held: Vec<SpanId> = self.proxies.held_by(ProxySide { tgid, inbound }).collect();
+            for id in held {
+                self.spans.mark_lost(id);
+            }
         }
     }
 
@@ -372,6 +561,16 @@ impl Stitcher {
     pub fn open_sockets(&self) -> usize {
         self.sockets.len()
     }
+}
+
+/// Whether bytes start an HTTP/1.1 request or response.
+fn starts_http(prefix: &[u8]) -> bool {
+    prefix.starts_with(b"HTTP/1.")
+        || [
+            "GET ", "POST ", "PUT ", "DELETE ", "HEAD ", "OPTIONS ", "PATCH ",
+        ]
+        .iter()
+        .any(|m| prefix.starts_with(m.as_bytes()))
 }
 
 #[cfg(test)]
@@ -427,6 +626,39 @@ mod tests {
         Event::Established(s)
     }
 
+    /// Chain `k`'s six sockets, cookies `10 k + 1 ..= 10 k + 6`: the app's
+    /// connection to 15001, the outbound sidecar's to the server pod (15006
+    /// after REDIRECT), the inbound sidecar's from 127.0.0.6 to the app.
+    fn chain(k: u64) -> Vec<Event> {
+        let c = |i: u64| 10 * k + i;
+        let port = |p: u16| p + k as u16;
+        let vip = ep([10, 96, 0, 12], 9080);
+        let server = ep([10, 244, 0, 9], 9080);
+        vec![
+            connect(c(1), 1, 1000, APP, vip),
+            established(c(1), 1, ep([10, 244, 0, 5], port(40000)), vip, true),
+            established(
+                c(2),
+                1,
+                ep([127, 0, 0, 1], 15001),
+                ep([10, 244, 0, 5], port(40000)),
+                false,
+            ),
+            connect(c(3), 1, 1337, OUTBOUND, server),
+            established(c(3), 1, ep([10, 244, 0, 5], port(50000)), server, true),
+            established(
+                c(4),
+                2,
+                ep([10, 244, 0, 9], 15006),
+                ep([10, 244, 0, 5], port(50000)),
+                false,
+            ),
+            connect(c(5), 2, 1337, INBOUND, server),
+            established(c(5), 2, ep([127, 0, 0, 6], port(41000)), server, true),
+            established(c(6), 2, server, ep([127, 0, 0, 6], port(41000)), false),
+        ]
+    }
+
     /// A flow table and a stitcher fed data events as the agent feeds them.
     struct Node {
         table: FlowTable,
@@ -457,36 +689,20 @@ mod tests {
         /// A client app (netns 1) calling a server app (netns 2) on the
         /// same node: its six sockets, joined into three legs.
         fn six_sockets() -> Node {
-            let vip = ep([10, 96, 0, 12], 9080);
-            let server = ep([10, 244, 0, 9], 9080);
-            let (node, legs) = Node::new(&[
-                connect(1, 1, 1000, APP, vip),
-                established(1, 1, ep([10, 244, 0, 5], 40000), vip, true),
-                established(
-                    2,
-                    1,
-                    ep([127, 0, 0, 1], 15001),
-                    ep([10, 244, 0, 5], 40000),
-                    false,
-                ),
-                connect(3, 1, 1337, OUTBOUND, server),
-                established(3, 1, ep([10, 244, 0, 5], 50000), server, true),
-                established(
-                    4,
-                    2,
-                    ep([10, 244, 0, 9], 15006),
-                    ep([10, 244, 0, 5], 50000),
-                    false,
-                ),
-                connect(5, 2, 1337, INBOUND, server),
-                established(5, 2, ep([127, 0, 0, 6], 41000), server, true),
-                established(6, 2, server, ep([127, 0, 0, 6], 41000), false),
-            ]);
+            let (node, legs) = Node::new(&chain(0));
             assert_eq!(
                 legs,
                 vec![LegKind::Redirect, LegKind::Mesh, LegKind::Delivery]
             );
             node
+        }
+
+        /// Two such chains: two app connections to the outbound sidecar,
+        /// two pooled upstream connections, two to the server app.
+        fn two_chains() -> Node {
+            let mut events = chain(0);
+            events.extend(chain(1));
+            Node::new(&events).0
         }
 
         /// Socket `cookie` of process `tgid` moves `payload` in `dir`;
@@ -512,6 +728,17 @@ mod tests {
             self.ts_ns
         }
     }
+
+    /// A request for `target` without x-request-id, as an app sends it.
+    fn plain(target: &str) -> Vec<u8> {
+        format!("GET {target} HTTP/1.1\r\nhost: reviews:9080\r\n\r\n").into_bytes()
+    }
+    /// The request as a sidecar forwards it, with an id of its own.
+    fn plain_forwarded(target: &str, id: &str) -> Vec<u8> {
+        format!("GET {target} HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: {id}\r\n\r\n")
+            .into_bytes()
+    }
+    const NOT_FOUND: &[u8] = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
 
     /// The app's request with x-request-id `id`.
     fn request(id: &str) -> Vec<u8> {
@@ -613,7 +840,9 @@ mod tests {
         assert_eq!(count(Unstitched::NoSender), Some(1));
         assert_eq!(count(Unstitched::NoDownstream), Some(1));
         assert_eq!(count(Unstitched::NoRequest), Some(1));
-        assert_eq!(node.stitcher.pending(), 0);
+        // The unmatched write goes on as an orphan, so the responses on its
+        // socket still pair with the right requests; it is not a request.
+        assert_eq!(node.stitcher.pending(), 1);
         // Requests in flight past the timeout.
         let mut node = Node::six_sockets();
         node.io(1, APP, DIR_SEND, &request("c"));
@@ -624,6 +853,231 @@ mod tests {
             .expire(StitchConfig::default().timeout_ns + 1_000);
         assert_eq!(node.stitcher.pending(), 0);
         assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
+    }
+
+    #[test]
+    fn a_local_reply_is_a_span_of_its_own_and_leaves_nothing_to_match() {
+        let mut node = Node::six_sockets();
+        let req = plain("/reviews/0");
+        let t = [
+            node.io(1, APP, DIR_SEND, &req),
+            node.io(2, OUTBOUND, DIR_RECV, &req),
+            node.io(2, OUTBOUND, DIR_SEND, NOT_FOUND),
+            node.io(1, APP, DIR_RECV, NOT_FOUND),
+        ];
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 1);
+        let s = &spans[0];
+        assert_eq!(s.local_reply, Some(LocalReply::Outbound));
+        assert_eq!(s.status, 404);
+        assert_eq!(
+            s.hop_ns(crate::spans::span::Hop::OutboundProxy),
+            Some(t[2] - t[1])
+        );
+        assert_eq!(s.total_ns(), Some(t[3] - t[0]));
+        // The next request, identical, is forwarded: it must not take the
+        // answered one's place.
+        let t = one_request(&mut node, "after", false);
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(spans[0].moments, t.map(Some));
+        assert_eq!(spans[0].local_reply, None);
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
+    }
+
+    #[test]
+    fn identical_requests_the_sidecar_holds_together_are_counted_ambiguous() {
+        let mut node = Node::two_chains();
+        let req = plain("/reviews/0");
+        // Both apps' requests are read before either goes upstream.
+        node.io(1, APP, DIR_SEND, &req);
+        node.io(11, APP, DIR_SEND, &req);
+        node.io(2, OUTBOUND, DIR_RECV, &req);
+        node.io(12, OUTBOUND, DIR_RECV, &req);
+        for (up, id) in [(3, "x"), (13, "y")] {
+            let fwd = plain_forwarded("/reviews/0", id);
+            node.io(up, OUTBOUND, DIR_SEND, &fwd);
+            node.io(up + 1, INBOUND, DIR_RECV, &fwd);
+            node.io(up + 2, INBOUND, DIR_SEND, &fwd);
+            node.io(up + 3, SERVER, DIR_RECV, &fwd);
+            node.io(up + 3, SERVER, DIR_SEND, RESPONSE);
+            node.io(up + 2, INBOUND, DIR_RECV, RESPONSE);
+            node.io(up + 1, INBOUND, DIR_SEND, RESPONSE);
+            node.io(up, OUTBOUND, DIR_RECV, RESPONSE);
+        }
+        for down in [2, 12] {
+            node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
+            node.io(down - 1, APP, DIR_RECV, RESPONSE);
+        }
+        assert!(node.spans.is_empty(), "{:?}", node.spans);
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::Ambiguous),
+            Some(&2)
+        );
+        // Nothing is left behind: the orphan of the unattributed write
+        // ended with its response.
+        assert_eq!(node.stitcher.pending(), 0);
+    }
+
+    #[test]
+    fn distinct_requests_forwarded_out_of_order_are_each_exact() {
+        let mut node = Node::two_chains();
+        let (a, b) = (plain("/reviews/0?u=1"), plain("/reviews/0?u=2"));
+        let mut t = [[0u64; 12]; 2];
+        t[0][0] = node.io(1, APP, DIR_SEND, &a);
+        t[1][0] = node.io(11, APP, DIR_SEND, &b);
+        t[0][1] = node.io(2, OUTBOUND, DIR_RECV, &a);
+        t[1][1] = node.io(12, OUTBOUND, DIR_RECV, &b);
+        // b goes first, on the first pooled connection.
+        for (i, up, target) in [(1, 3, "/reviews/0?u=2"), (0, 13, "/reviews/0?u=1")] {
+            let fwd = plain_forwarded(target, "id");
+            t[i][2] = node.io(up, OUTBOUND, DIR_SEND, &fwd);
+            t[i][3] = node.io(up + 1, INBOUND, DIR_RECV, &fwd);
+            t[i][4] = node.io(up + 2, INBOUND, DIR_SEND, &fwd);
+            t[i][5] = node.io(up + 3, SERVER, DIR_RECV, &fwd);
+            t[i][6] = node.io(up + 3, SERVER, DIR_SEND, RESPONSE);
+            t[i][7] = node.io(up + 2, INBOUND, DIR_RECV, RESPONSE);
+            t[i][8] = node.io(up + 1, INBOUND, DIR_SEND, RESPONSE);
+            t[i][9] = node.io(up, OUTBOUND, DIR_RECV, RESPONSE);
+        }
+        for (i, down) in [(0, 2), (1, 12)] {
+            t[i][10] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
+            t[i][11] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
+        }
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
+        assert_eq!(spans[0].moments, t[0].map(Some));
+        assert_eq!(spans[1].moments, t[1].map(Some));
+    }
+
+    #[test]
+    fn encrypted_writes_the_sidecar_could_not_tell_apart_are_settled_by_the_inbound_plaintext() {
+        let mut node = Node::two_chains();
+        let (a, b) = (request("id-a"), request("id-b"));
+        let mut t = [[0u64; 12]; 2];
+        // Both held by the outbound sidecar before either goes upstream,
+        // encrypted (mutual TLS): the writes alone cannot say which is which.
+        t[0][0] = node.io(1, APP, DIR_SEND, &a);
+        t[1][0] = node.io(11, APP, DIR_SEND, &b);
+        t[0][1] = node.io(2, OUTBOUND, DIR_RECV, &a);
+        t[1][1] = node.io(12, OUTBOUND, DIR_RECV, &b);
+        // b leaves first, on the first pooled connection; a on the second.
+        t[1][2] = node.io(3, OUTBOUND, DIR_SEND, ENCRYPTED);
+        t[0][2] = node.io(13, OUTBOUND, DIR_SEND, ENCRYPTED);
+        for (i, up, id) in [(1, 3, "id-b"), (0, 13, "id-a")] {
+            let fwd = forwarded(id);
+            t[i][3] = node.io(up + 1, INBOUND, DIR_RECV, ENCRYPTED);
+            // The inbound sidecar's plaintext names the request.
+            t[i][4] = node.io(up + 2, INBOUND, DIR_SEND, &fwd);
+            t[i][5] = node.io(up + 3, SERVER, DIR_RECV, &fwd);
+            t[i][6] = node.io(up + 3, SERVER, DIR_SEND, RESPONSE);
+            t[i][7] = node.io(up + 2, INBOUND, DIR_RECV, RESPONSE);
+            t[i][8] = node.io(up + 1, INBOUND, DIR_SEND, ENCRYPTED);
+            t[i][9] = node.io(up, OUTBOUND, DIR_RECV, ENCRYPTED);
+        }
+        for (i, down) in [(0, 2), (1, 12)] {
+            t[i][10] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
+            t[i][11] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
+        }
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
+        let by_id = |id: &str| {
+            spans
+                .iter()
+                .find(|s| s.request_id.as_deref() == Some(id))
+                .unwrap()
+        };
+        assert_eq!(by_id("id-a").moments, t[0].map(Some));
+        assert_eq!(by_id("id-b").moments, t[1].map(Some));
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
+        assert_eq!(node.stitcher.pending(), 0);
+    }
+
+    #[test]
+    fn a_lost_upstream_write_costs_only_the_requests_it_may_have_been() {
+        let mut node = Node::six_sockets();
+        // Request A: read by the outbound sidecar, forwarded, but the
+        // kernel's event for that write was lost.
+        let a = plain("/reviews/0?u=1");
+        node.io(1, APP, DIR_SEND, &a);
+        node.io(2, OUTBOUND, DIR_RECV, &a);
+        let fwd_a = plain_forwarded("/reviews/0?u=1", "a");
+        *node.offsets.entry((3, DIR_SEND)).or_default() += fwd_a.len() as u64;
+        node.io(4, INBOUND, DIR_RECV, &fwd_a);
+        node.io(5, INBOUND, DIR_SEND, &fwd_a);
+        node.io(6, SERVER, DIR_RECV, &fwd_a);
+        node.io(6, SERVER, DIR_SEND, RESPONSE);
+        node.io(5, INBOUND, DIR_RECV, RESPONSE);
+        node.io(4, INBOUND, DIR_SEND, RESPONSE);
+        node.io(3, OUTBOUND, DIR_RECV, RESPONSE);
+        // Without the write, A still looks held; the response upstream to
+        // no request seen says otherwise, so A's response downstream does
+        // not pass for a local reply.
+        node.io(2, OUTBOUND, DIR_SEND, RESPONSE);
+        node.io(1, APP, DIR_RECV, RESPONSE);
+        // B after it on the same connections: the sequence numbers show the
+        // gap at its write, and B itself is exact.
+        let t = one_request(&mut node, "b", false);
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        assert_eq!(spans[0].moments, t.map(Some));
+        assert_eq!(spans[0].local_reply, None);
+        let count = |why| node.stitcher.unstitched.get(&why).copied().unwrap_or(0);
+        assert_eq!(
+            count(Unstitched::LostEvent) + count(Unstitched::Ambiguous),
+            1
+        );
+    }
+
+    #[test]
+    fn ring_buffer_loss_withholds_the_requests_in_flight_only() {
+        let mut node = Node::six_sockets();
+        let req = request("in-flight");
+        node.io(1, APP, DIR_SEND, &req);
+        node.stitcher.events_lost();
+        node.io(2, OUTBOUND, DIR_RECV, &req);
+        for (cookie, tgid, dir, bytes) in [
+            (3, OUTBOUND, DIR_SEND, forwarded("in-flight")),
+            (4, INBOUND, DIR_RECV, forwarded("in-flight")),
+            (5, INBOUND, DIR_SEND, forwarded("in-flight")),
+            (6, SERVER, DIR_RECV, forwarded("in-flight")),
+            (6, SERVER, DIR_SEND, RESPONSE.to_vec()),
+            (5, INBOUND, DIR_RECV, RESPONSE.to_vec()),
+            (4, INBOUND, DIR_SEND, RESPONSE.to_vec()),
+            (3, OUTBOUND, DIR_RECV, RESPONSE.to_vec()),
+            (2, OUTBOUND, DIR_SEND, RESPONSE.to_vec()),
+            (1, APP, DIR_RECV, RESPONSE.to_vec()),
+        ] {
+            node.io(cookie, tgid, dir, &bytes);
+        }
+        assert!(node.spans.is_empty());
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::LostEvent),
+            Some(&1)
+        );
+        // The next request started after the loss: exact.
+        let t = one_request(&mut node, "next", false);
+        assert_eq!(node.spans.len(), 1);
+        assert_eq!(node.spans[0].moments, t.map(Some));
+    }
+
+    #[test]
+    fn data_on_a_socket_the_table_does_not_know_is_counted() {
+        let mut node = Node::six_sockets();
+        node.io(99, APP, DIR_SEND, &request("u"));
+        node.io(99, APP, DIR_SEND, b"\x00binary");
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::UnknownSocket),
+            Some(&1)
+        );
     }
 
     #[test]

@@ -1,8 +1,22 @@
 //! The matching inside a sidecar: a request read downstream is held until
-//! the sidecar writes it upstream, and matched to that write by
-//! x-request-id, else by method and path, else by thread, else by order; a
-//! second upstream write with the same id is a retry (its moments replace
-//! the failed attempt's).
+//! the sidecar writes it upstream, and matched to that write only on
+//! evidence that holds on any proxy:
+//! - the same process and side (outbound or inbound);
+//! - causality: read no later than it was written;
+//! - the request's identity, which a proxy forwards untouched: method,
+//!   whole target (query included), `Host`, `Content-Length`; an
+//!   `x-request-id` only together with it (apps propagate one id to several
+//!   concurrent calls, and a sidecar may add it upstream only).
+//!
+//! When more than one held request fits a write, or the write is
+//! encrypted (mutual TLS) and shows nothing, the match is open:
+//! every candidate is reported, and none of them is exported unless what
+//! the request shows further on (the inbound sidecar's plaintext behind
+//! mutual TLS, an id) settles which it was. When none fits, the write is
+//! unmatched. A write that fits no held request but
+//! repeats the id and target of one already forwarded, whose attempt was
+//! answered, is a retry. Thread and arrival order are never used: proxies
+//! forward on other threads and out of order.
 use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashMapExt as _};
@@ -21,43 +35,80 @@ pub(super) struct ProxySide {
     pub(super) inbound: bool,
 }
 
+/// What identifies an HTTP/1.1 request on both sides of a proxy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Identity {
+    method: String,
+    target: String,
+    host: Option<String>,
+    content_length: Option<u64>,
+    request_id: Option<String>,
+}
+
+impl Identity {
+    /// The identity a request head shows; None for anything else (an
+    /// encrypted read or write shows none).
+    pub(super) fn of(head: Option<&Head>) -> Option<Identity> {
+        match head? {
+            Head::Request {
+                method,
+                target,
+                host,
+                request_id,
+                content_length,
+                ..
+            } => Some(Identity {
+                method: method.clone(),
+                target: target.clone(),
+                host: host.clone(),
+                content_length: *content_length,
+                request_id: request_id.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    pub(super) fn request_id(&self) -> Option<&str> {
+        self.request_id.as_deref()
+    }
+
+    /// Whether a request read with this identity can be the request
+    /// written with `written`'s. What either side does not show (a header
+    /// past the captured prefix, an id added upstream) is no evidence
+    /// against it.
+    pub(super) fn fits(&self, written: &Identity) -> bool {
+        fn agree<T: PartialEq>(a: &Option<T>, b: &Option<T>) -> bool {
+            match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+        }
+        self.method == written.method
+            && self.target == written.target
+            && agree(&self.host, &written.host)
+            && agree(&self.content_length, &written.content_length)
+            && agree(&self.request_id, &written.request_id)
+    }
+}
+
 /// A request read by a sidecar and not yet written upstream.
 #[derive(Debug)]
 pub(super) struct Forwardable {
     span: SpanId,
     ts_ns: u64,
-    tid: u32,
-    request_id: Option<String>,
-    method: String,
-    path: String,
+    /// From the read's head, else what the span knows (a read of encrypted
+    /// bytes shows none; the client's request did).
+    identity: Option<Identity>,
 }
 
 impl Forwardable {
-    /// The request of `span`, read at `ts_ns` by thread `tid`; `head` when
-    /// the read started with it.
-    pub(super) fn new(span: SpanId, ts_ns: u64, tid: u32, head: Option<&Head>) -> Forwardable {
-        let (request_id, method, path) = match head {
-            Some(Head::Request {
-                request_id,
-                method,
-                path,
-                ..
-            }) => (request_id.clone(), method.clone(), path.clone()),
-            _ => (None, String::new(), String::new()),
-        };
+    /// The request of `span`, read at `ts_ns`, known by `identity`.
+    pub(super) fn new(span: SpanId, ts_ns: u64, identity: Option<Identity>) -> Forwardable {
         Forwardable {
             span,
             ts_ns,
-            tid,
-            request_id,
-            method,
-            path,
+            identity,
         }
-    }
-
-    /// The x-request-id the read showed.
-    pub(super) fn request_id(&self) -> Option<&str> {
-        self.request_id.as_deref()
     }
 }
 
@@ -73,13 +124,20 @@ pub(super) enum Forwarded {
         span: SpanId,
         request_id: Option<String>,
     },
+    /// Each of these could be the request written: none can be told.
+    Ambiguous(Vec<SpanId>),
+    /// No request read fits the write; the spans still held on that side,
+    /// which the write may have been (their identity as read may not be
+    /// the one forwarded), can no longer be trusted.
+    Unmatched(Vec<SpanId>),
 }
 
 pub(super) struct Proxies {
     /// Per sidecar process and side: requests read, not yet forwarded.
     forwardable: HashMap<ProxySide, VecDeque<Forwardable>>,
-    /// Per outbound sidecar process: (request id, path) -> span, to see
-    /// retries. The path too: an app propagates one id to several services.
+    /// Per outbound sidecar process: (request id, target) -> span, to see
+    /// retries. The target too: an app propagates one id to several
+    /// services.
     forwarded: HashMap<ProxySide, LruCache<(String, String), SpanId>>,
 }
 
@@ -92,89 +150,168 @@ impl Proxies {
     }
 
     /// Holds a request a sidecar read until it writes it upstream; the
-    /// reason to count when the oldest held request was dropped to make
-    /// room.
-    pub(super) fn hold(&mut self, side: ProxySide, f: Forwardable) -> Option<Unstitched> {
-        let mut dropped = None;
+    /// span dropped to make room, if any (counted as evicted).
+    pub(super) fn hold(&mut self, side: ProxySide, f: Forwardable) -> Option<SpanId> {
         let queue = self.forwardable.entry(side).or_default();
-        if queue.len() == MAX_QUEUE {
-            queue.pop_front();
-            dropped = Some(Unstitched::Evicted);
-        }
+        let dropped = if queue.len() == MAX_QUEUE {
+            queue.pop_front().map(|f| f.span)
+        } else {
+            None
+        };
         queue.push_back(f);
         dropped
     }
 
-    /// The request a sidecar is writing upstream: one it read before.
-    /// `known_id` is the request id a span already knows.
+    /// Takes `span` out of what `side` holds: the sidecar answered it
+    /// itself. False when it was not held (it went upstream).
+    pub(super) fn take(&mut self, side: ProxySide, span: SpanId) -> bool {
+        let Some(queue) = self.forwardable.get_mut(&side) else {
+            return false;
+        };
+        match queue.iter().position(|f| f.span == span) {
+            Some(i) => queue.remove(i).is_some(),
+            None => false,
+        }
+    }
+
+    /// Which request a sidecar is writing upstream. `answered` says
+    /// whether a span is in flight and its last upstream attempt got a
+    /// response (the condition for a retry).
+    /// `could_be` gives, for a held request known by no identity of its own
+    /// (an orphan read encrypted), the identities of the requests it may
+    /// be; without an entry, causality alone decides.
     pub(super) fn forward(
         &mut self,
         side: ProxySide,
         msg: &Message,
-        known_id: impl Fn(SpanId) -> Option<String>,
-    ) -> Result<Forwarded, Unstitched> {
-        let (rid, method, path) = match &msg.head {
-            Head::Request {
-                request_id,
-                method,
-                path,
-                ..
-            } => (
-                request_id.clone(),
-                Some(method.as_str()),
-                Some(path.as_str()),
-            ),
-            _ => (None, None, None),
-        };
-        let retries = self
-            .forwarded
-            .entry(side)
-            .or_insert_with(|| LruCache::new(std::num::NonZeroUsize::new(4096).expect("non-zero")));
-        // The same request id written again by an outbound sidecar: a retry.
-        // (Inbound sidecars do not retry; the same id arriving twice there is
-        // the outbound sidecar's retry landing on the same pod.)
-        let retry_key = rid.clone().zip(path.map(str::to_string));
-        let retried = (!side.inbound)
-            .then(|| retry_key.as_ref().and_then(|k| retries.get(k).copied()))
-            .flatten();
-        if let Some(id) = retried {
-            return Ok(Forwarded::Retry(id));
-        }
+        answered: impl Fn(SpanId) -> bool,
+        could_be: &HashMap<SpanId, Vec<Identity>>,
+    ) -> Forwarded {
+        let written = Identity::of(Some(&msg.head));
         let queue = self.forwardable.entry(side).or_default();
-        let eligible = |f: &Forwardable| f.ts_ns <= msg.ts_ns;
-        // A request read encrypted (mutual TLS) shows no id; its span knows
-        // the id the client side sent.
-        let id_of = |f: &Forwardable| f.request_id.clone().or_else(|| known_id(f.span));
-        let pick = rid
-            .as_ref()
-            .and_then(|r| {
-                queue
-                    .iter()
-                    .position(|f| eligible(f) && id_of(f).as_ref() == Some(r))
-            })
-            .or_else(|| {
-                queue.iter().position(|f| {
-                    eligible(f)
-                        && Some(f.method.as_str()) == method
-                        && Some(f.path.as_str()) == path
-                })
-            })
-            .or_else(|| queue.iter().position(|f| eligible(f) && f.tid == msg.tid))
-            .or_else(|| queue.iter().position(eligible));
-        let Some(f) = pick.and_then(|i| queue.remove(i)) else {
-            return Err(Unstitched::NoDownstream);
+        let fits = |f: &Forwardable| {
+            f.ts_ns <= msg.ts_ns
+                && match (&f.identity, &written) {
+                    (Some(read), Some(w)) => read.fits(w),
+                    (None, Some(w)) => could_be
+                        .get(&f.span)
+                        .is_none_or(|ids| ids.iter().any(|i| i.fits(w))),
+                    // Encrypted: causality only.
+                    (_, None) => true,
+                }
         };
-        let request_id = rid.or(f.request_id);
-        if let (Some(key), false) = (retry_key, side.inbound) {
-            self.forwarded
-                .get_mut(&side)
-                .expect("inserted above")
-                .put(key, f.span);
+        let mut candidates: Vec<usize> = (0..queue.len()).filter(|&i| fits(&queue[i])).collect();
+        if candidates.len() > 1 {
+            // Several fit: an id on both sides that agrees is evidence.
+            if let Some(rid) = written.as_ref().and_then(|w| w.request_id.as_deref()) {
+                let same_id: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&i| {
+                        queue[i].identity.as_ref().and_then(Identity::request_id) == Some(rid)
+                    })
+                    .collect();
+                if same_id.len() == 1 {
+                    candidates = same_id;
+                }
+            }
         }
-        Ok(Forwarded::Read {
-            span: f.span,
-            request_id,
-        })
+        // The same id and target written again after its attempt was
+        // answered: a retry (outbound only; the same id arriving twice at
+        // an inbound sidecar is the outbound sidecar's retry landing on the
+        // same pod).
+        let retry_key = written
+            .as_ref()
+            .and_then(|w| Some((w.request_id.clone()?, w.target.clone())));
+        let retry = match (&retry_key, side.inbound) {
+            (Some(key), false) => self
+                .forwarded
+                .get_mut(&side)
+                .and_then(|l| l.get(key).copied())
+                .filter(|&id| answered(id)),
+            _ => None,
+        };
+        if written.is_none() && !candidates.is_empty() {
+            // Encrypted: causality alone proves nothing (the write may be a
+            // TLS alert, or a request whose read was not seen). What the
+            // request shows further on settles it.
+            let spans = candidates.iter().map(|&i| queue[i].span).collect();
+            return Forwarded::Ambiguous(spans);
+        }
+        match (candidates.as_slice(), retry) {
+            ([], Some(id)) => Forwarded::Retry(id),
+            ([], None) => Forwarded::Unmatched(queue.iter().map(|f| f.span).collect()),
+            (&[i], None) => {
+                let f = queue.remove(i).expect("index from the queue");
+                let request_id = written
+                    .and_then(|w| w.request_id)
+                    .or_else(|| f.identity.and_then(|id| id.request_id));
+                if let (Some(rid), Some(key), false) = (&request_id, retry_key, side.inbound) {
+                    self.forwarded
+                        .entry(side)
+                        .or_insert_with(|| {
+                            LruCache::new(std::num::NonZeroUsize::new(MAX_QUEUE).expect("non-zero"))
+                        })
+                        .put((rid.clone(), key.1), f.span);
+                }
+                Forwarded::Read {
+                    span: f.span,
+                    request_id,
+                }
+            }
+            (many, retry) => {
+                // All stay held: what the request shows further on (the
+                // inbound sidecar's plaintext, its id) may still tell.
+                let mut spans: Vec<SpanId> = many.iter().map(|&i| queue[i].span).collect();
+                spans.extend(retry);
+                Forwarded::Ambiguous(spans)
+            }
+        }
+    }
+
+    /// The requests `side` holds that show no identity of their own.
+    pub(super) fn held_unknown(&self, side: ProxySide) -> Vec<SpanId> {
+        self.forwardable
+            .get(&side)
+            .into_iter()
+            .flatten()
+            .filter(|f| f.identity.is_none())
+            .map(|f| f.span)
+            .collect()
+    }
+
+    /// Whether `side` still holds `span` (read, not yet known to be
+    /// forwarded or answered).
+    pub(super) fn holds(&self, side: ProxySide, span: SpanId) -> bool {
+        self.forwardable
+            .get(&side)
+            .is_some_and(|q| q.iter().any(|f| f.span == span))
+    }
+
+    /// The requests `side` holds: one of them may be what it wrote when a
+    /// write of its went unseen.
+    pub(super) fn held_by(&self, side: ProxySide) -> impl Iterator<Item = SpanId> + '_ {
+        self.forwardable
+            .get(&side)
+            .into_iter()
+            .flatten()
+            .map(|f| f.span)
+    }
+
+    /// Requests held, over all sidecars (for tests and bounds).
+    #[cfg(test)]
+    pub(super) fn held(&self) -> usize {
+        self.forwardable.values().map(VecDeque::len).sum()
+    }
+}
+
+/// Why an upstream write yields no match, for the counters.
+impl Forwarded {
+    pub(super) fn unstitched(&self) -> Option<Unstitched> {
+        match self {
+            Forwarded::Unmatched(_) => Some(Unstitched::NoDownstream),
+            _ => None,
+        }
     }
 }
 
@@ -192,233 +329,351 @@ mod tests {
         inbound: true,
     };
 
-    fn request(method: &str, path: &str, request_id: Option<&str>) -> Head {
+    fn request(target: &str, request_id: Option<&str>) -> Head {
         Head::Request {
-            method: method.into(),
-            path: path.into(),
-            host: None,
+            method: "GET".into(),
+            path: target.split('?').next().unwrap_or_default().into(),
+            target: target.into(),
+            host: Some("reviews:9080".into()),
             request_id: request_id.map(str::to_string),
+            content_length: None,
         }
     }
 
-    /// The sidecar's upstream write of `head` at `ts_ns` by thread `tid`.
-    fn write(ts_ns: u64, tid: u32, head: Head) -> Message {
+    /// The sidecar's upstream write of `head` at `ts_ns`.
+    fn write(ts_ns: u64, head: Head) -> Message {
         Message {
             dir: Dir::Send,
             ts_ns,
-            tid,
+            tid: 1,
             offset: 0,
             head,
         }
     }
 
-    fn unknown(_: SpanId) -> Option<String> {
-        None
+    fn opaque() -> Head {
+        Head::Opaque { tls: true }
     }
 
-    fn read(span: SpanId, ts_ns: u64, tid: u32, head: &Head) -> Forwardable {
-        Forwardable::new(span, ts_ns, tid, Some(head))
+    fn read(span: SpanId, ts_ns: u64, head: &Head) -> Forwardable {
+        Forwardable::new(span, ts_ns, Identity::of(Some(head)))
+    }
+
+    fn never(_: SpanId) -> bool {
+        false
+    }
+
+    fn none() -> HashMap<SpanId, Vec<Identity>> {
+        HashMap::new()
+    }
+
+    fn matched(span: SpanId, request_id: Option<&str>) -> Forwarded {
+        Forwarded::Read {
+            span,
+            request_id: request_id.map(str::to_string),
+        }
     }
 
     #[test]
-    fn matches_by_request_id_before_method_and_path() {
+    fn the_one_request_whose_identity_fits_is_matched_whatever_the_order() {
         let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 10, 1, &request("GET", "/r", Some("a"))));
-        p.hold(OUTBOUND, read(2, 11, 2, &request("GET", "/r", Some("b"))));
-        let got = p.forward(
+        p.hold(OUTBOUND, read(1, 10, &request("/r?u=1", None)));
+        p.hold(OUTBOUND, read(2, 11, &request("/r?u=2", None)));
+        // Forwarded out of order, with an id the sidecar added upstream.
+        let w = p.forward(
             OUTBOUND,
-            &write(20, 1, request("GET", "/r", Some("b"))),
-            unknown,
+            &write(20, request("/r?u=2", Some("x"))),
+            never,
+            &none(),
         );
-        assert_eq!(
-            got,
-            Ok(Forwarded::Read {
-                span: 2,
-                request_id: Some("b".into())
-            })
-        );
-    }
-
-    #[test]
-    fn request_id_known_by_the_span_when_the_read_was_encrypted() {
-        let mut p = Proxies::new();
-        p.hold(OUTBOUND, Forwardable::new(1, 10, 1, None));
-        p.hold(OUTBOUND, Forwardable::new(2, 11, 2, None));
-        let known = |span: SpanId| (span == 2).then(|| "b".to_string());
-        // Thread 1 wrote it, but the id says span 2.
-        let got = p.forward(
+        assert_eq!(w, matched(2, Some("x")));
+        let w = p.forward(
             OUTBOUND,
-            &write(20, 1, request("GET", "/r", Some("b"))),
-            known,
+            &write(21, request("/r?u=1", Some("y"))),
+            never,
+            &none(),
         );
-        assert_eq!(
-            got,
-            Ok(Forwarded::Read {
-                span: 2,
-                request_id: Some("b".into())
-            })
-        );
+        assert_eq!(w, matched(1, Some("y")));
+        assert_eq!(p.held(), 0);
     }
 
     #[test]
-    fn then_by_method_and_path() {
+    fn identical_requests_held_together_are_ambiguous_never_guessed() {
         let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 10, 1, &request("GET", "/a", None)));
-        p.hold(OUTBOUND, read(2, 11, 2, &request("GET", "/b", Some("b"))));
-        // An id no held request has: method and path decide.
-        let got = p.forward(
+        p.hold(OUTBOUND, read(1, 10, &request("/r", None)));
+        p.hold(OUTBOUND, read(2, 11, &request("/r", None)));
+        let w = p.forward(
             OUTBOUND,
-            &write(20, 1, request("GET", "/b", Some("x"))),
-            unknown,
+            &write(20, request("/r", Some("x"))),
+            never,
+            &none(),
         );
+        assert_eq!(w, Forwarded::Ambiguous(vec![1, 2]));
+        // Both stay held until something tells them apart.
+        assert_eq!(p.held(), 2);
+        assert!(p.holds(OUTBOUND, 1) && p.holds(OUTBOUND, 2));
+    }
+
+    #[test]
+    fn an_id_seen_on_both_sides_tells_identical_requests_apart() {
+        let mut p = Proxies::new();
+        p.hold(OUTBOUND, read(1, 10, &request("/r", Some("a"))));
+        p.hold(OUTBOUND, read(2, 11, &request("/r", Some("b"))));
+        let w = p.forward(
+            OUTBOUND,
+            &write(20, request("/r", Some("b"))),
+            never,
+            &none(),
+        );
+        assert_eq!(w, matched(2, Some("b")));
+    }
+
+    #[test]
+    fn one_propagated_id_on_several_calls_is_told_apart_by_target() {
+        let mut p = Proxies::new();
+        p.hold(OUTBOUND, read(1, 10, &request("/details/0", Some("a"))));
+        p.hold(OUTBOUND, read(2, 10, &request("/reviews/0", Some("a"))));
+        let w = p.forward(
+            OUTBOUND,
+            &write(20, request("/reviews/0", Some("a"))),
+            never,
+            &none(),
+        );
+        assert_eq!(w, matched(2, Some("a")));
+    }
+
+    #[test]
+    fn a_different_id_is_evidence_against() {
+        let mut p = Proxies::new();
+        p.hold(OUTBOUND, read(1, 10, &request("/r", Some("a"))));
+        let w = p.forward(
+            OUTBOUND,
+            &write(20, request("/r", Some("b"))),
+            never,
+            &none(),
+        );
+        assert_eq!(w, Forwarded::Unmatched(vec![1]));
+        assert_eq!(w.unstitched(), Some(Unstitched::NoDownstream));
+    }
+
+    #[test]
+    fn written_before_it_was_read_cannot_be_it() {
+        let mut p = Proxies::new();
+        p.hold(OUTBOUND, read(1, 30, &request("/r", None)));
+        let w = p.forward(OUTBOUND, &write(20, request("/r", None)), never, &none());
+        assert_eq!(w, Forwarded::Unmatched(vec![1]));
+    }
+
+    #[test]
+    fn encrypted_writes_are_left_open_even_with_one_request_held() {
+        let mut p = Proxies::new();
+        p.hold(OUTBOUND, read(1, 10, &request("/r?u=1", None)));
         assert_eq!(
-            got,
-            Ok(Forwarded::Read {
-                span: 2,
-                request_id: Some("x".into())
-            })
+            p.forward(OUTBOUND, &write(20, opaque()), never, &none()),
+            Forwarded::Ambiguous(vec![1])
+        );
+        assert!(p.take(OUTBOUND, 1));
+        p.hold(OUTBOUND, read(2, 30, &request("/r?u=2", None)));
+        p.hold(OUTBOUND, read(3, 31, &request("/r?u=3", None)));
+        assert_eq!(
+            p.forward(OUTBOUND, &write(40, opaque()), never, &none()),
+            Forwarded::Ambiguous(vec![2, 3])
         );
     }
 
     #[test]
-    fn then_by_thread_then_oldest() {
+    fn encrypted_reads_are_known_by_the_identity_their_span_carries() {
         let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 10, 1, &request("GET", "/a", None)));
-        p.hold(OUTBOUND, read(2, 11, 2, &request("GET", "/b", None)));
-        p.hold(OUTBOUND, read(3, 12, 3, &request("GET", "/c", None)));
-        let span = |r: Result<Forwarded, Unstitched>| match r {
-            Ok(Forwarded::Read { span, .. }) => Some(span),
-            _ => None,
-        };
-        // Rewritten path: no head matches, thread 2 read span 2.
-        let rewritten = || request("GET", "/rewritten", None);
-        assert_eq!(
-            span(p.forward(OUTBOUND, &write(20, 2, rewritten()), unknown)),
-            Some(2)
+        let id = |t: &str| Identity::of(Some(&request(t, None)));
+        p.hold(INBOUND, Forwardable::new(1, 10, id("/r?u=1")));
+        p.hold(INBOUND, Forwardable::new(2, 11, id("/r?u=2")));
+        let w = p.forward(
+            INBOUND,
+            &write(20, request("/r?u=1", Some("x"))),
+            never,
+            &none(),
         );
-        // No thread matches either: the oldest.
-        assert_eq!(
-            span(p.forward(OUTBOUND, &write(21, 9, rewritten()), unknown)),
-            Some(1)
-        );
-        assert_eq!(
-            span(p.forward(OUTBOUND, &write(22, 9, Head::Opaque { tls: true }), unknown)),
-            Some(3)
-        );
+        assert_eq!(w, matched(1, Some("x")));
     }
 
     #[test]
-    fn request_id_of_the_read_when_the_write_shows_none() {
+    fn requests_read_encrypted_are_told_apart_by_what_they_may_be() {
         let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 10, 1, &request("GET", "/a", Some("a"))));
-        let got = p.forward(OUTBOUND, &write(20, 1, Head::Opaque { tls: true }), unknown);
-        assert_eq!(
-            got,
-            Ok(Forwarded::Read {
-                span: 1,
-                request_id: Some("a".into())
-            })
+        // Two orphans held, read encrypted: one may be /a or /b, the other
+        // /c.
+        p.hold(INBOUND, Forwardable::new(1, 10, None));
+        p.hold(INBOUND, Forwardable::new(2, 11, None));
+        let id = |t: &str| Identity::of(Some(&request(t, None))).unwrap();
+        let could_be = HashMap::from_iter([(1, vec![id("/a"), id("/b")]), (2, vec![id("/c")])]);
+        let w = p.forward(
+            INBOUND,
+            &write(20, request("/c", Some("x"))),
+            never,
+            &could_be,
         );
+        assert_eq!(w, matched(2, Some("x")));
+        // Without that knowledge the same write could be either.
+        p.hold(INBOUND, Forwardable::new(3, 21, None));
+        let w = p.forward(INBOUND, &write(30, request("/c", None)), never, &none());
+        assert_eq!(w, Forwarded::Ambiguous(vec![1, 3]));
     }
 
     #[test]
-    fn outbound_write_again_by_id_and_path_is_a_retry() {
+    fn the_same_id_and_target_again_after_an_answer_is_a_retry() {
         let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 10, 1, &request("GET", "/r", Some("a"))));
-        let w = request("GET", "/r", Some("a"));
-        assert!(matches!(
-            p.forward(OUTBOUND, &write(20, 1, w.clone()), unknown),
-            Ok(Forwarded::Read { span: 1, .. })
-        ));
-        assert_eq!(
-            p.forward(OUTBOUND, &write(30, 1, w), unknown),
-            Ok(Forwarded::Retry(1))
-        );
-        // The same id to another path is another request, not a retry.
+        p.hold(OUTBOUND, read(1, 10, &request("/r", None)));
         assert_eq!(
             p.forward(
                 OUTBOUND,
-                &write(40, 1, request("GET", "/s", Some("a"))),
-                unknown
+                &write(20, request("/r", Some("x"))),
+                never,
+                &none()
             ),
-            Err(Unstitched::NoDownstream)
+            matched(1, Some("x"))
+        );
+        // Not answered yet: not a retry (nothing fits either).
+        assert_eq!(
+            p.forward(
+                OUTBOUND,
+                &write(25, request("/r", Some("x"))),
+                never,
+                &none()
+            ),
+            Forwarded::Unmatched(vec![])
+        );
+        assert_eq!(
+            p.forward(
+                OUTBOUND,
+                &write(30, request("/r", Some("x"))),
+                |s| s == 1,
+                &none()
+            ),
+            Forwarded::Retry(1)
+        );
+    }
+
+    #[test]
+    fn a_retry_that_could_also_be_a_new_request_is_ambiguous() {
+        let mut p = Proxies::new();
+        p.hold(OUTBOUND, read(1, 10, &request("/r", Some("x"))));
+        assert_eq!(
+            p.forward(
+                OUTBOUND,
+                &write(20, request("/r", Some("x"))),
+                never,
+                &none()
+            ),
+            matched(1, Some("x"))
+        );
+        // The app sends the same id and target again while the first
+        // attempt's 503 is in: retry or new request, no one can tell.
+        p.hold(OUTBOUND, read(2, 30, &request("/r", Some("x"))));
+        assert_eq!(
+            p.forward(
+                OUTBOUND,
+                &write(31, request("/r", Some("x"))),
+                |s| s == 1,
+                &none()
+            ),
+            Forwarded::Ambiguous(vec![2, 1])
         );
     }
 
     #[test]
     fn inbound_sidecars_see_no_retries() {
         let mut p = Proxies::new();
-        p.hold(INBOUND, read(1, 10, 1, &request("GET", "/r", Some("a"))));
-        let w = request("GET", "/r", Some("a"));
-        assert!(matches!(
-            p.forward(INBOUND, &write(20, 1, w.clone()), unknown),
-            Ok(Forwarded::Read { span: 1, .. })
-        ));
+        p.hold(INBOUND, read(1, 10, &request("/r", Some("x"))));
         assert_eq!(
-            p.forward(INBOUND, &write(30, 1, w), unknown),
-            Err(Unstitched::NoDownstream)
+            p.forward(
+                INBOUND,
+                &write(20, request("/r", Some("x"))),
+                never,
+                &none()
+            ),
+            matched(1, Some("x"))
         );
-    }
-
-    #[test]
-    fn written_before_it_was_read_is_no_downstream() {
-        let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 100, 1, &request("GET", "/r", Some("a"))));
-        let w = || write(50, 1, request("GET", "/r", Some("a")));
         assert_eq!(
-            p.forward(OUTBOUND, &w(), unknown),
-            Err(Unstitched::NoDownstream)
+            p.forward(
+                INBOUND,
+                &write(30, request("/r", Some("x"))),
+                |_| true,
+                &none()
+            ),
+            Forwarded::Unmatched(vec![])
         );
-        // Still held for a later write.
-        let later = write(150, 1, request("GET", "/r", Some("a")));
-        assert!(matches!(
-            p.forward(OUTBOUND, &later, unknown),
-            Ok(Forwarded::Read { span: 1, .. })
-        ));
     }
 
     #[test]
     fn sides_and_processes_never_match_each_other() {
         let mut p = Proxies::new();
-        p.hold(INBOUND, read(1, 10, 1, &request("GET", "/r", Some("a"))));
-        let w = || write(20, 1, request("GET", "/r", Some("a")));
-        assert_eq!(
-            p.forward(OUTBOUND, &w(), unknown),
-            Err(Unstitched::NoDownstream)
-        );
+        p.hold(INBOUND, read(1, 10, &request("/r", None)));
         let other = ProxySide {
             tgid: 21,
-            inbound: true,
+            inbound: false,
         };
+        p.hold(other, read(2, 10, &request("/r", None)));
         assert_eq!(
-            p.forward(other, &w(), unknown),
-            Err(Unstitched::NoDownstream)
+            p.forward(OUTBOUND, &write(20, request("/r", None)), never, &none()),
+            Forwarded::Unmatched(vec![])
         );
-        assert!(p.forward(INBOUND, &w(), unknown).is_ok());
+        assert_eq!(p.held(), 2);
     }
 
     #[test]
-    fn full_hold_queue_drops_the_oldest_and_says_so() {
+    fn a_local_reply_takes_its_request_out_of_matching() {
         let mut p = Proxies::new();
-        let h = request("GET", "/r", None);
+        p.hold(OUTBOUND, read(1, 10, &request("/r", None)));
+        assert!(p.take(OUTBOUND, 1));
+        assert!(!p.take(OUTBOUND, 1));
+        // The next identical request is not mistaken for the answered one.
+        p.hold(OUTBOUND, read(2, 20, &request("/r", None)));
+        assert_eq!(
+            p.forward(OUTBOUND, &write(30, request("/r", None)), never, &none()),
+            matched(2, None)
+        );
+    }
+
+    #[test]
+    fn full_hold_queue_drops_the_oldest_and_says_which() {
+        let mut p = Proxies::new();
         for i in 0..MAX_QUEUE as u64 {
-            assert_eq!(p.hold(OUTBOUND, read(i, 10, 1, &h)), None);
+            assert_eq!(p.hold(OUTBOUND, read(i, i, &request("/r", None))), None);
         }
         assert_eq!(
-            p.hold(OUTBOUND, read(MAX_QUEUE as u64, 10, 1, &h)),
-            Some(Unstitched::Evicted)
+            p.hold(OUTBOUND, read(9999, 9999, &request("/r", None))),
+            Some(0)
         );
-        // Span 0 is gone: the oldest left is span 1.
-        assert!(matches!(
-            p.forward(OUTBOUND, &write(20, 1, h), unknown),
-            Ok(Forwarded::Read { span: 1, .. })
-        ));
+        assert_eq!(p.held(), MAX_QUEUE);
     }
 
     #[test]
-    fn read_head_gives_request_id() {
-        let f = read(1, 10, 1, &request("GET", "/r", Some("a")));
-        assert_eq!(f.request_id(), Some("a"));
-        assert_eq!(Forwardable::new(1, 10, 1, None).request_id(), None);
+    fn identity_ignores_what_one_side_does_not_show() {
+        let full = Identity::of(Some(&Head::Request {
+            method: "POST".into(),
+            path: "/p".into(),
+            target: "/p?a=1".into(),
+            host: Some("h".into()),
+            request_id: Some("i".into()),
+            content_length: Some(5),
+        }))
+        .unwrap();
+        let cut = Identity {
+            host: None,
+            content_length: None,
+            request_id: None,
+            ..full.clone()
+        };
+        assert!(cut.fits(&full) && full.fits(&cut));
+        let longer = Identity {
+            content_length: Some(6),
+            ..full.clone()
+        };
+        assert!(!full.fits(&longer));
+        let other_method = Identity {
+            method: "GET".into(),
+            ..full.clone()
+        };
+        assert!(!full.fits(&other_method));
+        assert_eq!(Identity::of(Some(&opaque())), None);
     }
 }
