@@ -71,7 +71,7 @@ impl LocalReply {
 
 /// How far a leg's receiving moment may precede its sending one and still
 /// be the same instant (see [`Span::settle_leg_skew`]).
-pub const LEG_SKEW_NS: u64 = 100_000;
+pub const LEG_SKEW_NS: u64 = 1_000_000;
 
 /// The twelve moments, CLOCK_MONOTONIC nanoseconds; None where not observed.
 pub type Moments = [Option<u64>; 12];
@@ -253,11 +253,11 @@ mod tests {
         assert_eq!(s.moments[5], Some(4_000_000));
         assert_eq!(s.hop_ns(Hop::InboundToApp), Some(1_000_000));
         assert!(s.is_consistent());
-        // A millisecond is not skew: another request's moment.
+        // Two and a half milliseconds is not skew: another request's moment.
         let mut far = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-        far.moments[9] = Some(7_500_000);
+        far.moments[9] = Some(5_500_000);
         far.settle_leg_skew();
-        assert_eq!(far.moments[9], Some(7_500_000));
+        assert_eq!(far.moments[9], Some(5_500_000));
         assert!(!far.is_consistent());
     }
 
