@@ -43,6 +43,22 @@ struct Pending {
     candidates: Option<(ProxySide, Vec<SpanId>)>,
 }
 
+/// A span with no moments yet.
+fn blank(request_id: Option<String>, source: String, destination: String) -> Span {
+    Span {
+        request_id,
+        method: String::new(),
+        path: String::new(),
+        status: 0,
+        source_workload: source,
+        destination_service: destination,
+        destination_pod: None,
+        moments: [None; 12],
+        retries: 0,
+        local_reply: None,
+    }
+}
+
 /// A socket's requests sent (client end) or received (server end), oldest
 /// first, waiting for their response.
 #[derive(Debug, Default)]
@@ -115,20 +131,8 @@ impl Spans {
             Head::Request { request_id, .. } => request_id.clone(),
             _ => None,
         };
-        let span = Span {
-            request_id,
-            method: String::new(),
-            path: String::new(),
-            status: 0,
-            source_workload: source,
-            destination_service: destination,
-            destination_pod: None,
-            moments: [None; 12],
-            retries: 0,
-            local_reply: None,
-        };
         self.push(Pending {
-            span,
+            span: blank(request_id, source, destination),
             started_ns: msg.ts_ns,
             identity: Identity::of(Some(&msg.head)),
             contested: false,
@@ -148,20 +152,8 @@ impl Spans {
         candidates: Vec<SpanId>,
         msg: &Message,
     ) -> (SpanId, Option<Unstitched>) {
-        let span = Span {
-            request_id: None,
-            method: String::new(),
-            path: String::new(),
-            status: 0,
-            source_workload: String::new(),
-            destination_service: String::new(),
-            destination_pod: None,
-            moments: [None; 12],
-            retries: 0,
-            local_reply: None,
-        };
         self.push(Pending {
-            span,
+            span: blank(None, String::new(), String::new()),
             started_ns: msg.ts_ns,
             identity: Identity::of(Some(&msg.head)),
             contested: false,
