@@ -227,6 +227,11 @@ impl Spans {
             .and_then(|p| p.span.request_id.clone())
     }
 
+    /// Whether span `id` is still in flight.
+    pub(super) fn in_flight(&self, id: SpanId) -> bool {
+        self.spans.contains(&self.alias(id))
+    }
+
     /// What the request of span `id` showed where it started.
     pub(super) fn identity(&self, id: SpanId) -> Option<Identity> {
         self.spans

@@ -422,6 +422,8 @@ impl Stitcher {
     /// The span of the request a sidecar is writing upstream: the one it
     /// read before, a retry, or an orphan when that cannot be told.
     fn forward(&mut self, side: ProxySide, place: Place, msg: &Message) -> SpanId {
+        let spans = &self.spans;
+        self.proxies.forget_gone(side, |id| spans.in_flight(id));
         let could_be = self.could_be(side);
         let spans = &self.spans;
         let forwarded = self
@@ -1067,6 +1069,29 @@ mod tests {
         let t = one_request(&mut node, "next", false);
         assert_eq!(node.spans.len(), 1);
         assert_eq!(node.spans[0].moments, t.map(Some));
+    }
+
+    #[test]
+    fn a_request_that_timed_out_in_a_sidecar_never_stands_beside_a_new_one() {
+        let mut node = Node::six_sockets();
+        let req = plain("/healthz");
+        // Read by the outbound sidecar, then nothing: its answer was never
+        // seen, and the request times out.
+        node.io(1, APP, DIR_SEND, &req);
+        node.io(2, OUTBOUND, DIR_RECV, &req);
+        node.stitcher
+            .expire(node.ts_ns + StitchConfig::default().timeout_ns);
+        assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
+        // The same request again is matched: nothing stale beside it.
+        node.io(1, APP, DIR_SEND, &req);
+        node.io(2, OUTBOUND, DIR_RECV, &req);
+        node.io(3, OUTBOUND, DIR_SEND, &plain_forwarded("/healthz", "h"));
+        // Matched to the new request: no orphan was needed for the write.
+        assert_eq!(node.stitcher.pending(), 1);
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::NoDownstream),
+            None
+        );
     }
 
     #[test]

@@ -162,6 +162,15 @@ impl Proxies {
         dropped
     }
 
+    /// Drops what `side` holds for requests no longer in flight (timed out,
+    /// dropped, or answered unseen), so a stale one never stands beside a
+    /// new request with the same identity.
+    pub(super) fn forget_gone(&mut self, side: ProxySide, in_flight: impl Fn(SpanId) -> bool) {
+        if let Some(queue) = self.forwardable.get_mut(&side) {
+            queue.retain(|f| in_flight(f.span));
+        }
+    }
+
     /// Takes `span` out of what `side` holds: the sidecar answered it
     /// itself. False when it was not held (it went upstream).
     pub(super) fn take(&mut self, side: ProxySide, span: SpanId) -> bool {
