@@ -488,6 +488,11 @@ fn is_tls_record(bytes: &[u8]) -> bool {
 }
 
 /// The method, if `bytes` start with a known one and a space.
+/// Whether bytes start an HTTP/1.1 request or response.
+pub fn starts_http(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"HTTP/1.") || request_method(bytes).is_some()
+}
+
 fn request_method(bytes: &[u8]) -> Option<&'static str> {
     METHODS
         .into_iter()

@@ -200,7 +200,7 @@ impl Stitcher {
         let prefix = &ev.prefix[..(ev.prefix_len as usize).min(ev.prefix.len())];
         let Some(sock) = flows.socket(ev.sock_cookie) else {
             // Its connection was never reported, or the table dropped it.
-            if starts_http(prefix) {
+            if super::http::starts_http(prefix) {
                 self.count(Unstitched::UnknownSocket);
                 // If a sidecar did this, it may have been forwarding or
                 // answering any request it holds.
@@ -426,13 +426,10 @@ impl Stitcher {
         self.proxies.forget_gone(side, |id| spans.in_flight(id));
         let could_be = self.could_be(side);
         let spans = &self.spans;
-        let forwarded = self
+        match self
             .proxies
-            .forward(side, msg, |id| spans.answered(id), &could_be);
-        if let Some(why) = forwarded.unstitched() {
-            self.count(why);
-        }
-        match forwarded {
+            .forward(side, msg, |id| spans.answered(id), &could_be)
+        {
             Forwarded::Retry(id) => {
                 self.spans.retried(id);
                 id
@@ -453,6 +450,7 @@ impl Stitcher {
                 self.orphan(place, side, candidates, msg)
             }
             Forwarded::Unmatched(held) => {
+                self.count(Unstitched::NoDownstream);
                 // It may have been any of them, rewritten past recognition.
                 for id in held {
                     self.spans.contest(id);
@@ -563,16 +561,6 @@ impl Stitcher {
     pub fn open_sockets(&self) -> usize {
         self.sockets.len()
     }
-}
-
-/// Whether bytes start an HTTP/1.1 request or response.
-fn starts_http(prefix: &[u8]) -> bool {
-    prefix.starts_with(b"HTTP/1.")
-        || [
-            "GET ", "POST ", "PUT ", "DELETE ", "HEAD ", "OPTIONS ", "PATCH ",
-        ]
-        .iter()
-        .any(|m| prefix.starts_with(m.as_bytes()))
 }
 
 #[cfg(test)]

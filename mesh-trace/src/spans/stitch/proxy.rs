@@ -23,7 +23,7 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use lru::LruCache;
 
-use super::{SpanId, Unstitched, MAX_QUEUE};
+use super::{SpanId, MAX_QUEUE};
 use crate::spans::http::{Head, Message};
 
 /// A sidecar process and the side of it a request crosses. Apps propagate
@@ -314,16 +314,6 @@ impl Proxies {
     }
 }
 
-/// Why an upstream write yields no match, for the counters.
-impl Forwarded {
-    pub(super) fn unstitched(&self) -> Option<Unstitched> {
-        match self {
-            Forwarded::Unmatched(_) => Some(Unstitched::NoDownstream),
-            _ => None,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,7 +452,6 @@ mod tests {
             &none(),
         );
         assert_eq!(w, Forwarded::Unmatched(vec![1]));
-        assert_eq!(w.unstitched(), Some(Unstitched::NoDownstream));
     }
 
     #[test]
