@@ -199,12 +199,22 @@ pub struct OwnerEvent {
     pub task: TaskInfo,
 }
 
-/// What went wrong on a socket, in a [`TcpIssueEvent`].
+/// What a [`TcpIssueEvent`] reports about a socket; `detail` says more.
+/// Retransmitted segments: `detail` is how many (a GSO packet holds several).
 pub const ISSUE_RETRANSMIT: u32 = 1;
+/// A reset sent: `detail` is the kernel's `enum sk_rst_reason` where the
+/// tracepoint carries one, else `RESET_REASON_UNKNOWN`.
 pub const ISSUE_RESET_SENT: u32 = 2;
+/// A reset received: `detail` is 0.
 pub const ISSUE_RESET_RECEIVED: u32 = 3;
+/// A smoothed-RTT sample from the data path: `detail` is microseconds.
+pub const ISSUE_RTT_SAMPLE: u32 = 4;
+/// `detail` of a reset whose reason the kernel does not give.
+pub const RESET_REASON_UNKNOWN: u32 = u32::MAX;
 
-/// [`EventKind::TcpIssue`]: a retransmitted segment or a reset.
+/// [`EventKind::TcpIssue`]: retransmitted segments, a reset or an RTT sample.
+/// A socket still connecting (SYN_SENT, no storage yet) is reported by its
+/// cookie too: the agent holds the event until the socket is established.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcpIssueEvent {
@@ -212,7 +222,7 @@ pub struct TcpIssueEvent {
     pub sock_cookie: u64,
     /// One of the `ISSUE_*` values.
     pub issue: u32,
-    pub _pad: u32,
+    pub detail: u32,
 }
 
 /// Value of the `SOCKS` socket-local storage: TCP sockets between
@@ -226,7 +236,9 @@ pub struct TrackedSock {
     pub netns_cookie: u64,
     /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent.
     pub flags: u32,
-    pub _pad: u32,
+    /// When the data path last sent an RTT sample, in units of 2^30 ns
+    /// (about a second) of `bpf_ktime_get_ns`: at most one per unit.
+    pub rtt_sampled: u32,
 }
 
 /// Most payload bytes a [`DataEvent`] carries; the agent may ask for fewer.

@@ -4,7 +4,8 @@
 //! tracked. For tracked sockets they report the owner process once, and in
 //! meshed namespaces every send and receive: time, thread, TCP sequence
 //! number of the first byte moved and a bounded prefix of the payload, read
-//! from the syscall's user buffer.
+//! from the syscall's user buffer; and about once a second, the socket's
+//! smoothed RTT.
 //!
 //! Sequence numbers, not counters: the two ends of a connection number its
 //! bytes alike whenever each was first tracked (adopted sockets, a restarted
@@ -14,7 +15,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
             bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
         },
@@ -23,8 +24,8 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use mesh_trace_common::{
-    DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, DATA_PREFIX_MAX, DIR_RECV, DIR_SEND,
-    TRACKED_OWNER_SEEN,
+    DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, TcpIssueEvent, DATA_PREFIX_MAX,
+    DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_OWNER_SEEN,
 };
 
 use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS};
@@ -40,6 +41,9 @@ static PREFIX_LEN: u32 = 128;
 static OFF_WRITE_SEQ: u32 = 0;
 #[no_mangle]
 static OFF_COPIED_SEQ: u32 = 0;
+/// Offset of `tcp_sock.srtt_us` (smoothed RTT in 1/8 microseconds).
+#[no_mangle]
+static OFF_SRTT_US: u32 = 0;
 
 const MSG_PEEK: i32 = 2;
 
@@ -96,6 +100,22 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     if ret <= 0 {
         return;
     }
+    // Long-lived connections (a sidecar's pool) report their RTT about once
+    // a second while they carry traffic, not only at open and close.
+    let now = (unsafe { bpf_ktime_get_ns() } >> 30) as u32;
+    if tracked.rtt_sampled != now {
+        tracked.rtt_sampled = now;
+        let off = unsafe { core::ptr::read_volatile(&OFF_SRTT_US) };
+        let srtt = read_u32(sk, off) >> 3;
+        if srtt != 0 {
+            emit(TcpIssueEvent {
+                header: header(EventKind::TcpIssue),
+                sock_cookie: cookie,
+                issue: ISSUE_RTT_SAMPLE,
+                detail: srtt,
+            });
+        }
+    }
     // A peek (e.g. a sidecar sniffing for TLS) moves no bytes off the stream.
     let flags: i32 = ctx.arg(2);
     if direction == DIR_RECV && flags & MSG_PEEK != 0 {
@@ -121,16 +141,22 @@ fn first_seq(sk: *mut c_void, direction: u32, len: u32) -> u32 {
             core::ptr::read_volatile(&OFF_COPIED_SEQ)
         }
     };
-    let mut seq: u32 = 0;
-    // SAFETY: reads 4 bytes of the kernel's tcp_sock; a failed read leaves 0.
+    read_u32(sk, off).wrapping_sub(len)
+}
+
+/// 4 bytes of the kernel's tcp_sock at `off`; 0 when the read fails.
+#[inline(always)]
+fn read_u32(sk: *mut c_void, off: u32) -> u32 {
+    let mut v: u32 = 0;
+    // SAFETY: a bounded probe read into a local.
     unsafe {
         bpf_probe_read_kernel(
-            &mut seq as *mut u32 as *mut c_void,
+            &mut v as *mut u32 as *mut c_void,
             4,
             (sk as *const u8).add(off as usize) as *const c_void,
         );
     }
-    seq.wrapping_sub(len)
+    v
 }
 
 #[inline(always)]

@@ -38,9 +38,22 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+/// A leg and the end of it a socket is (`client` connected, `server`
+/// accepted); `unknown` when the socket's leg was not known.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct LegLabel {
+pub struct LegSideLabels {
     pub leg: &'static str,
+    pub side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResetLabels {
+    pub leg: &'static str,
+    pub side: &'static str,
+    /// `sent` or `received` by that end.
+    pub direction: &'static str,
+    /// The kernel's reason for a reset sent (`enum sk_rst_reason`), else `unknown`.
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,8 +153,9 @@ pub struct Metrics {
     pub passthrough: Counter,
     pub blackhole: Counter,
     pub bypass: Counter,
-    pub retransmits: Family<LegLabel, Counter>,
-    pub resets: Family<LegLabel, Counter>,
+    pub retransmits: Family<LegSideLabels, Counter>,
+    pub resets: Family<ResetLabels, Counter>,
+    pub rtt: Family<LegSideLabels, Histogram>,
     pub flows_evicted: Counter,
     pub flows_tracked: Gauge,
     pub unknown_socket_events: Counter,
@@ -258,17 +272,27 @@ impl Metrics {
             "App connections no sidecar intercepted",
             bypass.clone(),
         );
-        let retransmits = Family::<LegLabel, Counter>::default();
+        let retransmits = Family::<LegSideLabels, Counter>::default();
         registry.register(
             "tcp_retransmits",
-            "Retransmitted TCP segments on traced connections",
+            "TCP segments retransmitted on traced connections, by leg and the end that resent them",
             retransmits.clone(),
         );
-        let resets = Family::<LegLabel, Counter>::default();
+        let resets = Family::<ResetLabels, Counter>::default();
         registry.register(
             "tcp_resets",
-            "TCP resets sent or received on traced connections",
+            "TCP resets on traced connections, by leg, end, direction and the kernel's reason",
             resets.clone(),
+        );
+        let rtt = Family::<LegSideLabels, Histogram>::new_with_constructor(|| {
+            // 10 us .. ~5 s
+            Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+        });
+        registry.register_with_unit(
+            "tcp_rtt",
+            "Smoothed TCP round-trip time of traced connections, sampled at open, about once a second while busy, and at close",
+            Unit::Seconds,
+            rtt.clone(),
         );
         let flows_evicted = Counter::default();
         registry.register(
@@ -390,6 +414,7 @@ impl Metrics {
             bypass,
             retransmits,
             resets,
+            rtt,
             flows_evicted,
             flows_tracked,
             unknown_socket_events,

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 
 use crate::{
-    agent::metrics::{KindLabel, LegDirectionLabels, LegLabel, Metrics},
+    agent::metrics::{KindLabel, LegDirectionLabels, LegSideLabels, Metrics, ResetLabels},
     flows::{
+        health::{reset_reason_label, Health, Side},
         legs::LegKind,
         socket::{INBOUND_PORT, OUTBOUND_PORT},
         table::{FlowTable, LegRecord, TableStats},
@@ -81,18 +82,6 @@ impl Pipeline {
                 .get_or_create(&crate::agent::metrics::DirectionLabel { direction })
                 .inc();
         }
-        if let Event::TcpIssue(t) = ev {
-            let leg = self
-                .table
-                .leg_of(t.sock_cookie)
-                .map_or("unknown", LegKind::label);
-            let family = if t.issue == mesh_trace_common::ISSUE_RETRANSMIT {
-                &m.retransmits
-            } else {
-                &m.resets
-            };
-            family.get_or_create(&LegLabel { leg }).inc();
-        }
         match ev {
             // Data first: the table forgets a socket at its close.
             Event::Data(d) => {
@@ -113,6 +102,7 @@ impl Pipeline {
         let start = self.legs.len();
         self.table.apply(ev, &mut self.legs);
         self.account(start);
+        self.account_health();
         out.append(&mut self.legs);
     }
 
@@ -121,6 +111,7 @@ impl Pipeline {
         let start = self.legs.len();
         self.table.tick(now_ns, &mut self.legs);
         self.account(start);
+        self.account_health();
         out.append(&mut self.legs);
         let stats = self.table.stats;
         let m = &self.metrics.metrics;
@@ -142,6 +133,51 @@ impl Pipeline {
         let mut info = self.metrics.info.lock().unwrap_or_else(|p| p.into_inner());
         info.flows_tracked = self.table.len();
         info.requests_in_flight = self.stitcher.pending();
+    }
+
+    /// Retransmits, resets and RTT samples, on the legs they happened on.
+    fn account_health(&mut self) {
+        let health = self.table.take_health();
+        if health.is_empty() {
+            return;
+        }
+        let m = &self.metrics.metrics;
+        for h in &health {
+            let leg = h.leg.map_or("unknown", LegKind::label);
+            let side = h.side.map_or("unknown", Side::label);
+            match h.health {
+                Health::Retransmits(n) => {
+                    m.retransmits
+                        .get_or_create(&LegSideLabels { leg, side })
+                        .inc_by(u64::from(n));
+                }
+                Health::ResetSent(reason) => {
+                    m.resets
+                        .get_or_create(&ResetLabels {
+                            leg,
+                            side,
+                            direction: "sent",
+                            reason: reset_reason_label(reason),
+                        })
+                        .inc();
+                }
+                Health::ResetReceived => {
+                    m.resets
+                        .get_or_create(&ResetLabels {
+                            leg,
+                            side,
+                            direction: "received",
+                            reason: "unknown",
+                        })
+                        .inc();
+                }
+                Health::Rtt(us) => {
+                    m.rtt
+                        .get_or_create(&LegSideLabels { leg, side })
+                        .observe(f64::from(us) / 1e6);
+                }
+            }
+        }
     }
 
     fn account(&self, from: usize) {

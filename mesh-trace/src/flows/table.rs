@@ -8,6 +8,7 @@ use lru::LruCache;
 use serde::Serialize;
 
 use super::{
+    health::{Health, HealthRecord, Side, PENDING_MAX},
     legs::{classify, classify_alone, JoinKey, LegKind},
     metadata::Metadata,
     socket::{ConnectInfo, Role, Socket, Task},
@@ -78,11 +79,20 @@ struct Entry {
     leg: Option<LegId>,
     waiting: Option<JoinKey>,
     last_event_ns: u64,
+    /// Health observed before the socket's leg was known.
+    pending: Vec<Health>,
 }
 
 /// Recent sidecar upstream connections per namespace, to tell a blackholed
 /// connection (no upstream at all) from a proxied one.
 const RECENT_UPSTREAMS: usize = 256;
+/// Sockets remembered after they left the table, for the resets that come
+/// after a close (an abortive close changes the state first).
+const CLOSED_REMEMBERED: usize = 4_096;
+/// Connecting sockets whose SYN was retransmitted, held until established.
+const CONNECTING_HELD: usize = 4_096;
+/// How long a connecting socket's retransmits wait to be established.
+const CONNECTING_WAIT_NS: u64 = 60_000_000_000;
 
 pub struct FlowTable {
     cfg: FlowTableConfig,
@@ -93,6 +103,12 @@ pub struct FlowTable {
     legs: HashMap<LegId, Leg>,
     next_leg: LegId,
     upstreams: LruCache<u64, VecDeque<(SocketAddr, u64)>>,
+    /// Leg and side of sockets that left the table.
+    closed_sockets: LruCache<u64, (LegKind, Side)>,
+    /// Connecting sockets' retransmits: first seen, segments.
+    connecting: LruCache<u64, (u64, u32)>,
+    /// TCP health put on its legs, for the caller to take.
+    health: Vec<HealthRecord>,
     pub stats: TableStats,
 }
 
@@ -106,6 +122,9 @@ impl FlowTable {
             legs: HashMap::new(),
             next_leg: 1,
             upstreams: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
+            closed_sockets: LruCache::new(NonZeroUsize::new(CLOSED_REMEMBERED).expect("non-zero")),
+            connecting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
+            health: Vec::new(),
             stats: TableStats::default(),
             cfg,
             meta,
@@ -145,17 +164,11 @@ impl FlowTable {
                 }
                 None => self.stats.unknown_socket_events += 1,
             },
-            Event::TcpIssue(t) => match self.entries.get_mut(&t.sock_cookie) {
-                Some(e) => {
-                    e.last_event_ns = t.header.ts_ns;
-                    if t.issue == mesh_trace_common::ISSUE_RETRANSMIT {
-                        e.sock.retransmits += 1;
-                    } else {
-                        e.sock.resets += 1;
-                    }
+            Event::TcpIssue(t) => {
+                if let Some(h) = Health::from_kernel(t) {
+                    self.observe(t.sock_cookie, t.header.ts_ns, h);
                 }
-                None => self.stats.unknown_socket_events += 1,
-            },
+            }
             Event::Closed(s) => self.closed(s, out),
             // Counted by the pipeline; the joins use the sockets themselves.
             Event::Redirect(_) => {}
@@ -189,10 +202,86 @@ impl FlowTable {
         Some((leg.kind, &leg.source_workload, &leg.destination_service))
     }
 
-    /// The leg kind of a socket, for labelling its retransmits and resets.
-    pub fn leg_of(&self, cookie: u64) -> Option<LegKind> {
-        let leg = self.entries.peek(&cookie)?.leg?;
-        self.legs.get(&leg).map(|l| l.kind)
+    /// TCP health put on its legs since the last call.
+    pub fn take_health(&mut self) -> Vec<HealthRecord> {
+        std::mem::take(&mut self.health)
+    }
+
+    /// Puts one health observation on its socket's leg: now when the leg
+    /// is known (or was, for a socket already closed), later when the
+    /// socket is still waiting for its peer or still connecting.
+    fn observe(&mut self, cookie: u64, ts_ns: u64, h: Health) {
+        if let Some(e) = self.entries.get_mut(&cookie) {
+            e.last_event_ns = ts_ns;
+            match h {
+                Health::Retransmits(n) => e.sock.retransmits += n,
+                Health::ResetSent(_) | Health::ResetReceived => e.sock.resets += 1,
+                Health::Rtt(_) => {}
+            }
+            let side = Side::of(e.sock.active);
+            let leg = e.leg;
+            match leg.and_then(|id| self.legs.get(&id)) {
+                Some(l) => self.health.push(HealthRecord {
+                    leg: Some(l.kind),
+                    side: Some(side),
+                    health: h,
+                }),
+                None if e.pending.len() < PENDING_MAX => e.pending.push(h),
+                None => self.health.push(HealthRecord {
+                    leg: None,
+                    side: Some(side),
+                    health: h,
+                }),
+            }
+            return;
+        }
+        if let Some(&(leg, side)) = self.closed_sockets.peek(&cookie) {
+            self.health.push(HealthRecord {
+                leg: Some(leg),
+                side: Some(side),
+                health: h,
+            });
+            return;
+        }
+        match h {
+            // Only a socket still connecting has no storage and no entry.
+            Health::Retransmits(n) => {
+                if let Some(held) = self.connecting.get_mut(&cookie) {
+                    held.1 += n;
+                } else if let Some((_, (_, segs))) = self.connecting.push(cookie, (ts_ns, n)) {
+                    // Held too many: the oldest is reported without a leg.
+                    self.health.push(HealthRecord {
+                        leg: None,
+                        side: Some(Side::Client),
+                        health: Health::Retransmits(segs),
+                    });
+                }
+            }
+            _ => {
+                self.stats.unknown_socket_events += 1;
+                self.health.push(HealthRecord {
+                    leg: None,
+                    side: None,
+                    health: h,
+                });
+            }
+        }
+    }
+
+    /// Reports what a socket held while its leg was unknown.
+    fn flush_pending(&mut self, cookie: u64) {
+        let Some(e) = self.entries.peek_mut(&cookie) else {
+            return;
+        };
+        let pending = std::mem::take(&mut e.pending);
+        let side = Side::of(e.sock.active);
+        let leg = e.leg.and_then(|id| self.legs.get(&id)).map(|l| l.kind);
+        self.health
+            .extend(pending.into_iter().map(|health| HealthRecord {
+                leg,
+                side: Some(side),
+                health,
+            }));
     }
 
     fn note_upstream(&mut self, netns: u64, dst: SocketAddr, ts: u64) {
@@ -234,6 +323,13 @@ impl FlowTable {
                 .peek(p)
                 .is_some_and(|e| e.sock.active != active)
         });
+        let mut pending = Vec::new();
+        if let Some((_, segs)) = self.connecting.pop(&cookie) {
+            pending.push(Health::Retransmits(segs));
+        }
+        if s.srtt_us > 0 {
+            pending.push(Health::Rtt(s.srtt_us));
+        }
         self.insert(
             cookie,
             Entry {
@@ -241,6 +337,7 @@ impl FlowTable {
                 leg: None,
                 waiting: None,
                 last_event_ns: s.header.ts_ns,
+                pending,
             },
         );
         match peer.filter(|p| self.entries.contains(p)) {
@@ -273,11 +370,23 @@ impl FlowTable {
         }
     }
 
-    /// Drops every reference to an entry that left the table.
+    /// Drops every reference to an entry that left the table; what it
+    /// held of TCP health is reported on its leg, if it had one.
     fn forget(&mut self, e: Entry) {
         if let Some(k) = e.waiting {
             self.waiting.remove(&k);
         }
+        let side = Side::of(e.sock.active);
+        let kind = e.leg.and_then(|id| self.legs.get(&id)).map(|l| l.kind);
+        if let Some(kind) = kind {
+            self.closed_sockets.put(e.sock.cookie, (kind, side));
+        }
+        self.health
+            .extend(e.pending.iter().map(|&health| HealthRecord {
+                leg: kind,
+                side: Some(side),
+                health,
+            }));
         if let Some(id) = e.leg {
             if let Some(leg) = self.legs.get_mut(&id) {
                 if leg.client == Some(e.sock.cookie) {
@@ -347,7 +456,11 @@ impl FlowTable {
             }
         }
         out.push(self.record("open", &leg));
+        let ends = [leg.client, leg.server];
         self.legs.insert(id, leg);
+        for cookie in ends.into_iter().flatten() {
+            self.flush_pending(cookie);
+        }
     }
 
     fn record(&self, event: &'static str, leg: &Leg) -> LegRecord {
@@ -433,6 +546,12 @@ impl FlowTable {
         e.sock.bytes_received = s.bytes_received;
         e.sock.srtt_us = s.srtt_us;
         e.last_event_ns = s.header.ts_ns;
+        if s.srtt_us > 0 {
+            self.observe(cookie, s.header.ts_ns, Health::Rtt(s.srtt_us));
+        }
+        let Some(e) = self.entries.peek_mut(&cookie) else {
+            return;
+        };
         if e.waiting.is_some() {
             // Closed before its peer showed up: classify it now.
             if let Some(k) = e.waiting.take() {
@@ -441,7 +560,9 @@ impl FlowTable {
             self.open_alone(cookie, out);
         }
         let Some(id) = self.entries.peek(&cookie).and_then(|e| e.leg) else {
-            self.entries.pop(&cookie);
+            if let Some(e) = self.entries.pop(&cookie) {
+                self.forget(e);
+            }
             return;
         };
         let all_closed = self.legs.get(&id).is_some_and(|leg| {
@@ -465,7 +586,10 @@ impl FlowTable {
         }
         out.push(self.record("close", &leg));
         for cookie in [leg.client, leg.server].into_iter().flatten() {
-            self.entries.pop(&cookie);
+            if let Some(e) = self.entries.pop(&cookie) {
+                self.closed_sockets
+                    .put(cookie, (leg.kind, Side::of(e.sock.active)));
+            }
         }
     }
 
@@ -517,6 +641,19 @@ impl FlowTable {
                 self.waiting.remove(&k);
             }
             self.open_alone(cookie, out);
+        }
+        // SYNs retransmitted for a connection that never came up.
+        while let Some((_, &(first_ns, _))) = self.connecting.peek_lru() {
+            if now_ns.saturating_sub(first_ns) < CONNECTING_WAIT_NS {
+                break;
+            }
+            if let Some((_, (_, segs))) = self.connecting.pop_lru() {
+                self.health.push(HealthRecord {
+                    leg: None,
+                    side: Some(Side::Client),
+                    health: Health::Retransmits(segs),
+                });
+            }
         }
         // The LRU's tail holds the least recently touched entries.
         while let Some((_, e)) = self.entries.peek_lru() {

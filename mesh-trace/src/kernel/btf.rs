@@ -7,6 +7,7 @@ const MAGIC: u16 = 0xeb9f;
 
 // BTF kinds whose trailing data we must skip or read.
 const INT: u32 = 1;
+const PTR: u32 = 2;
 const ARRAY: u32 = 3;
 const STRUCT: u32 = 4;
 const UNION: u32 = 5;
@@ -30,6 +31,10 @@ struct Type {
     size_or_type: u32,
     /// (name_off, type, bit offset) for structs and unions.
     members: Vec<(u32, u32, u32)>,
+    /// Entries of a struct, union, enum or function prototype.
+    vlen: usize,
+    /// (name_off, value) for enums.
+    enumerators: Vec<(u32, u32)>,
 }
 
 pub struct KernelBtf {
@@ -69,6 +74,8 @@ impl KernelBtf {
             kind_flag: false,
             size_or_type: 0,
             members: Vec::new(),
+            vlen: 0,
+            enumerators: Vec::new(),
         }];
         let mut off = types_start;
         while off < types_start + type_len {
@@ -79,6 +86,13 @@ impl KernelBtf {
             let vlen = (info & 0xffff) as usize;
             let kind = (info >> 24) & 0x1f;
             let mut members = Vec::new();
+            let mut enumerators = Vec::new();
+            if kind == ENUM {
+                for i in 0..vlen {
+                    let e = off + i * 8;
+                    enumerators.push((u32_at(b, e)?, u32_at(b, e + 4)?));
+                }
+            }
             off += match kind {
                 INT | VAR | DECL_TAG => 4,
                 ARRAY => 12,
@@ -99,6 +113,8 @@ impl KernelBtf {
                 kind_flag: info >> 31 == 1,
                 size_or_type,
                 members,
+                vlen,
+                enumerators,
             });
         }
         Ok(KernelBtf { types, strings })
@@ -134,6 +150,37 @@ impl KernelBtf {
         self.find_member(id as u32, member)
             .map(|bits| bits / 8)
             .with_context(|| format!("struct {name} has no member {member}"))
+    }
+
+    /// Arguments a BTF-enabled tracepoint passes (its `btf_trace_<name>`
+    /// prototype less the leading context pointer).
+    pub fn tracepoint_args(&self, tracepoint: &str) -> anyhow::Result<usize> {
+        let typedef = format!("btf_trace_{tracepoint}");
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == TYPEDEF && self.name(t.name_off) == typedef)
+            .with_context(|| format!("tracepoint {tracepoint} not in kernel BTF"))?;
+        let ptr = self.types.get(t.size_or_type as usize);
+        let proto = ptr
+            .filter(|p| p.kind == PTR)
+            .and_then(|p| self.types.get(p.size_or_type as usize))
+            .filter(|f| f.kind == FUNC_PROTO)
+            .with_context(|| format!("{typedef} is not a function pointer"))?;
+        Ok(proto.vlen.saturating_sub(1))
+    }
+
+    /// The names of `enum name`'s values, by value.
+    pub fn enum_values(&self, name: &str) -> anyhow::Result<Vec<(u32, String)>> {
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == ENUM && self.name(t.name_off) == name)
+            .with_context(|| format!("enum {name} not in kernel BTF"))?;
+        Ok(t.enumerators
+            .iter()
+            .map(|&(n, v)| (v, self.name(n).to_string()))
+            .collect())
     }
 
     fn find_member(&self, id: u32, member: &str) -> Option<u32> {
@@ -199,5 +246,23 @@ mod tests {
         assert_eq!(btf.member_offset("s", "c").unwrap(), 4);
         assert!(btf.member_offset("s", "d").is_err());
         assert!(btf.member_offset("t", "a").is_err());
+    }
+
+    /// The running kernel (6.14 or later here) passes the retransmission's
+    /// result and the reset's reason, and names the reasons.
+    #[test]
+    fn reads_tracepoint_prototypes_and_enums_of_the_running_kernel() {
+        let btf = KernelBtf::from_sys_fs().unwrap();
+        assert_eq!(btf.tracepoint_args("tcp_retransmit_skb").unwrap(), 3);
+        assert_eq!(btf.tracepoint_args("tcp_send_reset").unwrap(), 3);
+        assert_eq!(btf.tracepoint_args("tcp_receive_reset").unwrap(), 1);
+        assert!(btf.tracepoint_args("no_such_tracepoint").is_err());
+        let reasons = btf.enum_values("sk_rst_reason").unwrap();
+        assert!(
+            reasons
+                .iter()
+                .any(|(v, n)| *v == 0 && n == "SK_RST_REASON_NOT_SPECIFIED"),
+            "{reasons:?}"
+        );
     }
 }

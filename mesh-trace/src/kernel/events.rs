@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use mesh_trace_common::{
     ConnectEvent, DataEvent, Endpoint, EventHeader, EventKind, OwnerEvent, RedirectEvent,
     SockEvent, TcpIssueEvent, AF_INET6, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
+    ISSUE_RTT_SAMPLE,
 };
 
 /// One decoded kernel event.
@@ -128,6 +129,7 @@ pub fn issue_label(issue: u32) -> &'static str {
         ISSUE_RETRANSMIT => "retransmit",
         ISSUE_RESET_SENT => "reset_sent",
         ISSUE_RESET_RECEIVED => "reset_received",
+        ISSUE_RTT_SAMPLE => "rtt_sample",
         _ => "unknown",
     }
 }
@@ -226,6 +228,7 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "ts_ns": t.header.ts_ns,
             "sock_cookie": t.sock_cookie,
             "issue": issue_label(t.issue),
+            "detail": t.detail,
         }),
     }
 }

@@ -116,11 +116,16 @@ impl Tracer {
             opts.prefix_len,
             mesh_trace_common::DATA_PREFIX_MAX
         );
-        let seq = TcpSeqOffsets::from_kernel_btf()?;
+        let tcp = TcpSockOffsets::from_kernel_btf()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
-            .override_global("OFF_WRITE_SEQ", &seq.write_seq, true)
-            .override_global("OFF_COPIED_SEQ", &seq.copied_seq, true)
+            .override_global("OFF_WRITE_SEQ", &tcp.write_seq, true)
+            .override_global("OFF_COPIED_SEQ", &tcp.copied_seq, true)
+            .override_global("OFF_SRTT_US", &tcp.srtt_us, true)
+            .override_global("OFF_SKB_CB", &tcp.skb_cb, true)
+            .override_global("OFF_SK_STATE", &tcp.sk_state, true)
+            .override_global("RETRANSMIT_HAS_ERR", &tcp.retransmit_has_err, true)
+            .override_global("SEND_RESET_HAS_REASON", &tcp.send_reset_has_reason, true)
             .override_global("NOOP", &u32::from(opts.noop), true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
             .override_global("HOST_NETNS", &host_netns_cookie(), true)
@@ -408,20 +413,36 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
         .map_err(|e| e.into_parts().1)
 }
 
-/// Where `struct tcp_sock` keeps the two sequence numbers the data events
-/// carry (see `mesh-trace-ebpf/src/probes/socket_io.rs`).
-struct TcpSeqOffsets {
+/// What the programs read of the kernel's TCP structs without CO-RE, from
+/// its BTF: where `struct tcp_sock` keeps the two sequence numbers the data
+/// events carry and the smoothed RTT (`probes/socket_io.rs`), where a
+/// segment's count and a socket's state are, and which arguments the TCP
+/// tracepoints pass on this kernel (`probes/tcp_issues.rs`).
+struct TcpSockOffsets {
     write_seq: u32,
     copied_seq: u32,
+    srtt_us: u32,
+    skb_cb: u32,
+    sk_state: u32,
+    retransmit_has_err: u32,
+    send_reset_has_reason: u32,
 }
 
-impl TcpSeqOffsets {
-    fn from_kernel_btf() -> anyhow::Result<TcpSeqOffsets> {
+impl TcpSockOffsets {
+    fn from_kernel_btf() -> anyhow::Result<TcpSockOffsets> {
         let btf = super::btf::KernelBtf::from_sys_fs()
-            .context("reading the kernel's BTF for tcp_sock's sequence numbers")?;
-        Ok(TcpSeqOffsets {
+            .context("reading the kernel's BTF for tcp_sock's layout")?;
+        // A kernel without these tracepoints loads without their programs
+        // (see `optional`); their arguments then do not matter.
+        let args = |tp: &str| btf.tracepoint_args(tp).unwrap_or(0);
+        Ok(TcpSockOffsets {
             write_seq: btf.member_offset("tcp_sock", "write_seq")?,
             copied_seq: btf.member_offset("tcp_sock", "copied_seq")?,
+            srtt_us: btf.member_offset("tcp_sock", "srtt_us")?,
+            skb_cb: btf.member_offset("sk_buff", "cb")?,
+            sk_state: btf.member_offset("sock_common", "skc_state")?,
+            retransmit_has_err: u32::from(args("tcp_retransmit_skb") >= 3),
+            send_reset_has_reason: u32::from(args("tcp_send_reset") >= 3),
         })
     }
 }

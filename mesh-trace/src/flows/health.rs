@@ -1,0 +1,140 @@
+//! TCP health per leg: retransmitted segments, resets and RTT samples from
+//! the kernel, each put on the leg of the socket it happened on and on that
+//! socket's end of the leg. The flow table holds them while a socket's leg
+//! is not known yet (waiting for its peer, or still connecting).
+use std::sync::OnceLock;
+
+use mesh_trace_common::{
+    TcpIssueEvent, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT, ISSUE_RTT_SAMPLE,
+    RESET_REASON_UNKNOWN,
+};
+
+use super::legs::LegKind;
+
+/// Which end of a leg a socket is: the one that connected, or the one
+/// that accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn of(active: bool) -> Side {
+        if active {
+            Side::Client
+        } else {
+            Side::Server
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+/// One thing the kernel reported about a socket's TCP health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Segments retransmitted (successfully sent again).
+    Retransmits(u32),
+    /// A reset sent, with the kernel's `enum sk_rst_reason` value.
+    ResetSent(u32),
+    ResetReceived,
+    /// A smoothed RTT sample, microseconds.
+    Rtt(u32),
+}
+
+impl Health {
+    pub fn from_kernel(t: &TcpIssueEvent) -> Option<Health> {
+        match t.issue {
+            ISSUE_RETRANSMIT => Some(Health::Retransmits(t.detail.max(1))),
+            ISSUE_RESET_SENT => Some(Health::ResetSent(t.detail)),
+            ISSUE_RESET_RECEIVED => Some(Health::ResetReceived),
+            ISSUE_RTT_SAMPLE if t.detail > 0 => Some(Health::Rtt(t.detail)),
+            _ => None,
+        }
+    }
+}
+
+/// A health observation on its leg; `leg` and `side` are `None` when the
+/// socket's leg never became known (it was evicted, never established, or
+/// opened before the agent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthRecord {
+    pub leg: Option<LegKind>,
+    pub side: Option<Side>,
+    pub health: Health,
+}
+
+/// Observations held for a socket whose leg is not known yet. Bounded:
+/// beyond it they are reported without a leg rather than lost.
+pub const PENDING_MAX: usize = 16;
+
+/// The label of a reset's reason: the kernel's own name for it, lower case
+/// and without the `SK_RST_REASON_` prefix (a closed set read once from the
+/// kernel's BTF), or `unknown`.
+pub fn reset_reason_label(reason: u32) -> &'static str {
+    static NAMES: OnceLock<Vec<(u32, &'static str)>> = OnceLock::new();
+    if reason == RESET_REASON_UNKNOWN {
+        return "unknown";
+    }
+    let names = NAMES.get_or_init(|| {
+        let values = crate::kernel::btf::KernelBtf::from_sys_fs()
+            .and_then(|btf| btf.enum_values("sk_rst_reason"))
+            .unwrap_or_default();
+        values
+            .into_iter()
+            .map(|(v, name)| {
+                let short = name
+                    .trim_start_matches("SK_RST_REASON_")
+                    .to_ascii_lowercase();
+                // Leaked once per value of one kernel enum: a bounded set.
+                (v, &*Box::leak(short.into_boxed_str()))
+            })
+            .collect()
+    });
+    names
+        .iter()
+        .find(|(v, _)| *v == reason)
+        .map_or("unknown", |(_, n)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_events_become_observations() {
+        let ev = |issue, detail| TcpIssueEvent {
+            issue,
+            detail,
+            ..Default::default()
+        };
+        assert_eq!(
+            Health::from_kernel(&ev(ISSUE_RETRANSMIT, 3)),
+            Some(Health::Retransmits(3))
+        );
+        assert_eq!(
+            Health::from_kernel(&ev(ISSUE_RETRANSMIT, 0)),
+            Some(Health::Retransmits(1))
+        );
+        assert_eq!(
+            Health::from_kernel(&ev(ISSUE_RTT_SAMPLE, 250)),
+            Some(Health::Rtt(250))
+        );
+        assert_eq!(Health::from_kernel(&ev(ISSUE_RTT_SAMPLE, 0)), None);
+        assert_eq!(Health::from_kernel(&ev(99, 0)), None);
+    }
+
+    /// Names come from the running kernel's `enum sk_rst_reason`.
+    #[test]
+    fn reset_reasons_are_named_by_the_kernel() {
+        assert_eq!(reset_reason_label(0), "not_specified");
+        assert_eq!(reset_reason_label(RESET_REASON_UNKNOWN), "unknown");
+        assert_eq!(reset_reason_label(1_000_000), "unknown");
+    }
+}
