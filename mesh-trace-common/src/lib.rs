@@ -207,7 +207,8 @@ pub const ISSUE_RETRANSMIT: u32 = 1;
 pub const ISSUE_RESET_SENT: u32 = 2;
 /// A reset received: `detail` is 0.
 pub const ISSUE_RESET_RECEIVED: u32 = 3;
-/// A smoothed-RTT sample from the data path: `detail` is microseconds.
+/// An RTT sample from the data path: `detail` is the smoothed RTT and
+/// `min_rtt_us` the kernel's windowed minimum, in microseconds.
 pub const ISSUE_RTT_SAMPLE: u32 = 4;
 /// `detail` of a reset whose reason the kernel does not give.
 pub const RESET_REASON_UNKNOWN: u32 = u32::MAX;
@@ -223,6 +224,10 @@ pub struct TcpIssueEvent {
     /// One of the `ISSUE_*` values.
     pub issue: u32,
     pub detail: u32,
+    /// `ISSUE_RTT_SAMPLE` only: the minimum RTT the kernel saw in its
+    /// window (`tcp_sock.rtt_min`), which a delayed ACK does not inflate.
+    pub min_rtt_us: u32,
+    pub _pad: u32,
 }
 
 /// Value of the `SOCKS` socket-local storage: TCP sockets between
@@ -351,7 +356,7 @@ mod tests {
         assert_eq!(size_of::<ConnectEvent>(), 16 + 8 + 8 + 32 + 24);
         assert_eq!(size_of::<SockEvent>(), 16 + 8 + 8 + 24 + 24 + 4 + 4 + 8 + 8);
         assert_eq!(size_of::<OwnerEvent>(), 16 + 8 + 32);
-        assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4);
+        assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<TrackedSock>(), 8 + 8 + 4 + 4);
         assert_eq!(
             size_of::<DataEvent>(),

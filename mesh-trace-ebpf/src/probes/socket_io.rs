@@ -41,9 +41,12 @@ static PREFIX_LEN: u32 = 128;
 static OFF_WRITE_SEQ: u32 = 0;
 #[no_mangle]
 static OFF_COPIED_SEQ: u32 = 0;
-/// Offset of `tcp_sock.srtt_us` (smoothed RTT in 1/8 microseconds).
+/// Offsets of `tcp_sock.srtt_us` (smoothed RTT in 1/8 microseconds) and of
+/// the current value of `tcp_sock.rtt_min` (its first sample's `v`).
 #[no_mangle]
 static OFF_SRTT_US: u32 = 0;
+#[no_mangle]
+static OFF_RTT_MIN: u32 = 0;
 
 const MSG_PEEK: i32 = 2;
 
@@ -108,11 +111,14 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         let off = unsafe { core::ptr::read_volatile(&OFF_SRTT_US) };
         let srtt = read_u32(sk, off) >> 3;
         if srtt != 0 {
+            let min_off = unsafe { core::ptr::read_volatile(&OFF_RTT_MIN) };
             emit(TcpIssueEvent {
                 header: header(EventKind::TcpIssue),
                 sock_cookie: cookie,
                 issue: ISSUE_RTT_SAMPLE,
                 detail: srtt,
+                min_rtt_us: read_u32(sk, min_off),
+                _pad: 0,
             });
         }
     }

@@ -97,6 +97,8 @@ fn report(ctx: &BtfTracePointContext, issue: u32, detail: u32, connecting_too: b
         sock_cookie: cookie,
         issue,
         detail,
+        min_rtt_us: 0,
+        _pad: 0,
     });
 }
 

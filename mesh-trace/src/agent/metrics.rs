@@ -122,6 +122,12 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+/// Bucket bounds of `mesh_trace_tcp_rtt_seconds`.
+pub const RTT_BUCKETS: [f64; 17] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
 /// HTTP methods kept as label values; anything else is "OTHER".
 pub fn method_label(method: &str) -> &'static str {
     match method {
@@ -156,6 +162,7 @@ pub struct Metrics {
     pub retransmits: Family<LegSideLabels, Counter>,
     pub resets: Family<ResetLabels, Counter>,
     pub rtt: Family<LegSideLabels, Histogram>,
+    pub min_rtt: Family<LegSideLabels, Histogram>,
     pub flows_evicted: Counter,
     pub flows_tracked: Gauge,
     pub unknown_socket_events: Counter,
@@ -284,15 +291,24 @@ impl Metrics {
             "TCP resets on traced connections, by leg, end, direction and the kernel's reason",
             resets.clone(),
         );
+        // 10 us .. 2.5 s in steps of 1, 2.5, 5: 1 ms and 5 ms are bounds.
         let rtt = Family::<LegSideLabels, Histogram>::new_with_constructor(|| {
-            // 10 us .. ~5 s
-            Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+            Histogram::new(RTT_BUCKETS.iter().copied())
         });
         registry.register_with_unit(
             "tcp_rtt",
-            "Smoothed TCP round-trip time of traced connections, sampled at open, about once a second while busy, and at close",
+            "Smoothed TCP round-trip time of traced connections, sampled at open, about once a second while busy, and at close; a peer's delayed ACK counts in it",
             Unit::Seconds,
             rtt.clone(),
+        );
+        let min_rtt = Family::<LegSideLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(RTT_BUCKETS.iter().copied())
+        });
+        registry.register_with_unit(
+            "tcp_min_rtt",
+            "The kernel's windowed minimum TCP round-trip time of traced connections (the path, without delayed ACKs), sampled at open and about once a second while busy",
+            Unit::Seconds,
+            min_rtt.clone(),
         );
         let flows_evicted = Counter::default();
         registry.register(
@@ -415,6 +431,7 @@ impl Metrics {
             retransmits,
             resets,
             rtt,
+            min_rtt,
             flows_evicted,
             flows_tracked,
             unknown_socket_events,

@@ -171,10 +171,16 @@ impl Pipeline {
                         })
                         .inc();
                 }
-                Health::Rtt(us) => {
+                Health::Rtt { srtt_us, min_us } => {
+                    let labels = LegSideLabels { leg, side };
                     m.rtt
-                        .get_or_create(&LegSideLabels { leg, side })
-                        .observe(f64::from(us) / 1e6);
+                        .get_or_create(&labels)
+                        .observe(f64::from(srtt_us) / 1e6);
+                    if let Some(min) = min_us {
+                        m.min_rtt
+                            .get_or_create(&labels)
+                            .observe(f64::from(min) / 1e6);
+                    }
                 }
             }
         }

@@ -9,6 +9,7 @@ use crate::{
     error::Failure,
     lab::{
         app::{self, AppOptions},
+        impair::{self, DelayOptions},
         loadgen::{self, LoadOptions},
         pod_exec::set_comm,
         proxy::{self, ProxyOptions},
@@ -42,6 +43,9 @@ pub enum LabCommand {
     /// The load generator; prints a JSON summary.
     #[command(hide = true)]
     Load(LoadOptions),
+    /// Delays the packets leaving a pod (run by the lab inside the pod).
+    #[command(hide = true)]
+    DelayPackets(DelayOptions),
     /// Holds loopback connections open until stdin closes (for `lab bench`).
     #[command(hide = true)]
     Hold {
@@ -73,6 +77,11 @@ pub fn main(args: LabArgs) -> Result<(), Failure> {
             Ok(())
         }
         LabCommand::Bench(args) => super::bench::main(args),
+        LabCommand::DelayPackets(opts) => {
+            set_comm("delay-packets");
+            init_logging(LogLevel::Warn);
+            Ok(impair::run_delay(opts)?)
+        }
         LabCommand::Hold { connections } => super::bench::hold(connections),
         LabCommand::Down => {
             let removed = topology::remove_leftovers()?;

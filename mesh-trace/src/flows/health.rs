@@ -44,8 +44,12 @@ pub enum Health {
     /// A reset sent, with the kernel's `enum sk_rst_reason` value.
     ResetSent(u32),
     ResetReceived,
-    /// A smoothed RTT sample, microseconds.
-    Rtt(u32),
+    /// An RTT sample, microseconds: smoothed, and the kernel's windowed
+    /// minimum where the sample carries it.
+    Rtt {
+        srtt_us: u32,
+        min_us: Option<u32>,
+    },
 }
 
 impl Health {
@@ -54,7 +58,10 @@ impl Health {
             ISSUE_RETRANSMIT => Some(Health::Retransmits(t.detail.max(1))),
             ISSUE_RESET_SENT => Some(Health::ResetSent(t.detail)),
             ISSUE_RESET_RECEIVED => Some(Health::ResetReceived),
-            ISSUE_RTT_SAMPLE if t.detail > 0 => Some(Health::Rtt(t.detail)),
+            ISSUE_RTT_SAMPLE if t.detail > 0 => Some(Health::Rtt {
+                srtt_us: t.detail,
+                min_us: (t.min_rtt_us > 0).then_some(t.min_rtt_us),
+            }),
             _ => None,
         }
     }
@@ -124,7 +131,10 @@ mod tests {
         );
         assert_eq!(
             Health::from_kernel(&ev(ISSUE_RTT_SAMPLE, 250)),
-            Some(Health::Rtt(250))
+            Some(Health::Rtt {
+                srtt_us: 250,
+                min_us: None
+            })
         );
         assert_eq!(Health::from_kernel(&ev(ISSUE_RTT_SAMPLE, 0)), None);
         assert_eq!(Health::from_kernel(&ev(99, 0)), None);

@@ -216,7 +216,7 @@ impl FlowTable {
             match h {
                 Health::Retransmits(n) => e.sock.retransmits += n,
                 Health::ResetSent(_) | Health::ResetReceived => e.sock.resets += 1,
-                Health::Rtt(_) => {}
+                Health::Rtt { .. } => {}
             }
             let side = Side::of(e.sock.active);
             let leg = e.leg;
@@ -328,7 +328,11 @@ impl FlowTable {
             pending.push(Health::Retransmits(segs));
         }
         if s.srtt_us > 0 {
-            pending.push(Health::Rtt(s.srtt_us));
+            // The handshake's one sample: the minimum so far too.
+            pending.push(Health::Rtt {
+                srtt_us: s.srtt_us,
+                min_us: Some(s.srtt_us),
+            });
         }
         self.insert(
             cookie,
@@ -547,7 +551,11 @@ impl FlowTable {
         e.sock.srtt_us = s.srtt_us;
         e.last_event_ns = s.header.ts_ns;
         if s.srtt_us > 0 {
-            self.observe(cookie, s.header.ts_ns, Health::Rtt(s.srtt_us));
+            let h = Health::Rtt {
+                srtt_us: s.srtt_us,
+                min_us: None,
+            };
+            self.observe(cookie, s.header.ts_ns, h);
         }
         let Some(e) = self.entries.peek_mut(&cookie) else {
             return;

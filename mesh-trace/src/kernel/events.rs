@@ -229,6 +229,7 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "sock_cookie": t.sock_cookie,
             "issue": issue_label(t.issue),
             "detail": t.detail,
+            "min_rtt_us": t.min_rtt_us,
         }),
     }
 }

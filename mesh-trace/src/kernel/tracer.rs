@@ -122,6 +122,7 @@ impl Tracer {
             .override_global("OFF_WRITE_SEQ", &tcp.write_seq, true)
             .override_global("OFF_COPIED_SEQ", &tcp.copied_seq, true)
             .override_global("OFF_SRTT_US", &tcp.srtt_us, true)
+            .override_global("OFF_RTT_MIN", &tcp.rtt_min, true)
             .override_global("OFF_SKB_CB", &tcp.skb_cb, true)
             .override_global("OFF_SK_STATE", &tcp.sk_state, true)
             .override_global("RETRANSMIT_HAS_ERR", &tcp.retransmit_has_err, true)
@@ -422,6 +423,7 @@ struct TcpSockOffsets {
     write_seq: u32,
     copied_seq: u32,
     srtt_us: u32,
+    rtt_min: u32,
     skb_cb: u32,
     sk_state: u32,
     retransmit_has_err: u32,
@@ -439,6 +441,9 @@ impl TcpSockOffsets {
             write_seq: btf.member_offset("tcp_sock", "write_seq")?,
             copied_seq: btf.member_offset("tcp_sock", "copied_seq")?,
             srtt_us: btf.member_offset("tcp_sock", "srtt_us")?,
+            // struct minmax { struct minmax_sample { u32 t; u32 v; } s[3]; }:
+            // s[0].v is the current minimum.
+            rtt_min: btf.member_offset("tcp_sock", "rtt_min")? + 4,
             skb_cb: btf.member_offset("sk_buff", "cb")?,
             sk_state: btf.member_offset("sock_common", "skc_state")?,
             retransmit_has_err: u32::from(args("tcp_retransmit_skb") >= 3),

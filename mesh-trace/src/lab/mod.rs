@@ -7,6 +7,7 @@
 //! - [`topology`]: bringing a lab up and down;
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
 //! - [`haproxy`]: a third-party sidecar (Debian's HAProxy) in the same layout;
+//! - [`impair`]: packet loss and delay on a pod's interface, for TCP health;
 //! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
 //! - [`records`]: what they write down, the ground truth for tests;
 //! - [`ioclock`]: when connections' reads and writes return, the records' times;
@@ -18,6 +19,7 @@ pub mod app;
 pub mod config;
 pub mod haproxy;
 pub mod http_client;
+pub mod impair;
 pub mod ioclock;
 pub mod loadgen;
 pub mod mtls;

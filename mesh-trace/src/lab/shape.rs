@@ -42,6 +42,14 @@ pub struct LabShape {
     /// The proxy the sidecars run.
     #[arg(long, value_enum, default_value_t = SidecarKind::Lab)]
     pub sidecar: SidecarKind,
+    /// Share of the packets leaving a pod's eth0 that are dropped, as
+    /// POD=RATE (repeatable; an iptables statistic rule).
+    #[arg(long, value_name = "POD=RATE")]
+    pub packet_loss: Vec<String>,
+    /// Delay on the packets leaving a pod's eth0, as POD=MS (repeatable; an
+    /// NFQUEUE relay, since netem may be absent).
+    #[arg(long, value_name = "POD=MS")]
+    pub packet_delay_ms: Vec<String>,
 }
 
 impl LabShape {
@@ -59,11 +67,25 @@ impl LabShape {
                 threads: 2,
             },
         };
-        for pod in opts.error_rate.keys() {
-            anyhow::ensure!(
-                opts.topology.pod(pod).is_some(),
-                "--error-rate: no pod {pod}"
-            );
+        for (pod, loss) in parse_pod_values(&self.packet_loss)? {
+            opts.impairments.entry(pod).or_default().loss = loss;
+        }
+        for (pod, ms) in parse_pod_values(&self.packet_delay_ms)? {
+            opts.impairments.entry(pod).or_default().delay_ms = ms;
+        }
+        for (flag, pods) in [
+            ("--error-rate", opts.error_rate.keys().collect::<Vec<_>>()),
+            (
+                "--packet-loss/--packet-delay-ms",
+                opts.impairments.keys().collect(),
+            ),
+        ] {
+            for pod in pods {
+                anyhow::ensure!(opts.topology.pod(pod).is_some(), "{flag}: no pod {pod}");
+            }
+        }
+        for (pod, imp) in &opts.impairments {
+            imp.validate().with_context(|| format!("pod {pod}"))?;
         }
         Ok(opts)
     }

@@ -21,6 +21,7 @@ use anyhow::{bail, Context as _};
 use super::{
     config::{LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY},
     haproxy::{self, RequestIds},
+    impair::Impairment,
     loadgen::Summary,
     mtls::{self, MeshCa, Workload},
     pod_exec::in_pod,
@@ -83,6 +84,8 @@ pub struct LabOptions {
     /// Per pod: service times its app picks from at random for each
     /// request, overriding the fixed one.
     pub service_time_choices_ms: BTreeMap<String, Vec<f64>>,
+    /// Per pod: loss and delay on the packets leaving its `eth0`.
+    pub impairments: BTreeMap<String, Impairment>,
 }
 
 /// The proxy a lab's sidecars run.
@@ -112,6 +115,7 @@ impl LabOptions {
             mtls: false,
             sidecar: Sidecar::Lab,
             service_time_choices_ms: BTreeMap::new(),
+            impairments: BTreeMap::new(),
         })
     }
 }
@@ -171,7 +175,61 @@ impl Lab {
         }
         lab.start_processes(opts)?;
         lab.wait_listening(Duration::from_secs(15))?;
+        lab.impair(&opts.impairments)?;
         Ok(lab)
+    }
+
+    /// Loss and delay on pods' `eth0`: each delay relay is started and
+    /// bound to its queue before the rules send packets to it.
+    fn impair(&mut self, impairments: &BTreeMap<String, Impairment>) -> anyhow::Result<()> {
+        for (pod, imp) in impairments {
+            imp.validate().with_context(|| format!("pod {pod}"))?;
+            let i = self
+                .pods
+                .iter()
+                .position(|p| &p.spec.name == pod)
+                .with_context(|| format!("impairment for {pod}: no such pod in the lab"))?;
+            if imp.delay_ms > 0.0 {
+                let mut c = Command::new(&self.exe);
+                c.args([
+                    "lab",
+                    "delay-packets",
+                    "--delay-ms",
+                    &imp.delay_ms.to_string(),
+                ]);
+                // NFQUEUE needs CAP_NET_ADMIN in the pod's namespace.
+                self.spawn_in(i, format!("{pod}/delay-packets"), c, 0)?;
+                self.wait_queue_bound(i, Duration::from_secs(5))?;
+            }
+            imp.install(&self.pods[i].ns)?;
+        }
+        Ok(())
+    }
+
+    fn wait_queue_bound(&mut self, pod: usize, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        let ns = &self.pods[pod].ns;
+        loop {
+            // One line per bound queue, its number first.
+            let bound = ns
+                .exec("cat", &["/proc/net/netfilter/nfnetlink_queue"])
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let queue = super::impair::DELAY_QUEUE.to_string();
+            if bound
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(queue.as_str()))
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the delay relay in {} did not bind its queue (see its log in {})",
+                ns.name(),
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn ns_name(&self, what: &str) -> String {
