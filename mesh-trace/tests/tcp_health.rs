@@ -231,6 +231,25 @@ fn rtt_per_leg_shows_the_delay_on_the_mesh_leg_only() {
     for leg in ["redirect", "delivery"] {
         median("mesh_trace_tcp_rtt_seconds", leg);
     }
+    // What `top`'s detail view shows for loadgen -> reviews.
+    let snapshot = traced
+        .state
+        .live
+        .lock()
+        .unwrap()
+        .snapshot(mesh_trace::clock::mono_ns());
+    let row = snapshot
+        .rows
+        .iter()
+        .find(|r| r.source_workload == "loadgen" && r.destination_service == "reviews")
+        .expect("a loadgen -> reviews row");
+    eprintln!("top's TCP health for loadgen -> reviews: {:?}", row.tcp);
+    let mesh = &row.tcp["mesh"];
+    assert!(
+        mesh.rtt_samples >= 10 && mesh.min_rtt_p50_ms >= 5.0,
+        "{mesh:?}"
+    );
+    assert!(row.tcp["redirect"].min_rtt_p50_ms < 1.0, "{:?}", row.tcp);
 }
 
 #[test]

@@ -142,8 +142,13 @@ impl Pipeline {
             return;
         }
         let m = &self.metrics.metrics;
+        let now = crate::clock::mono_ns();
+        let mut live = self.metrics.live.lock().unwrap_or_else(|p| p.into_inner());
         for h in &health {
-            let leg = h.leg.map_or("unknown", LegKind::label);
+            let leg = h.leg.as_ref().map_or("unknown", |l| l.kind.label());
+            if let Some(l) = &h.leg {
+                live.record_tcp(&l.destination_service, leg, h.health, now);
+            }
             let side = h.side.map_or("unknown", Side::label);
             match h.health {
                 Health::Retransmits(n) => {

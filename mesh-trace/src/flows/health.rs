@@ -67,12 +67,19 @@ impl Health {
     }
 }
 
+/// The leg an observation was put on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LegRef {
+    pub kind: LegKind,
+    pub destination_service: String,
+}
+
 /// A health observation on its leg; `leg` and `side` are `None` when the
 /// socket's leg never became known (it was evicted, never established, or
 /// opened before the agent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthRecord {
-    pub leg: Option<LegKind>,
+    pub leg: Option<LegRef>,
     pub side: Option<Side>,
     pub health: Health,
 }

@@ -8,7 +8,7 @@ use lru::LruCache;
 use serde::Serialize;
 
 use super::{
-    health::{Health, HealthRecord, Side, PENDING_MAX},
+    health::{Health, HealthRecord, LegRef, Side, PENDING_MAX},
     legs::{classify, classify_alone, JoinKey, LegKind},
     metadata::Metadata,
     socket::{ConnectInfo, Role, Socket, Task},
@@ -72,6 +72,15 @@ struct Leg {
     opened_ns: u64,
 }
 
+impl Leg {
+    fn leg_ref(&self) -> LegRef {
+        LegRef {
+            kind: self.kind,
+            destination_service: self.destination_service.clone(),
+        }
+    }
+}
+
 type LegId = u64;
 
 struct Entry {
@@ -104,7 +113,7 @@ pub struct FlowTable {
     next_leg: LegId,
     upstreams: LruCache<u64, VecDeque<(SocketAddr, u64)>>,
     /// Leg and side of sockets that left the table.
-    closed_sockets: LruCache<u64, (LegKind, Side)>,
+    closed_sockets: LruCache<u64, (LegRef, Side)>,
     /// Connecting sockets' retransmits: first seen, segments.
     connecting: LruCache<u64, (u64, u32)>,
     /// TCP health put on its legs, for the caller to take.
@@ -222,7 +231,7 @@ impl FlowTable {
             let leg = e.leg;
             match leg.and_then(|id| self.legs.get(&id)) {
                 Some(l) => self.health.push(HealthRecord {
-                    leg: Some(l.kind),
+                    leg: Some(l.leg_ref()),
                     side: Some(side),
                     health: h,
                 }),
@@ -235,10 +244,10 @@ impl FlowTable {
             }
             return;
         }
-        if let Some(&(leg, side)) = self.closed_sockets.peek(&cookie) {
+        if let Some((leg, side)) = self.closed_sockets.peek(&cookie) {
             self.health.push(HealthRecord {
-                leg: Some(leg),
-                side: Some(side),
+                leg: Some(leg.clone()),
+                side: Some(*side),
                 health: h,
             });
             return;
@@ -275,10 +284,10 @@ impl FlowTable {
         };
         let pending = std::mem::take(&mut e.pending);
         let side = Side::of(e.sock.active);
-        let leg = e.leg.and_then(|id| self.legs.get(&id)).map(|l| l.kind);
+        let leg = e.leg.and_then(|id| self.legs.get(&id)).map(Leg::leg_ref);
         self.health
             .extend(pending.into_iter().map(|health| HealthRecord {
-                leg,
+                leg: leg.clone(),
                 side: Some(side),
                 health,
             }));
@@ -381,13 +390,13 @@ impl FlowTable {
             self.waiting.remove(&k);
         }
         let side = Side::of(e.sock.active);
-        let kind = e.leg.and_then(|id| self.legs.get(&id)).map(|l| l.kind);
-        if let Some(kind) = kind {
-            self.closed_sockets.put(e.sock.cookie, (kind, side));
+        let leg = e.leg.and_then(|id| self.legs.get(&id)).map(Leg::leg_ref);
+        if let Some(leg) = &leg {
+            self.closed_sockets.put(e.sock.cookie, (leg.clone(), side));
         }
         self.health
             .extend(e.pending.iter().map(|&health| HealthRecord {
-                leg: kind,
+                leg: leg.clone(),
                 side: Some(side),
                 health,
             }));
@@ -596,7 +605,7 @@ impl FlowTable {
         for cookie in [leg.client, leg.server].into_iter().flatten() {
             if let Some(e) = self.entries.pop(&cookie) {
                 self.closed_sockets
-                    .put(cookie, (leg.kind, Side::of(e.sock.active)));
+                    .put(cookie, (leg.leg_ref(), Side::of(e.sock.active)));
             }
         }
     }

@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::span::{Hop, Span};
+use crate::flows::health::Health;
 
 /// Values above one hour (in microseconds) are clamped: anything that slow is
 /// a stuck connection, and its exact length does not change any percentile
@@ -30,6 +31,9 @@ const SLOWEST: usize = 10;
 const MIN_RATE_SPAN_NS: u64 = 1_000_000_000;
 /// The row that rows beyond `max_rows` fold into.
 const OTHER: &str = "other";
+/// Distinct (destination service, leg) pairs of TCP health kept per slot;
+/// further services fold into "other".
+const MAX_TCP_KEYS: usize = 1_024;
 /// Hops whose sum is the time the two sidecars add to a request.
 const SIDECAR_HOPS: [Hop; 4] = [
     Hop::ClientToOutbound,
@@ -69,6 +73,23 @@ pub struct Row {
     pub sidecar_share: Option<f64>,
     /// The slowest requests of the window, slowest first.
     pub slowest: Vec<SlowRequest>,
+    /// TCP health of the legs towards this row's destination service (from
+    /// every source on this node), keyed by leg label.
+    #[serde(default)]
+    pub tcp: BTreeMap<String, LegHealth>,
+}
+
+/// One leg's TCP health over the window.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct LegHealth {
+    pub rtt_samples: u64,
+    /// Smoothed RTT (a peer's delayed ACK counts in it).
+    pub rtt_p50_ms: f64,
+    pub rtt_p99_ms: f64,
+    /// The kernel's windowed minimum RTT: the path.
+    pub min_rtt_p50_ms: f64,
+    pub retransmits: u64,
+    pub resets: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -144,6 +165,18 @@ impl LiveStats {
         acc.add(span);
     }
 
+    /// Records one TCP health observation on a leg towards `destination`.
+    pub fn record_tcp(&mut self, destination: &str, leg: &'static str, h: Health, now_ns: u64) {
+        let now = self.advance(now_ns);
+        let index = self.open_slot(now);
+        let tcp = &mut self.slots[index].tcp;
+        let mut key = (destination.to_owned(), leg);
+        if !tcp.contains_key(&key) && tcp.len() >= MAX_TCP_KEYS {
+            key.0 = OTHER.to_owned();
+        }
+        tcp.entry(key).or_default().add(h);
+    }
+
     /// Snapshot of the window ending at `now_ns`; expired slots are dropped.
     pub fn snapshot(&mut self, now_ns: u64) -> Snapshot {
         let now = self.advance(now_ns);
@@ -155,9 +188,28 @@ impl LiveStats {
                 merged.entry(key).or_default().merge(acc);
             }
         }
+        let mut tcp: HashMap<&str, BTreeMap<&str, TcpAcc>> = HashMap::new();
+        for slot in &self.slots {
+            for ((service, leg), acc) in &slot.tcp {
+                tcp.entry(service)
+                    .or_default()
+                    .entry(leg)
+                    .or_default()
+                    .merge(acc);
+            }
+        }
         let mut rows: Vec<Row> = merged
             .into_iter()
-            .map(|(key, acc)| acc.into_row(key, covered_s))
+            .map(|(key, acc)| {
+                let mut row = acc.into_row(key, covered_s);
+                if let Some(legs) = tcp.get(row.destination_service.as_str()) {
+                    row.tcp = legs
+                        .iter()
+                        .map(|(leg, acc)| (leg.to_string(), acc.health()))
+                        .collect();
+                }
+                row
+            })
             .collect();
         rows.sort_by(|a, b| {
             b.requests
@@ -299,6 +351,61 @@ struct Slot {
     /// empty.
     epoch: Option<u64>,
     rows: HashMap<RowKey, RowAcc>,
+    /// (destination service, leg label).
+    tcp: HashMap<(String, &'static str), TcpAcc>,
+}
+
+/// What one leg's TCP health accumulates in a slot.
+struct TcpAcc {
+    rtt: Histogram<u64>,
+    min_rtt: Histogram<u64>,
+    retransmits: u64,
+    resets: u64,
+}
+
+impl Default for TcpAcc {
+    fn default() -> TcpAcc {
+        TcpAcc {
+            rtt: new_histogram(),
+            min_rtt: new_histogram(),
+            retransmits: 0,
+            resets: 0,
+        }
+    }
+}
+
+impl TcpAcc {
+    fn add(&mut self, h: Health) {
+        match h {
+            Health::Retransmits(n) => self.retransmits += u64::from(n),
+            Health::ResetSent(_) | Health::ResetReceived => self.resets += 1,
+            Health::Rtt { srtt_us, min_us } => {
+                record_ns(&mut self.rtt, u64::from(srtt_us) * 1_000);
+                if let Some(min) = min_us {
+                    record_ns(&mut self.min_rtt, u64::from(min) * 1_000);
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, other: &TcpAcc) {
+        merge_histogram(&mut self.rtt, &other.rtt);
+        merge_histogram(&mut self.min_rtt, &other.min_rtt);
+        self.retransmits += other.retransmits;
+        self.resets += other.resets;
+    }
+
+    fn health(&self) -> LegHealth {
+        let rtt = percentiles(&self.rtt);
+        LegHealth {
+            rtt_samples: rtt.count,
+            rtt_p50_ms: rtt.p50_ms,
+            rtt_p99_ms: rtt.p99_ms,
+            min_rtt_p50_ms: percentiles(&self.min_rtt).p50_ms,
+            retransmits: self.retransmits,
+            resets: self.resets,
+        }
+    }
 }
 
 /// What one row accumulates in a slot; also used to merge slots.
@@ -395,6 +502,7 @@ impl RowAcc {
             sidecar_share: (self.sidecar_total_ns > 0)
                 .then(|| ratio(self.sidecar_ns, self.sidecar_total_ns).clamp(0.0, 1.0)),
             slowest: self.slowest.into_iter().map(|s| s.request).collect(),
+            tcp: BTreeMap::new(),
         }
     }
 }
@@ -548,6 +656,41 @@ mod tests {
     fn only_row(snapshot: &Snapshot) -> &Row {
         assert_eq!(snapshot.rows.len(), 1, "{snapshot:?}");
         &snapshot.rows[0]
+    }
+
+    #[test]
+    fn tcp_health_joins_the_rows_of_its_destination_and_expires_with_the_window() {
+        let mut live = stats();
+        live.record(&total_span(10), T0);
+        let rtt = |srtt_us, min_us| Health::Rtt {
+            srtt_us,
+            min_us: Some(min_us),
+        };
+        for i in 0..10 {
+            live.record_tcp(
+                "items",
+                "mesh",
+                rtt(5_000 + 100 * i, 4_900),
+                T0 + i as u64 * MS,
+            );
+        }
+        live.record_tcp("items", "mesh", Health::Retransmits(3), T0);
+        live.record_tcp("items", "redirect", Health::ResetReceived, T0);
+        // Another service's legs stay off this row.
+        live.record_tcp("ratings", "mesh", Health::Retransmits(9), T0);
+        let snapshot = live.snapshot(T0 + S);
+        let row = only_row(&snapshot);
+        let mesh = &row.tcp["mesh"];
+        assert_eq!(mesh.rtt_samples, 10);
+        assert!((5.3..=5.6).contains(&mesh.rtt_p50_ms), "{mesh:?}");
+        assert!((4.89..=4.91).contains(&mesh.min_rtt_p50_ms), "{mesh:?}");
+        assert_eq!((mesh.retransmits, mesh.resets), (3, 0));
+        assert_eq!(row.tcp["redirect"].resets, 1);
+        assert_eq!(row.tcp["redirect"].rtt_samples, 0);
+        assert_eq!(row.tcp.len(), 2);
+        // A new span after the window: the old health is gone.
+        live.record(&total_span(10), T0 + 120 * S);
+        assert!(only_row(&live.snapshot(T0 + 121 * S)).tcp.is_empty());
     }
 
     /// Within hdr precision (3 significant digits) of `expected`.

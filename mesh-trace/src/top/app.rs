@@ -253,6 +253,7 @@ mod tests {
             hops: BTreeMap::new(),
             sidecar_share: None,
             slowest: Vec::new(),
+            tcp: Default::default(),
         }
     }
 

@@ -313,6 +313,7 @@ mod tests {
                 hops: BTreeMap::from([("app".to_string(), p(20.0))]),
                 sidecar_share: None,
                 slowest: vec![],
+                tcp: Default::default(),
             }],
         };
         let text = once_text(&stats, "http://x:1");

@@ -630,6 +630,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
             sidecar_share: None,
             slowest: Vec::new(),
+            tcp: Default::default(),
         }
     }
 

@@ -284,8 +284,9 @@ fn draw_detail(frame: &mut Frame, app: &App, key: &RowKey, area: Rect) {
     let hops: Vec<usize> = (0..HOPS.len())
         .filter(|&h| h != UPSTREAM || hop_p50(row, h).is_some())
         .collect();
-    // Borders, the summary and column header, the total, the hops.
-    let chart_height = (2 + 2 + 1 + hops.len()) as u16;
+    // Borders, the summary, TCP health, the column header, the total, the hops.
+    let tcp_lines = usize::from(!row.tcp.is_empty());
+    let chart_height = (2 + 2 + tcp_lines + 1 + hops.len()) as u16;
     let [chart, slowest] =
         Layout::vertical([Constraint::Length(chart_height), Constraint::Min(3)]).areas(area);
     draw_hops(frame, app, row, &hops, title, chart);
@@ -310,22 +311,24 @@ fn draw_hops(frame: &mut Frame, app: &App, row: &Row, hops: &[usize], title: Str
             .unwrap_or_else(|| "-".into()),
     );
     let label_width = 30u16;
-    let intro = vec![
-        Line::raw(summary),
-        Line::styled(
-            format!(
-                "{:<19}{:>9}  p50 at each sample, every {}, newest on the right",
-                "",
-                "p50 now",
-                fmt_interval(app.interval)
-            ),
-            DIM,
+    let mut intro = vec![Line::raw(summary)];
+    if let Some(tcp) = tcp_health(row) {
+        intro.push(Line::styled(tcp, DIM));
+    }
+    intro.push(Line::styled(
+        format!(
+            "{:<19}{:>9}  p50 at each sample, every {}, newest on the right",
+            "",
+            "p50 now",
+            fmt_interval(app.interval)
         ),
-    ];
+        DIM,
+    ));
+    let intro_height = intro.len() as u16;
     frame.render_widget(
         Paragraph::new(intro),
         Rect {
-            height: inner.height.min(2),
+            height: inner.height.min(intro_height),
             ..inner
         },
     );
@@ -338,7 +341,7 @@ fn draw_hops(frame: &mut Frame, app: &App, row: &Row, hops: &[usize], title: Str
     // current median, then its sparkline.
     let series = std::iter::once(None).chain(hops.iter().map(|&h| Some(h)));
     for (i, hop) in series.enumerate() {
-        let y = inner.y + 2 + i as u16;
+        let y = inner.y + intro_height + i as u16;
         if y >= inner.y + inner.height {
             break;
         }
@@ -377,6 +380,41 @@ fn draw_hops(frame: &mut Frame, app: &App, row: &Row, hops: &[usize], title: Str
         };
         frame.render_widget(Sparkline::default().data(points).style(spark_style), spark);
     }
+}
+
+/// One line of TCP health for the legs towards the row's destination, in
+/// data-path order: smoothed RTT p50 (the kernel's minimum in brackets),
+/// retransmitted segments and resets over the window.
+fn tcp_health(row: &Row) -> Option<String> {
+    const ORDER: [&str; 7] = [
+        "redirect",
+        "mesh",
+        "delivery",
+        "inbound_redirect",
+        "passthrough",
+        "bypass",
+        "blackhole",
+    ];
+    if row.tcp.is_empty() {
+        return None;
+    }
+    let legs: Vec<String> = ORDER
+        .iter()
+        .filter_map(|leg| Some((leg, row.tcp.get(*leg)?)))
+        .map(|(leg, h)| {
+            let rtt = if h.rtt_samples == 0 {
+                "-".to_string()
+            } else {
+                format!("{} ({})", fmt_ms(h.rtt_p50_ms), fmt_ms(h.min_rtt_p50_ms))
+            };
+            format!("{leg} rtt {rtt} ms retx {} rst {}", h.retransmits, h.resets)
+        })
+        .collect();
+    Some(format!(
+        "tcp to {}: {}",
+        row.destination_service,
+        legs.join("  ")
+    ))
 }
 
 fn draw_slowest(frame: &mut Frame, row: &Row, hops: &[usize], area: Rect) {
@@ -523,7 +561,7 @@ mod tests {
     use super::*;
     use crate::{
         agent::http::AgentInfo,
-        spans::live::Percentiles,
+        spans::live::{LegHealth, Percentiles},
         top::{source::Sample, stats::AgentStats},
     };
 
@@ -569,6 +607,17 @@ mod tests {
                 hops_ms: hops.iter().map(|(h, v)| (h.to_string(), *v)).collect(),
                 retries: 1,
             }],
+            tcp: BTreeMap::from([(
+                "mesh".to_string(),
+                LegHealth {
+                    rtt_samples: 40,
+                    rtt_p50_ms: 5.8,
+                    rtt_p99_ms: 9.1,
+                    min_rtt_p50_ms: 5.3,
+                    retransmits: 7,
+                    resets: 1,
+                },
+            )]),
         };
         let mut app = App::new("http://127.0.0.1:9464".into(), Duration::from_secs(1));
         for seq in 1..5 {
@@ -631,6 +680,10 @@ mod tests {
             assert!(text.contains("slowest"), "{text}");
             assert!(text.contains("0b7e1c9a"), "{text}");
             assert!(text.contains("outbound_proxy"), "{text}");
+            assert!(
+                text.contains("mesh rtt 5.80 (5.30) ms retx 7 rst 1"),
+                "{text}"
+            );
         }
         assert!(render(&app, 120, 30).contains("0b7e1c9a-5a57-4c2e-9a53-2f0f7c1d0e11"));
     }
