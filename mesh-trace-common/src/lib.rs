@@ -26,6 +26,7 @@ pub mod names {
     pub const SEND_LENGTH: &str = "mt_send_length";
     pub const RECV_LENGTH: &str = "mt_recv_length";
     pub const RETRANSMIT: &str = "mt_retransmit";
+    pub const RETRANSMIT_SYNACK: &str = "mt_retransmit_synack";
     pub const SEND_RESET: &str = "mt_send_reset";
     pub const RECEIVE_RESET: &str = "mt_receive_reset";
     pub const MESHED_NETNS: &str = "MESHED_NETNS";
@@ -51,6 +52,10 @@ pub enum EventKind {
     Redirect = 6,
     /// Bytes sent or received on a socket in a meshed namespace.
     Data = 7,
+    /// A listener resent its SYN-ACK for a connection it is accepting: a
+    /// [`SockEvent`] naming the connection as its server socket will (no
+    /// cookie yet: the socket does not exist).
+    SynAckRetransmit = 8,
 }
 
 impl EventKind {
@@ -63,6 +68,7 @@ impl EventKind {
             5 => Some(Self::TcpIssue),
             6 => Some(Self::Redirect),
             7 => Some(Self::Data),
+            8 => Some(Self::SynAckRetransmit),
             _ => None,
         }
     }
@@ -227,8 +233,13 @@ pub struct TcpIssueEvent {
     /// `ISSUE_RTT_SAMPLE` only: the minimum RTT the kernel saw in its
     /// window (`tcp_sock.rtt_min`), which a delayed ACK does not inflate.
     pub min_rtt_us: u32,
-    pub _pad: u32,
+    /// `ISSUE_RETRANSMIT` only: the socket's TCP state (`TCP_SYN_SENT` for
+    /// a socket still connecting).
+    pub sk_state: u32,
 }
+
+/// [`TcpIssueEvent::sk_state`] of a socket whose SYN is being resent.
+pub const TCP_SYN_SENT: u32 = 2;
 
 /// Value of the `SOCKS` socket-local storage: TCP sockets between
 /// ESTABLISHED and close. Lives on the socket and goes with it; a failed

@@ -124,7 +124,11 @@ async fn connection_in_a_namespace_is_seen_with_its_addresses() {
         Event::Established(s) | Event::Closed(s) => {
             socket_addr(&s.local) == ex.client || socket_addr(&s.local) == ex.server
         }
-        Event::Owner(_) | Event::TcpIssue(_) | Event::Redirect(_) | Event::Data(_) => false,
+        Event::Owner(_)
+        | Event::TcpIssue(_)
+        | Event::Redirect(_)
+        | Event::Data(_)
+        | Event::SynAckRetransmit(_) => false,
     };
     let events = collect_until(&mut tracer, Duration::from_secs(5), |seen| {
         seen.iter().filter(mine).count() >= 5

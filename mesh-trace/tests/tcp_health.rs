@@ -135,15 +135,20 @@ fn retransmits_are_counted_on_the_leg_that_lost_packets() {
         },
     );
     let traced = Traced::start(&lab);
+    // Every TCP tracepoint attached, the SYN-ACK one included.
+    let programs = traced.state.info.lock().unwrap().programs.join(", ");
+    for tp in ["tcp_retransmit_skb", "tcp_retransmit_synack"] {
+        assert!(programs.contains(tp), "{tp} not attached: {programs}");
+    }
     let before = nstat_all(&lab, "TcpRetransSegs");
     let summary = lab
         .load(
             CLIENT,
-            &["--url", URL, "--rate", "200", "--requests", "2000"],
+            &["--url", URL, "--rate", "400", "--requests", "4000"],
             &lab.dir.join("client.jsonl"),
         )
         .unwrap();
-    assert_eq!(summary.ok, 2000, "{summary:?}");
+    assert_eq!(summary.ok, 4000, "{summary:?}");
     // Retransmissions still in flight settle (the kernel's minimum RTO is
     // 200 ms), then the two counts must stay equal.
     std::thread::sleep(Duration::from_secs(2));
@@ -165,7 +170,28 @@ fn retransmits_are_counted_on_the_leg_that_lost_packets() {
         std::thread::sleep(Duration::from_millis(200));
     };
     let got: u64 = legs.values().sum();
-    eprintln!("retransmitted segments: kernel {want}, mesh-trace {got} by leg {legs:?}");
+    let per_pod: BTreeMap<String, u64> = nstat_all(&lab, "TcpRetransSegs")
+        .into_iter()
+        .map(|(pod, n)| (pod.clone(), n - before[&pod]))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let synack = nstat_all(&lab, "TcpExtTCPSynRetrans");
+    let text = exposition(&traced);
+    eprintln!(
+        "failed retransmits since the lab started: {:?}; events lost: {:?}; unknown sockets: {:?}",
+        nstat_all(&lab, "TcpExtTCPRetransFail"),
+        samples(&text, "mesh_trace_events_lost_total"),
+        samples(&text, "mesh_trace_unknown_socket_events_total"),
+    );
+    eprintln!(
+        "retransmitted segments: kernel {want} by pod {per_pod:?} (SYN/SYN-ACK retransmits \
+         since the lab started: {synack:?}), mesh-trace {got} by leg {legs:?}, by side {:?}",
+        by_label(
+            &exposition(&traced),
+            "mesh_trace_tcp_retransmits_total",
+            "side"
+        )
+    );
     assert!(want >= 20, "5% loss retransmitted only {want} segments");
     assert!(
         got.abs_diff(want) as f64 <= 0.02 * want as f64,

@@ -21,7 +21,7 @@ use crate::maps::{count_loss, emit, header, noop, SOCKS};
 /// Cookie of the host's network namespace, set by the agent (0: unknown,
 /// every socket is tracked).
 #[no_mangle]
-static HOST_NETNS: u64 = 0;
+pub static HOST_NETNS: u64 = 0;
 
 /// sock_ops programs return 1; the value is otherwise ignored for these ops.
 const OK: u32 = 1;

@@ -118,7 +118,7 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
                 issue: ISSUE_RTT_SAMPLE,
                 detail: srtt,
                 min_rtt_us: read_u32(sk, min_off),
-                _pad: 0,
+                sk_state: 0,
             });
         }
     }

@@ -8,3 +8,5 @@ pub mod legs;
 pub mod metadata;
 pub mod socket;
 pub mod table;
+#[cfg(test)]
+pub mod test_events;

@@ -116,6 +116,9 @@ pub struct FlowTable {
     closed_sockets: LruCache<u64, (LegRef, Side)>,
     /// Connecting sockets' retransmits: first seen, segments.
     connecting: LruCache<u64, (u64, u32)>,
+    /// SYN-ACKs resent for connections being accepted, by (netns, local,
+    /// remote) as their server sockets will have: first seen, segments.
+    accepting: LruCache<(u64, SocketAddr, SocketAddr), (u64, u32)>,
     /// TCP health put on its legs, for the caller to take.
     health: Vec<HealthRecord>,
     pub stats: TableStats,
@@ -133,6 +136,7 @@ impl FlowTable {
             upstreams: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             closed_sockets: LruCache::new(NonZeroUsize::new(CLOSED_REMEMBERED).expect("non-zero")),
             connecting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
+            accepting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
             health: Vec::new(),
             stats: TableStats::default(),
             cfg,
@@ -175,10 +179,28 @@ impl FlowTable {
             },
             Event::TcpIssue(t) => {
                 if let Some(h) = Health::from_kernel(t) {
-                    self.observe(t.sock_cookie, t.header.ts_ns, h);
+                    let connecting = t.sk_state == mesh_trace_common::TCP_SYN_SENT;
+                    self.observe(t.sock_cookie, t.header.ts_ns, h, connecting);
                 }
             }
             Event::Closed(s) => self.closed(s, out),
+            Event::SynAckRetransmit(s) => {
+                let key = (
+                    s.netns_cookie,
+                    socket_addr(&s.local),
+                    socket_addr(&s.remote),
+                );
+                let ts = s.header.ts_ns;
+                if let Some(held) = self.accepting.get_mut(&key) {
+                    held.1 += 1;
+                } else if let Some((_, (_, n))) = self.accepting.push(key, (ts, 1)) {
+                    self.health.push(HealthRecord {
+                        leg: None,
+                        side: Some(Side::Server),
+                        health: Health::Retransmits(n),
+                    });
+                }
+            }
             // Counted by the pipeline; the joins use the sockets themselves.
             Event::Redirect(_) => {}
             // Keeps busy sockets at the young end of the LRU.
@@ -219,7 +241,7 @@ impl FlowTable {
     /// Puts one health observation on its socket's leg: now when the leg
     /// is known (or was, for a socket already closed), later when the
     /// socket is still waiting for its peer or still connecting.
-    fn observe(&mut self, cookie: u64, ts_ns: u64, h: Health) {
+    fn observe(&mut self, cookie: u64, ts_ns: u64, h: Health, connecting: bool) {
         if let Some(e) = self.entries.get_mut(&cookie) {
             e.last_event_ns = ts_ns;
             match h {
@@ -253,8 +275,8 @@ impl FlowTable {
             return;
         }
         match h {
-            // Only a socket still connecting has no storage and no entry.
-            Health::Retransmits(n) => {
+            // A socket still connecting has no entry until established.
+            Health::Retransmits(n) if connecting => {
                 if let Some(held) = self.connecting.get_mut(&cookie) {
                     held.1 += n;
                 } else if let Some((_, (_, segs))) = self.connecting.push(cookie, (ts_ns, n)) {
@@ -333,7 +355,12 @@ impl FlowTable {
                 .is_some_and(|e| e.sock.active != active)
         });
         let mut pending = Vec::new();
-        if let Some((_, segs)) = self.connecting.pop(&cookie) {
+        let held = if active {
+            self.connecting.pop(&cookie)
+        } else {
+            self.accepting.pop(&(sock.netns, sock.local, sock.remote))
+        };
+        if let Some((_, segs)) = held {
             pending.push(Health::Retransmits(segs));
         }
         if s.srtt_us > 0 {
@@ -564,7 +591,7 @@ impl FlowTable {
                 srtt_us: s.srtt_us,
                 min_us: None,
             };
-            self.observe(cookie, s.header.ts_ns, h);
+            self.observe(cookie, s.header.ts_ns, h, false);
         }
         let Some(e) = self.entries.peek_mut(&cookie) else {
             return;
@@ -659,19 +686,9 @@ impl FlowTable {
             }
             self.open_alone(cookie, out);
         }
-        // SYNs retransmitted for a connection that never came up.
-        while let Some((_, &(first_ns, _))) = self.connecting.peek_lru() {
-            if now_ns.saturating_sub(first_ns) < CONNECTING_WAIT_NS {
-                break;
-            }
-            if let Some((_, (_, segs))) = self.connecting.pop_lru() {
-                self.health.push(HealthRecord {
-                    leg: None,
-                    side: Some(Side::Client),
-                    health: Health::Retransmits(segs),
-                });
-            }
-        }
+        // SYNs and SYN-ACKs retransmitted for connections that never came up.
+        expire_held(&mut self.connecting, now_ns, Side::Client, &mut self.health);
+        expire_held(&mut self.accepting, now_ns, Side::Server, &mut self.health);
         // The LRU's tail holds the least recently touched entries.
         while let Some((_, e)) = self.entries.peek_lru() {
             if now_ns.saturating_sub(e.last_event_ns) < self.cfg.max_age_ns {
@@ -691,5 +708,147 @@ impl FlowTable {
             *m.entry(e.sock.role).or_default() += 1;
         }
         m
+    }
+}
+
+/// Reports, without a leg, the handshake retransmits of connections that
+/// were not established within `CONNECTING_WAIT_NS`.
+fn expire_held<K: std::hash::Hash + Eq>(
+    held: &mut LruCache<K, (u64, u32)>,
+    now_ns: u64,
+    side: Side,
+    out: &mut Vec<HealthRecord>,
+) {
+    while let Some((_, &(first_ns, _))) = held.peek_lru() {
+        if now_ns.saturating_sub(first_ns) < CONNECTING_WAIT_NS {
+            break;
+        }
+        if let Some((_, (_, segs))) = held.pop_lru() {
+            out.push(HealthRecord {
+                leg: None,
+                side: Some(side),
+                health: Health::Retransmits(segs),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use mesh_trace_common::{
+        Endpoint, EventKind, SockEvent, TcpIssueEvent, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
+    };
+
+    use super::*;
+    use crate::flows::{
+        metadata::NoMetadata,
+        test_events::{connect, ep, established},
+    };
+
+    fn issue(cookie: u64, issue: u32, detail: u32) -> Event {
+        let mut t = TcpIssueEvent::default();
+        // Retransmits before the socket is known are its SYN's.
+        if issue == ISSUE_RETRANSMIT {
+            t.sk_state = mesh_trace_common::TCP_SYN_SENT;
+        }
+        t.header.kind = EventKind::TcpIssue as u32;
+        t.sock_cookie = cookie;
+        t.issue = issue;
+        t.detail = detail;
+        Event::TcpIssue(t)
+    }
+
+    fn sock_event(
+        kind: EventKind,
+        cookie: u64,
+        netns: u64,
+        local: Endpoint,
+        remote: Endpoint,
+    ) -> SockEvent {
+        let mut s = SockEvent::default();
+        s.header.kind = kind as u32;
+        s.sock_cookie = cookie;
+        s.netns_cookie = netns;
+        s.local = local;
+        s.remote = remote;
+        s
+    }
+
+    fn on(table: &mut FlowTable) -> Vec<(Option<LegKind>, Option<Side>, Health)> {
+        table
+            .take_health()
+            .into_iter()
+            .map(|r| (r.leg.map(|l| l.kind), r.side, r.health))
+            .collect()
+    }
+
+    /// An outbound sidecar's (netns 1, uid 1337) connection to the server
+    /// pod's inbound sidecar (netns 2, 15006): a mesh leg whose two ends
+    /// are cookies 3 and 4. Before either is established, its SYN and its
+    /// SYN-ACK are each resent once; after it closes, a reset goes out.
+    #[test]
+    fn handshake_retransmits_and_late_resets_land_on_their_leg() {
+        let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
+        let mut legs = Vec::new();
+        let (client, server) = (ep([10, 244, 0, 5], 50000), ep([10, 244, 0, 9], 15006));
+        let synack = sock_event(EventKind::SynAckRetransmit, 0, 2, server, client);
+        for ev in [
+            connect(3, 1, 1337, 20, ep([10, 244, 0, 9], 9080)),
+            issue(3, ISSUE_RETRANSMIT, 1),
+            Event::SynAckRetransmit(synack),
+            established(3, 1, client, ep([10, 244, 0, 9], 9080), true),
+        ] {
+            table.apply(&ev, &mut legs);
+        }
+        // Nothing is reported before the leg is known.
+        assert!(on(&mut table).is_empty());
+        table.apply(&established(4, 2, server, client, false), &mut legs);
+        assert_eq!(legs.last().map(|l| l.leg), Some(LegKind::Mesh));
+        let mut got = on(&mut table);
+        got.sort_by_key(|(_, side, _)| *side == Some(Side::Server));
+        let mesh = Some(LegKind::Mesh);
+        assert_eq!(
+            got,
+            [
+                (mesh, Some(Side::Client), Health::Retransmits(1)),
+                (mesh, Some(Side::Server), Health::Retransmits(1)),
+            ]
+        );
+        table.apply(&issue(4, ISSUE_RETRANSMIT, 3), &mut legs);
+        assert_eq!(
+            on(&mut table),
+            [(mesh, Some(Side::Server), Health::Retransmits(3))]
+        );
+        // Both ends close; the client's reset comes after its close.
+        for (cookie, netns, local, remote) in [(3, 1, client, server), (4, 2, server, client)] {
+            let closed = sock_event(EventKind::Closed, cookie, netns, local, remote);
+            table.apply(&Event::Closed(closed), &mut legs);
+        }
+        assert_eq!(table.len(), 0);
+        table.apply(&issue(3, ISSUE_RESET_SENT, 0), &mut legs);
+        assert_eq!(
+            on(&mut table),
+            [(mesh, Some(Side::Client), Health::ResetSent(0))]
+        );
+        // A socket never seen: counted without a leg.
+        table.apply(&issue(99, ISSUE_RESET_SENT, 0), &mut legs);
+        assert_eq!(on(&mut table), [(None, None, Health::ResetSent(0))]);
+    }
+
+    #[test]
+    fn a_handshake_that_never_completes_is_reported_without_a_leg() {
+        let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
+        let mut legs = Vec::new();
+        table.apply(&issue(7, ISSUE_RETRANSMIT, 1), &mut legs);
+        table.apply(&issue(7, ISSUE_RETRANSMIT, 1), &mut legs);
+        table.tick(CONNECTING_WAIT_NS - 1, &mut legs);
+        assert!(on(&mut table).is_empty());
+        table.tick(CONNECTING_WAIT_NS, &mut legs);
+        assert_eq!(
+            on(&mut table),
+            [(None, Some(Side::Client), Health::Retransmits(2))]
+        );
     }
 }

@@ -18,6 +18,7 @@ pub enum Event {
     Redirect(RedirectEvent),
     /// Boxed: much larger than the others.
     Data(Box<DataEvent>),
+    SynAckRetransmit(SockEvent),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +63,7 @@ impl Event {
             EventKind::TcpIssue => Event::TcpIssue(read(bytes, kind)?),
             EventKind::Redirect => Event::Redirect(read(bytes, kind)?),
             EventKind::Data => Event::Data(Box::new(read(bytes, kind)?)),
+            EventKind::SynAckRetransmit => Event::SynAckRetransmit(read(bytes, kind)?),
         })
     }
 
@@ -74,6 +76,7 @@ impl Event {
             Event::TcpIssue(_) => EventKind::TcpIssue,
             Event::Redirect(_) => EventKind::Redirect,
             Event::Data(_) => EventKind::Data,
+            Event::SynAckRetransmit(_) => EventKind::SynAckRetransmit,
         }
     }
 
@@ -83,7 +86,7 @@ impl Event {
             Event::Established(e) | Event::Closed(e) => e.sock_cookie,
             Event::Owner(e) => e.sock_cookie,
             Event::TcpIssue(e) => e.sock_cookie,
-            Event::Redirect(_) => 0,
+            Event::Redirect(_) | Event::SynAckRetransmit(_) => 0,
             Event::Data(e) => e.sock_cookie,
         }
     }
@@ -96,6 +99,7 @@ impl Event {
             Event::TcpIssue(e) => e.header.ts_ns,
             Event::Redirect(e) => e.header.ts_ns,
             Event::Data(e) => e.header.ts_ns,
+            Event::SynAckRetransmit(e) => e.header.ts_ns,
         }
     }
 }
@@ -110,10 +114,11 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::TcpIssue => "tcp_issue",
         EventKind::Redirect => "redirect",
         EventKind::Data => "data",
+        EventKind::SynAckRetransmit => "synack_retransmit",
     }
 }
 
-pub const ALL_KINDS: [EventKind; 7] = [
+pub const ALL_KINDS: [EventKind; 8] = [
     EventKind::Connect,
     EventKind::Established,
     EventKind::Closed,
@@ -121,6 +126,7 @@ pub const ALL_KINDS: [EventKind; 7] = [
     EventKind::TcpIssue,
     EventKind::Redirect,
     EventKind::Data,
+    EventKind::SynAckRetransmit,
 ];
 
 /// Label for a [`TcpIssueEvent`]'s issue.
@@ -182,7 +188,7 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "comm": comm(&c.task.comm),
             "dst": socket_addr(&c.dst).to_string(),
         }),
-        Event::Established(s) | Event::Closed(s) => json!({
+        Event::Established(s) | Event::Closed(s) | Event::SynAckRetransmit(s) => json!({
             "kind": kind_label(ev.kind()),
             "ts_ns": s.header.ts_ns,
             "sock_cookie": s.sock_cookie,

@@ -125,6 +125,15 @@ impl Tracer {
             .override_global("OFF_RTT_MIN", &tcp.rtt_min, true)
             .override_global("OFF_SKB_CB", &tcp.skb_cb, true)
             .override_global("OFF_SK_STATE", &tcp.sk_state, true)
+            .override_global("OFF_SKC_FAMILY", &tcp.skc_family, true)
+            .override_global("OFF_SKC_DADDR", &tcp.skc_daddr, true)
+            .override_global("OFF_SKC_RCV_SADDR", &tcp.skc_rcv_saddr, true)
+            .override_global("OFF_SKC_DPORT", &tcp.skc_dport, true)
+            .override_global("OFF_SKC_NUM", &tcp.skc_num, true)
+            .override_global("OFF_SKC_V6_DADDR", &tcp.skc_v6_daddr, true)
+            .override_global("OFF_SKC_V6_RCV_SADDR", &tcp.skc_v6_rcv_saddr, true)
+            .override_global("OFF_SKC_NET", &tcp.skc_net, true)
+            .override_global("OFF_NET_COOKIE", &tcp.net_cookie, true)
             .override_global("RETRANSMIT_HAS_ERR", &tcp.retransmit_has_err, true)
             .override_global("SEND_RESET_HAS_REASON", &tcp.send_reset_has_reason, true)
             .override_global("NOOP", &u32::from(opts.noop), true)
@@ -169,7 +178,7 @@ impl Tracer {
         let mut skipped = Vec::new();
         // Optional: without them sockets lose their owner process, or
         // retransmits and resets are not counted; the rest still works.
-        let optional: [(&'static str, &'static str, &'static str); 5] = [
+        let optional: [(&'static str, &'static str, &'static str); 6] = [
             (
                 names::SEND_LENGTH,
                 "sock_send_length",
@@ -184,6 +193,11 @@ impl Tracer {
                 names::RETRANSMIT,
                 "tcp_retransmit_skb",
                 "retransmits not counted",
+            ),
+            (
+                names::RETRANSMIT_SYNACK,
+                "tcp_retransmit_synack",
+                "resent SYN-ACKs not counted",
             ),
             (names::SEND_RESET, "tcp_send_reset", "resets not counted"),
             (
@@ -426,6 +440,15 @@ struct TcpSockOffsets {
     rtt_min: u32,
     skb_cb: u32,
     sk_state: u32,
+    skc_family: u32,
+    skc_daddr: u32,
+    skc_rcv_saddr: u32,
+    skc_dport: u32,
+    skc_num: u32,
+    skc_v6_daddr: u32,
+    skc_v6_rcv_saddr: u32,
+    skc_net: u32,
+    net_cookie: u32,
     retransmit_has_err: u32,
     send_reset_has_reason: u32,
 }
@@ -446,6 +469,22 @@ impl TcpSockOffsets {
             rtt_min: btf.member_offset("tcp_sock", "rtt_min")? + 4,
             skb_cb: btf.member_offset("sk_buff", "cb")?,
             sk_state: btf.member_offset("sock_common", "skc_state")?,
+            skc_family: btf.member_offset("sock_common", "skc_family")?,
+            skc_daddr: btf.member_offset("sock_common", "skc_daddr")?,
+            skc_rcv_saddr: btf.member_offset("sock_common", "skc_rcv_saddr")?,
+            skc_dport: btf.member_offset("sock_common", "skc_dport")?,
+            skc_num: btf.member_offset("sock_common", "skc_num")?,
+            // Absent without IPv6, and then so are IPv6 sockets.
+            skc_v6_daddr: btf
+                .member_offset("sock_common", "skc_v6_daddr")
+                .unwrap_or(0),
+            // Absent without IPv6, and then so are IPv6 sockets.
+            skc_v6_rcv_saddr: btf
+                .member_offset("sock_common", "skc_v6_rcv_saddr")
+                .unwrap_or(0),
+            // possible_net_t holds the one pointer.
+            skc_net: btf.member_offset("sock_common", "skc_net")?,
+            net_cookie: btf.member_offset("net", "net_cookie")?,
             retransmit_has_err: u32::from(args("tcp_retransmit_skb") >= 3),
             send_reset_has_reason: u32::from(args("tcp_send_reset") >= 3),
         })

@@ -567,13 +567,16 @@ impl Stitcher {
 mod tests {
     use std::sync::Arc;
 
-    use mesh_trace_common::{
-        ConnectEvent, DataEvent, Endpoint, EventKind, SockEvent, DIR_RECV, DIR_SEND,
-    };
+    use mesh_trace_common::{DataEvent, EventKind, DIR_RECV, DIR_SEND};
 
     use super::*;
     use crate::{
-        flows::{legs::LegKind, metadata::NoMetadata, table::FlowTableConfig},
+        flows::{
+            legs::LegKind,
+            metadata::NoMetadata,
+            table::FlowTableConfig,
+            test_events::{connect, ep, established},
+        },
         kernel::events::Event,
     };
 
@@ -583,38 +586,6 @@ mod tests {
     const OUTBOUND: u32 = 20;
     const INBOUND: u32 = 30;
     const SERVER: u32 = 40;
-
-    fn ep(ip: [u8; 4], port: u16) -> Endpoint {
-        Endpoint::v4(u32::from_ne_bytes(ip), port)
-    }
-
-    fn connect(cookie: u64, netns: u64, uid: u64, tgid: u32, dst: Endpoint) -> Event {
-        let mut c = ConnectEvent::default();
-        c.header.kind = EventKind::Connect as u32;
-        c.sock_cookie = cookie;
-        c.netns_cookie = netns;
-        c.task.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
-        c.task.uid_gid = uid << 32 | uid;
-        c.dst = dst;
-        Event::Connect(c)
-    }
-
-    fn established(
-        cookie: u64,
-        netns: u64,
-        local: Endpoint,
-        remote: Endpoint,
-        active: bool,
-    ) -> Event {
-        let mut s = SockEvent::default();
-        s.header.kind = EventKind::Established as u32;
-        s.sock_cookie = cookie;
-        s.netns_cookie = netns;
-        s.local = local;
-        s.remote = remote;
-        s.active = u32::from(active);
-        Event::Established(s)
-    }
 
     /// Chain `k`'s six sockets, cookies `10 k + 1 ..= 10 k + 6`: the app's
     /// connection to 15001, the outbound sidecar's to the server pod (15006
