@@ -34,10 +34,16 @@ pub fn count_loss(reason: LossReason) {
 
 #[inline(always)]
 pub fn header(kind: EventKind) -> EventHeader {
+    header_at(kind, unsafe { bpf_ktime_get_ns() })
+}
+
+/// A header with a time the caller already read.
+#[inline(always)]
+pub fn header_at(kind: EventKind, ts_ns: u64) -> EventHeader {
     EventHeader {
         kind: kind as u32,
         cpu: unsafe { bpf_get_smp_processor_id() },
-        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ts_ns,
     }
 }
 

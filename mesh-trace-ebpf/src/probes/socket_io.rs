@@ -28,7 +28,9 @@ use mesh_trace_common::{
     DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_OWNER_SEEN,
 };
 
-use crate::maps::{count_loss, emit, header, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS};
+use crate::maps::{
+    count_loss, emit, header, header_at, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS,
+};
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
 #[no_mangle]
@@ -103,17 +105,19 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     if ret <= 0 {
         return;
     }
+    // One clock read serves the RTT sample and the data event.
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
     // Long-lived connections (a sidecar's pool) report their RTT about once
     // a second while they carry traffic, not only at open and close.
-    let now = (unsafe { bpf_ktime_get_ns() } >> 30) as u32;
-    if tracked.rtt_sampled != now {
-        tracked.rtt_sampled = now;
+    let second = (ts_ns >> 30) as u32;
+    if tracked.rtt_sampled != second {
+        tracked.rtt_sampled = second;
         let off = unsafe { core::ptr::read_volatile(&OFF_SRTT_US) };
         let srtt = read_u32(sk, off) >> 3;
         if srtt != 0 {
             let min_off = unsafe { core::ptr::read_volatile(&OFF_RTT_MIN) };
             emit(TcpIssueEvent {
-                header: header(EventKind::TcpIssue),
+                header: header_at(EventKind::TcpIssue, ts_ns),
                 sock_cookie: cookie,
                 issue: ISSUE_RTT_SAMPLE,
                 detail: srtt,
@@ -132,7 +136,7 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let seq = first_seq(sk, direction, ret as u32);
-    capture(cookie, direction, u64::from(seq), len);
+    capture(cookie, direction, u64::from(seq), len, ts_ns);
 }
 
 /// Sequence number of the first of the `len` bytes this call moved: the
@@ -166,7 +170,7 @@ fn read_u32(sk: *mut c_void, off: u32) -> u32 {
 }
 
 #[inline(always)]
-fn capture(cookie: u64, direction: u32, offset: u64, len: u64) {
+fn capture(cookie: u64, direction: u32, offset: u64, len: u64, ts_ns: u64) {
     let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
         count_loss(LossReason::RingBufFull);
         return;
@@ -175,7 +179,7 @@ fn capture(cookie: u64, direction: u32, offset: u64, len: u64) {
     // SAFETY: `ev` points at reserved ring buffer memory of DataEvent's size;
     // every field but the prefix tail is written before submit.
     unsafe {
-        (*ev).header = header(EventKind::Data);
+        (*ev).header = header_at(EventKind::Data, ts_ns);
         (*ev).sock_cookie = cookie;
         (*ev).pid_tgid = bpf_get_current_pid_tgid();
         (*ev).offset = offset;
