@@ -105,15 +105,26 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     if ret <= 0 {
         return;
     }
-    // One clock read serves the RTT sample and the data event.
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    // A peek (e.g. a sidecar sniffing for TLS) moves no bytes off the stream.
+    let flags: i32 = ctx.arg(2);
+    if direction == DIR_RECV && flags & MSG_PEEK != 0 {
+        return;
+    }
+    let len = ret as u64;
+    if unsafe { MESHED_NETNS.get(tracked.netns_cookie) }.is_none() {
+        return;
+    }
+    let seq = first_seq(sk, direction, ret as u32);
+    // The data event first, as soon as the call returned: a peer's event
+    // for the same bytes should not be reserved before it.
+    let ts_ns = capture(cookie, direction, u64::from(seq), len);
     // Long-lived connections (a sidecar's pool) report their RTT about once
-    // a second while they carry traffic, not only at open and close.
+    // a second while they carry traffic, not only at open and close; the
+    // data event's clock serves both.
     let second = (ts_ns >> 30) as u32;
-    if tracked.rtt_sampled != second {
+    if ts_ns != 0 && tracked.rtt_sampled != second {
         tracked.rtt_sampled = second;
-        let off = unsafe { core::ptr::read_volatile(&OFF_SRTT_US) };
-        let srtt = read_u32(sk, off) >> 3;
+        let srtt = read_u32(sk, unsafe { core::ptr::read_volatile(&OFF_SRTT_US) }) >> 3;
         if srtt != 0 {
             let min_off = unsafe { core::ptr::read_volatile(&OFF_RTT_MIN) };
             emit(TcpIssueEvent {
@@ -126,17 +137,6 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
             });
         }
     }
-    // A peek (e.g. a sidecar sniffing for TLS) moves no bytes off the stream.
-    let flags: i32 = ctx.arg(2);
-    if direction == DIR_RECV && flags & MSG_PEEK != 0 {
-        return;
-    }
-    let len = ret as u64;
-    if unsafe { MESHED_NETNS.get(tracked.netns_cookie) }.is_none() {
-        return;
-    }
-    let seq = first_seq(sk, direction, ret as u32);
-    capture(cookie, direction, u64::from(seq), len, ts_ns);
 }
 
 /// Sequence number of the first of the `len` bytes this call moved: the
@@ -169,12 +169,14 @@ fn read_u32(sk: *mut c_void, off: u32) -> u32 {
     v
 }
 
+/// Writes the data event; returns its time, or 0 when the ring was full.
 #[inline(always)]
-fn capture(cookie: u64, direction: u32, offset: u64, len: u64, ts_ns: u64) {
+fn capture(cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
     let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
         count_loss(LossReason::RingBufFull);
-        return;
+        return 0;
     };
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
     let ev = slot.as_mut_ptr();
     // SAFETY: `ev` points at reserved ring buffer memory of DataEvent's size;
     // every field but the prefix tail is written before submit.
@@ -209,6 +211,7 @@ fn capture(cookie: u64, direction: u32, offset: u64, len: u64, ts_ns: u64) {
         }
     }
     slot.submit(wakeup_flags());
+    ts_ns
 }
 
 /// The current syscall's user buffer and its size, from the task's saved

@@ -20,6 +20,9 @@ use super::{
 
 pub const REQUEST_ID: &str = "x-request-id";
 pub const SERVED_BY: &str = "x-served-by";
+/// The load generator's own id for a request that carries no x-request-id
+/// (`lab load --no-request-id`), recorded for the tests' truth.
+pub const CLIENT_ID: &str = "x-lab-client-id";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AppOptions {
@@ -137,6 +140,11 @@ impl App {
             request_id,
             method: req.method().to_string(),
             path: req.uri().path().to_string(),
+            client_id: req
+                .headers()
+                .get(CLIENT_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
             status: status.as_u16(),
             peer,
             t_read_ns,

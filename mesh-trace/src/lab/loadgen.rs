@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use super::{
-    app::{REQUEST_ID, SERVED_BY},
+    app::{CLIENT_ID, REQUEST_ID, SERVED_BY},
     http_client::{self, HttpClient},
     records::{mono_ns, ClientRecord, RecordWriter},
 };
@@ -46,6 +46,11 @@ pub struct LoadOptions {
     /// Open a new connection for every request (no keep-alive).
     #[arg(long)]
     pub new_connections: bool,
+    /// Send no x-request-id: each request's id goes in `x-lab-client-id`
+    /// instead (a header proxies forward and mesh-trace does not match
+    /// on), so that an id a sidecar adds can be joined to it.
+    #[arg(long)]
+    pub no_request_id: bool,
 }
 
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
@@ -146,8 +151,13 @@ impl Shared {
         let t0 = Instant::now();
         let t_start_ns = mono_ns();
         let result = async {
+            let header = if self.opts.no_request_id {
+                CLIENT_ID
+            } else {
+                REQUEST_ID
+            };
             let req = http_client::request_to(&self.opts.url, &self.resolve)?
-                .header(REQUEST_ID, &id)
+                .header(header, &id)
                 .body(Full::<Bytes>::default())?;
             http_client::fetch(&self.client, req).await
         }

@@ -81,6 +81,10 @@ pub struct AppRecord {
     pub request_id: Option<String>,
     pub method: String,
     pub path: String,
+    /// The load generator's id in `x-lab-client-id`, when it sent one there
+    /// instead of `x-request-id`.
+    #[serde(default)]
+    pub client_id: Option<String>,
     pub status: u16,
     pub peer: SocketAddr,
     /// The read that completed the request head returned.
