@@ -32,6 +32,9 @@ pub struct ConfigFile {
     pub max_flows: Option<usize>,
     /// Directory of named network namespaces to watch at the NAT step.
     pub netns_dir: Option<PathBuf>,
+    /// Serve `/api/v1/stats` (request paths and ids) to any client, not
+    /// only to loopback ones.
+    pub stats_from_anywhere: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -104,7 +104,32 @@ fn respond(
         .expect("static response parts are valid")
 }
 
-fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Who may read `/api/v1/stats`, which names request paths and
+/// `x-request-id`s: by default only clients on the agent's own loopback
+/// (`mesh-trace top` on the node, or `kubectl port-forward`); `/metrics`
+/// holds no per-request detail and is served to anyone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StatsAccess {
+    #[default]
+    LoopbackOnly,
+    Anyone,
+}
+
+impl StatsAccess {
+    fn allows(self, peer: std::net::SocketAddr) -> bool {
+        self == StatsAccess::Anyone || peer.ip().to_canonical().is_loopback()
+    }
+}
+
+const STATS_REFUSED: &str = "/api/v1/stats names request paths and ids: it is served to \
+    loopback clients only (run mesh-trace top on the node, or kubectl port-forward to the \
+    agent's pod); start the agent with --stats-from-anywhere to serve it to any client\n";
+
+fn route(
+    state: &AgentState,
+    req: &Request<Incoming>,
+    stats_allowed: bool,
+) -> Response<Full<Bytes>> {
     const TEXT: &str = "text/plain; charset=utf-8";
     match req.uri().path() {
         "/metrics" if wants_openmetrics(req) => {
@@ -116,6 +141,7 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             state.metrics.encode_prometheus_text(),
         ),
         "/healthz" => respond(StatusCode::OK, TEXT, "ok\n"),
+        "/api/v1/stats" if !stats_allowed => respond(StatusCode::FORBIDDEN, TEXT, STATS_REFUSED),
         "/api/v1/stats" => respond(StatusCode::OK, "application/json", state.stats_json()),
         "/readyz" => match (
             state.ready.load(Ordering::Acquire),
@@ -145,10 +171,11 @@ fn route(state: &AgentState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AgentState>,
+    stats: StatsAccess,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -159,9 +186,10 @@ pub async fn serve(
             },
         };
         let state = state.clone();
+        let stats_allowed = stats.allows(peer);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let resp = route(&state, &req);
+                let resp = route(&state, &req, stats_allowed);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -171,5 +199,23 @@ pub async fn serve(
                 tracing::debug!("metrics connection: {e}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_access_by_peer() {
+        let peer = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let only = StatsAccess::LoopbackOnly;
+        assert!(only.allows(peer("127.0.0.1:5000")));
+        assert!(only.allows(peer("127.3.2.1:5000")));
+        assert!(only.allows(peer("[::1]:5000")));
+        assert!(only.allows(peer("[::ffff:127.0.0.1]:5000")));
+        assert!(!only.allows(peer("10.0.0.7:5000")));
+        assert!(!only.allows(peer("[fd00::7]:5000")));
+        assert!(StatsAccess::Anyone.allows(peer("10.0.0.7:5000")));
     }
 }

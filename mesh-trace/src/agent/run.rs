@@ -224,7 +224,12 @@ pub async fn agent_with_spans(
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the metrics address {addr}"))?;
-            Some(tokio::spawn(http::serve(listener, state.clone(), stop_rx)))
+            Some(tokio::spawn(http::serve(
+                listener,
+                state.clone(),
+                settings.stats_access,
+                stop_rx,
+            )))
         }
         None => None,
     };

@@ -14,7 +14,7 @@ use crate::{
     logging::LogLevel,
 };
 
-use super::config;
+use super::{config, http::StatsAccess};
 
 /// The agent's settings after merging defaults, the config file and flags.
 #[derive(Clone, Debug)]
@@ -36,6 +36,8 @@ pub struct Settings {
     pub netns_dir: PathBuf,
     /// Programs attached but returning at once (benchmark floor).
     pub noop: bool,
+    /// Who may read the per-request detail of `/api/v1/stats`.
+    pub stats_access: StatsAccess,
 }
 
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
@@ -55,6 +57,7 @@ impl Settings {
             max_flows: FlowTableConfig::default().max_sockets,
             netns_dir: DEFAULT_NETNS_DIR.into(),
             noop: false,
+            stats_access: StatsAccess::LoopbackOnly,
         })
     }
 

@@ -8,7 +8,7 @@ use crate::{
     agent::{
         self,
         config::{self, ConfigFile},
-        http::AgentState,
+        http::{AgentState, StatsAccess},
         settings::{Settings, DEFAULT_NETNS_DIR},
     },
     error::Failure,
@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// hooks alone (the floor benchmarks compare against).
     #[arg(long)]
     pub noop: bool,
+    /// Serve /api/v1/stats, which names request paths and x-request-ids, to
+    /// any client; by default only loopback clients get it (mesh-trace top
+    /// on the node, kubectl port-forward).
+    #[arg(long)]
+    pub stats_from_anywhere: bool,
 }
 
 /// Merges flags over the config file over defaults. Errors are usage errors.
@@ -101,6 +106,11 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
             .or(file.netns_dir)
             .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
         noop: args.noop,
+        stats_access: if args.stats_from_anywhere || file.stats_from_anywhere == Some(true) {
+            StatsAccess::Anyone
+        } else {
+            StatsAccess::LoopbackOnly
+        },
     })
 }
 

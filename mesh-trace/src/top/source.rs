@@ -277,7 +277,12 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, stop_rx) = watch::channel(false);
-        tokio::spawn(crate::agent::http::serve(listener, state, stop_rx));
+        tokio::spawn(crate::agent::http::serve(
+            listener,
+            state,
+            Default::default(),
+            stop_rx,
+        ));
         let url = AgentUrl::parse(&format!("http://{addr}")).unwrap();
         let stats = Source::Agent(url)
             .fetch(Duration::from_secs(2))
