@@ -69,7 +69,7 @@ impl Hook {
             Hook::Kprobe => ("not needed (tracepoint path used)", Need::Optional),
             Hook::Fentry => ("not needed (tp_btf path used)", Need::Optional),
             Hook::Tracepoint => ("not needed (tp_btf path used)", Need::Optional),
-            Hook::TpBtf => ("socket I/O: process, timing, payload", Need::Optional),
+            Hook::TpBtf => ("socket I/O: every span's data, process", Need::Optional),
             Hook::RawTracepoint => ("fallback for tp_btf", Need::Optional),
             Hook::CgroupSockopt => ("proxy's SO_ORIGINAL_DST lookups", Need::Optional),
             Hook::NetfilterLink => ("counting NAT REDIRECTs", Need::Optional),
@@ -193,10 +193,17 @@ fn probe(
             Ok("attached to sock:inet_sock_set_state".into())
         }
         Hook::TpBtf => {
+            // The tracepoints every span depends on (Linux 6.3+), not just
+            // any: the receive side is checked in the kernel's BTF, the
+            // send side loaded and attached.
+            super::btf::KernelBtf::from_sys_fs()?
+                .tracepoint_args("sock_recv_length")
+                .context("sock_recv_length")?;
             let p: &mut BtfTracePoint = prog.try_into()?;
-            p.load("inet_sock_set_state", btf()?).context("load")?;
+            p.load("sock_send_length", btf()?)
+                .context("load on sock_send_length")?;
             p.attach().context("attach")?;
-            Ok("attached to inet_sock_set_state".into())
+            Ok("attached to sock_send_length; sock_recv_length present".into())
         }
         Hook::RawTracepoint => {
             let p: &mut RawTracePoint = prog.try_into()?;

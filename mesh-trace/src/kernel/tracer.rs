@@ -182,12 +182,12 @@ impl Tracer {
             (
                 names::SEND_LENGTH,
                 "sock_send_length",
-                "accepted sockets have no process",
+                "no spans (sends are not seen) and accepted sockets have no process",
             ),
             (
                 names::RECV_LENGTH,
                 "sock_recv_length",
-                "accepted sockets have no process",
+                "no spans (receives are not seen) and accepted sockets have no process",
             ),
             (
                 names::RETRANSMIT,
