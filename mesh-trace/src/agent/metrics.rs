@@ -165,6 +165,7 @@ pub struct Metrics {
     pub min_rtt: Family<LegSideLabels, Histogram>,
     pub flows_evicted: Counter,
     pub flows_tracked: Gauge,
+    pub meshed_netns: Gauge,
     pub unknown_socket_events: Counter,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub hop_duration: Family<HopLabels, Histogram>,
@@ -316,6 +317,12 @@ impl Metrics {
             "Sockets dropped from the flow table because it was full or they were idle too long",
             flows_evicted.clone(),
         );
+        let meshed_netns = Gauge::default();
+        registry.register(
+            "meshed_netns",
+            "Network namespaces whose socket data is captured (pods with a sidecar, or where a REDIRECT was seen); at most 16,384, and a namespace that is gone leaves",
+            meshed_netns.clone(),
+        );
         let flows_tracked = Gauge::default();
         registry.register(
             "flows_tracked",
@@ -434,6 +441,7 @@ impl Metrics {
             min_rtt,
             flows_evicted,
             flows_tracked,
+            meshed_netns,
             unknown_socket_events,
             workload_pairs: Default::default(),
         }

@@ -322,13 +322,29 @@ pub async fn agent_with_spans(
                 // Pods that appeared since: their namespaces, and whether
                 // they have a sidecar, come from the metadata source.
                 metadata.refresh(&settings.netns_dir);
-                for cookie in metadata.meshed_netns() {
+                let sidecars = metadata.meshed_netns();
+                for &cookie in &sidecars {
                     if meshed.insert(cookie) {
                         if let Err(e) = tracer.mark_meshed(cookie) {
                             tracing::warn!("{e:#}");
                         }
                     }
                 }
+                // Namespaces that are gone leave MESHED_NETNS: those the
+                // metadata no longer names and whose NAT is no longer
+                // observed (the only ways a namespace gets marked).
+                let alive: std::collections::HashSet<u64> =
+                    tracer.watched_netns_cookies().chain(sidecars).collect();
+                let gone: Vec<u64> = meshed.iter().copied().filter(|c| !alive.contains(c)).collect();
+                for cookie in gone {
+                    match tracer.unmark_meshed(cookie) {
+                        Ok(()) => {
+                            meshed.remove(&cookie);
+                        }
+                        Err(e) => tracing::warn!("{e:#}"),
+                    }
+                }
+                state.metrics.meshed_netns.set(meshed.len() as i64);
                 state.info.lock().unwrap_or_else(|p| p.into_inner()).netns_watched = watched;
             }
             _ = flow_tick.tick() => {

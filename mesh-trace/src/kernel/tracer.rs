@@ -86,7 +86,8 @@ pub struct Tracer {
     /// What the generated netfilter programs need; None if BTF lacks sk_buff.
     nat_shared: Option<nat::Shared>,
     /// NAT observers by network namespace name.
-    nat_probes: HashMap<String, nat::NatProbe>,
+    /// By namespace name: its NAT observer and its cookie.
+    nat_probes: HashMap<String, (nat::NatProbe, u64)>,
     lost: PerCpuArray<MapData, u64>,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub attached: Vec<Attached>,
@@ -323,7 +324,7 @@ impl Tracer {
         let cookie = crate::flows::metadata::netns_cookie_at(&path)?;
         let probe = nat::NatProbe::attach(shared, &path, cookie)
             .with_context(|| format!("observing NAT in network namespace {name}"))?;
-        self.nat_probes.insert(name.to_string(), probe);
+        self.nat_probes.insert(name.to_string(), (probe, cookie));
         Ok(true)
     }
 
@@ -402,6 +403,20 @@ impl Tracer {
         self.meshed
             .insert(netns_cookie, 1, 0)
             .context("updating MESHED_NETNS (map full?)")
+    }
+
+    /// Forgets a namespace that is gone (its entry would otherwise hold a
+    /// place in MESHED_NETNS for ever).
+    pub fn unmark_meshed(&mut self, netns_cookie: u64) -> anyhow::Result<()> {
+        match self.meshed.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from MESHED_NETNS"),
+        }
+    }
+
+    /// Cookies of the namespaces whose NAT is observed now.
+    pub fn watched_netns_cookies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.nat_probes.values().map(|(_, cookie)| *cookie)
     }
 
     pub fn nat_available(&self) -> bool {

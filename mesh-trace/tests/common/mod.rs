@@ -46,6 +46,16 @@ impl Traced {
     }
 
     pub fn start(lab: &Lab) -> Traced {
+        Self::start_with(Some(lab.dir.clone()))
+    }
+
+    /// The agent without any metadata source: namespaces are meshed only
+    /// by the REDIRECTs seen in them.
+    pub fn start_without_metadata() -> Traced {
+        Self::start_with(None)
+    }
+
+    fn start_with(lab_dir: Option<std::path::PathBuf>) -> Traced {
         let state = Arc::new(AgentState::new());
         let legs = Arc::new(Mutex::new(Vec::new()));
         let spans = Arc::new(Mutex::new(Vec::new()));
@@ -53,7 +63,7 @@ impl Traced {
         let settings = Settings {
             ring_buffer_bytes: 1 << 22,
             max_flows: 65_536,
-            ..Settings::in_process(Some(lab.dir.clone())).expect("cgroup v2")
+            ..Settings::in_process(lab_dir).expect("cgroup v2")
         };
         let (st, lg, sp) = (state.clone(), legs.clone(), spans.clone());
         let thread = std::thread::spawn(move || {

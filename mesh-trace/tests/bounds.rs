@@ -1,0 +1,81 @@
+//! What the agent keeps in the kernel is bounded and cleaned: a network
+//! namespace marked meshed (by a REDIRECT seen in it) leaves MESHED_NETNS
+//! when it is gone, so pod churn never fills the map. Needs root.
+mod common;
+
+use std::{
+    io::Read as _,
+    net::{TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::Traced;
+use mesh_trace::netns::NetNs;
+
+fn meshed(traced: &Traced) -> i64 {
+    traced.state.metrics.meshed_netns.get()
+}
+
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_namespace_that_is_gone_leaves_the_meshed_set() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "bounds tests load eBPF programs and create network namespaces: run them as root"
+    );
+    let traced = Traced::start_without_metadata();
+    let before = meshed(&traced);
+    // A pod-like namespace whose nat table redirects port 9080 to a local
+    // listener on 15001, as istio-iptables does for outbound traffic.
+    let ns = NetNs::create(&format!("mt-b-{}", std::process::id())).unwrap();
+    ns.exec("ip", &["link", "set", "lo", "up"]).unwrap();
+    ns.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    )
+    .unwrap();
+    let listener = ns
+        .enter(|| TcpListener::bind("127.0.0.1:15001").unwrap())
+        .unwrap();
+    // The agent finds the namespace within a scan (1 s); until it does, a
+    // connection's REDIRECT is not seen, so connect until it is.
+    wait_for(
+        "the REDIRECT to mark the namespace",
+        Duration::from_secs(10),
+        || {
+            let _client = ns
+                .enter(|| TcpStream::connect("127.0.0.1:9080").unwrap())
+                .unwrap();
+            let (mut accepted, _) = listener.accept().unwrap();
+            drop(_client);
+            let _ = accepted.read(&mut [0u8; 1]);
+            std::thread::sleep(Duration::from_millis(200));
+            meshed(&traced) == before + 1
+        },
+    );
+    drop(listener);
+    drop(ns);
+    wait_for("the namespace to leave", Duration::from_secs(10), || {
+        meshed(&traced) == before
+    });
+}
