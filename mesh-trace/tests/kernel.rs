@@ -229,3 +229,61 @@ fn attached_program_ids() -> Vec<u32> {
     ids.sort();
     ids
 }
+
+/// Two agents on one node (the old and the new pod of a rolling update):
+/// netfilter takes one BPF program per priority, so the second sits one
+/// place further from the nat table, and both see every REDIRECT.
+#[tokio::test]
+async fn two_tracers_both_observe_the_nat_step_of_one_namespace() {
+    require_root();
+    let name = format!("mt-t-nat2-{}", std::process::id());
+    let ns = NetNs::create(&name).unwrap();
+    ns.exec("ip", &["link", "set", "lo", "up"]).unwrap();
+    ns.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    )
+    .unwrap();
+    let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
+    let mut old = load_tracer();
+    let mut new = load_tracer();
+    for tracer in [&mut old, &mut new] {
+        assert!(tracer.nat_available(), "netfilter programs load here");
+        assert!(tracer.watch_netns(dir, &name).unwrap(), "watching {name}");
+    }
+    let cookie = ns
+        .enter(|| {
+            let listener = TcpListener::bind("127.0.0.1:15001").unwrap();
+            let client = TcpStream::connect("127.0.0.1:9080").unwrap();
+            let _accepted = listener.accept().unwrap();
+            netns_cookie(&client).unwrap()
+        })
+        .unwrap();
+    for (who, tracer) in [("the first", &mut old), ("the second", &mut new)] {
+        let events = collect_until(tracer, Duration::from_secs(5), |seen| {
+            seen.iter()
+                .any(|e| matches!(e, Event::Redirect(r) if r.netns_cookie == cookie))
+        })
+        .await;
+        assert!(
+            events.iter().any(
+                |e| matches!(e, Event::Redirect(r) if r.netns_cookie == cookie
+                    && u16::from_be(r.new_dport_be) == 15001)
+            ),
+            "{who} tracer saw no REDIRECT to 15001"
+        );
+    }
+}

@@ -72,10 +72,10 @@ impl NatProbe {
             (NF_INET_LOCAL_OUT, HOOK_LOCAL_OUT),
             (NF_INET_PRE_ROUTING, HOOK_PRE_ROUTING),
         ] {
-            for (stage, priority) in [
-                (Stage::Before, NF_IP_PRI_NAT_DST - 1),
-                (Stage::After { hook }, NF_IP_PRI_NAT_DST + 1),
-            ] {
+            // Next to the nat table on either side, moving away from it
+            // when another agent (a rolling update's other pod) holds a
+            // place: netfilter takes one BPF program per priority.
+            for (stage, priority) in [(Stage::Before, -1), (Stage::After { hook }, 1)] {
                 let insns = program(shared, pending.as_fd(), stage, netns_cookie);
                 let name = match stage {
                     Stage::Before => "mt_nat_before",
@@ -93,8 +93,7 @@ impl NatProbe {
                 .map(|&(fd, hooknum, priority)| {
                     // SAFETY: fd belongs to a program in `progs`, alive here.
                     let prog = unsafe { BorrowedFd::borrow_raw(fd) };
-                    netfilter::attach(&prog, NFPROTO_IPV4, hooknum, priority)
-                        .context("BPF_LINK_CREATE (netfilter)")
+                    attach_next_to_nat(&prog, hooknum, priority)
                 })
                 .collect::<anyhow::Result<Vec<OwnedFd>>>()
         })?;
@@ -107,6 +106,32 @@ impl NatProbe {
 }
 
 use std::os::fd::AsFd;
+
+/// How far from the nat table's priority a program may sit: the next
+/// hooks on either side (mangle at -150, filter at 0) are further.
+const NAT_NEIGHBOURS: i32 = 8;
+
+/// Links `prog` at the first free priority `direction` (-1 before, +1
+/// after) of the nat table's.
+fn attach_next_to_nat(
+    prog: &BorrowedFd<'_>,
+    hooknum: u32,
+    direction: i32,
+) -> anyhow::Result<OwnedFd> {
+    for k in 1..=NAT_NEIGHBOURS {
+        let priority = NF_IP_PRI_NAT_DST + direction * k;
+        match netfilter::attach(prog, NFPROTO_IPV4, hooknum, priority) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
+            other => {
+                return other
+                    .with_context(|| format!("BPF_LINK_CREATE (netfilter, priority {priority})"))
+            }
+        }
+    }
+    anyhow::bail!(
+        "BPF_LINK_CREATE (netfilter): all {NAT_NEIGHBOURS} priorities next to the nat table are taken by other programs"
+    )
+}
 
 /// Generates one stage's program.
 fn program(shared: &Shared, pending: BorrowedFd<'_>, stage: Stage, netns_cookie: u64) -> Vec<Insn> {
