@@ -116,16 +116,25 @@ impl Span {
     }
 
     /// Across a leg on loopback the reader can return (and its moment be
-    /// taken) a few microseconds before the writer's send does, since the
-    /// bytes reach the peer inside the send: a receiver's moment up to
-    /// [`LEG_SKEW_NS`] before its sender's is the same instant. Larger
-    /// inversions are left for [`Span::is_consistent`] to refuse.
+    /// taken) before the writer's send does, since the bytes reach the peer
+    /// inside the send: a receiver's moment up to [`LEG_SKEW_NS`] before
+    /// its sender's is the same instant. The bytes were sent by the time
+    /// they were read, so the sender's moment moves back to the read; only
+    /// when that would put it before the moment ahead of it does the read
+    /// move forward instead (the reader's next moment, a sidecar's forward,
+    /// may come before the sender's late one). Larger inversions are left
+    /// for [`Span::is_consistent`] to refuse.
     pub fn settle_leg_skew(&mut self) {
         // (sender, receiver) moments of each leg, both ways.
         for (a, b) in [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9), (10, 11)] {
             if let (Some(sent), Some(read)) = (self.moments[a], self.moments[b]) {
                 if read < sent && sent - read <= LEG_SKEW_NS {
-                    self.moments[b] = Some(sent);
+                    let before = self.moments[..a].iter().flatten().next_back();
+                    if before.is_none_or(|&t| t <= read) {
+                        self.moments[a] = Some(read);
+                    } else {
+                        self.moments[b] = Some(sent);
+                    }
                 }
             }
         }
@@ -246,13 +255,31 @@ mod tests {
     #[test]
     fn a_read_reported_just_before_its_write_is_the_same_instant() {
         let mut s = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
-        // The app's read (t5) 30 us before the sidecar's write (t4) ended.
+        // The app's read (t5) 30 us before the sidecar's write (t4) ended:
+        // the write had happened by then.
         s.moments[5] = Some(4_000_000 - 30_000);
         assert!(!s.is_consistent());
         s.settle_leg_skew();
-        assert_eq!(s.moments[5], Some(4_000_000));
+        assert_eq!(s.moments[4], Some(3_970_000));
+        assert_eq!(s.moments[5], Some(3_970_000));
         assert_eq!(s.hop_ns(Hop::InboundToApp), Some(1_000_000));
         assert!(s.is_consistent());
+        // The sidecar's read (t1) and even its forward (t2) reported before
+        // the app's late send (t0): the send moves back to the read.
+        let mut late = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        late.moments[2] = Some(1_200_000);
+        late.moments[0] = Some(1_500_000);
+        late.settle_leg_skew();
+        assert_eq!(late.moments[0], Some(1_000_000));
+        assert!(late.is_consistent());
+        // Where moving the send back would cross the moment before it, the
+        // read moves forward.
+        let mut forward = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        forward.moments[1] = Some(1_800_000);
+        forward.moments[3] = Some(1_500_000);
+        forward.settle_leg_skew();
+        assert_eq!(forward.moments[2], Some(2_000_000));
+        assert_eq!(forward.moments[3], Some(2_000_000));
         // Two and a half milliseconds is not skew: another request's moment.
         let mut far = span([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
         far.moments[9] = Some(5_500_000);

@@ -228,6 +228,12 @@ impl Spans {
     }
 
     /// Whether span `id` is still in flight.
+    /// Whether `id` is an orphan still standing for itself (not settled,
+    /// not completed).
+    pub(super) fn is_unsettled_orphan(&self, id: SpanId) -> bool {
+        self.spans.peek(&id).is_some_and(|p| p.orphan_at.is_some())
+    }
+
     pub(super) fn in_flight(&self, id: SpanId) -> bool {
         self.spans.contains(&self.alias(id))
     }

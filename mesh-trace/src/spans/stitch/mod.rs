@@ -158,8 +158,15 @@ pub struct Stitcher {
     proxies: Proxies,
     /// The requests one read delivered, kept to reuse the allocation.
     delivered: Vec<(Arrival, SpanId)>,
+    /// Per sidecar side, recent upstream writes that matched no request it
+    /// held (orphans): when, and what they showed. The client's write of
+    /// such a request may be reported after the sidecar's forward of it.
+    unmatched: HashMap<ProxySide, std::collections::VecDeque<(SpanId, u64, Identity)>>,
     pub unstitched: HashMap<Unstitched, u64>,
 }
+
+/// Unmatched upstream writes remembered per sidecar side.
+const MAX_UNMATCHED: usize = 64;
 
 impl Stitcher {
     pub fn new(cfg: StitchConfig) -> Stitcher {
@@ -169,6 +176,7 @@ impl Stitcher {
             legs: Legs::new(),
             proxies: Proxies::new(),
             delivered: Vec::new(),
+            unmatched: HashMap::new(),
             unstitched: HashMap::new(),
             cfg,
         }
@@ -374,6 +382,9 @@ impl Stitcher {
         let identity = read.or_else(|| self.spans.identity(id));
         self.spans
             .note_request_id(id, identity.as_ref().and_then(Identity::request_id));
+        if self.claim_unmatched(side, id, a.ts_ns, identity.as_ref()) {
+            return;
+        }
         if let Some(dropped) = self
             .proxies
             .hold(side, Forwardable::new(id, a.ts_ns, identity))
@@ -381,6 +392,50 @@ impl Stitcher {
             // Too many held on one side: that request can no longer be
             // matched.
             self.spans.contest(dropped);
+        }
+    }
+
+    /// A request read by a sidecar whose read is learnt only now, when the
+    /// client's write of it is (the two ends of a leg may be reported in
+    /// either order): the sidecar may have forwarded it already, as an
+    /// upstream write that matched nothing it held then. The one such
+    /// write made after this read, showing the same request with the same
+    /// `x-request-id`, is it: its moments join this request's, which is
+    /// then no longer held. Any other fitting write leaves the request
+    /// contested (it may be that one): never a local reply by mistake.
+    fn claim_unmatched(
+        &mut self,
+        side: ProxySide,
+        id: SpanId,
+        read_ns: u64,
+        read: Option<&Identity>,
+    ) -> bool {
+        self.drop_done_unmatched(Some(side));
+        let Some(queue) = self.unmatched.get_mut(&side) else {
+            return false;
+        };
+        let fitting: Vec<usize> = queue
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, written_ns, written))| {
+                *written_ns >= read_ns && read.is_none_or(|r| r.fits(written))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match fitting[..] {
+            [] => false,
+            [i] if read
+                .and_then(Identity::request_id)
+                .is_some_and(|rid| queue[i].2.request_id() == Some(rid)) =>
+            {
+                let (orphan, _, _) = queue.remove(i).expect("index from the queue");
+                self.spans.settle(orphan, id);
+                true
+            }
+            _ => {
+                self.spans.contest(id);
+                false
+            }
         }
     }
 
@@ -450,12 +505,23 @@ impl Stitcher {
                 self.orphan(place, side, candidates, msg)
             }
             Forwarded::Unmatched(held) => {
-                self.count(Unstitched::NoDownstream);
                 // It may have been any of them, rewritten past recognition.
                 for id in held {
                     self.spans.contest(id);
                 }
-                self.orphan(place, side, Vec::new(), msg)
+                let orphan = self.orphan(place, side, Vec::new(), msg);
+                // Counted when seen (a counter never goes back): a late
+                // client write that claims it below yields a span too.
+                self.count(Unstitched::NoDownstream);
+                // Or a request whose read is reported later.
+                if let Some(written) = Identity::of(Some(&msg.head)) {
+                    let queue = self.unmatched.entry(side).or_default();
+                    if queue.len() == MAX_UNMATCHED {
+                        queue.pop_front();
+                    }
+                    queue.push_back((orphan, msg.ts_ns, written));
+                }
+                orphan
             }
         }
     }
@@ -550,6 +616,19 @@ impl Stitcher {
     pub fn expire(&mut self, now_ns: u64) {
         let expired = self.spans.expire(now_ns, self.cfg.timeout_ns);
         self.count_n(Unstitched::Timeout, expired);
+        self.drop_done_unmatched(None);
+    }
+
+    /// Forgets the unmatched upstream writes (of `side`, or all) whose
+    /// orphan completed or was dropped.
+    fn drop_done_unmatched(&mut self, side: Option<ProxySide>) {
+        let spans = &self.spans;
+        self.unmatched.retain(|s, queue| {
+            if side.is_none_or(|side| side == *s) {
+                queue.retain(|(orphan, _, _)| spans.is_unsettled_orphan(*orphan));
+            }
+            !queue.is_empty()
+        });
     }
 
     /// Requests in flight.
@@ -814,6 +893,40 @@ mod tests {
             .expire(StitchConfig::default().timeout_ns + 1_000);
         assert_eq!(node.stitcher.pending(), 0);
         assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
+    }
+
+    /// The app's send is reported after its sidecar read the request and
+    /// even forwarded it (the app's thread ran its tracepoint late): the
+    /// forward, unmatched when seen, is claimed by the request when it
+    /// arrives, and the span is whole, exact, and no local reply.
+    #[test]
+    fn a_client_write_reported_after_the_sidecar_forwarded_it_is_still_one_span() {
+        let mut node = Node::six_sockets();
+        let (req, fwd) = (request("late-1"), forwarded("late-1"));
+        let t1 = node.io(2, OUTBOUND, DIR_RECV, &req);
+        let t2 = node.io(3, OUTBOUND, DIR_SEND, &fwd);
+        let _late_t0 = node.io(1, APP, DIR_SEND, &req);
+        let rest = [
+            node.io(4, INBOUND, DIR_RECV, &fwd),
+            node.io(5, INBOUND, DIR_SEND, &fwd),
+            node.io(6, SERVER, DIR_RECV, &fwd),
+            node.io(6, SERVER, DIR_SEND, RESPONSE),
+            node.io(5, INBOUND, DIR_RECV, RESPONSE),
+            node.io(4, INBOUND, DIR_SEND, RESPONSE),
+            node.io(3, OUTBOUND, DIR_RECV, RESPONSE),
+            node.io(2, OUTBOUND, DIR_SEND, RESPONSE),
+            node.io(1, APP, DIR_RECV, RESPONSE),
+        ];
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 1, "{:?}", node.stitcher.unstitched);
+        let s = &spans[0];
+        assert_eq!(s.local_reply, None);
+        assert_eq!(s.request_id.as_deref(), Some("late-1"));
+        // The send moved back to the read that proves it had happened.
+        let mut want = [t1, t1, t2, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        want[3..].copy_from_slice(&rest);
+        assert_eq!(s.moments, want.map(Some));
+        assert!(s.is_consistent());
     }
 
     #[test]
