@@ -287,3 +287,65 @@ async fn two_tracers_both_observe_the_nat_step_of_one_namespace() {
         );
     }
 }
+
+/// A namespace becomes meshed at its first REDIRECT, in the kernel: that
+/// connection's own first bytes are captured, before the agent has read
+/// any event (this test never marks the namespace itself).
+#[tokio::test]
+async fn the_first_redirected_connection_of_a_namespace_is_captured() {
+    require_root();
+    let name = format!("mt-t-first-{}", std::process::id());
+    let ns = NetNs::create(&name).unwrap();
+    ns.exec("ip", &["link", "set", "lo", "up"]).unwrap();
+    ns.exec(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9080",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ],
+    )
+    .unwrap();
+    let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
+    let mut tracer = load_tracer();
+    assert!(tracer.watch_netns(dir, &name).unwrap(), "watching {name}");
+    let netns = ns
+        .enter(|| {
+            let listener = TcpListener::bind("127.0.0.1:15001").unwrap();
+            let mut client = TcpStream::connect("127.0.0.1:9080").unwrap();
+            let (mut accepted, _) = listener.accept().unwrap();
+            client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let mut buf = [0u8; 18];
+            accepted.read_exact(&mut buf).unwrap();
+            netns_cookie(&client).unwrap()
+        })
+        .unwrap();
+    let events = collect_until(&mut tracer, Duration::from_secs(5), |seen| {
+        seen.iter()
+            .any(|e| matches!(e, Event::Data(d) if d.prefix[..d.prefix_len as usize].starts_with(b"GET /")))
+    })
+    .await;
+    assert!(
+        tracer.meshed_netns().contains(&netns),
+        "the NAT step marked the namespace"
+    );
+    let first: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::Data(d) if d.prefix[..d.prefix_len as usize].starts_with(b"GET /")))
+        .collect();
+    // The client's send and the listener's receive of the same bytes.
+    assert_eq!(
+        first.len(),
+        2,
+        "data events of the first request: {first:?}"
+    );
+}

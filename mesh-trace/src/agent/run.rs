@@ -335,16 +335,19 @@ pub async fn agent_with_spans(
                 // observed (the only ways a namespace gets marked).
                 let alive: std::collections::HashSet<u64> =
                     tracer.watched_netns_cookies().chain(sidecars).collect();
-                let gone: Vec<u64> = meshed.iter().copied().filter(|c| !alive.contains(c)).collect();
-                for cookie in gone {
+                // The kernel's own set: the NAT programs mark namespaces too.
+                let in_kernel = tracer.meshed_netns();
+                let mut held = in_kernel.len();
+                for cookie in in_kernel.into_iter().filter(|c| !alive.contains(c)) {
                     match tracer.unmark_meshed(cookie) {
                         Ok(()) => {
                             meshed.remove(&cookie);
+                            held -= 1;
                         }
                         Err(e) => tracing::warn!("{e:#}"),
                     }
                 }
-                state.metrics.meshed_netns.set(meshed.len() as i64);
+                state.metrics.meshed_netns.set(held as i64);
                 state.info.lock().unwrap_or_else(|p| p.into_inner()).netns_watched = watched;
             }
             _ = flow_tick.tick() => {

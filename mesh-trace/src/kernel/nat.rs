@@ -4,7 +4,8 @@
 //! and PRE_ROUTING (inbound REDIRECT to 15006). For each connection's SYN
 //! the first remembers the destination, the second compares: a change is a
 //! REDIRECT, written to the events ring buffer with a timestamp (or counted
-//! as lost).
+//! as lost), and the namespace marked meshed in MESHED_NETNS at once, so
+//! that the data path captures that very connection's first request.
 //!
 //! The programs are generated here (aya 0.14 cannot load netfilter
 //! programs), with the namespace's cookie and the map descriptors as
@@ -43,6 +44,8 @@ enum Stage {
 pub struct Shared {
     pub events: OwnedFd,
     pub lost: OwnedFd,
+    /// MESHED_NETNS, which the data path reads.
+    pub meshed: OwnedFd,
     /// Byte offset of `data` in `struct sk_buff`.
     pub skb_data_offset: i16,
     /// Benchmark floor: link programs that only accept.
@@ -221,7 +224,19 @@ fn after(a: &mut Asm, shared: &Shared, pending: BorrowedFd<'_>, hook: u16, netns
         .mov_imm(R3, size_of::<RedirectEvent>() as i32)
         .mov_imm(R4, 0)
         .call(helper::RINGBUF_OUTPUT)
-        .jump_imm(Cond::Eq, R0, 0, "accept")
+        // Keep the result; R8 (the source address) is not needed now.
+        .mov(R8, R0)
+        // Mark the namespace meshed before this connection's first byte:
+        // MESHED_NETNS[cookie] = 1.
+        .ld_imm64(R1, netns_cookie)
+        .store(Size::DW, FP, KEY, R1)
+        .store_imm(Size::W, FP, VAL, 1)
+        .ld_map_fd(R1, shared.meshed.as_raw_fd())
+        .stack_ptr(R2, KEY as i32)
+        .stack_ptr(R3, VAL as i32)
+        .mov_imm(R4, 0)
+        .call(helper::MAP_UPDATE_ELEM)
+        .jump_imm(Cond::Eq, R8, 0, "accept")
         // Not delivered: count it in LOST[ringbuf_full] like every program.
         .store_imm(
             Size::W,

@@ -414,6 +414,12 @@ impl Tracer {
         }
     }
 
+    /// The namespaces marked meshed in the kernel: by the agent, or by the
+    /// NAT programs at a REDIRECT.
+    pub fn meshed_netns(&self) -> Vec<u64> {
+        self.meshed.keys().filter_map(Result::ok).collect()
+    }
+
     /// Cookies of the namespaces whose NAT is observed now.
     pub fn watched_netns_cookies(&self) -> impl Iterator<Item = u64> + '_ {
         self.nat_probes.values().map(|(_, cookie)| *cookie)
@@ -512,7 +518,9 @@ fn nat_shared(ebpf: &Ebpf, noop: bool) -> anyhow::Result<nat::Shared> {
     let fd = |name: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
         let map = ebpf.map(name).with_context(|| format!("{name} map"))?;
         let data = match map {
-            aya::maps::Map::RingBuf(d) | aya::maps::Map::PerCpuArray(d) => d,
+            aya::maps::Map::RingBuf(d)
+            | aya::maps::Map::PerCpuArray(d)
+            | aya::maps::Map::HashMap(d) => d,
             _ => anyhow::bail!("{name} has an unexpected map type"),
         };
         Ok(data.fd().as_fd().try_clone_to_owned()?)
@@ -522,6 +530,7 @@ fn nat_shared(ebpf: &Ebpf, noop: bool) -> anyhow::Result<nat::Shared> {
     Ok(nat::Shared {
         events: fd(names::EVENTS)?,
         lost: fd(names::LOST)?,
+        meshed: fd(names::MESHED_NETNS)?,
         skb_data_offset: i16::try_from(offset).context("sk_buff.data offset")?,
         noop,
     })
