@@ -1,0 +1,101 @@
+//! The agent killed (SIGKILL) and stopped (SIGTERM) again and again while
+//! traffic runs through the lab's sidecars: no request fails, a stopped
+//! agent exits cleanly, and nothing stays behind in the kernel (BPF links)
+//! or the mount table. Needs root.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::agent::{AgentProcess, BIN};
+use mesh_trace::lab::{
+    records::{read_records, ClientRecord},
+    topology::{Lab, LabOptions},
+};
+use nix::sys::signal::{kill, Signal};
+
+const RESTARTS: usize = 100;
+
+fn link_count() -> usize {
+    aya::programs::loaded_links().filter_map(Result::ok).count()
+}
+
+fn mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "restart tests load eBPF programs and build a lab: run them as root"
+    );
+    let mut opts = LabOptions::bookinfo().unwrap();
+    opts.exe = BIN.into();
+    let lab = Lab::up(&opts).unwrap();
+    let (links_before, mounts_before) = (link_count(), mounts());
+    let records = lab.dir.join("client.jsonl");
+    let mut load = lab
+        .spawn_load(
+            "loadgen-v1",
+            &[
+                "--url",
+                "http://reviews:9080/reviews/0",
+                "--rate",
+                "100",
+                "--duration-s",
+                "60",
+            ],
+            &records,
+        )
+        .unwrap();
+    let lab_dir = lab.dir.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let mut up = Duration::ZERO;
+    for i in 0..RESTARTS {
+        let t = Instant::now();
+        let mut agent = AgentProcess::start(&["--lab", &lab_dir], &[]);
+        up += t.elapsed();
+        // Up for a while, capturing: 100 to 300 ms.
+        std::thread::sleep(Duration::from_millis(100 + (i as u64 * 37) % 200));
+        let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
+        if i % 2 == 0 {
+            kill(pid, Signal::SIGKILL).unwrap();
+            agent.child.wait().unwrap();
+        } else {
+            kill(pid, Signal::SIGTERM).unwrap();
+            let status = agent.child.wait().unwrap();
+            assert!(
+                status.success(),
+                "restart {i}: SIGTERM exit status {status}"
+            );
+        }
+    }
+    let restarting = started.elapsed();
+    let load_status = load.wait().unwrap();
+    assert!(load_status.success(), "load generator: {load_status}");
+    let client: Vec<ClientRecord> = read_records(&records).unwrap();
+    let failed: Vec<&ClientRecord> = client.iter().filter(|c| c.status != 200).collect();
+    eprintln!(
+        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average) during {} requests; {} failed",
+        restarting.as_secs_f64(),
+        up.as_secs_f64() * 1e3 / RESTARTS as f64,
+        client.len(),
+        failed.len()
+    );
+    assert!(client.len() >= 5_000, "{} requests", client.len());
+    assert!(
+        failed.is_empty(),
+        "failed requests: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    // A killed agent's links go with its descriptors.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while link_count() != links_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(link_count(), links_before, "BPF links left behind");
+    assert_eq!(mounts(), mounts_before, "mounts left behind");
+}
