@@ -2,6 +2,7 @@
 //! namespace marked meshed (by a REDIRECT seen in it) leaves MESHED_NETNS
 //! when it is gone, so pod churn never fills the map. Needs root.
 mod common;
+mod redirecting;
 
 use std::{
     io::Read as _,
@@ -10,7 +11,7 @@ use std::{
 };
 
 use common::Traced;
-use mesh_trace::netns::NetNs;
+use redirecting::redirecting_namespace;
 
 fn meshed(traced: &Traced) -> i64 {
     traced.state.metrics.meshed_netns.get()
@@ -34,26 +35,7 @@ fn a_namespace_that_is_gone_leaves_the_meshed_set() {
     let before = meshed(&traced);
     // A pod-like namespace whose nat table redirects port 9080 to a local
     // listener on 15001, as istio-iptables does for outbound traffic.
-    let ns = NetNs::create(&format!("mt-b-{}", std::process::id())).unwrap();
-    ns.exec("ip", &["link", "set", "lo", "up"]).unwrap();
-    ns.exec(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "9080",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    )
-    .unwrap();
+    let ns = redirecting_namespace(&format!("mt-b-{}", std::process::id()));
     let listener = ns
         .enter(|| TcpListener::bind("127.0.0.1:15001").unwrap())
         .unwrap();

@@ -1,5 +1,7 @@
 //! Kernel tests: real programs loaded into this kernel, real traffic in
 //! network namespaces. They need root; without it they fail, never skip.
+mod redirecting;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -14,6 +16,7 @@ use mesh_trace::{
     },
     netns::{netns_cookie, NetNs},
 };
+use redirecting::redirecting_namespace;
 
 fn require_root() {
     assert!(
@@ -237,26 +240,7 @@ fn attached_program_ids() -> Vec<u32> {
 async fn two_tracers_both_observe_the_nat_step_of_one_namespace() {
     require_root();
     let name = format!("mt-t-nat2-{}", std::process::id());
-    let ns = NetNs::create(&name).unwrap();
-    ns.exec("ip", &["link", "set", "lo", "up"]).unwrap();
-    ns.exec(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "9080",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    )
-    .unwrap();
+    let ns = redirecting_namespace(&name);
     let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
     let mut old = load_tracer();
     let mut new = load_tracer();
@@ -295,26 +279,7 @@ async fn two_tracers_both_observe_the_nat_step_of_one_namespace() {
 async fn the_first_redirected_connection_of_a_namespace_is_captured() {
     require_root();
     let name = format!("mt-t-first-{}", std::process::id());
-    let ns = NetNs::create(&name).unwrap();
-    ns.exec("ip", &["link", "set", "lo", "up"]).unwrap();
-    ns.exec(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "9080",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
-    )
-    .unwrap();
+    let ns = redirecting_namespace(&name);
     let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
     let mut tracer = load_tracer();
     assert!(tracer.watch_netns(dir, &name).unwrap(), "watching {name}");
