@@ -132,6 +132,8 @@ fn check_reports_this_kernel() {
         assert!(!hook(refused), "{refused} should be refused here: {report}");
     }
     assert_eq!(report["blockers"].as_array().unwrap().len(), 0);
+    // Every kernel struct member the programs read is in this kernel's BTF.
+    assert!(report["btf_field_missing"].is_null(), "{report}");
     assert!(report["cgroup2"]
         .as_str()
         .unwrap()
@@ -140,6 +142,7 @@ fn check_reports_this_kernel() {
     let table = mesh_trace(&["check"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("RESULT: ok"), "{text}");
+    assert!(text.contains("BTF fields     all found"), "{text}");
     assert!(
         text.lines()
             .any(|l| l.starts_with("fentry ") && l.contains(" no ")),

@@ -23,6 +23,10 @@ pub struct Report {
     pub bpffs: MountState,
     pub cgroup2: Option<String>,
     pub cgroup_layout: &'static str,
+    /// The first struct member the programs read (TCP sequence numbers and
+    /// RTT, segment counts, socket addresses) that the kernel's BTF lacks;
+    /// None when all are there.
+    pub btf_field_missing: Option<String>,
     pub capabilities: Vec<CapReport>,
     pub features: Features,
     /// Empty when the tracer can run; otherwise what stops it.
@@ -49,6 +53,14 @@ impl Report {
         for r in features.missing_required() {
             blockers.push(format!("hook {} unavailable: {}", r.hook.name(), r.detail));
         }
+        let btf_field_missing = super::tracer::kernel_layout_known()
+            .err()
+            .map(|e| format!("{e:#}"));
+        if let Some(why) = &btf_field_missing {
+            blockers.push(format!(
+                "kernel BTF lacks a field the programs read ({why}): the tracer cannot load"
+            ));
+        }
         let cgroup_layout = match cgroup2.as_deref().and_then(|p| p.to_str()) {
             Some("/sys/fs/cgroup") => "unified (cgroup v2 only)",
             Some("/sys/fs/cgroup/unified") => "hybrid (v1 controllers, v2 at unified/)",
@@ -62,6 +74,7 @@ impl Report {
             bpffs,
             cgroup2: cgroup2.map(|p| p.display().to_string()),
             cgroup_layout,
+            btf_field_missing,
             capabilities: Cap::ALL
                 .into_iter()
                 .map(|c| CapReport {
@@ -94,6 +107,15 @@ impl Report {
                 sysfs::VMLINUX_BTF
             } else {
                 "MISSING"
+            }
+        );
+        let _ = writeln!(
+            o,
+            "  {:<14} {}",
+            "BTF fields",
+            match &self.btf_field_missing {
+                None => "all found (tcp_sock, sk_buff, sock_common, net)".to_string(),
+                Some(why) => format!("MISSING: {why}"),
             }
         );
         let _ = writeln!(o, "  {:<14} {}", "tracefs", mount(&self.tracefs));

@@ -474,6 +474,15 @@ struct TcpSockOffsets {
     send_reset_has_reason: u32,
 }
 
+/// Whether the kernel's BTF has every struct member the programs read
+/// without CO-RE (for `mesh-trace check`): the error names the first one
+/// missing; without it the tracer does not load.
+pub fn kernel_layout_known() -> anyhow::Result<()> {
+    TcpSockOffsets::from_kernel_btf()?;
+    super::btf::KernelBtf::from_sys_fs()?.member_offset("sk_buff", "data")?;
+    Ok(())
+}
+
 impl TcpSockOffsets {
     fn from_kernel_btf() -> anyhow::Result<TcpSockOffsets> {
         let btf = super::btf::KernelBtf::from_sys_fs()
