@@ -16,9 +16,7 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
-        generated::{
-            bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-        },
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -28,6 +26,7 @@ use mesh_trace_common::{
     DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_OWNER_SEEN,
 };
 
+use super::{offset, read_kernel};
 use crate::maps::{
     count_loss, emit, header, header_at, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS,
 };
@@ -124,15 +123,14 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     let second = (ts_ns >> 30) as u32;
     if ts_ns != 0 && tracked.rtt_sampled != second {
         tracked.rtt_sampled = second;
-        let srtt = read_u32(sk, unsafe { core::ptr::read_volatile(&OFF_SRTT_US) }) >> 3;
+        let srtt = read_kernel::<u32>(sk as *const u8, offset(&OFF_SRTT_US)) >> 3;
         if srtt != 0 {
-            let min_off = unsafe { core::ptr::read_volatile(&OFF_RTT_MIN) };
             emit(TcpIssueEvent {
                 header: header_at(EventKind::TcpIssue, ts_ns),
                 sock_cookie: cookie,
                 issue: ISSUE_RTT_SAMPLE,
                 detail: srtt,
-                min_rtt_us: read_u32(sk, min_off),
+                min_rtt_us: read_kernel(sk as *const u8, offset(&OFF_RTT_MIN)),
                 sk_state: 0,
             });
         }
@@ -151,22 +149,7 @@ fn first_seq(sk: *mut c_void, direction: u32, len: u32) -> u32 {
             core::ptr::read_volatile(&OFF_COPIED_SEQ)
         }
     };
-    read_u32(sk, off).wrapping_sub(len)
-}
-
-/// 4 bytes of the kernel's tcp_sock at `off`; 0 when the read fails.
-#[inline(always)]
-fn read_u32(sk: *mut c_void, off: u32) -> u32 {
-    let mut v: u32 = 0;
-    // SAFETY: a bounded probe read into a local.
-    unsafe {
-        bpf_probe_read_kernel(
-            &mut v as *mut u32 as *mut c_void,
-            4,
-            (sk as *const u8).add(off as usize) as *const c_void,
-        );
-    }
-    v
+    read_kernel::<u32>(sk as *const u8, off as usize).wrapping_sub(len)
 }
 
 /// Writes the data event; returns its time, or 0 when the ring was full.

@@ -6,8 +6,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_socket_cookie, bpf_probe_read_kernel},
-    macros::btf_tracepoint,
+    helpers::generated::bpf_get_socket_cookie, macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use mesh_trace_common::{
@@ -15,7 +14,7 @@ use mesh_trace_common::{
     ISSUE_RETRANSMIT, RESET_REASON_UNKNOWN, TCP_SYN_SENT,
 };
 
-use super::sock_ops::HOST_NETNS;
+use super::{offset, read_kernel, sock_ops::HOST_NETNS};
 use crate::maps::{emit, header, noop, SOCKS};
 
 /// 1 when `tcp_retransmit_skb` passes the retransmission's result as its
@@ -87,8 +86,7 @@ pub fn mt_retransmit(ctx: BtfTracePointContext) -> i32 {
         }
     }
     let skb: *const u8 = ctx.arg(1);
-    let cb = unsafe { core::ptr::read_volatile(&OFF_SKB_CB) } as usize;
-    let segs = read_kernel::<u16>(skb, cb + CB_GSO_SEGS);
+    let segs = read_kernel::<u16>(skb, offset(&OFF_SKB_CB) + CB_GSO_SEGS);
     report(&ctx, ISSUE_RETRANSMIT, u32::from(segs.max(1)), true);
     0
 }
@@ -103,22 +101,22 @@ pub fn mt_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
     }
     let listener: *const u8 = ctx.arg(0);
     let req: *const u8 = ctx.arg(1);
-    let net: u64 = read_kernel(listener, global(&OFF_SKC_NET));
-    let netns_cookie: u64 = read_kernel(net as *const u8, global(&OFF_NET_COOKIE));
+    let net: u64 = read_kernel(listener, offset(&OFF_SKC_NET));
+    let netns_cookie: u64 = read_kernel(net as *const u8, offset(&OFF_NET_COOKIE));
     if netns_cookie == unsafe { core::ptr::read_volatile(&HOST_NETNS) } {
         return 0;
     }
-    let lport: u16 = read_kernel(req, global(&OFF_SKC_NUM));
-    let rport = u16::from_be(read_kernel(req, global(&OFF_SKC_DPORT)));
-    let (local, remote) = if read_kernel::<u16>(req, global(&OFF_SKC_FAMILY)) == AF_INET {
+    let lport: u16 = read_kernel(req, offset(&OFF_SKC_NUM));
+    let rport = u16::from_be(read_kernel(req, offset(&OFF_SKC_DPORT)));
+    let (local, remote) = if read_kernel::<u16>(req, offset(&OFF_SKC_FAMILY)) == AF_INET {
         (
-            Endpoint::v4(read_kernel(req, global(&OFF_SKC_RCV_SADDR)), lport),
-            Endpoint::v4(read_kernel(req, global(&OFF_SKC_DADDR)), rport),
+            Endpoint::v4(read_kernel(req, offset(&OFF_SKC_RCV_SADDR)), lport),
+            Endpoint::v4(read_kernel(req, offset(&OFF_SKC_DADDR)), rport),
         )
     } else {
         (
-            Endpoint::v6(read_kernel(req, global(&OFF_SKC_V6_RCV_SADDR)), lport),
-            Endpoint::v6(read_kernel(req, global(&OFF_SKC_V6_DADDR)), rport),
+            Endpoint::v6(read_kernel(req, offset(&OFF_SKC_V6_RCV_SADDR)), lport),
+            Endpoint::v6(read_kernel(req, offset(&OFF_SKC_V6_DADDR)), rport),
         )
     };
     emit(SockEvent {
@@ -133,11 +131,6 @@ pub fn mt_retransmit_synack(ctx: BtfTracePointContext) -> i32 {
         bytes_received: 0,
     });
     0
-}
-
-#[inline(always)]
-fn global(off: &'static u32) -> usize {
-    unsafe { core::ptr::read_volatile(off) as usize }
 }
 
 #[btf_tracepoint(function = "tcp_send_reset")]
@@ -192,21 +185,5 @@ fn report(ctx: &BtfTracePointContext, issue: u32, detail: u32, connecting_too: b
 
 #[inline(always)]
 fn state(sk: *mut c_void) -> u8 {
-    let off = unsafe { core::ptr::read_volatile(&OFF_SK_STATE) } as usize;
-    read_kernel::<u8>(sk as *const u8, off)
-}
-
-/// A `T` at `base + off` in kernel memory; 0 when it cannot be read.
-#[inline(always)]
-fn read_kernel<T: Default>(base: *const u8, off: usize) -> T {
-    let mut v = T::default();
-    // SAFETY: a bounded probe read into a local; failure leaves the default.
-    unsafe {
-        bpf_probe_read_kernel(
-            &mut v as *mut T as *mut c_void,
-            core::mem::size_of::<T>() as u32,
-            base.add(off) as *const c_void,
-        );
-    }
-    v
+    read_kernel::<u8>(sk as *const u8, offset(&OFF_SK_STATE))
 }

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use crate::{
     agent::metrics::{KindLabel, LegDirectionLabels, LegSideLabels, Metrics, ResetLabels},
     flows::{
-        health::{reset_reason_label, Health, Side},
+        health::{Health, Side},
         legs::LegKind,
         socket::{INBOUND_PORT, OUTBOUND_PORT},
         table::{FlowTable, LegRecord, TableStats},
     },
-    kernel::events::{kind_label, Event},
+    kernel::events::{kind_label, reset_reason_label, Event},
     spans::{
         span::Span,
         stitch::{StitchConfig, Stitcher, Unstitched},

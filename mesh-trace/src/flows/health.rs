@@ -2,11 +2,8 @@
 //! the kernel, each put on the leg of the socket it happened on and on that
 //! socket's end of the leg. The flow table holds them while a socket's leg
 //! is not known yet (waiting for its peer, or still connecting).
-use std::sync::OnceLock;
-
 use mesh_trace_common::{
     TcpIssueEvent, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT, ISSUE_RTT_SAMPLE,
-    RESET_REASON_UNKNOWN,
 };
 
 use super::legs::LegKind;
@@ -88,35 +85,6 @@ pub struct HealthRecord {
 /// beyond it they are reported without a leg rather than lost.
 pub const PENDING_MAX: usize = 16;
 
-/// The label of a reset's reason: the kernel's own name for it, lower case
-/// and without the `SK_RST_REASON_` prefix (a closed set read once from the
-/// kernel's BTF), or `unknown`.
-pub fn reset_reason_label(reason: u32) -> &'static str {
-    static NAMES: OnceLock<Vec<(u32, &'static str)>> = OnceLock::new();
-    if reason == RESET_REASON_UNKNOWN {
-        return "unknown";
-    }
-    let names = NAMES.get_or_init(|| {
-        let values = crate::kernel::btf::KernelBtf::from_sys_fs()
-            .and_then(|btf| btf.enum_values("sk_rst_reason"))
-            .unwrap_or_default();
-        values
-            .into_iter()
-            .map(|(v, name)| {
-                let short = name
-                    .trim_start_matches("SK_RST_REASON_")
-                    .to_ascii_lowercase();
-                // Leaked once per value of one kernel enum: a bounded set.
-                (v, &*Box::leak(short.into_boxed_str()))
-            })
-            .collect()
-    });
-    names
-        .iter()
-        .find(|(v, _)| *v == reason)
-        .map_or("unknown", |(_, n)| n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,13 +113,5 @@ mod tests {
         );
         assert_eq!(Health::from_kernel(&ev(ISSUE_RTT_SAMPLE, 0)), None);
         assert_eq!(Health::from_kernel(&ev(99, 0)), None);
-    }
-
-    /// Names come from the running kernel's `enum sk_rst_reason`.
-    #[test]
-    fn reset_reasons_are_named_by_the_kernel() {
-        assert_eq!(reset_reason_label(0), "not_specified");
-        assert_eq!(reset_reason_label(RESET_REASON_UNKNOWN), "unknown");
-        assert_eq!(reset_reason_label(1_000_000), "unknown");
     }
 }

@@ -190,16 +190,8 @@ impl FlowTable {
                     socket_addr(&s.local),
                     socket_addr(&s.remote),
                 );
-                let ts = s.header.ts_ns;
-                if let Some(held) = self.accepting.get_mut(&key) {
-                    held.1 += 1;
-                } else if let Some((_, (_, n))) = self.accepting.push(key, (ts, 1)) {
-                    self.health.push(HealthRecord {
-                        leg: None,
-                        side: Some(Side::Server),
-                        health: Health::Retransmits(n),
-                    });
-                }
+                let (held, ts) = (&mut self.accepting, s.header.ts_ns);
+                hold_handshake(held, key, ts, 1, Side::Server, &mut self.health);
             }
             // Counted by the pipeline; the joins use the sockets themselves.
             Event::Redirect(_) => {}
@@ -277,16 +269,8 @@ impl FlowTable {
         match h {
             // A socket still connecting has no entry until established.
             Health::Retransmits(n) if connecting => {
-                if let Some(held) = self.connecting.get_mut(&cookie) {
-                    held.1 += n;
-                } else if let Some((_, (_, segs))) = self.connecting.push(cookie, (ts_ns, n)) {
-                    // Held too many: the oldest is reported without a leg.
-                    self.health.push(HealthRecord {
-                        leg: None,
-                        side: Some(Side::Client),
-                        health: Health::Retransmits(segs),
-                    });
-                }
+                let held = &mut self.connecting;
+                hold_handshake(held, cookie, ts_ns, n, Side::Client, &mut self.health);
             }
             _ => {
                 self.stats.unknown_socket_events += 1;
@@ -708,6 +692,28 @@ impl FlowTable {
             *m.entry(e.sock.role).or_default() += 1;
         }
         m
+    }
+}
+
+/// Holds `segs` handshake retransmits of the connection `key` until its
+/// socket is established; when too many are held, the oldest is reported
+/// without a leg.
+fn hold_handshake<K: std::hash::Hash + Eq>(
+    held: &mut LruCache<K, (u64, u32)>,
+    key: K,
+    ts_ns: u64,
+    segs: u32,
+    side: Side,
+    out: &mut Vec<HealthRecord>,
+) {
+    if let Some(h) = held.get_mut(&key) {
+        h.1 += segs;
+    } else if let Some((_, (_, oldest))) = held.push(key, (ts_ns, segs)) {
+        out.push(HealthRecord {
+            leg: None,
+            side: Some(side),
+            health: Health::Retransmits(oldest),
+        });
     }
 }
 

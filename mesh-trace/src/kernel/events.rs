@@ -140,6 +140,34 @@ pub fn issue_label(issue: u32) -> &'static str {
     }
 }
 
+/// Names of the kernel's `enum sk_rst_reason` values, lower case and
+/// without the `SK_RST_REASON_` prefix: learnt from its BTF when the
+/// tracer loads (a closed set of one kernel enum).
+static RESET_REASONS: std::sync::OnceLock<Vec<(u32, String)>> = std::sync::OnceLock::new();
+
+/// Learns the reset reasons' names from the kernel's BTF (once).
+pub fn learn_reset_reasons(btf: &super::btf::KernelBtf) {
+    RESET_REASONS.get_or_init(|| {
+        btf.enum_values("sk_rst_reason")
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(v, name)| {
+                let short = name.trim_start_matches("SK_RST_REASON_");
+                (v, short.to_ascii_lowercase())
+            })
+            .collect()
+    });
+}
+
+/// Label for a reset's reason (a [`TcpIssueEvent`]'s `detail`): the
+/// kernel's own name, or `unknown` (not given, or not learnt).
+pub fn reset_reason_label(reason: u32) -> &'static str {
+    RESET_REASONS
+        .get()
+        .and_then(|names| names.iter().find(|(v, _)| *v == reason))
+        .map_or("unknown", |(_, name)| name.as_str())
+}
+
 /// The socket address an [`Endpoint`] holds.
 pub fn socket_addr(ep: &Endpoint) -> SocketAddr {
     let ip = match ep.family {
@@ -243,6 +271,16 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names come from the running kernel's `enum sk_rst_reason`.
+    #[test]
+    fn reset_reasons_are_named_by_the_kernel() {
+        learn_reset_reasons(&crate::kernel::btf::KernelBtf::from_sys_fs().unwrap());
+        assert_eq!(reset_reason_label(0), "not_specified");
+        let unknown = mesh_trace_common::RESET_REASON_UNKNOWN;
+        assert_eq!(reset_reason_label(unknown), "unknown");
+        assert_eq!(reset_reason_label(1_000_000), "unknown");
+    }
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {
         // SAFETY: test-only view of a repr(C) POD value.

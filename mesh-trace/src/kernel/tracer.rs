@@ -117,7 +117,10 @@ impl Tracer {
             opts.prefix_len,
             mesh_trace_common::DATA_PREFIX_MAX
         );
-        let tcp = TcpSockOffsets::from_kernel_btf()?;
+        let kernel_btf = super::btf::KernelBtf::from_sys_fs()
+            .context("reading the kernel's BTF for the layout of its TCP structs")?;
+        let tcp = TcpSockOffsets::from_btf(&kernel_btf)?;
+        super::events::learn_reset_reasons(&kernel_btf);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
             .override_global("OFF_WRITE_SEQ", &tcp.write_seq, true)
@@ -245,7 +248,7 @@ impl Tracer {
         })
         .is_ok();
 
-        let nat_shared = nat_shared(&ebpf, opts.noop)
+        let nat_shared = nat_shared(&ebpf, opts.noop, &kernel_btf)
             .map_err(|e| tracing::warn!("REDIRECTs will not be observed at the NAT step: {e:#}"))
             .ok();
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
@@ -478,15 +481,14 @@ struct TcpSockOffsets {
 /// without CO-RE (for `mesh-trace check`): the error names the first one
 /// missing; without it the tracer does not load.
 pub fn kernel_layout_known() -> anyhow::Result<()> {
-    TcpSockOffsets::from_kernel_btf()?;
-    super::btf::KernelBtf::from_sys_fs()?.member_offset("sk_buff", "data")?;
+    let btf = super::btf::KernelBtf::from_sys_fs()?;
+    TcpSockOffsets::from_btf(&btf)?;
+    btf.member_offset("sk_buff", "data")?;
     Ok(())
 }
 
 impl TcpSockOffsets {
-    fn from_kernel_btf() -> anyhow::Result<TcpSockOffsets> {
-        let btf = super::btf::KernelBtf::from_sys_fs()
-            .context("reading the kernel's BTF for tcp_sock's layout")?;
+    fn from_btf(btf: &super::btf::KernelBtf) -> anyhow::Result<TcpSockOffsets> {
         // A kernel without these tracepoints loads without their programs
         // (see `optional`); their arguments then do not matter.
         let args = |tp: &str| btf.tracepoint_args(tp).unwrap_or(0);
@@ -523,7 +525,7 @@ impl TcpSockOffsets {
 
 /// Duplicates the descriptors of the maps the NAT programs write to, and
 /// finds `sk_buff.data` in the kernel's BTF.
-fn nat_shared(ebpf: &Ebpf, noop: bool) -> anyhow::Result<nat::Shared> {
+fn nat_shared(ebpf: &Ebpf, noop: bool, btf: &super::btf::KernelBtf) -> anyhow::Result<nat::Shared> {
     let fd = |name: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
         let map = ebpf.map(name).with_context(|| format!("{name} map"))?;
         let data = match map {
@@ -534,7 +536,6 @@ fn nat_shared(ebpf: &Ebpf, noop: bool) -> anyhow::Result<nat::Shared> {
         };
         Ok(data.fd().as_fd().try_clone_to_owned()?)
     };
-    let btf = super::btf::KernelBtf::from_sys_fs()?;
     let offset = btf.member_offset("sk_buff", "data")?;
     Ok(nat::Shared {
         events: fd(names::EVENTS)?,

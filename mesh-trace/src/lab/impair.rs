@@ -47,38 +47,35 @@ impl Impairment {
     /// The iptables rules, in order: drops first, then the delay queue.
     /// `--queue-bypass`: without a relay reading, packets pass undelayed.
     pub fn rules(&self) -> Vec<Vec<String>> {
+        let on_eth0 = |action: &[&str]| -> Vec<String> {
+            ["-t", "mangle", "-A", "POSTROUTING", "-o", "eth0"]
+                .iter()
+                .chain(action)
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let (loss, queue) = (format!("{:.6}", self.loss), DELAY_QUEUE.to_string());
         let mut rules = Vec::new();
-        let base = ["-t", "mangle", "-A", "POSTROUTING", "-o", "eth0"];
         if self.loss > 0.0 {
-            let mut r: Vec<String> = base.iter().map(|s| s.to_string()).collect();
-            r.extend(
-                [
-                    "-m",
-                    "statistic",
-                    "--mode",
-                    "random",
-                    "--probability",
-                    &format!("{:.6}", self.loss),
-                    "-j",
-                    "DROP",
-                ]
-                .map(String::from),
-            );
-            rules.push(r);
+            rules.push(on_eth0(&[
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &loss,
+                "-j",
+                "DROP",
+            ]));
         }
         if self.delay_ms > 0.0 {
-            let mut r: Vec<String> = base.iter().map(|s| s.to_string()).collect();
-            r.extend(
-                [
-                    "-j",
-                    "NFQUEUE",
-                    "--queue-num",
-                    &DELAY_QUEUE.to_string(),
-                    "--queue-bypass",
-                ]
-                .map(String::from),
-            );
-            rules.push(r);
+            rules.push(on_eth0(&[
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                &queue,
+                "--queue-bypass",
+            ]));
         }
         rules
     }

@@ -410,10 +410,11 @@ impl Stitcher {
         read_ns: u64,
         read: Option<&Identity>,
     ) -> bool {
-        self.drop_done_unmatched(Some(side));
         let Some(queue) = self.unmatched.get_mut(&side) else {
             return false;
         };
+        let spans = &self.spans;
+        queue.retain(|(orphan, _, _)| spans.is_unsettled_orphan(*orphan));
         let fitting: Vec<usize> = queue
             .iter()
             .enumerate()
@@ -616,17 +617,15 @@ impl Stitcher {
     pub fn expire(&mut self, now_ns: u64) {
         let expired = self.spans.expire(now_ns, self.cfg.timeout_ns);
         self.count_n(Unstitched::Timeout, expired);
-        self.drop_done_unmatched(None);
+        self.drop_done_unmatched();
     }
 
-    /// Forgets the unmatched upstream writes (of `side`, or all) whose
-    /// orphan completed or was dropped.
-    fn drop_done_unmatched(&mut self, side: Option<ProxySide>) {
+    /// Forgets the unmatched upstream writes whose orphan completed or was
+    /// dropped, and the sides left with none.
+    fn drop_done_unmatched(&mut self) {
         let spans = &self.spans;
-        self.unmatched.retain(|s, queue| {
-            if side.is_none_or(|side| side == *s) {
-                queue.retain(|(orphan, _, _)| spans.is_unsettled_orphan(*orphan));
-            }
+        self.unmatched.retain(|_, queue| {
+            queue.retain(|(orphan, _, _)| spans.is_unsettled_orphan(*orphan));
             !queue.is_empty()
         });
     }
