@@ -573,8 +573,12 @@ impl Stitcher {
                 inbound: place == Place::InboundDown,
             };
             // One it held among others it could not tell apart upstream
-            // may be told by the one answer it can be.
-            if self.spans.claim_answered(side, id, msg) {
+            // may be told by the one answer it can be: off until it no
+            // longer takes a retry's orphan for a request (it undercounts
+            // retries); a response write never shows a request head.
+            if matches!(msg.head, crate::spans::http::Head::Request { .. })
+                && self.spans.claim_answered(side, id, msg)
+            {
                 self.proxies.take(side, id);
             } else if self.proxies.take(side, id) {
                 let by = if side.inbound {
