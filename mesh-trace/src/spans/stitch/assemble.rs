@@ -10,10 +10,7 @@
 //! upstream that belong to no known request get an orphan span, so that
 //! the responses on their sockets still pair with the right requests; an
 //! orphan is dropped, uncounted, when its response comes back where it
-//! started. An orphan of a plaintext write that fitted several requests is
-//! kept a while longer: the sidecar writes each request's response
-//! downstream only after it read it upstream, so when just one such
-//! answered orphan can be the request now answered downstream, it is.
+//! started.
 use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashMapExt as _};
@@ -89,14 +86,7 @@ pub(super) struct Spans {
     /// Orphans found to be a request: orphan -> that request's span.
     /// Bounded with the spans: an alias is dropped with its target.
     aliases: HashMap<SpanId, SpanId>,
-    /// Answered orphans of plaintext writes that fitted several requests,
-    /// oldest first, at most `MAX_ANSWERED`, until the response downstream
-    /// tells which request each was.
-    answered: VecDeque<(SpanId, Pending)>,
 }
-
-/// Answered orphans kept for [`Spans::claim_answered`].
-const MAX_ANSWERED: usize = 256;
 
 impl Spans {
     /// At most `max_pending` in flight.
@@ -106,7 +96,6 @@ impl Spans {
             spans: LruCache::new(cap),
             next: 1,
             aliases: HashMap::new(),
-            answered: VecDeque::new(),
         }
     }
 
@@ -198,77 +187,6 @@ impl Spans {
             p.lost |= o.lost;
             self.aliases.insert(orphan, span);
         }
-    }
-
-    /// `side` writes downstream, at `msg`, the response of `request`, which
-    /// it held unsettled among several it could not tell apart upstream.
-    /// The response was read upstream before, by the one orphan that was
-    /// this request: if exactly one answered orphan of `side` can be it
-    /// (the request among its candidates, the same status, answered
-    /// earlier), its moments join the request's, which is then exact.
-    pub(super) fn claim_answered(
-        &mut self,
-        side: ProxySide,
-        request: SpanId,
-        msg: &Message,
-    ) -> bool {
-        let Head::Response { status, .. } = msg.head else {
-            return false;
-        };
-        let request = self.alias(request);
-        let spans = &self.spans;
-        self.answered.retain(|(_, o)| {
-            o.candidates
-                .as_ref()
-                .is_some_and(|(_, c)| c.iter().any(|c| spans.contains(c)))
-        });
-        let could_be = |o: &Pending| {
-            // Every moment from its write to its answer: a partial orphan
-            // would make a partial span.
-            let Some((written, answered)) = o.orphan_at.map(|at| at.moments()) else {
-                return false;
-            };
-            let complete = o.span.moments[written..=answered]
-                .iter()
-                .all(Option::is_some);
-            let answered_ns = o.span.moments[answered];
-            complete
-                && !o.lost
-                && o.candidates
-                    .as_ref()
-                    .is_some_and(|(s, c)| *s == side && c.contains(&request))
-                && o.span.status == status
-                && answered_ns.is_some_and(|t| t <= msg.ts_ns)
-        };
-        let mut fitting = self
-            .answered
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, o))| could_be(o))
-            .map(|(i, _)| i);
-        let (Some(i), None) = (fitting.next(), fitting.next()) else {
-            return false;
-        };
-        let Some(p) = self.spans.get_mut(&request) else {
-            return false;
-        };
-        let (orphan, o) = self.answered.remove(i).expect("index from the list");
-        for (mine, theirs) in p.span.moments.iter_mut().zip(o.span.moments) {
-            if mine.is_none() {
-                *mine = theirs;
-            }
-        }
-        p.contested = false;
-        if p.span.request_id.is_none() {
-            // The id the sidecar wrote, else one seen further on.
-            p.span.request_id = o
-                .identity
-                .as_ref()
-                .and_then(|i| i.request_id().map(str::to_owned))
-                .or(o.span.request_id);
-        }
-        self.aliases.insert(orphan, request);
-        true
     }
 
     /// Records the request of span `id` at request moment `moment`; the
@@ -414,14 +332,7 @@ impl Spans {
             p.span.status = status;
         }
         if p.orphan_at == Some(place) {
-            if let Some(o) = self.spans.pop(&id) {
-                if o.candidates.is_some() && o.identity.is_some() {
-                    if self.answered.len() == MAX_ANSWERED {
-                        self.answered.pop_front();
-                    }
-                    self.answered.push_back((id, o));
-                }
-            }
+            self.spans.pop(&id);
             return Ok(None);
         }
         if place != Place::AppClient {

@@ -503,16 +503,7 @@ impl Stitcher {
                 for &id in &candidates {
                     self.spans.contest(id);
                 }
-                let orphan = self.orphan(place, side, candidates.clone(), msg);
-                // Only a plaintext write is surely one request (an
-                // encrypted one may be a record of anything).
-                if Identity::of(Some(&msg.head)).is_some() {
-                    let spans = &self.spans;
-                    self.proxies.opened(side, orphan, candidates, |o| {
-                        spans.is_unsettled_orphan(o) && !spans.answered(o)
-                    });
-                }
-                orphan
+                self.orphan(place, side, candidates, msg)
             }
             Forwarded::Unmatched(held) => {
                 // It may have been any of them, rewritten past recognition.
@@ -572,15 +563,7 @@ impl Stitcher {
                 tgid,
                 inbound: place == Place::InboundDown,
             };
-            // One it held among others it could not tell apart upstream
-            // may be told by the one answer it can be: off until it no
-            // longer takes a retry's orphan for a request (it undercounts
-            // retries); a response write never shows a request head.
-            if matches!(msg.head, crate::spans::http::Head::Request { .. })
-                && self.spans.claim_answered(side, id, msg)
-            {
-                self.proxies.take(side, id);
-            } else if self.proxies.take(side, id) {
+            if self.proxies.take(side, id) {
                 let by = if side.inbound {
                     LocalReply::Inbound
                 } else {
@@ -1010,45 +993,6 @@ mod tests {
         );
         // Nothing is left behind: the orphan of the unattributed write
         // ended with its response.
-        assert_eq!(node.stitcher.pending(), 0);
-    }
-
-    #[test]
-    fn identical_requests_are_told_apart_by_the_answer_the_sidecar_passes_on() {
-        let mut node = Node::two_chains();
-        let req = plain("/reviews/0");
-        let mut t = [[0u64; 12]; 2];
-        t[0][0] = node.io(1, APP, DIR_SEND, &req);
-        t[1][0] = node.io(11, APP, DIR_SEND, &req);
-        t[0][1] = node.io(2, OUTBOUND, DIR_RECV, &req);
-        t[1][1] = node.io(12, OUTBOUND, DIR_RECV, &req);
-        // b goes on the first pooled connection, a on the second: the
-        // writes alone cannot say so.
-        for (i, up, id) in [(1, 3, "x"), (0, 13, "y")] {
-            let fwd = plain_forwarded("/reviews/0", id);
-            t[i][2] = node.io(up, OUTBOUND, DIR_SEND, &fwd);
-            t[i][3] = node.io(up + 1, INBOUND, DIR_RECV, &fwd);
-            t[i][4] = node.io(up + 2, INBOUND, DIR_SEND, &fwd);
-            t[i][5] = node.io(up + 3, SERVER, DIR_RECV, &fwd);
-        }
-        // The answers come back apart (a's service is shorter), and each
-        // is passed on before the next one arrives.
-        for (i, up, down) in [(0, 13, 2), (1, 3, 12)] {
-            t[i][6] = node.io(up + 3, SERVER, DIR_SEND, RESPONSE);
-            t[i][7] = node.io(up + 2, INBOUND, DIR_RECV, RESPONSE);
-            t[i][8] = node.io(up + 1, INBOUND, DIR_SEND, RESPONSE);
-            t[i][9] = node.io(up, OUTBOUND, DIR_RECV, RESPONSE);
-            t[i][10] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
-            t[i][11] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
-        }
-        let spans = std::mem::take(&mut node.spans);
-        assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
-        assert_eq!(spans[0].moments, t[0].map(Some));
-        assert_eq!(spans[0].request_id.as_deref(), Some("y"));
-        assert_eq!(spans[1].moments, t[1].map(Some));
-        assert_eq!(spans[1].request_id.as_deref(), Some("x"));
-        assert!(spans.iter().all(|s| s.local_reply.is_none()));
-        assert!(node.stitcher.unstitched.is_empty());
         assert_eq!(node.stitcher.pending(), 0);
     }
 

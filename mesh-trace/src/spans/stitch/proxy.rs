@@ -13,11 +13,7 @@
 //! every candidate is reported, and none of them is exported unless what
 //! the request shows further on (the inbound sidecar's plaintext behind
 //! mutual TLS, an id) settles which it was. When none fits, the write is
-//! unmatched. Open matches still count: once as many plaintext writes
-//! as there are requests have each fitted only requests of one set, every
-//! request of that set has gone upstream, and none of them is a candidate
-//! for a later write (which then has only its own request to fit). A
-//! write that fits no held request but
+//! unmatched. A write that fits no held request but
 //! repeats the id and target of one already forwarded, whose attempt was
 //! answered, is a retry. Thread and arrival order are never used: proxies
 //! forward on other threads and out of order.
@@ -103,10 +99,6 @@ pub(super) struct Forwardable {
     /// From the read's head, else what the span knows (a read of encrypted
     /// bytes shows none; the client's request did).
     identity: Option<Identity>,
-    /// Known to be written upstream by one of the open matches (which one
-    /// is not told): held only so that what it shows further on can still
-    /// settle those.
-    spent: bool,
 }
 
 impl Forwardable {
@@ -116,7 +108,6 @@ impl Forwardable {
             span,
             ts_ns,
             identity,
-            spent: false,
         }
     }
 }
@@ -148,22 +139,13 @@ pub(super) struct Proxies {
     /// retries. The target too: an app propagates one id to several
     /// services.
     forwarded: HashMap<ProxySide, LruCache<(String, String), SpanId>>,
-    /// Per sidecar process and side: the plaintext writes that fitted
-    /// several held requests (the orphan standing for each, and those
-    /// requests), newest last, at most `MAX_OPEN`.
-    open: HashMap<ProxySide, VecDeque<(SpanId, Vec<SpanId>)>>,
 }
-
-/// Open matches remembered per sidecar side, for [`Proxies::opened`]: a
-/// burst of identical requests larger than this stays ambiguous.
-const MAX_OPEN: usize = 64;
 
 impl Proxies {
     pub(super) fn new() -> Proxies {
         Proxies {
             forwardable: HashMap::new(),
             forwarded: HashMap::new(),
-            open: HashMap::new(),
         }
     }
 
@@ -217,8 +199,7 @@ impl Proxies {
         let written = Identity::of(Some(&msg.head));
         let queue = self.forwardable.entry(side).or_default();
         let fits = |f: &Forwardable| {
-            !f.spent
-                && f.ts_ns <= msg.ts_ns
+            f.ts_ns <= msg.ts_ns
                 && match (&f.identity, &written) {
                     (Some(read), Some(w)) => read.fits(w),
                     (None, Some(w)) => could_be
@@ -293,41 +274,6 @@ impl Proxies {
                 let mut spans: Vec<SpanId> = many.iter().map(|&i| queue[i].span).collect();
                 spans.extend(retry);
                 Forwarded::Ambiguous(spans)
-            }
-        }
-    }
-
-    /// A plaintext write of `side`'s fitted each of `candidates` and stands
-    /// as `orphan` until settled. Each open write is one request read
-    /// (retries aside), so when at least as many open writes as there are
-    /// candidates fitted only those candidates, all of them have gone
-    /// upstream: they are spent. `still_open` says whether an orphan is
-    /// unsettled and unanswered; an answered one may be retried, and a
-    /// retry would be counted twice, so it no longer counts.
-    pub(super) fn opened(
-        &mut self,
-        side: ProxySide,
-        orphan: SpanId,
-        candidates: Vec<SpanId>,
-        still_open: impl Fn(SpanId) -> bool,
-    ) {
-        let open = self.open.entry(side).or_default();
-        open.retain(|(o, _)| still_open(*o));
-        if open.len() == MAX_OPEN {
-            open.pop_front();
-        }
-        let Some(queue) = self.forwardable.get_mut(&side) else {
-            return;
-        };
-        let unspent = |s: &SpanId| queue.iter().any(|f| f.span == *s && !f.spent);
-        let within = |c: &[SpanId]| c.iter().all(|s| candidates.contains(s) && unspent(s));
-        let writes = 1 + open.iter().filter(|(_, c)| within(c)).count();
-        let all_forwarded = within(&candidates) && writes >= candidates.len();
-        open.push_back((orphan, candidates));
-        if all_forwarded {
-            let (_, spent) = open.back().expect("just pushed");
-            for f in queue.iter_mut().filter(|f| spent.contains(&f.span)) {
-                f.spent = true;
             }
         }
     }
@@ -465,77 +411,6 @@ mod tests {
         // Both stay held until something tells them apart.
         assert_eq!(p.held(), 2);
         assert!(p.holds(OUTBOUND, 1) && p.holds(OUTBOUND, 2));
-    }
-
-    /// Writes `head` upstream for `side` at `ts_ns`, as the stitcher does:
-    /// an ambiguous plaintext write becomes an open orphan (`orphan`).
-    fn forward_open(p: &mut Proxies, ts_ns: u64, head: Head, orphan: SpanId) -> Forwarded {
-        let w = p.forward(OUTBOUND, &write(ts_ns, head), never, &none());
-        if let Forwarded::Ambiguous(c) = &w {
-            p.opened(OUTBOUND, orphan, c.clone(), |_| true);
-        }
-        w
-    }
-
-    #[test]
-    fn identical_requests_all_forwarded_are_no_candidates_for_the_next() {
-        let mut p = Proxies::new();
-        let r = request("/r", None);
-        p.hold(OUTBOUND, read(1, 10, &r));
-        p.hold(OUTBOUND, read(2, 11, &r));
-        let w1 = forward_open(&mut p, 20, request("/r", Some("x")), 101);
-        assert_eq!(w1, Forwarded::Ambiguous(vec![1, 2]));
-        // A third identical request, read before the second write: three
-        // candidates, two writes so far.
-        p.hold(OUTBOUND, read(3, 21, &r));
-        let w2 = forward_open(&mut p, 22, request("/r", Some("y")), 102);
-        assert_eq!(w2, Forwarded::Ambiguous(vec![1, 2, 3]));
-        let w3 = forward_open(&mut p, 23, request("/r", Some("z")), 103);
-        assert_eq!(w3, Forwarded::Ambiguous(vec![1, 2, 3]));
-        // Three writes of three requests: all gone upstream. The next one
-        // read is the only candidate for the next write.
-        p.hold(OUTBOUND, read(4, 30, &r));
-        let w4 = forward_open(&mut p, 31, request("/r", Some("w")), 104);
-        assert_eq!(w4, matched(4, Some("w")));
-        // The spent ones stay held, for what settles their orphans.
-        assert!((1..=3).all(|s| p.holds(OUTBOUND, s)));
-    }
-
-    #[test]
-    fn an_answered_open_write_may_be_retried_and_spends_nothing() {
-        let mut p = Proxies::new();
-        let r = request("/r", None);
-        p.hold(OUTBOUND, read(1, 10, &r));
-        p.hold(OUTBOUND, read(2, 11, &r));
-        forward_open(&mut p, 20, request("/r", Some("x")), 101);
-        // Orphan 101 was answered: the next write may be its retry.
-        let w = p.forward(
-            OUTBOUND,
-            &write(25, request("/r", Some("x"))),
-            never,
-            &none(),
-        );
-        assert_eq!(w, Forwarded::Ambiguous(vec![1, 2]));
-        p.opened(OUTBOUND, 102, vec![1, 2], |o| o != 101);
-        p.hold(OUTBOUND, read(3, 30, &r));
-        let w = p.forward(
-            OUTBOUND,
-            &write(31, request("/r", Some("y"))),
-            never,
-            &none(),
-        );
-        assert_eq!(w, Forwarded::Ambiguous(vec![1, 2, 3]));
-    }
-
-    #[test]
-    fn encrypted_writes_spend_nothing() {
-        let mut p = Proxies::new();
-        p.hold(OUTBOUND, read(1, 10, &request("/r", None)));
-        // The stitcher opens no match for an encrypted write.
-        let w = p.forward(OUTBOUND, &write(20, opaque()), never, &none());
-        assert_eq!(w, Forwarded::Ambiguous(vec![1]));
-        let w = p.forward(OUTBOUND, &write(21, request("/r", None)), never, &none());
-        assert_eq!(w, matched(1, None));
     }
 
     #[test]
