@@ -269,6 +269,17 @@ async fn two_tracers_both_observe_the_nat_step_of_one_namespace() {
             ),
             "{who} tracer saw no REDIRECT to 15001"
         );
+        // The original destination comes from the connection's conntrack
+        // entry, and only its first packet reports.
+        let redirects: Vec<&Event> = events
+            .iter()
+            .filter(|e| matches!(e, Event::Redirect(r) if r.netns_cookie == cookie))
+            .collect();
+        assert!(
+            matches!(redirects[..], [Event::Redirect(r)] if u16::from_be(r.orig_dport_be) == 9080
+                && r.orig_daddr_be == u32::from_ne_bytes([127, 0, 0, 1])),
+            "{who} tracer: {redirects:?}"
+        );
     }
 }
 

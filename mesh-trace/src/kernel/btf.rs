@@ -93,6 +93,12 @@ impl KernelBtf {
                     enumerators.push((u32_at(b, e)?, u32_at(b, e + 4)?));
                 }
             }
+            // An array's element type is kept where other kinds keep theirs.
+            let size_or_type = if kind == ARRAY {
+                u32_at(b, off)?
+            } else {
+                size_or_type
+            };
             off += match kind {
                 INT | VAR | DECL_TAG => 4,
                 ARRAY => 12,
@@ -148,8 +154,31 @@ impl KernelBtf {
             .position(|t| t.kind == STRUCT && self.name(t.name_off) == name)
             .with_context(|| format!("struct {name} not in kernel BTF"))?;
         self.find_member(id as u32, member)
-            .map(|bits| bits / 8)
+            .map(|(bits, _)| bits / 8)
             .with_context(|| format!("struct {name} has no member {member}"))
+    }
+
+    /// Byte offset of a member reached from `struct name` through a path of
+    /// members (e.g. `nf_conn`, `tuplehash.tuple.dst.u3`), stepping into
+    /// arrays at their first element.
+    pub fn member_path_offset(&self, name: &str, path: &str) -> anyhow::Result<u32> {
+        let mut id =
+            self.types
+                .iter()
+                .position(|t| t.kind == STRUCT && self.name(t.name_off) == name)
+                .with_context(|| format!("struct {name} not in kernel BTF"))? as u32;
+        let mut bits = 0;
+        for member in path.split('.') {
+            let (at, ty) = self
+                .find_member(id, member)
+                .with_context(|| format!("struct {name} has no member {path}"))?;
+            bits += at;
+            id = self.resolve(ty);
+            while self.types.get(id as usize).is_some_and(|t| t.kind == ARRAY) {
+                id = self.resolve(self.types[id as usize].size_or_type);
+            }
+        }
+        Ok(bits / 8)
     }
 
     /// Arguments a BTF-enabled tracepoint passes (its `btf_trace_<name>`
@@ -183,7 +212,8 @@ impl KernelBtf {
             .collect())
     }
 
-    fn find_member(&self, id: u32, member: &str) -> Option<u32> {
+    /// (bit offset, type id) of `member` in the struct or union `id`.
+    fn find_member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
         let t = self.types.get(id as usize)?;
         for &(name_off, ty, offset) in &t.members {
             let bits = if t.kind_flag {
@@ -193,11 +223,11 @@ impl KernelBtf {
             };
             if name_off == 0 {
                 let inner = self.resolve(ty);
-                if let Some(o) = self.find_member(inner, member) {
-                    return Some(bits + o);
+                if let Some((o, ty)) = self.find_member(inner, member) {
+                    return Some((bits + o, ty));
                 }
             } else if self.name(name_off) == member {
-                return Some(bits);
+                return Some((bits, ty));
             }
         }
         None
@@ -246,6 +276,25 @@ mod tests {
         assert_eq!(btf.member_offset("s", "c").unwrap(), 4);
         assert!(btf.member_offset("s", "d").is_err());
         assert!(btf.member_offset("t", "a").is_err());
+    }
+
+    /// A path through nested structs and an array adds up the members'
+    /// own offsets: conntrack's original destination, as the NAT program
+    /// reads it.
+    #[test]
+    fn follows_member_paths_through_arrays_in_the_running_kernel() {
+        let btf = KernelBtf::from_sys_fs().unwrap();
+        let path = |p| btf.member_path_offset("nf_conn", p).unwrap();
+        let sum = btf.member_offset("nf_conn", "tuplehash").unwrap()
+            + btf
+                .member_offset("nf_conntrack_tuple_hash", "tuple")
+                .unwrap()
+            + btf.member_offset("nf_conntrack_tuple", "dst").unwrap();
+        assert_eq!(path("tuplehash.tuple.dst"), sum);
+        assert_eq!(path("tuplehash.tuple.dst.u3"), sum);
+        // union nf_inet_addr is 16 bytes; the port union follows it.
+        assert_eq!(path("tuplehash.tuple.dst.u"), sum + 16);
+        assert!(btf.member_path_offset("nf_conn", "tuplehash.nope").is_err());
     }
 
     /// The running kernel (6.14 or later here) passes the retransmission's

@@ -1,17 +1,23 @@
-//! Observing iptables REDIRECT at the NAT step itself: netfilter programs
-//! in each pod's network namespace, one just before the nat table's DNAT
-//! priority and one just after, on LOCAL_OUT (outbound REDIRECT to 15001)
-//! and PRE_ROUTING (inbound REDIRECT to 15006). For each connection's SYN
-//! the first remembers the destination, the second compares: a change is a
-//! REDIRECT, written to the events ring buffer with a timestamp (or counted
-//! as lost), and the namespace marked meshed in MESHED_NETNS at once, so
-//! that the data path captures that very connection's first request.
+//! Observing iptables REDIRECT at the NAT step itself: one netfilter
+//! program in each pod's network namespace, just after the nat table's DNAT
+//! priority, on LOCAL_OUT (outbound REDIRECT to 15001) and PRE_ROUTING
+//! (inbound REDIRECT to 15006). It runs for every packet, so it decides
+//! from the packet's conntrack entry alone, with no helper call, whether
+//! the packet can matter: only a connection's first packet (`IP_CT_NEW`)
+//! goes on. For a TCP SYN of a connection not yet confirmed (the packet the
+//! nat table's rules really saw; a resent SYN finds its entry confirmed),
+//! the entry's original destination is compared with the packet's: a
+//! change is a REDIRECT, written to the events ring buffer with a timestamp
+//! (or counted as lost), and the namespace marked meshed in MESHED_NETNS at
+//! once, so that the data path captures that very connection's first
+//! request.
 //!
-//! The programs are generated here (aya 0.14 cannot load netfilter
+//! The program is generated here (aya 0.14 cannot load netfilter
 //! programs), with the namespace's cookie and the map descriptors as
-//! immediates; the one kernel struct offset they need, `sk_buff.data`,
-//! comes from the kernel's BTF.
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+//! immediates; the kernel struct offsets it needs (`sk_buff.data`,
+//! `sk_buff._nfct`, `nf_conn.status`, the original tuple's destination)
+//! come from the kernel's BTF.
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use anyhow::Context as _;
 use mesh_trace_common::{EventKind, RedirectEvent, HOOK_LOCAL_OUT, HOOK_PRE_ROUTING};
@@ -23,40 +29,70 @@ use super::{
     },
 };
 
-/// SYNs between the two programs at once, per namespace.
-const PENDING_SYNS: u32 = 4096;
-
-// Stack layout of the generated programs (offsets from the frame pointer).
+// Stack layout of the generated program (offsets from the frame pointer).
 const PKT: i16 = -96; // 40 bytes: IPv4 header without options + TCP header start
-const KEY: i16 = -104; // saddr | sport << 32
-const VAL: i16 = -112; // daddr | dport << 32
+const KEY: i16 = -104; // 8 bytes of scratch: a map key, the conntrack status
+const VAL: i16 = -112; // a map value
+const ORIG: i16 = -136; // 24 bytes: the original tuple's destination
 const EV: i16 = -48; // a RedirectEvent
 
-#[derive(Clone, Copy)]
-enum Stage {
-    /// Before NAT: remember where the SYN was going.
-    Before,
-    /// After NAT: compare, report a change.
-    After { hook: u16 },
-}
+/// `enum ip_conntrack_info` of a connection's first packet, in the low bits
+/// of `sk_buff._nfct` (the rest is the `nf_conn` pointer).
+const IP_CT_NEW: i32 = 2;
+const NFCT_INFO_MASK: i32 = 7;
+/// `IPS_CONFIRMED` in `nf_conn.status`: set once the first packet left the
+/// stack; every later packet, a resent SYN too, finds it set.
+const IPS_CONFIRMED: i32 = 1 << 3;
 
-/// Maps the programs write to, shared by every namespace.
+/// Maps the program writes to, shared by every namespace, and the kernel
+/// struct offsets it reads.
 pub struct Shared {
     pub events: OwnedFd,
     pub lost: OwnedFd,
     /// MESHED_NETNS, which the data path reads.
     pub meshed: OwnedFd,
-    /// Byte offset of `data` in `struct sk_buff`.
-    pub skb_data_offset: i16,
+    pub offsets: KernelOffsets,
     /// Benchmark floor: link programs that only accept.
     pub noop: bool,
 }
 
-/// The four programs and links of one namespace; dropping it detaches them.
+/// Byte offsets in kernel structs, from BTF.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelOffsets {
+    /// `sk_buff.data`.
+    pub skb_data: i16,
+    /// `sk_buff._nfct`.
+    pub skb_nfct: i16,
+    /// `nf_conn.status`.
+    pub ct_status: i32,
+    /// `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple.dst.u3` (the address).
+    pub ct_orig_dst_addr: i32,
+    /// `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple.dst.u` (the port).
+    pub ct_orig_dst_port: i32,
+}
+
+impl KernelOffsets {
+    pub fn from_btf(btf: &super::btf::KernelBtf) -> anyhow::Result<KernelOffsets> {
+        let small = |v: u32, what: &str| i16::try_from(v).with_context(|| format!("{what} offset"));
+        let addr = btf.member_path_offset("nf_conn", "tuplehash.tuple.dst.u3")?;
+        let port = btf.member_path_offset("nf_conn", "tuplehash.tuple.dst.u")?;
+        if port < addr || port - addr > 20 {
+            anyhow::bail!("nf_conntrack_tuple's destination has an unexpected layout");
+        }
+        Ok(KernelOffsets {
+            skb_data: small(btf.member_offset("sk_buff", "data")?, "sk_buff.data")?,
+            skb_nfct: small(btf.member_offset("sk_buff", "_nfct")?, "sk_buff._nfct")?,
+            ct_status: btf.member_offset("nf_conn", "status")? as i32,
+            ct_orig_dst_addr: addr as i32,
+            ct_orig_dst_port: port as i32,
+        })
+    }
+}
+
+/// The programs and links of one namespace; dropping it detaches them.
 pub struct NatProbe {
     _links: Vec<OwnedFd>,
     _progs: Vec<OwnedFd>,
-    _pending: OwnedFd,
 }
 
 impl NatProbe {
@@ -67,62 +103,48 @@ impl NatProbe {
         netns_path: &std::path::Path,
         netns_cookie: u64,
     ) -> anyhow::Result<NatProbe> {
-        let pending = create_map(BPF_MAP_TYPE_LRU_HASH, 8, 8, PENDING_SYNS)
-            .context("creating the pending-SYN map")?;
         let mut progs = Vec::new();
         let mut plan = Vec::new();
         for (hooknum, hook) in [
             (NF_INET_LOCAL_OUT, HOOK_LOCAL_OUT),
             (NF_INET_PRE_ROUTING, HOOK_PRE_ROUTING),
         ] {
-            // Next to the nat table on either side, moving away from it
-            // when another agent (a rolling update's other pod) holds a
-            // place: netfilter takes one BPF program per priority.
-            for (stage, priority) in [(Stage::Before, -1), (Stage::After { hook }, 1)] {
-                let insns = program(shared, pending.as_fd(), stage, netns_cookie);
-                let name = match stage {
-                    Stage::Before => "mt_nat_before",
-                    Stage::After { .. } => "mt_nat_after",
-                };
-                let prog = netfilter::load_program(&insns, name)
-                    .with_context(|| format!("loading {name}"))?;
-                plan.push((prog.as_raw_fd(), hooknum, priority));
-                progs.push(prog);
-            }
+            let insns = program(shared, hook, netns_cookie);
+            let prog = netfilter::load_program(&insns, NAT_PROGRAM)
+                .with_context(|| format!("loading {NAT_PROGRAM}"))?;
+            plan.push((prog.as_raw_fd(), hooknum));
+            progs.push(prog);
         }
         // Links are created in the namespace of the calling thread.
         let links = crate::netns::in_namespace(netns_path, || {
             plan.iter()
-                .map(|&(fd, hooknum, priority)| {
+                .map(|&(fd, hooknum)| {
                     // SAFETY: fd belongs to a program in `progs`, alive here.
                     let prog = unsafe { BorrowedFd::borrow_raw(fd) };
-                    attach_next_to_nat(&prog, hooknum, priority)
+                    attach_after_nat(&prog, hooknum)
                 })
                 .collect::<anyhow::Result<Vec<OwnedFd>>>()
         })?;
         Ok(NatProbe {
             _links: links,
             _progs: progs,
-            _pending: pending,
         })
     }
 }
 
-use std::os::fd::AsFd;
+/// The program's name, as `bpftool prog` and the benchmarks show it.
+pub const NAT_PROGRAM: &str = "mt_nat";
 
-/// How far from the nat table's priority a program may sit: the next
-/// hooks on either side (mangle at -150, filter at 0) are further.
+/// How far after the nat table's priority the program may sit: the next
+/// hook (filter at 0) is further.
 const NAT_NEIGHBOURS: i32 = 8;
 
-/// Links `prog` at the first free priority `direction` (-1 before, +1
-/// after) of the nat table's.
-fn attach_next_to_nat(
-    prog: &BorrowedFd<'_>,
-    hooknum: u32,
-    direction: i32,
-) -> anyhow::Result<OwnedFd> {
+/// Links `prog` at the first free priority after the nat table's, moving
+/// away from it when another agent (a rolling update's other pod) holds a
+/// place: netfilter takes one BPF program per priority.
+fn attach_after_nat(prog: &BorrowedFd<'_>, hooknum: u32) -> anyhow::Result<OwnedFd> {
     for k in 1..=NAT_NEIGHBOURS {
-        let priority = NF_IP_PRI_NAT_DST + direction * k;
+        let priority = NF_IP_PRI_NAT_DST + k;
         match netfilter::attach(prog, NFPROTO_IPV4, hooknum, priority) {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
             other => {
@@ -132,26 +154,34 @@ fn attach_next_to_nat(
         }
     }
     anyhow::bail!(
-        "BPF_LINK_CREATE (netfilter): all {NAT_NEIGHBOURS} priorities next to the nat table are taken by other programs"
+        "BPF_LINK_CREATE (netfilter): all {NAT_NEIGHBOURS} priorities after the nat table are taken by other programs"
     )
 }
 
-/// Generates one stage's program.
-fn program(shared: &Shared, pending: BorrowedFd<'_>, stage: Stage, netns_cookie: u64) -> Vec<Insn> {
+/// Generates the program for one hook.
+fn program(shared: &Shared, hook: u16, netns_cookie: u64) -> Vec<Insn> {
     if shared.noop {
         return netfilter::ACCEPT_ALL.to_vec();
     }
+    let off = shared.offsets;
     let mut a = Asm::default();
-    // ctx is struct bpf_nf_ctx { state; skb; }: read the skb's data pointer
-    // and copy the IPv4 and TCP headers to the stack.
+    // ctx is struct bpf_nf_ctx { state; skb; }. Every packet that is not a
+    // connection's first leaves after two loads and a compare.
     a.mov(R6, 1)
         .load(Size::DW, R7, R6, 8)
-        .load(Size::DW, R3, R7, shared.skb_data_offset)
+        .load(Size::DW, R8, R7, off.skb_nfct)
+        .mov(R1, R8)
+        .alu_imm(Alu::And, R1, NFCT_INFO_MASK)
+        .jump_imm(Cond::Ne, R1, IP_CT_NEW, "accept")
+        .alu_imm(Alu::And, R8, !NFCT_INFO_MASK)
+        .jump_imm(Cond::Eq, R8, 0, "accept")
+        // Copy the IPv4 and TCP headers to the stack.
+        .load(Size::DW, R3, R7, off.skb_data)
         .stack_ptr(R1, PKT as i32)
         .mov_imm(R2, 40)
         .call(helper::PROBE_READ_KERNEL)
         .jump_imm(Cond::Ne, R0, 0, "accept")
-        // IPv4 without options, TCP, SYN without ACK: a new connection.
+        // IPv4 without options, TCP, SYN without ACK.
         .load(Size::B, R1, FP, PKT)
         .jump_imm(Cond::Ne, R1, 0x45, "accept")
         .load(Size::B, R1, FP, PKT + 9)
@@ -159,45 +189,44 @@ fn program(shared: &Shared, pending: BorrowedFd<'_>, stage: Stage, netns_cookie:
         .load(Size::B, R1, FP, PKT + 33)
         .alu_imm(Alu::And, R1, 0x12)
         .jump_imm(Cond::Ne, R1, 0x02, "accept")
-        // key = saddr | sport << 32; val = daddr | dport << 32
-        .load(Size::W, R8, FP, PKT + 12)
-        .load(Size::H, R1, FP, PKT + 20)
-        .alu_imm(Alu::Lsh, R1, 32)
-        .alu_reg(Alu::Or, R1, R8)
-        .store(Size::DW, FP, KEY, R1)
-        .load(Size::W, R9, FP, PKT + 16)
+        // The entry not confirmed yet: this is the packet the nat rules saw.
+        .store_imm(Size::DW, FP, KEY, 0)
+        .stack_ptr(R1, KEY as i32)
+        .mov_imm(R2, 4)
+        .mov(R3, R8)
+        .alu_imm(Alu::Add, R3, off.ct_status)
+        .call(helper::PROBE_READ_KERNEL)
+        .jump_imm(Cond::Ne, R0, 0, "accept")
+        .load(Size::W, R1, FP, KEY)
+        .alu_imm(Alu::And, R1, IPS_CONFIRMED)
+        .jump_imm(Cond::Ne, R1, 0, "accept")
+        // Where the connection was going before NAT: its original tuple.
+        .stack_ptr(R1, ORIG as i32)
+        .mov_imm(R2, off.ct_orig_dst_port - off.ct_orig_dst_addr + 2)
+        .mov(R3, R8)
+        .alu_imm(Alu::Add, R3, off.ct_orig_dst_addr)
+        .call(helper::PROBE_READ_KERNEL)
+        .jump_imm(Cond::Ne, R0, 0, "accept");
+    let orig_port = ORIG + (off.ct_orig_dst_port - off.ct_orig_dst_addr) as i16;
+    // Unchanged address and port: no REDIRECT.
+    a.load(Size::W, R9, FP, ORIG)
+        .load(Size::H, R8, FP, orig_port)
+        .load(Size::W, R1, FP, PKT + 16)
+        .jump_reg(Cond::Ne, R1, R9, "changed")
         .load(Size::H, R1, FP, PKT + 22)
-        .alu_imm(Alu::Lsh, R1, 32)
-        .alu_reg(Alu::Or, R1, R9)
-        .store(Size::DW, FP, VAL, R1);
-    match stage {
-        Stage::Before => {
-            a.ld_map_fd(R1, pending.as_raw_fd())
-                .stack_ptr(R2, KEY as i32)
-                .stack_ptr(R3, VAL as i32)
-                .mov_imm(R4, 0)
-                .call(helper::MAP_UPDATE_ELEM)
-                .goto("accept");
-        }
-        Stage::After { hook } => after(&mut a, shared, pending, hook, netns_cookie),
-    }
+        .jump_reg(Cond::Eq, R1, R8, "accept")
+        .label("changed");
+    report(&mut a, shared, hook, netns_cookie);
     // Netfilter programs return a verdict: always NF_ACCEPT, never disturb.
     a.label("accept").mov_imm(R0, 1).exit();
     a.finish()
 }
 
-fn after(a: &mut Asm, shared: &Shared, pending: BorrowedFd<'_>, hook: u16, netns_cookie: u64) {
-    a.ld_map_fd(R1, pending.as_raw_fd())
-        .stack_ptr(R2, KEY as i32)
-        .call(helper::MAP_LOOKUP_ELEM)
-        .jump_imm(Cond::Eq, R0, 0, "accept")
-        .load(Size::DW, R9, R0, 0)
-        .ld_map_fd(R1, pending.as_raw_fd())
-        .stack_ptr(R2, KEY as i32)
-        .call(helper::MAP_DELETE_ELEM)
-        .load(Size::DW, R1, FP, VAL)
-        .jump_reg(Cond::Eq, R1, R9, "accept")
-        // The destination changed: fill a RedirectEvent on the stack.
+/// Writes a RedirectEvent (original destination in R9 and R8) and marks
+/// the namespace meshed.
+fn report(a: &mut Asm, shared: &Shared, hook: u16, netns_cookie: u64) {
+    a.store(Size::W, FP, EV + 28, R9)
+        .store(Size::H, FP, EV + 38, R8)
         .store_imm(Size::W, FP, EV, EventKind::Redirect as i32)
         .call(helper::GET_SMP_PROCESSOR_ID)
         .store(Size::W, FP, EV + 4, R0)
@@ -207,14 +236,10 @@ fn after(a: &mut Asm, shared: &Shared, pending: BorrowedFd<'_>, hook: u16, netns
         .store(Size::DW, FP, EV + 16, R1)
         .load(Size::W, R1, FP, PKT + 12)
         .store(Size::W, FP, EV + 24, R1)
-        .store(Size::W, FP, EV + 28, R9)
         .load(Size::W, R1, FP, PKT + 16)
         .store(Size::W, FP, EV + 32, R1)
         .load(Size::H, R1, FP, PKT + 20)
         .store(Size::H, FP, EV + 36, R1)
-        .mov(R1, R9)
-        .alu_imm(Alu::Rsh, R1, 32)
-        .store(Size::H, FP, EV + 38, R1)
         .load(Size::H, R1, FP, PKT + 22)
         .store(Size::H, FP, EV + 40, R1)
         .store_imm(Size::H, FP, EV + 42, i32::from(hook))
@@ -224,7 +249,6 @@ fn after(a: &mut Asm, shared: &Shared, pending: BorrowedFd<'_>, hook: u16, netns
         .mov_imm(R3, size_of::<RedirectEvent>() as i32)
         .mov_imm(R4, 0)
         .call(helper::RINGBUF_OUTPUT)
-        // Keep the result; R8 (the source address) is not needed now.
         .mov(R8, R0)
         // Mark the namespace meshed before this connection's first byte:
         // MESHED_NETNS[cookie] = 1.
@@ -250,35 +274,4 @@ fn after(a: &mut Asm, shared: &Shared, pending: BorrowedFd<'_>, hook: u16, netns
         .jump_imm(Cond::Eq, R0, 0, "accept")
         .mov_imm(R1, 1)
         .atomic_add(R0, 0, R1);
-}
-
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-
-fn create_map(
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-) -> std::io::Result<OwnedFd> {
-    // union bpf_attr, BPF_MAP_CREATE part up to map_flags.
-    let mut attr = [0u32; 5];
-    attr[0] = map_type;
-    attr[1] = key_size;
-    attr[2] = value_size;
-    attr[3] = max_entries;
-    // SAFETY: attr is a valid, zero-padded bpf_attr prefix.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor the kernel just returned.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }

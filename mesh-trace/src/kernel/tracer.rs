@@ -483,7 +483,7 @@ struct TcpSockOffsets {
 pub fn kernel_layout_known() -> anyhow::Result<()> {
     let btf = super::btf::KernelBtf::from_sys_fs()?;
     TcpSockOffsets::from_btf(&btf)?;
-    btf.member_offset("sk_buff", "data")?;
+    nat::KernelOffsets::from_btf(&btf)?;
     Ok(())
 }
 
@@ -524,7 +524,7 @@ impl TcpSockOffsets {
 }
 
 /// Duplicates the descriptors of the maps the NAT programs write to, and
-/// finds `sk_buff.data` in the kernel's BTF.
+/// finds the struct members they read in the kernel's BTF.
 fn nat_shared(ebpf: &Ebpf, noop: bool, btf: &super::btf::KernelBtf) -> anyhow::Result<nat::Shared> {
     let fd = |name: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
         let map = ebpf.map(name).with_context(|| format!("{name} map"))?;
@@ -536,12 +536,11 @@ fn nat_shared(ebpf: &Ebpf, noop: bool, btf: &super::btf::KernelBtf) -> anyhow::R
         };
         Ok(data.fd().as_fd().try_clone_to_owned()?)
     };
-    let offset = btf.member_offset("sk_buff", "data")?;
     Ok(nat::Shared {
         events: fd(names::EVENTS)?,
         lost: fd(names::LOST)?,
         meshed: fd(names::MESHED_NETNS)?,
-        skb_data_offset: i16::try_from(offset).context("sk_buff.data offset")?,
+        offsets: nat::KernelOffsets::from_btf(btf)?,
         noop,
     })
 }
