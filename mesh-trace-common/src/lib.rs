@@ -250,7 +250,8 @@ pub struct TrackedSock {
     /// The socket's cookie, kept so the data path need not ask for it.
     pub cookie: u64,
     pub netns_cookie: u64,
-    /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent.
+    /// `TRACKED_OWNER_SEEN` once an [`OwnerEvent`] was sent;
+    /// `TRACKED_MESHED` once the data path found its namespace meshed.
     pub flags: u32,
     /// When the data path last sent an RTT sample, in units of 2^30 ns
     /// (about a second) of `bpf_ktime_get_ns`: at most one per unit.
@@ -303,6 +304,10 @@ impl Default for DataEvent {
 }
 
 pub const TRACKED_OWNER_SEEN: u32 = 1;
+/// The socket's namespace was found in MESHED_NETNS: later calls skip the
+/// lookup (a namespace stays meshed while it has sockets; only one that is
+/// gone leaves the map).
+pub const TRACKED_MESHED: u32 = 2;
 
 /// Size of the `ADOPT` map: sockets found open when the agent starts,
 /// adopted one network namespace at a time.

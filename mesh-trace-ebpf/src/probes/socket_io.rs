@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use mesh_trace_common::{
     DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, TcpIssueEvent, DATA_PREFIX_MAX,
-    DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_OWNER_SEEN,
+    DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_MESHED, TRACKED_OWNER_SEEN,
 };
 
 use super::{offset, read_kernel};
@@ -110,8 +110,13 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let len = ret as u64;
-    if unsafe { MESHED_NETNS.get(tracked.netns_cookie) }.is_none() {
-        return;
+    // The namespace lookup is a hash; a socket found meshed once keeps a
+    // flag instead.
+    if tracked.flags & TRACKED_MESHED == 0 {
+        if unsafe { MESHED_NETNS.get(tracked.netns_cookie) }.is_none() {
+            return;
+        }
+        tracked.flags |= TRACKED_MESHED;
     }
     let seq = first_seq(sk, direction, ret as u32);
     // The data event first, as soon as the call returned: a peer's event
