@@ -25,8 +25,13 @@ enum Cmd {
     Build,
     /// Everything CI checks: fmt, clippy, unit tests and kernel tests (root).
     Test,
-    /// Measure overhead and capacity in the lab; writes BENCHMARKS.md.
-    Bench,
+    /// Measure overhead and capacity in the lab; writes BENCHMARKS.md
+    /// (`--only kernel|agent|pipeline` prints one section instead).
+    Bench {
+        /// Arguments passed to `mesh-trace lab bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build and run `mesh-trace demo`: a local mesh traced live.
     Demo {
         /// Arguments passed to `mesh-trace demo`.
@@ -53,13 +58,15 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             cargo(&["build", "--release", "--package", "mesh-trace"])
         }
         Cmd::Test => test(),
-        Cmd::Bench => {
+        Cmd::Bench { args } => {
             setup::ensure()?;
+            setup::ensure_bench_tools()?;
             cargo(&["build", "--release", "--package", "mesh-trace"])?;
             step("mesh-trace lab bench (a few minutes)");
             let status = Command::new(workspace_root().join("target/release/mesh-trace"))
                 .args(["lab", "bench", "--out"])
                 .arg(workspace_root().join("BENCHMARKS.md"))
+                .args(&args)
                 .status()
                 .context("starting target/release/mesh-trace")?;
             if !status.success() {

@@ -30,6 +30,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "haproxy",
 ];
 
+/// What only the benchmarks use: a peer tracer that no one here wrote.
+const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// What deploy/validate.sh checks the manifests with, installed into a
@@ -64,6 +67,21 @@ pub fn ensure() -> anyhow::Result<()> {
     }
     ensure_python_tools()?;
     ensure_dashboard_validator()
+}
+
+/// The benchmarks' own tools, beside what [`ensure`] installs.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        step("benchmark tools: all present");
+        Ok(())
+    } else {
+        apt_install(&missing)
+    }
 }
 
 /// `@grafana/schema` and TypeScript, pinned by the lock file, for

@@ -5,12 +5,12 @@
 //!   the floor (every program attached but returning at once, `--noop`) and
 //!   with mesh-trace in full, in alternation.
 //! - Kernel cost per program from the kernel's own accounting
-//!   (`kernel.bpf_stats_enabled`), for meshed traffic and for unrelated I/O.
-//! - Agent CPU and memory per 1,000 requests.
+//!   (`kernel.bpf_stats_enabled`), for meshed traffic and for unrelated I/O,
+//!   per request and per NAT packet, beside a bpftrace peer ([`kernel`]).
+//! - Agent CPU and memory per 1,000 requests, at fixed rates.
 //! - Pipeline capacity: synthetic events through decoding, flow tagging,
 //!   framing and stitching on one core.
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
@@ -19,8 +19,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod kernel;
+
 use anyhow::{bail, Context as _};
 use clap::Args;
+use kernel::KernelCosts;
 
 use crate::{
     flows::{
@@ -50,7 +53,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 16)]
     pub connections: usize,
     /// Measure only one section and print it, for quick work on one part:
-    /// `kernel` (cost per program) or `pipeline` (capacity on one core).
+    /// `kernel` (cost per program, NAT, the bpftrace peer), `agent` (agent
+    /// CPU and memory at fixed rates) or `pipeline` (capacity on one core).
     #[arg(long, value_enum)]
     pub only: Option<Section>,
 }
@@ -58,6 +62,7 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Section {
     Kernel,
+    Agent,
     Pipeline,
 }
 
@@ -231,8 +236,15 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     load("warmup", &["--connections", &conns])?;
 
     if args.only == Some(Section::Kernel) {
-        let kernel = kernel_costs(&exe, &lab, &load, &conns)?;
-        print!("{}", render_kernel(&kernel));
+        let kernel = kernel::measure(&exe, &lab, &load, &conns, args.rounds)?;
+        print!("{}", kernel::render(&kernel, args.rounds));
+        return Ok(());
+    }
+    if args.only == Some(Section::Agent) {
+        // The lab's capacity untraced, which sets the highest fixed rate.
+        let lab_max = load("capacity", &["--connections", &conns])?.rate;
+        let rated = agent_at_rates(&exe, &lab, &load, lab_max)?;
+        print!("{}", render_rated(&args, &rated));
         return Ok(());
     }
     let mut runs = Vec::new();
@@ -267,42 +279,17 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    eprintln!("==> kernel cost per program (kernel.bpf_stats_enabled)");
-    let kernel = kernel_costs(&exe, &lab, &load, &conns)?;
+    eprintln!("==> kernel cost per program (kernel.bpf_stats_enabled), with a bpftrace peer");
+    let kernel = kernel::measure(&exe, &lab, &load, &conns, args.rounds)?;
 
     eprintln!("==> agent cost and loss at fixed rates");
-    let mut rated = Vec::new();
-    // 1k and 5k as asked, and the lab's own maximum: 90% of what the closed
-    // loop reached without tracing, below which an open loop keeps up.
     let lab_max = median(
         runs.iter()
             .filter(|r| r.mode == Mode::None)
             .map(|r| r.summary.rate)
             .collect(),
     );
-    let mut rates = vec![
-        1000.0,
-        2000.0,
-        5000.0,
-        (lab_max * 0.9 / 100.0).round() * 100.0,
-    ];
-    rates.sort_by(f64::total_cmp);
-    rates.dedup();
-    for rate in rates {
-        let agent = Agent::start(&exe, &lab, false)?;
-        let before = agent.usage();
-        let r = rate.to_string();
-        let summary = load(&format!("rate-{rate}"), &["--rate", &r])?;
-        std::thread::sleep(Duration::from_millis(500));
-        let (cpu, rss) = agent.usage();
-        rated.push(Rated {
-            target: rate,
-            summary,
-            cpu_s: cpu - before.0,
-            rss_mib: rss,
-            lost: agent.metric("mesh_trace_events_lost_total"),
-        });
-    }
+    let rated = agent_at_rates(&exe, &lab, &load, lab_max)?;
 
     eprintln!("==> agent cost with idle pods");
     let mut pods = Vec::new();
@@ -316,18 +303,57 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("==> pipeline capacity");
     let pipeline = pipeline_capacity(400_000);
 
-    let mut report = render(&args, &runs, &kernel, pipeline);
+    let mut report = render(&args, &runs, &kernel, pipeline, &rated);
     let closed_loop = runs
         .iter()
         .filter(|r| r.mode == Mode::Full)
         .collect::<Vec<_>>();
     report.push_str(&render_scaling(&args, &rated, &closed_loop, &pods, &flows));
+    report.push_str(DESIGN_NOTE);
     std::fs::write(&args.out, report).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("==> wrote {}", args.out.display());
     Ok(())
 }
 
 const CLIENT: &str = "loadgen-v1";
+
+/// The agent in full mode under open-loop load at fixed rates: 1k, 2k and
+/// 5k requests/s, and the lab's own highest steady rate, 90% of what the
+/// closed loop reached untraced (`lab_max`), below which an open loop
+/// keeps up.
+fn agent_at_rates(
+    exe: &std::path::Path,
+    lab: &Lab,
+    load: &dyn Fn(&str, &[&str]) -> anyhow::Result<Summary>,
+    lab_max: f64,
+) -> anyhow::Result<Vec<Rated>> {
+    let mut rates = vec![
+        1000.0,
+        2000.0,
+        5000.0,
+        (lab_max * 0.9 / 100.0).round() * 100.0,
+    ];
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let mut rated = Vec::new();
+    for rate in rates {
+        eprintln!("    {rate:.0} req/s");
+        let agent = Agent::start(exe, lab, false)?;
+        let before = agent.usage();
+        let r = rate.to_string();
+        let summary = load(&format!("rate-{rate}"), &["--rate", &r])?;
+        std::thread::sleep(Duration::from_millis(500));
+        let (cpu, rss) = agent.usage();
+        rated.push(Rated {
+            target: rate,
+            summary,
+            cpu_s: cpu - before.0,
+            rss_mib: rss,
+            lost: agent.metric("mesh_trace_events_lost_total"),
+        });
+    }
+    Ok(rated)
+}
 
 /// An open-loop run at a target rate with the full agent.
 struct Rated {
@@ -336,6 +362,14 @@ struct Rated {
     cpu_s: f64,
     rss_mib: f64,
     lost: f64,
+}
+
+impl Rated {
+    /// Agent CPU seconds per 1,000 requests, which is also its vCPU per
+    /// 1,000 requests/s.
+    fn cpu_per_k(&self) -> f64 {
+        self.cpu_s / (self.summary.sent.max(1) as f64 / 1000.0)
+    }
 }
 
 /// The agent idle with `pods` extra pod namespaces to watch.
@@ -469,27 +503,27 @@ pub fn hold(connections: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render_scaling(
-    args: &BenchArgs,
-    rated: &[Rated],
-    closed_loop: &[&Run],
-    pods: &[Pods],
-    flows: &ManyFlows,
-) -> String {
+/// The "Agent cost and loss at fixed rates" section.
+fn render_rated(args: &BenchArgs, rated: &[Rated]) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "\n## Agent cost and loss at fixed rates\n");
     let _ = writeln!(
         o,
-        "Open loop from the loadgen pod to `details`, {} s per rate, default settings (1 MiB ring buffer). The lab's own processes share the machine's 2 cores, so high target rates are not reached.\n",
+        "Open loop from the loadgen pod to `details`, {} s per rate, default settings (1 MiB ring buffer). The lab's own processes share the machine's 2 cores, so high target rates are not reached. Reproduce this section alone with `cargo xtask bench --only agent`.\n",
         args.seconds
     );
     let _ = writeln!(o, "| target req/s | achieved req/s | p99 ms | agent CPU s per 1,000 req | vCPU per 1,000 req/s | peak RSS MiB | events lost |\n|---|---|---|---|---|---|---|");
     for r in rated {
-        let per_k = r.cpu_s / (r.summary.sent.max(1) as f64 / 1000.0);
         let _ = writeln!(
             o,
             "| {:.0} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} |",
-            r.target, r.summary.rate, r.summary.p99_ms, per_k, per_k, r.rss_mib, r.lost
+            r.target,
+            r.summary.rate,
+            r.summary.p99_ms,
+            r.cpu_per_k(),
+            r.cpu_per_k(),
+            r.rss_mib,
+            r.lost
         );
     }
     let overloaded: Vec<String> = rated
@@ -505,6 +539,17 @@ fn render_scaling(
             overloaded.join(" and ")
         );
     }
+    o
+}
+
+fn render_scaling(
+    args: &BenchArgs,
+    rated: &[Rated],
+    closed_loop: &[&Run],
+    pods: &[Pods],
+    flows: &ManyFlows,
+) -> String {
+    let mut o = render_rated(args, rated);
     // Closed-loop runs count too: they are the highest rates the lab reaches.
     let no_loss = rated
         .iter()
@@ -585,128 +630,6 @@ fn render_scaling(
         flows.tracked, flows.rss_mib, flows.peak_rss_mib, flows.settle_s, flows.lost, flows.evicted
     );
     o
-}
-
-/// Per program: (run count, average ns per run) during `work`.
-type Costs = BTreeMap<String, (u64, f64)>;
-
-/// Program costs for meshed traffic (the closed-loop load) and unrelated
-/// I/O, with the agent in full mode, then in floor mode.
-fn kernel_costs(
-    exe: &std::path::Path,
-    lab: &Lab,
-    load: &dyn Fn(&str, &[&str]) -> anyhow::Result<Summary>,
-    conns: &str,
-) -> anyhow::Result<KernelCosts> {
-    let mut kernel = KernelCosts::default();
-    for noop in [false, true] {
-        let meshed = program_costs(exe, lab, noop, |_| {
-            load("stats", &["--connections", conns]).map(|_| ())
-        })?;
-        let unrelated = program_costs(exe, lab, noop, |_| unrelated_io(Duration::from_secs(3)))?;
-        if noop {
-            (kernel.meshed_floor, kernel.unrelated_floor) = (meshed, unrelated);
-        } else {
-            (kernel.meshed, kernel.unrelated) = (meshed, unrelated);
-        }
-    }
-    Ok(kernel)
-}
-
-/// Kernel cost per program with the agent in full and in floor mode.
-#[derive(Default)]
-struct KernelCosts {
-    meshed: Costs,
-    unrelated: Costs,
-    meshed_floor: Costs,
-    unrelated_floor: Costs,
-}
-
-fn program_costs(
-    exe: &std::path::Path,
-    lab: &Lab,
-    noop: bool,
-    work: impl FnOnce(&Lab) -> anyhow::Result<()>,
-) -> anyhow::Result<Costs> {
-    let _agent = Agent::start(exe, lab, noop)?;
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").context("enabling bpf stats")?;
-    let before = prog_stats()?;
-    let result = work(lab);
-    let after = prog_stats()?;
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0")?;
-    result?;
-    Ok(after
-        .into_iter()
-        .filter_map(|(name, (cnt, ns))| {
-            let (c0, n0) = before.get(&name).copied().unwrap_or_default();
-            let runs = cnt.saturating_sub(c0);
-            (runs > 0).then(|| (name, (runs, (ns.saturating_sub(n0)) as f64 / runs as f64)))
-        })
-        .collect())
-}
-
-/// BPF time per socket send or receive: the costlier of the two socket I/O
-/// programs (one of them runs per call).
-fn per_io(c: &Costs) -> f64 {
-    ["mt_send_length", "mt_recv_length"]
-        .iter()
-        .filter_map(|n| c.get(*n))
-        .map(|&(_, ns)| ns)
-        .fold(0.0, f64::max)
-}
-
-/// run count and run time of every mt_* program, summed per name.
-fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show", "--json"])
-        .output()
-        .context("running bpftool (Debian package bpftool)")?;
-    let progs: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for p in progs.as_array().into_iter().flatten() {
-        let name = p["name"].as_str().unwrap_or_default();
-        if !name.starts_with("mt_") {
-            continue;
-        }
-        let e = m.entry(name.to_string()).or_default();
-        e.0 += p["run_cnt"].as_u64().unwrap_or(0);
-        e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
-    }
-    Ok(m)
-}
-
-/// File reads and writes and loopback socket I/O outside the mesh.
-fn unrelated_io(d: Duration) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("mt-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
-        use std::io::{Read, Write};
-        let (mut s, _) = listener.accept()?;
-        let mut buf = [0u8; 64];
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            s.write_all(&buf[..n])?;
-        }
-    });
-    use std::io::{Read, Write};
-    let mut sock = TcpStream::connect(addr)?;
-    let mut file = std::fs::File::create(dir.join("f"))?;
-    let started = Instant::now();
-    let mut buf = [0u8; 64];
-    while started.elapsed() < d {
-        file.write_all(&buf[..16])?;
-        sock.write_all(&buf[..16])?;
-        sock.read_exact(&mut buf[..16])?;
-    }
-    drop(sock);
-    let _ = echo.join();
-    std::fs::remove_dir_all(&dir)?;
-    Ok(())
 }
 
 /// Events per second through decoding, flow tagging, framing and stitching
@@ -822,45 +745,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// The "Kernel cost per program" section.
-fn render_kernel(kernel: &KernelCosts) -> String {
-    let mut o = String::new();
-    let (meshed, unrelated) = (&kernel.meshed, &kernel.unrelated);
-    let _ = writeln!(o, "## Kernel cost per program\n");
-    let _ = writeln!(
-        o,
-        "From `kernel.bpf_stats_enabled` (run_time_ns / run_cnt), the same work with the agent in full mode and in \
-         floor mode (`--noop`: every program attached, returning at once; what the accounting and the hook's \
-         entry cost by themselves).\n"
-    );
-    let _ = writeln!(o, "| program | meshed traffic: runs | ns/run | floor ns/run | unrelated I/O: runs | ns/run | floor ns/run |\n|---|---|---|---|---|---|---|");
-    let names: std::collections::BTreeSet<&String> =
-        meshed.keys().chain(unrelated.keys()).collect();
-    let ns_of = |c: &Costs, n: &str| c.get(n).map_or(0.0, |&(_, ns)| ns);
-    for n in names {
-        let (mr, mn) = meshed.get(n).copied().unwrap_or_default();
-        let (ur, un) = unrelated.get(n).copied().unwrap_or_default();
-        let _ = writeln!(
-            o,
-            "| {n} | {mr} | {mn:.0} | {:.0} | {ur} | {un:.0} | {:.0} |",
-            ns_of(&kernel.meshed_floor, n),
-            ns_of(&kernel.unrelated_floor, n)
-        );
-    }
-    let _ = writeln!(
-        o,
-        "\nPer traced socket send or receive: {:.0} ns (one of the two socket I/O programs runs per call; floor {:.0} ns). \
-         Unrelated socket I/O (loopback in the host network namespace; sockets in pods without a sidecar keep their state and cost more): {:.0} ns per call (floor {:.0} ns). File I/O runs none of the programs: 0 ns.\n",
-        per_io(&kernel.meshed),
-        per_io(&kernel.meshed_floor),
-        per_io(&kernel.unrelated),
-        per_io(&kernel.unrelated_floor)
-    );
-    o
-}
-
-fn render(args: &BenchArgs, runs: &[Run], kernel: &KernelCosts, pipeline: f64) -> String {
-    let (meshed, unrelated) = (&kernel.meshed, &kernel.unrelated);
+fn render(
+    args: &BenchArgs,
+    runs: &[Run],
+    kernel: &KernelCosts,
+    pipeline: f64,
+    rated: &[Rated],
+) -> String {
     let mut o = String::new();
     let host = crate::kernel::sysfs::kernel_release();
     let cpus = std::thread::available_parallelism()
@@ -870,7 +761,8 @@ fn render(args: &BenchArgs, runs: &[Run], kernel: &KernelCosts, pipeline: f64) -
     let _ = writeln!(
         o,
         "Measured on this repository's reference machine kind: Linux {host}, {cpus} cores. \
-         Reproduce with `cargo xtask bench` (which runs `mesh-trace lab bench --seconds {} --rounds {} --connections {}`). \
+         Reproduce with `cargo xtask bench` (which runs `mesh-trace lab bench --seconds {} --rounds {} --connections {}`; \
+         `cargo xtask bench --only kernel|agent|pipeline` measures one section). \
          Figures from one run; the machine is shared and noisy, so compare ratios within the run.\n",
         args.seconds, args.rounds, args.connections
     );
@@ -901,27 +793,24 @@ fn render(args: &BenchArgs, runs: &[Run], kernel: &KernelCosts, pipeline: f64) -
     let (none, floor, full) = (rate(Mode::None), rate(Mode::Floor), rate(Mode::Full));
     let throughput = full / none;
     let p99_ratio = p99(Mode::Full) / p99(Mode::None);
-    let floor_cost = (none - floor).max(0.0);
-    let full_cost = (none - full).max(0.0);
-    let cost_ratio = if floor_cost > 0.0 {
-        full_cost / floor_cost
-    } else {
-        f64::NAN
-    };
+    // The closed loop keeps every core busy, so a request costs the
+    // machine cores/rate seconds of CPU in all.
+    let cpu_ns = |rate: f64| cpus as f64 * 1e9 / rate;
+    let added_machine_ns = cpu_ns(full) - cpu_ns(floor);
     let _ = writeln!(
         o,
-        "\nThroughput with mesh-trace: {:.1}% of no tracing; p99 {:.2}x; {}.\n",
+        "\nThroughput with mesh-trace: {:.1}% of no tracing; p99 {:.2}x. With every core busy, a request costs the \
+         machine {:.0} ns of CPU untraced, {:.0} ns with the floor and {:.0} ns with mesh-trace: **{:.0} ns per request \
+         added over the floor** (in this run's noise; the kernel's own accounting below gives the BPF part exactly).\n",
         throughput * 100.0,
         p99_ratio,
-        if cost_ratio.is_finite() {
-            format!("added cost {cost_ratio:.1}x the floor's")
-        } else {
-            "added cost versus the floor not measurable: the floor ran within noise of no tracing"
-                .to_string()
-        }
+        cpu_ns(none),
+        cpu_ns(floor),
+        cpu_ns(full),
+        added_machine_ns
     );
-    o.push_str(&render_kernel(kernel));
-    let _ = writeln!(o, "## Agent cost\n");
+    o.push_str(&kernel::render(kernel, args.rounds));
+    let _ = writeln!(o, "## Agent cost under closed-loop load\n");
     let _ = writeln!(o, "| run | requests | agent CPU s | CPU s per 1,000 req | vCPU per 1,000 req/s | peak RSS MiB | spans | events lost |\n|---|---|---|---|---|---|---|---|");
     for r in runs.iter().filter(|r| r.mode == Mode::Full) {
         let per_k = r.agent_cpu_s / (r.summary.sent as f64 / 1000.0);
@@ -944,84 +833,133 @@ fn render(args: &BenchArgs, runs: &[Run], kernel: &KernelCosts, pipeline: f64) -
         "Synthetic events (an app socket and its sidecar socket joined, then keep-alive request/response exchanges) through decoding, flow tagging, HTTP framing and stitching, one core: **{:.0} events/s**.\n",
         pipeline
     );
-    let _ = writeln!(o, "## Targets\n");
-    let lost: f64 = runs.iter().map(|r| r.lost).sum();
-    let full_runs = by_mode(Mode::Full);
-    let cpu_per_k = median(
-        full_runs
-            .iter()
-            .map(|r| r.agent_cpu_s / (r.summary.sent as f64 / 1000.0))
-            .collect(),
-    );
-    let rss = full_runs
+    let lost: f64 =
+        runs.iter().map(|r| r.lost).sum::<f64>() + rated.iter().map(|r| r.lost).sum::<f64>();
+    let highest = rated
+        .iter()
+        .filter(|r| r.summary.rate >= 0.95 * r.target)
+        .max_by(|a, b| a.summary.rate.total_cmp(&b.summary.rate));
+    let rss = runs
         .iter()
         .map(|r| r.agent_rss_mib)
+        .chain(rated.iter().map(|r| r.rss_mib))
         .fold(0.0, f64::max);
-    let unrelated_added = (per_io(&kernel.unrelated) - per_io(&kernel.unrelated_floor)).max(0.0);
-    let rows = [
+    o.push_str(&render_goals(&Goals {
+        added_per_request: kernel.added_per_request(),
+        per_io: kernel.per_io(),
+        per_io_floor: kernel.per_io_floor(),
+        nat_added: kernel.nat_added_per_packet(),
+        agent: highest.map(|r| (r.summary.rate, r.cpu_per_k())),
+        rss,
+        pipeline,
+        throughput,
+        p99_ratio,
+        added_machine_ns,
+        unrelated_added: kernel.unrelated_added(),
+        lost,
+    }));
+    o
+}
+
+/// The figures each goal is judged on.
+struct Goals {
+    added_per_request: f64,
+    per_io: f64,
+    per_io_floor: f64,
+    nat_added: f64,
+    /// (rate, vCPU per 1,000 req/s) at the highest fixed rate kept up with.
+    agent: Option<(f64, f64)>,
+    rss: f64,
+    pipeline: f64,
+    throughput: f64,
+    p99_ratio: f64,
+    added_machine_ns: f64,
+    unrelated_added: f64,
+    lost: f64,
+}
+
+/// The "Goals" section: each goal met, or its figure and the next step.
+fn render_goals(g: &Goals) -> String {
+    let (agent_rate, agent_cpu) = g.agent.unwrap_or((0.0, f64::NAN));
+    let rows: [(&str, bool, String, &str); 10] = [
         (
-            "Throughput with mesh-trace >= 97% of no tracing",
-            throughput >= 0.97,
-            format!("{:.1}%", throughput * 100.0),
+            "Per request through both sidecars, every program together: <= 2,000 ns of BPF time above the floor",
+            g.added_per_request <= 2000.0,
+            format!("{:.0} ns", g.added_per_request),
+            "one ring buffer record per socket call is most of it: batch records per CPU (one reservation for \
+             several events, flushed by size or age and merged by timestamp in the agent)",
         ),
         (
-            "p99 latency <= 1.05x",
-            p99_ratio <= 1.05,
-            format!("{p99_ratio:.2}x"),
+            "<= 250 ns per traced socket call, everything included",
+            g.per_io <= 250.0,
+            format!("{:.0} ns (floor {:.0} ns)", g.per_io, g.per_io_floor),
+            "the same batching; then a prefix only where a message can start, decided in the kernel from the stream position",
         ),
         (
-            "Added cost <= 2x the floor's",
-            cost_ratio.is_finite() && cost_ratio <= 2.0,
-            if cost_ratio.is_finite() {
-                format!("{cost_ratio:.1}x")
-            } else {
-                "not measurable in this run (the floor was within noise of no tracing)".into()
-            },
+            "NAT observation: <= 15 ns per packet that is not a connection's first",
+            g.nat_added <= 15.0,
+            format!("{:.0} ns above the empty program", g.nat_added),
+            "on kernels with fentry, a per-connection hook on the REDIRECT itself instead of a per-packet program",
         ),
         (
-            "<= 400 ns BPF time per traced socket syscall",
-            per_io(meshed) <= 400.0,
+            "Agent <= 0.005 vCPU per 1,000 req/s at the lab's highest rate",
+            agent_cpu <= 0.005,
+            format!("{agent_cpu:.3} at {agent_rate:.0} req/s"),
+            "profile-driven: per-socket slots instead of hashing per event, head parsing once, shared label values",
+        ),
+        (
+            "Agent RSS < 64 MiB",
+            g.rss < 64.0,
+            format!("{:.1} MiB", g.rss),
+            "",
+        ),
+        (
+            "Pipeline >= 5,000,000 events/s on one core",
+            g.pipeline >= 5e6,
+            format!("{:.0}", g.pipeline),
+            "the agent's profile steps above; decoding without copying the record",
+        ),
+        (
+            "Traced throughput >= 98% of untraced",
+            g.throughput >= 0.98,
+            format!("{:.1}%", g.throughput * 100.0),
+            "follows the BPF time per call",
+        ),
+        (
+            "p99 <= 1.03x untraced",
+            g.p99_ratio <= 1.03,
+            format!("{:.2}x", g.p99_ratio),
+            "follows the BPF time per call",
+        ),
+        (
+            "Added cost per request over the floor shown in ns",
+            true,
             format!(
-                "{:.0} ns (the floor's empty program: {:.0} ns)",
-                per_io(meshed),
-                per_io(&kernel.meshed_floor)
+                "{:.0} ns of BPF time (kernel accounting); {:.0} ns of machine CPU (closed-loop throughput)",
+                g.added_per_request, g.added_machine_ns
             ),
+            "",
         ),
         (
-            "<= 80 ns added per unrelated syscall",
-            unrelated_added <= 80.0,
-            format!(
-                "sockets: {unrelated_added:.0} ns of work over the floor's empty program \
-                 ({:.0} ns in all, {:.0} ns of it the hook's entry and the accounting); files: 0 ns (no program runs)",
-                per_io(unrelated),
-                per_io(&kernel.unrelated_floor)
-            ),
-        ),
-        (
-            "Agent <= 0.02 vCPU per 1,000 req/s",
-            cpu_per_k <= 0.02,
-            format!("{cpu_per_k:.3}"),
-        ),
-        (
-            "Agent RSS <= 128 MiB under load",
-            rss <= 128.0,
-            format!("{rss:.1} MiB"),
-        ),
-        (
-            "Pipeline >= 1,000,000 events/s on one core",
-            pipeline >= 1e6,
-            format!("{pipeline:.0}"),
-        ),
-        (
-            "No loss at the lab's maximum rate",
-            lost == 0.0,
-            format!("{lost:.0} events lost"),
+            "No events lost at the lab's maximum rate; <= 80 ns added per unrelated socket call",
+            g.lost == 0.0 && g.unrelated_added <= 80.0,
+            format!("{:.0} events lost; {:.0} ns per unrelated call", g.lost, g.unrelated_added),
+            "",
         ),
     ];
-    let _ = writeln!(o, "| target | met | measured |\n|---|---|---|");
-    for (t, met, v) in rows {
-        let _ = writeln!(o, "| {t} | {} | {v} |", if met { "yes" } else { "not yet" });
+    let mut o = String::new();
+    let _ = writeln!(o, "## Goals\n");
+    let _ = writeln!(
+        o,
+        "| goal | met | measured | next step |\n|---|---|---|---|"
+    );
+    for (goal, met, measured, next) in rows {
+        let _ = writeln!(
+            o,
+            "| {goal} | {} | {measured} | {} |",
+            if met { "yes" } else { "not yet" },
+            if met { "" } else { next }
+        );
     }
-    o.push_str(DESIGN_NOTE);
     o
 }
