@@ -31,6 +31,8 @@ pub mod names {
     pub const RECEIVE_RESET: &str = "mt_receive_reset";
     pub const MESHED_NETNS: &str = "MESHED_NETNS";
     pub const PREFIX_LEN: &str = "PREFIX_LEN";
+    pub const BATCH: &str = "BATCH";
+    pub const FLUSH: &str = "mt_flush";
 }
 
 /// Discriminants of the events in the ring buffer. Never reuse a value.
@@ -56,6 +58,9 @@ pub enum EventKind {
     /// [`SockEvent`] naming the connection as its server socket will (no
     /// cookie yet: the socket does not exist).
     SynAckRetransmit = 8,
+    /// Data events of one CPU sent to the ring buffer together (see
+    /// [`DataBatch`]): the header, then [`BatchEntry`] records.
+    Batch = 9,
 }
 
 impl EventKind {
@@ -69,6 +74,7 @@ impl EventKind {
             6 => Some(Self::Redirect),
             7 => Some(Self::Data),
             8 => Some(Self::SynAckRetransmit),
+            9 => Some(Self::Batch),
             _ => None,
         }
     }
@@ -338,6 +344,48 @@ pub struct RedirectEvent {
     pub _pad: u32,
 }
 
+/// Most bytes of one batch record in the ring buffer.
+pub const BATCH_MAX: usize = 8192;
+/// A batch's buffer: room for an entry written at any offset below
+/// [`BATCH_MAX`], and a power of two so that a length masked by it is
+/// within the buffer (which is what the verifier checks).
+pub const BATCH_BUF: usize = 2 * BATCH_MAX;
+/// Most bytes one entry takes in a batch.
+pub const BATCH_ENTRY_MAX: usize = core::mem::size_of::<BatchEntry>() + MAX_EVENT_SIZE;
+/// Bytes of a [`DataEvent`] before its prefix: what an entry always holds.
+pub const DATA_FIXED_LEN: usize = core::mem::offset_of!(DataEvent, prefix);
+
+/// One CPU's data events waiting to go to the ring buffer together
+/// (`BATCH`, a per-CPU array of one): a ring buffer reservation per socket
+/// call costs more than everything else the data path does, so the socket
+/// programs append here and the batch goes out in one record when it is
+/// full, or when the agent asks (it runs the flush program on every CPU
+/// before it reads the ring, and orders what it read by time).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataBatch {
+    /// Bytes of `buf` in use, the batch header included; 0 when empty.
+    pub len: u32,
+    /// Data events in the batch: what is counted lost if the ring is full.
+    pub count: u32,
+    /// Bytes past which the batch is sent, set by the agent (at most
+    /// [`BATCH_MAX`]); 0: no batching, every event goes out on its own.
+    pub cap: u32,
+    /// 1 while a program on this CPU appends: a flush that interrupts it
+    /// (the agent's, in an interrupt) leaves the batch alone.
+    pub busy: u32,
+    pub buf: [u8; BATCH_BUF],
+}
+
+/// An entry of a batch: the event's length, then its bytes (a
+/// [`DataEvent`] cut after `prefix_len` bytes of prefix), padded to 8.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BatchEntry {
+    pub len: u32,
+    pub _pad: u32,
+}
+
 /// Largest event, for sizing reads in tests and benchmarks.
 pub const MAX_EVENT_SIZE: usize = core::mem::size_of::<DataEvent>();
 
@@ -356,6 +404,7 @@ mod pod {
     unsafe impl aya::Pod for TrackedSock {}
     unsafe impl aya::Pod for RedirectEvent {}
     unsafe impl aya::Pod for DataEvent {}
+    unsafe impl aya::Pod for DataBatch {}
 }
 
 #[cfg(test)]
@@ -382,6 +431,9 @@ mod tests {
         assert_eq!(core::mem::offset_of!(RedirectEvent, sport_be), 36);
         assert_eq!(core::mem::offset_of!(RedirectEvent, hook), 42);
         assert_eq!(align_of::<ConnectEvent>(), 8);
+        assert_eq!(size_of::<DataBatch>(), 16 + BATCH_BUF);
+        assert_eq!(DATA_FIXED_LEN, 56);
+        const { assert!(BATCH_BUF >= BATCH_MAX + BATCH_ENTRY_MAX) };
         assert!(MAX_EVENT_SIZE >= size_of::<SockEvent>());
     }
 

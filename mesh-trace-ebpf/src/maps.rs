@@ -10,7 +10,7 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use mesh_trace_common::{EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX};
+use mesh_trace_common::{DataBatch, EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX};
 
 /// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
 const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -26,11 +26,20 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LossReason::CO
 
 #[inline(always)]
 pub fn count_loss(reason: LossReason) {
+    count_losses(reason, 1);
+}
+
+#[inline(always)]
+pub fn count_losses(reason: LossReason, n: u64) {
     if let Some(slot) = LOST.get_ptr_mut(reason as u32) {
         // Per-CPU slot: no other writer while this program runs on this CPU.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
+
+/// This CPU's data events on their way to [`EVENTS`] (see [`DataBatch`]).
+#[map(name = "BATCH")]
+pub static BATCH: PerCpuArray<DataBatch> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn header(kind: EventKind) -> EventHeader {

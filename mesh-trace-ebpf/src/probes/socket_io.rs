@@ -18,17 +18,19 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use mesh_trace_common::{
-    DataEvent, EventKind, LossReason, OwnerEvent, TaskInfo, TcpIssueEvent, DATA_PREFIX_MAX,
+    BatchEntry, DataBatch, DataEvent, EventHeader, EventKind, LossReason, OwnerEvent, TaskInfo,
+    TcpIssueEvent, BATCH_BUF, BATCH_ENTRY_MAX, BATCH_MAX, DATA_FIXED_LEN, DATA_PREFIX_MAX,
     DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_MESHED, TRACKED_OWNER_SEEN,
 };
 
 use super::{offset, read_kernel};
 use crate::maps::{
-    count_loss, emit, header, header_at, noop, wakeup_flags, EVENTS, MESHED_NETNS, SOCKS,
+    count_loss, count_losses, emit, header, header_at, noop, wakeup_flags, BATCH, EVENTS,
+    MESHED_NETNS, SOCKS,
 };
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
@@ -157,49 +159,145 @@ fn first_seq(sk: *mut c_void, direction: u32, len: u32) -> u32 {
     read_kernel::<u32>(sk as *const u8, off as usize).wrapping_sub(len)
 }
 
-/// Writes the data event; returns its time, or 0 when the ring was full.
+/// Writes the data event, into this CPU's batch when the agent turned
+/// batching on, else straight to the ring; returns its time, or 0 when it
+/// was lost.
 #[inline(always)]
 fn capture(cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
+    if let Some(batch) = BATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's value. Socket calls do not nest on a CPU (the
+        // tracepoints run with preemption off, in task context); only the
+        // agent's flush may interrupt, and it leaves a busy batch alone.
+        let b = unsafe { &mut *batch };
+        if b.cap != 0 {
+            return append(b, cookie, direction, offset, len);
+        }
+    }
     let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
         count_loss(LossReason::RingBufFull);
         return 0;
     };
     let ts_ns = unsafe { bpf_ktime_get_ns() };
-    let ev = slot.as_mut_ptr();
-    // SAFETY: `ev` points at reserved ring buffer memory of DataEvent's size;
-    // every field but the prefix tail is written before submit.
-    unsafe {
-        (*ev).header = header_at(EventKind::Data, ts_ns);
-        (*ev).sock_cookie = cookie;
-        (*ev).pid_tgid = bpf_get_current_pid_tgid();
-        (*ev).offset = offset;
-        (*ev).len = len as u32;
-        (*ev).direction = direction;
-        (*ev)._pad = 0;
-        (*ev).prefix_len = 0;
-        let (buf, room) = user_buffer();
-        let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
-        let mut n = if len < want { len } else { want };
-        if n > room {
-            n = room;
-        }
-        // The verifier needs the bound spelled out.
-        if n > DATA_PREFIX_MAX as u64 {
-            n = DATA_PREFIX_MAX as u64;
-        }
-        if n > 0
-            && buf != 0
-            && bpf_probe_read_user(
-                (*ev).prefix.as_mut_ptr() as *mut c_void,
-                n as u32,
-                buf as *const c_void,
-            ) == 0
-        {
-            (*ev).prefix_len = n as u32;
-        }
-    }
+    // SAFETY: reserved ring buffer memory of DataEvent's size.
+    unsafe { fill(slot.as_mut_ptr(), ts_ns, cookie, direction, offset, len) };
     slot.submit(wakeup_flags());
     ts_ns
+}
+
+/// Appends a data event to `b`, sending the batch first when the entry
+/// might not fit under its cap.
+#[inline(always)]
+fn append(b: &mut DataBatch, cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
+    // SAFETY: plain stores to this CPU's value; volatile so that the flag
+    // brackets the writes below as an interrupting flush sees them.
+    unsafe { core::ptr::write_volatile(&mut b.busy, 1) };
+    let cap = if b.cap as usize > BATCH_MAX {
+        BATCH_MAX
+    } else {
+        b.cap as usize
+    };
+    if b.len as usize + BATCH_ENTRY_MAX > cap {
+        flush(b);
+    }
+    if b.len == 0 {
+        let header = b.buf.as_mut_ptr() as *mut EventHeader;
+        // SAFETY: the buffer starts with room for a header.
+        unsafe { *header = header_at(EventKind::Batch, 0) };
+        b.len = size_of::<EventHeader>() as u32;
+    }
+    let at = b.len as usize & (BATCH_MAX - 1);
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `at` < BATCH_MAX and an entry takes at most BATCH_ENTRY_MAX
+    // bytes, inside BATCH_BUF; 8-aligned like every entry.
+    let entry = unsafe { b.buf.as_mut_ptr().add(at) } as *mut BatchEntry;
+    let prefix = unsafe {
+        let ev = entry.add(1) as *mut DataEvent;
+        fill(ev, ts_ns, cookie, direction, offset, len);
+        (*ev).prefix_len as usize
+    };
+    let bytes = DATA_FIXED_LEN
+        + if prefix > DATA_PREFIX_MAX {
+            DATA_PREFIX_MAX
+        } else {
+            prefix
+        };
+    unsafe {
+        (*entry).len = bytes as u32;
+        (*entry)._pad = 0;
+    }
+    b.len = (at + ((size_of::<BatchEntry>() + bytes + 7) & !7)) as u32;
+    b.count += 1;
+    unsafe { core::ptr::write_volatile(&mut b.busy, 0) };
+    ts_ns
+}
+
+/// Sends the batch to the ring buffer (or counts its events lost) and
+/// empties it.
+#[inline(always)]
+fn flush(b: &mut DataBatch) {
+    // Masked rather than compared: the verifier tracks the bound through
+    // the mask whatever the compiler makes of a comparison.
+    let len = b.len as usize & (BATCH_BUF - 1);
+    if len > size_of::<EventHeader>() {
+        // SAFETY: `len` bytes of the buffer were written.
+        let bytes = unsafe { core::slice::from_raw_parts(b.buf.as_ptr(), len) };
+        if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
+            count_losses(LossReason::RingBufFull, u64::from(b.count));
+        }
+    }
+    b.len = 0;
+    b.count = 0;
+}
+
+/// Sends this CPU's batch. Never attached: the agent runs it on every CPU
+/// (`BPF_PROG_TEST_RUN` on a CPU) before it reads the ring buffer.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn mt_flush(_ctx: RawTracePointContext) -> i32 {
+    if let Some(batch) = BATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's value; see `capture`.
+        let b = unsafe { &mut *batch };
+        if unsafe { core::ptr::read_volatile(&b.busy) } == 0 {
+            flush(b);
+        }
+    }
+    0
+}
+
+/// Fills a data event at `ev` (ring buffer or batch memory), its payload
+/// prefix read from the syscall's user buffer.
+///
+/// # Safety
+/// `ev` points at writable memory of `DataEvent`'s size.
+#[inline(always)]
+unsafe fn fill(ev: *mut DataEvent, ts_ns: u64, cookie: u64, direction: u32, offset: u64, len: u64) {
+    (*ev).header = header_at(EventKind::Data, ts_ns);
+    (*ev).sock_cookie = cookie;
+    (*ev).pid_tgid = bpf_get_current_pid_tgid();
+    (*ev).offset = offset;
+    (*ev).len = len as u32;
+    (*ev).direction = direction;
+    (*ev)._pad = 0;
+    (*ev).prefix_len = 0;
+    let (buf, room) = user_buffer();
+    let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
+    let mut n = if len < want { len } else { want };
+    if n > room {
+        n = room;
+    }
+    // The verifier needs the bound spelled out.
+    if n > DATA_PREFIX_MAX as u64 {
+        n = DATA_PREFIX_MAX as u64;
+    }
+    if n > 0
+        && buf != 0
+        && bpf_probe_read_user(
+            (*ev).prefix.as_mut_ptr() as *mut c_void,
+            n as u32,
+            buf as *const c_void,
+        ) == 0
+    {
+        (*ev).prefix_len = n as u32;
+    }
 }
 
 /// The current syscall's user buffer and its size, from the task's saved

@@ -239,6 +239,7 @@ pub async fn agent_with_spans(
         // An eighth of the ring: the agent is woken long before it fills.
         wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
         noop: settings.noop,
+        batch_events: settings.batch_events,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;

@@ -36,6 +36,8 @@ pub struct Settings {
     pub netns_dir: PathBuf,
     /// Programs attached but returning at once (benchmark floor).
     pub noop: bool,
+    /// Data events go to the ring buffer in per-CPU batches.
+    pub batch_events: bool,
     /// Who may read the per-request detail of `/api/v1/stats`.
     pub stats_access: StatsAccess,
 }
@@ -57,6 +59,7 @@ impl Settings {
             max_flows: FlowTableConfig::default().max_sockets,
             netns_dir: DEFAULT_NETNS_DIR.into(),
             noop: false,
+            batch_events: true,
             stats_access: StatsAccess::LoopbackOnly,
         })
     }

@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// hooks alone (the floor benchmarks compare against).
     #[arg(long)]
     pub noop: bool,
+    /// Send every data event to the ring buffer on its own instead of in
+    /// per-CPU batches (costlier per socket call; for comparison).
+    #[arg(long)]
+    pub no_batch: bool,
     /// Serve /api/v1/stats, which names request paths and x-request-ids, to
     /// any client; by default only loopback clients get it (mesh-trace top
     /// on the node, kubectl port-forward).
@@ -106,6 +110,7 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
             .or(file.netns_dir)
             .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
         noop: args.noop,
+        batch_events: !args.no_batch,
         stats_access: if args.stats_from_anywhere || file.stats_from_anywhere == Some(true) {
             StatsAccess::Anyone
         } else {

@@ -2,9 +2,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_trace_common::{
-    ConnectEvent, DataEvent, Endpoint, EventHeader, EventKind, OwnerEvent, RedirectEvent,
-    SockEvent, TcpIssueEvent, AF_INET6, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT,
-    ISSUE_RTT_SAMPLE,
+    BatchEntry, ConnectEvent, DataEvent, Endpoint, EventHeader, EventKind, OwnerEvent,
+    RedirectEvent, SockEvent, TcpIssueEvent, AF_INET6, DATA_FIXED_LEN, ISSUE_RESET_RECEIVED,
+    ISSUE_RESET_SENT, ISSUE_RETRANSMIT, ISSUE_RTT_SAMPLE,
 };
 
 /// One decoded kernel event.
@@ -33,6 +33,63 @@ pub enum DecodeError {
         len: usize,
         want: usize,
     },
+    #[error("a batch of events, not one event")]
+    Batch,
+    #[error("batch entry of {len} bytes at byte {at} does not fit its {total}-byte batch")]
+    BadEntry { at: usize, len: usize, total: usize },
+}
+
+/// Decodes one ring buffer record into `out`: the event it holds, or each
+/// data event of a batch (`mesh_trace_common::DataBatch`), in the order they
+/// were appended; undecodable parts as errors in place.
+pub fn decode_record(bytes: &[u8], out: &mut Vec<Result<Event, DecodeError>>) {
+    match Event::decode(bytes) {
+        Err(DecodeError::Batch) => decode_batch(bytes, out),
+        other => out.push(other),
+    }
+}
+
+fn decode_batch(bytes: &[u8], out: &mut Vec<Result<Event, DecodeError>>) {
+    let mut at = size_of::<EventHeader>();
+    while at + size_of::<BatchEntry>() <= bytes.len() {
+        let len = u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let start = at + size_of::<BatchEntry>();
+        let Some(entry) = bytes.get(start..start.saturating_add(len)) else {
+            out.push(Err(DecodeError::BadEntry {
+                at,
+                len,
+                total: bytes.len(),
+            }));
+            return;
+        };
+        out.push(decode_data_entry(entry));
+        at = (start + len + 7) & !7;
+    }
+}
+
+/// A data event cut after its prefix: padded back to the full struct.
+fn decode_data_entry(entry: &[u8]) -> Result<Event, DecodeError> {
+    let want = size_of::<DataEvent>();
+    if entry.len() < DATA_FIXED_LEN || entry.len() > want {
+        return Err(DecodeError::WrongSize {
+            kind: EventKind::Data,
+            len: entry.len(),
+            want,
+        });
+    }
+    let mut full = [0u8; size_of::<DataEvent>()];
+    full[..entry.len()].copy_from_slice(entry);
+    match Event::decode(&full)? {
+        Event::Data(d) if d.prefix_len as usize <= entry.len() - DATA_FIXED_LEN => {
+            Ok(Event::Data(d))
+        }
+        Event::Data(_) => Err(DecodeError::WrongSize {
+            kind: EventKind::Data,
+            len: entry.len(),
+            want,
+        }),
+        other => Err(DecodeError::UnknownKind(other.kind() as u32)),
+    }
 }
 
 fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
@@ -64,6 +121,7 @@ impl Event {
             EventKind::Redirect => Event::Redirect(read(bytes, kind)?),
             EventKind::Data => Event::Data(Box::new(read(bytes, kind)?)),
             EventKind::SynAckRetransmit => Event::SynAckRetransmit(read(bytes, kind)?),
+            EventKind::Batch => return Err(DecodeError::Batch),
         })
     }
 
@@ -115,6 +173,7 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::Redirect => "redirect",
         EventKind::Data => "data",
         EventKind::SynAckRetransmit => "synack_retransmit",
+        EventKind::Batch => "batch",
     }
 }
 
@@ -280,6 +339,51 @@ mod tests {
         let unknown = mesh_trace_common::RESET_REASON_UNKNOWN;
         assert_eq!(reset_reason_label(unknown), "unknown");
         assert_eq!(reset_reason_label(1_000_000), "unknown");
+    }
+
+    /// A batch as the data path writes it: its header, then entries of a
+    /// data event cut after its prefix, each padded to 8 bytes.
+    #[test]
+    fn batches_decode_into_their_data_events_in_order() {
+        let mut batch = bytes_of(&EventHeader {
+            kind: EventKind::Batch as u32,
+            cpu: 1,
+            ts_ns: 0,
+        });
+        for (cookie, prefix) in [(7u64, &b"GET /"[..]), (8, &b""[..])] {
+            let mut d = DataEvent::default();
+            d.header.kind = EventKind::Data as u32;
+            d.header.ts_ns = cookie * 10;
+            d.sock_cookie = cookie;
+            d.len = 100;
+            d.prefix_len = prefix.len() as u32;
+            d.prefix[..prefix.len()].copy_from_slice(prefix);
+            let len = DATA_FIXED_LEN + prefix.len();
+            batch.extend_from_slice(&(len as u32).to_ne_bytes());
+            batch.extend_from_slice(&[0; 4]);
+            batch.extend_from_slice(&bytes_of(&d)[..len]);
+            batch.resize((batch.len() + 7) & !7, 0);
+        }
+        let mut out = Vec::new();
+        decode_record(&batch, &mut out);
+        let got: Vec<(u64, Vec<u8>)> = out
+            .iter()
+            .map(|e| match e {
+                Ok(Event::Data(d)) => (d.sock_cookie, d.prefix[..d.prefix_len as usize].to_vec()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [(7, b"GET /".to_vec()), (8, Vec::new())]);
+        // A batch cut inside an entry: the entries before it, then an error.
+        let mut out = Vec::new();
+        decode_record(&batch[..batch.len() - 8], &mut out);
+        assert!(
+            matches!(
+                out[..],
+                [Ok(Event::Data(_)), Err(DecodeError::BadEntry { .. })]
+            ),
+            "{out:?}"
+        );
     }
 
     fn bytes_of<T>(v: &T) -> Vec<u8> {

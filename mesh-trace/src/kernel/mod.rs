@@ -1,5 +1,6 @@
 //! Everything that talks to the kernel.
 pub mod asm;
+pub mod batch;
 pub mod btf;
 pub mod caps;
 pub mod events;

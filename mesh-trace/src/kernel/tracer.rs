@@ -17,8 +17,9 @@ use mesh_trace_common::{names, LossReason};
 use tokio::io::unix::AsyncFd;
 
 use super::{
+    batch,
     caps::Caps,
-    events::{DecodeError, Event},
+    events::{decode_record, DecodeError, Event},
     nat, objects, summarize,
 };
 
@@ -40,6 +41,9 @@ pub struct TracerOptions {
     /// agent; the rest is read every [`RING_POLL`]. 0 wakes it for every
     /// event (the kernel's default).
     pub wakeup_bytes: u64,
+    /// Data events go to the ring buffer in per-CPU batches of an eighth of
+    /// it (see [`super::batch`]); off, one record each.
+    pub batch_events: bool,
 }
 
 /// How often the agent reads the ring buffer when the kernel has not woken
@@ -58,6 +62,7 @@ impl TracerOptions {
             prefix_len: DEFAULT_PREFIX_LEN,
             noop: false,
             wakeup_bytes: u64::from(DEFAULT_RING_BUFFER_BYTES / 8),
+            batch_events: true,
         }
     }
 }
@@ -94,6 +99,8 @@ pub struct Tracer {
     pub skipped: Vec<Skipped>,
     /// Whether the `iter/tcp` program that adopts open sockets loaded.
     can_adopt: bool,
+    /// Per-CPU batches of data events, when on.
+    batching: Option<batch::Batching>,
     // Last: dropped after the maps so the links go last.
     _ebpf: Ebpf,
 }
@@ -179,6 +186,12 @@ impl Tracer {
             hook: format!("sock_ops {cg}"),
         });
 
+        // Before the socket programs: they read the batch size.
+        let batching = if opts.batch_events && !opts.noop {
+            batch::Batching::start(&mut ebpf, batch::cap_for(opts.ring_buffer_bytes))
+        } else {
+            None
+        };
         let mut skipped = Vec::new();
         // Optional: without them sockets lose their owner process, or
         // retransmits and resets are not counted; the rest still works.
@@ -267,6 +280,7 @@ impl Tracer {
             attached,
             skipped,
             can_adopt,
+            batching,
             _ebpf: ebpf,
         })
     }
@@ -287,28 +301,39 @@ impl Tracer {
         Ok(())
     }
 
-    /// Waits for events and appends everything available to `out`, in
-    /// ring-buffer order. Undecodable records are returned as errors in place.
+    /// Waits for events and appends everything available to `out`: in
+    /// ring-buffer order, or with batching on, in time order up to the
+    /// moment the batches were sent (later ones come with the next call).
+    /// Undecodable records are returned as errors in place.
     pub async fn next_batch(
         &mut self,
         out: &mut Vec<Result<Event, DecodeError>>,
     ) -> anyhow::Result<()> {
         // Woken by the kernel once enough is waiting, else on the poll.
-        match tokio::time::timeout(RING_POLL, self.ring.readable_mut()).await {
+        let woken = tokio::time::timeout(RING_POLL, self.ring.readable_mut()).await;
+        // Everything stamped before this moment is in the ring once every
+        // CPU's batch has been sent.
+        let flushed_at = batch::now_ns();
+        if let Some(b) = &self.batching {
+            b.flush_all();
+        }
+        let mut read = Vec::new();
+        let drain = |ring: &mut RingBuf<MapData>, read: &mut Vec<_>| {
+            while let Some(item) = ring.next() {
+                decode_record(&item, read);
+            }
+        };
+        match woken {
             Ok(guard) => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    out.push(Event::decode(&item));
-                }
+                drain(guard.get_inner_mut(), &mut read);
                 guard.clear_ready();
             }
-            Err(_) => {
-                let ring = self.ring.get_mut();
-                while let Some(item) = ring.next() {
-                    out.push(Event::decode(&item));
-                }
-            }
+            Err(_) => drain(self.ring.get_mut(), &mut read),
+        }
+        match &mut self.batching {
+            Some(b) => b.order.release(flushed_at, read, out),
+            None => out.append(&mut read),
         }
         Ok(())
     }
