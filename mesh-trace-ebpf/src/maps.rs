@@ -15,8 +15,8 @@ use mesh_trace_common::{DataBatch, EventHeader, EventKind, LossReason, TrackedSo
 /// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
 const DEFAULT_RING_BYTES: u32 = 1 << 20;
 
-/// Every event for the agent goes through this one ring buffer, so events
-/// from all hooks arrive in the order they were committed.
+/// Every event for the agent goes through this one ring buffer: on its own,
+/// or (data events) in a per-CPU batch; the agent puts them in time order.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 

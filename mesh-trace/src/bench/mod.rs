@@ -367,9 +367,15 @@ fn agent_at_rates(
     rates.sort_by(f64::total_cmp);
     rates.dedup();
     let mut rated = Vec::new();
-    for rate in rates {
-        eprintln!("    {rate:.0} req/s");
-        let agent = Agent::start(exe, lab, false)?;
+    // With and without batches in alternation: what the agent pays for
+    // putting batched events back in order.
+    for (rate, batched) in rates.into_iter().flat_map(|r| [(r, true), (r, false)]) {
+        eprintln!(
+            "    {rate:.0} req/s{}",
+            if batched { "" } else { ", --no-batch" }
+        );
+        let extra: &[&str] = if batched { &[] } else { &["--no-batch"] };
+        let agent = Agent::start_with(exe, lab, false, extra)?;
         let before = agent.usage();
         let r = rate.to_string();
         let summary = load(&format!("rate-{rate}"), &["--rate", &r])?;
@@ -377,6 +383,7 @@ fn agent_at_rates(
         let (cpu, rss) = agent.usage();
         rated.push(Rated {
             target: rate,
+            batched,
             summary,
             cpu_s: cpu - before.0,
             rss_mib: rss,
@@ -389,6 +396,8 @@ fn agent_at_rates(
 /// An open-loop run at a target rate with the full agent.
 struct Rated {
     target: f64,
+    /// Data events in per-CPU batches (else `--no-batch`).
+    batched: bool,
     summary: Summary,
     cpu_s: f64,
     rss_mib: f64,
@@ -396,6 +405,12 @@ struct Rated {
 }
 
 impl Rated {
+    /// Whether the lab served the rate asked for; past its capacity
+    /// requests queue everywhere, the agent's in-flight tables too.
+    fn kept_up(&self) -> bool {
+        self.summary.rate >= 0.95 * self.target
+    }
+
     /// Agent CPU seconds per 1,000 requests, which is also its vCPU per
     /// 1,000 requests/s.
     fn cpu_per_k(&self) -> f64 {
@@ -559,7 +574,7 @@ fn render_rated(args: &BenchArgs, rated: &[Rated]) -> String {
     }
     let overloaded: Vec<String> = rated
         .iter()
-        .filter(|r| r.summary.rate < 0.95 * r.target)
+        .filter(|r| r.batched && !r.kept_up())
         .map(|r| format!("{:.0}", r.target))
         .collect();
     if !overloaded.is_empty() {
@@ -876,14 +891,12 @@ fn render(
     );
     let lost: f64 =
         runs.iter().map(|r| r.lost).sum::<f64>() + rated.iter().map(|r| r.lost).sum::<f64>();
-    let highest = rated
-        .iter()
-        .filter(|r| r.summary.rate >= 0.95 * r.target)
-        .max_by(|a, b| a.summary.rate.total_cmp(&b.summary.rate));
+    let kept_up = || rated.iter().filter(|r| r.batched && r.kept_up());
+    let highest = kept_up().max_by(|a, b| a.summary.rate.total_cmp(&b.summary.rate));
     let rss = runs
         .iter()
         .map(|r| r.agent_rss_mib)
-        .chain(rated.iter().map(|r| r.rss_mib))
+        .chain(kept_up().map(|r| r.rss_mib))
         .fold(0.0, f64::max);
     o.push_str(&render_goals(&Goals {
         added_per_request: kernel.added_per_request(),
@@ -949,7 +962,7 @@ fn render_goals(g: &Goals) -> String {
             "profile-driven: per-socket slots instead of hashing per event, head parsing once, shared label values",
         ),
         (
-            "Agent RSS < 64 MiB",
+            "Agent RSS < 64 MiB under load the lab keeps up with",
             g.rss < 64.0,
             format!("{:.1} MiB", g.rss),
             "",

@@ -27,6 +27,8 @@ use super::events::{DecodeError, Event};
 pub struct Batching {
     flush: ProgramFd,
     cpus: Vec<u32>,
+    /// When the batches were last sent (kernel clock).
+    flushed_at: u64,
     pub order: TimeOrder,
 }
 
@@ -75,6 +77,7 @@ impl Batching {
         let batching = Batching {
             flush,
             cpus,
+            flushed_at: 0,
             order: TimeOrder::default(),
         };
         // The kernel must run it on a CPU of our choosing, or batches on
@@ -99,10 +102,23 @@ impl Batching {
         Ok(batching)
     }
 
+    /// Sends every CPU's batch to the ring buffer at most once every
+    /// `every_ns` (asking another CPU is an interrupt there, and a wait
+    /// here; under load the batches fill and go out by themselves), and
+    /// returns when the batches were last sent: every event stamped before
+    /// that is in the ring.
+    pub fn flush_if_due(&mut self, now_ns: u64, every_ns: u64) -> u64 {
+        if now_ns.saturating_sub(self.flushed_at) >= every_ns {
+            self.flush_all();
+            self.flushed_at = now_ns;
+        }
+        self.flushed_at
+    }
+
     /// Sends every CPU's batch to the ring buffer. A CPU that refuses is
     /// skipped: its batch goes out when it fills, and its events are
     /// released late rather than lost.
-    pub fn flush_all(&self) {
+    fn flush_all(&self) {
         for &cpu in &self.cpus {
             if let Err(e) = run_on_cpu(&self.flush, cpu) {
                 tracing::debug!("flushing CPU {cpu}'s batch: {e}");

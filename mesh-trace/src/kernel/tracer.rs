@@ -311,12 +311,13 @@ impl Tracer {
     ) -> anyhow::Result<()> {
         // Woken by the kernel once enough is waiting, else on the poll.
         let woken = tokio::time::timeout(RING_POLL, self.ring.readable_mut()).await;
-        // Everything stamped before this moment is in the ring once every
-        // CPU's batch has been sent.
-        let flushed_at = batch::now_ns();
-        if let Some(b) = &self.batching {
-            b.flush_all();
-        }
+        // Everything stamped before the batches were last sent is in the
+        // ring; they are sent at least every poll.
+        let now = batch::now_ns();
+        let flushed_at = match &mut self.batching {
+            Some(b) => b.flush_if_due(now, RING_POLL.as_nanos() as u64),
+            None => now,
+        };
         let mut read = Vec::new();
         let drain = |ring: &mut RingBuf<MapData>, read: &mut Vec<_>| {
             while let Some(item) = ring.next() {
