@@ -38,6 +38,12 @@ pub struct TimeOrder {
     held: Vec<Event>,
 }
 
+/// How often the agent asks every CPU for its batch, so that events reach
+/// it within about this long at low rates (under load batches fill and go
+/// out sooner). Asking another CPU is an interrupt there and a wait here:
+/// at every 20 ms poll this was most of an idle agent's CPU time.
+pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Batch size for a ring buffer of `ring_bytes`: an eighth of it, so that a
 /// full ring holds several batches, at most [`BATCH_MAX`].
 pub fn cap_for(ring_bytes: u32) -> u32 {
@@ -103,10 +109,8 @@ impl Batching {
     }
 
     /// Sends every CPU's batch to the ring buffer at most once every
-    /// `every_ns` (asking another CPU is an interrupt there, and a wait
-    /// here; under load the batches fill and go out by themselves), and
-    /// returns when the batches were last sent: every event stamped before
-    /// that is in the ring.
+    /// `every_ns` (see [`FLUSH_EVERY`]), and returns when the batches were
+    /// last sent: every event stamped before that is in the ring.
     pub fn flush_if_due(&mut self, now_ns: u64, every_ns: u64) -> u64 {
         if now_ns.saturating_sub(self.flushed_at) >= every_ns {
             self.flush_all();

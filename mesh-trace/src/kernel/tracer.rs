@@ -312,10 +312,10 @@ impl Tracer {
         // Woken by the kernel once enough is waiting, else on the poll.
         let woken = tokio::time::timeout(RING_POLL, self.ring.readable_mut()).await;
         // Everything stamped before the batches were last sent is in the
-        // ring; they are sent at least every poll.
+        // ring.
         let now = batch::now_ns();
         let flushed_at = match &mut self.batching {
-            Some(b) => b.flush_if_due(now, RING_POLL.as_nanos() as u64),
+            Some(b) => b.flush_if_due(now, batch::FLUSH_EVERY.as_nanos() as u64),
             None => now,
         };
         let mut read = Vec::new();
