@@ -264,11 +264,7 @@ impl Bpftrace {
 
 impl Drop for Bpftrace {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = self.child.wait();
+        super::stop(&mut self.child, nix::sys::signal::Signal::SIGINT);
     }
 }
 
