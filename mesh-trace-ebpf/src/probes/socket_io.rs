@@ -10,6 +10,10 @@
 //! Sequence numbers, not counters: the two ends of a connection number its
 //! bytes alike whenever each was first tracked (adopted sockets, a restarted
 //! agent), and a lost event leaves no lasting shift.
+//!
+//! Data events go into this CPU's batch (`BATCH`), which reaches the ring
+//! buffer in one record when full or when the agent runs `mt_flush` here:
+//! a ring buffer reservation per call cost more than the rest of the path.
 use core::ffi::c_void;
 
 use aya_ebpf::{

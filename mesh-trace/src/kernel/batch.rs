@@ -6,10 +6,11 @@
 //! cost, so the socket programs append to a per-CPU batch that goes out in
 //! one record. Batches leave the events of different CPUs out of order with
 //! each other and with the events sent on their own (connects, state
-//! changes, NAT), so before each read the agent runs the flush program on
-//! every CPU, and releases what it read in timestamp order up to the moment
-//! it started the flush; later events wait for the next read, when every
-//! batch that could hold something older has been sent.
+//! changes, NAT), so before it reads (at most once per poll) the agent runs
+//! the flush program on every CPU, and releases what it read in timestamp
+//! order up to the moment of the last flush; later events wait for a read
+//! after the next flush, when every batch that could hold something older
+//! has been sent.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::Context as _;
@@ -39,13 +40,13 @@ pub struct TimeOrder {
 }
 
 /// How often the agent asks every CPU for its batch: once per poll (the
-/// tracer's `RING_POLL`, 20 ms), so that
-/// events reach it as promptly as without batches (under load batches fill
-/// and go out sooner; a wakeup before the poll is due does not ask again).
-/// Asking another CPU is an interrupt there and a wait here, most of an idle
-/// agent's CPU time; asking every 100 ms instead left the agent's rules that
-/// compare event times with its own clock short of events (more requests
-/// unstitched in the span tests), so it stays at the poll.
+/// tracer's `RING_POLL`, 20 ms), so that events reach it about as promptly
+/// as without batches (under load batches fill and go out sooner; a wakeup
+/// before the poll is due does not ask again). Asking another CPU is an
+/// interrupt there and a wait here, most of an idle agent's CPU time; asking
+/// every 100 ms instead left the agent's rules that compare event times
+/// with its own clock short of events (more requests unstitched in the span
+/// tests), so it stays at the poll.
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Batch size for a ring buffer of `ring_bytes`: an eighth of it, so that a
