@@ -8,9 +8,9 @@
 //! each other and with the events sent on their own (connects, state
 //! changes, NAT), so before it reads (at most once per poll) the agent runs
 //! the flush program on every CPU, and releases what it read in timestamp
-//! order up to the moment of the last flush; later events wait for a read
-//! after the next flush, when every batch that could hold something older
-//! has been sent.
+//! order up to the flush before the last one; later events wait for a
+//! later read, when every batch that could hold something older has been
+//! sent and read.
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use anyhow::Context as _;
@@ -30,6 +30,8 @@ pub struct Batching {
     cpus: Vec<u32>,
     /// When the batches were last sent (kernel clock).
     flushed_at: u64,
+    /// When they were sent the time before: what is released.
+    released_upto: u64,
     pub order: TimeOrder,
 }
 
@@ -89,6 +91,7 @@ impl Batching {
             flush,
             cpus,
             flushed_at: 0,
+            released_upto: 0,
             order: TimeOrder::default(),
         };
         // The kernel must run it on a CPU of our choosing, or batches on
@@ -114,14 +117,18 @@ impl Batching {
     }
 
     /// Sends every CPU's batch to the ring buffer at most once every
-    /// `every_ns` (see [`FLUSH_EVERY`]), and returns when the batches were
-    /// last sent: every event stamped before that is in the ring.
+    /// `every_ns` (see [`FLUSH_EVERY`]), and returns up to when events may
+    /// be released: the flush before the last one. A flush can miss a batch
+    /// (busy when asked) and a read can stop at a record still being written
+    /// while later ones wait; a poll of slack lets those arrive before
+    /// anything newer than them is released.
     pub fn flush_if_due(&mut self, now_ns: u64, every_ns: u64) -> u64 {
         if now_ns.saturating_sub(self.flushed_at) >= every_ns {
             self.flush_all();
+            self.released_upto = self.flushed_at;
             self.flushed_at = now_ns;
         }
-        self.flushed_at
+        self.released_upto
     }
 
     /// Sends every CPU's batch to the ring buffer. A CPU that refuses is
