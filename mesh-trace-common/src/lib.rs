@@ -319,6 +319,11 @@ pub const TRACKED_MESHED: u32 = 2;
 /// adopted one network namespace at a time.
 pub const ADOPT_MAX: u32 = 16_384;
 
+/// Entries of MESHED_NETNS: network namespaces whose sockets' payload is
+/// captured. A namespace that is gone leaves; one that finds it full is
+/// counted as `map_full` loss.
+pub const MESHED_NETNS_MAX: u32 = 16_384;
+
 /// Netfilter hooks a [`RedirectEvent`] comes from.
 pub const HOOK_LOCAL_OUT: u16 = 0;
 pub const HOOK_PRE_ROUTING: u16 = 1;

@@ -10,7 +10,9 @@ use aya_ebpf::{
     macros::{btf_map, map},
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use mesh_trace_common::{DataBatch, EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX};
+use mesh_trace_common::{
+    DataBatch, EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX, MESHED_NETNS_MAX,
+};
 
 /// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
 const DEFAULT_RING_BYTES: u32 = 1 << 20;
@@ -152,7 +154,7 @@ pub static ADOPT: HashMap<u64, TrackedSock> =
 /// by namespace cookie: the only ones whose payload is captured. Written by
 /// the agent.
 #[map(name = "MESHED_NETNS")]
-pub static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(16_384, 0);
+pub static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MESHED_NETNS_MAX, 0);
 
 /// Set by the agent's `--noop` mode: every program returns at once, so
 /// benchmarks can measure the cost of the hooks themselves (the floor).

@@ -1,6 +1,7 @@
 //! What the agent keeps in the kernel is bounded and cleaned: a network
 //! namespace marked meshed (by a REDIRECT seen in it) leaves MESHED_NETNS
-//! when it is gone, so pod churn never fills the map. Needs root.
+//! when it is gone, so pod churn never fills the map, and its NAT observer
+//! is released. Needs root.
 mod common;
 mod redirecting;
 
@@ -15,6 +16,10 @@ use redirecting::redirecting_namespace;
 
 fn meshed(traced: &Traced) -> i64 {
     traced.state.metrics.meshed_netns.get()
+}
+
+fn nat_watched(traced: &Traced) -> i64 {
+    traced.state.metrics.nat_watched_netns.get()
 }
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -33,6 +38,7 @@ fn a_namespace_that_is_gone_leaves_the_meshed_set() {
     );
     let traced = Traced::start_without_metadata();
     let before = meshed(&traced);
+    let watched_before = nat_watched(&traced);
     // A pod-like namespace whose nat table redirects port 9080 to a local
     // listener on 15001, as istio-iptables does for outbound traffic.
     let ns = redirecting_namespace(&format!("mt-b-{}", std::process::id()));
@@ -55,9 +61,14 @@ fn a_namespace_that_is_gone_leaves_the_meshed_set() {
             meshed(&traced) == before + 1
         },
     );
+    assert_eq!(nat_watched(&traced), watched_before + 1);
     drop(listener);
     drop(ns);
     wait_for("the namespace to leave", Duration::from_secs(10), || {
         meshed(&traced) == before
+    });
+    // Its NAT observer (programs and links) is released with it.
+    wait_for("its NAT observer to go", Duration::from_secs(10), || {
+        nat_watched(&traced) == watched_before
     });
 }

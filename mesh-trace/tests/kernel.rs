@@ -244,9 +244,11 @@ async fn two_tracers_both_observe_the_nat_step_of_one_namespace() {
     let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
     let mut old = load_tracer();
     let mut new = load_tracer();
-    for tracer in [&mut old, &mut new] {
-        assert!(tracer.nat_available(), "netfilter programs load here");
-        assert!(tracer.watch_netns(dir, &name).unwrap(), "watching {name}");
+    let mut watches = Vec::new();
+    for tracer in [&old, &new] {
+        let mut watch = tracer.nat_watch().expect("netfilter programs load here");
+        assert!(watch.watch(dir, &name).unwrap(), "watching {name}");
+        watches.push(watch);
     }
     let cookie = ns
         .enter(|| {
@@ -293,7 +295,8 @@ async fn the_first_redirected_connection_of_a_namespace_is_captured() {
     let ns = redirecting_namespace(&name);
     let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
     let mut tracer = load_tracer();
-    assert!(tracer.watch_netns(dir, &name).unwrap(), "watching {name}");
+    let mut watch = tracer.nat_watch().expect("netfilter programs load here");
+    assert!(watch.watch(dir, &name).unwrap(), "watching {name}");
     let netns = ns
         .enter(|| {
             let listener = TcpListener::bind("127.0.0.1:15001").unwrap();
@@ -323,5 +326,55 @@ async fn the_first_redirected_connection_of_a_namespace_is_captured() {
         first.len(),
         2,
         "data events of the first request: {first:?}"
+    );
+}
+
+/// MESHED_NETNS is bounded: when it is full, the NAT step's REDIRECT is
+/// still reported, and the namespace it could not mark is counted as
+/// `map_full` loss, not passed over in silence.
+#[tokio::test]
+async fn a_full_meshed_set_is_counted_at_the_nat_step() {
+    require_root();
+    let name = format!("mt-t-full-{}", std::process::id());
+    let ns = redirecting_namespace(&name);
+    let dir = std::path::Path::new(mesh_trace::agent::settings::DEFAULT_NETNS_DIR);
+    let mut tracer = load_tracer();
+    let mut watch = tracer.nat_watch().expect("netfilter programs load here");
+    assert!(watch.watch(dir, &name).unwrap(), "watching {name}");
+    // Fill the set with cookies no namespace has (cookies count up from 1).
+    let mut filled = tracer.meshed_netns().len() as u64;
+    let mut fake = u64::MAX;
+    while filled < mesh_trace_common::MESHED_NETNS_MAX as u64 {
+        tracer.mark_meshed(fake).expect("room left in MESHED_NETNS");
+        fake -= 1;
+        filled += 1;
+    }
+    assert!(tracer.mark_meshed(fake).is_err(), "MESHED_NETNS is full");
+    let map_full = |t: &Tracer| {
+        t.lost()
+            .unwrap()
+            .into_iter()
+            .find(|(r, _)| *r == mesh_trace_common::LossReason::MapFull)
+            .map_or(0, |(_, n)| n)
+    };
+    let before = map_full(&tracer);
+    let cookie = ns
+        .enter(|| {
+            let listener = TcpListener::bind("127.0.0.1:15001").unwrap();
+            let client = TcpStream::connect("127.0.0.1:9080").unwrap();
+            let _accepted = listener.accept().unwrap();
+            netns_cookie(&client).unwrap()
+        })
+        .unwrap();
+    collect_until(&mut tracer, Duration::from_secs(5), |seen| {
+        seen.iter()
+            .any(|e| matches!(e, Event::Redirect(r) if r.netns_cookie == cookie))
+    })
+    .await;
+    assert!(!tracer.meshed_netns().contains(&cookie), "the set was full");
+    assert_eq!(
+        map_full(&tracer) - before,
+        1,
+        "the namespace the NAT step could not mark is counted once"
     );
 }

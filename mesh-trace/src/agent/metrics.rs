@@ -166,6 +166,9 @@ pub struct Metrics {
     pub flows_evicted: Counter,
     pub flows_tracked: Gauge,
     pub meshed_netns: Gauge,
+    pub nat_watched_netns: Gauge,
+    pub requests_in_flight: Gauge,
+    pub stitch_sockets: Gauge,
     pub unknown_socket_events: Counter,
     pub request_duration: Family<RequestLabels, Histogram>,
     pub hop_duration: Family<HopLabels, Histogram>,
@@ -323,6 +326,24 @@ impl Metrics {
             "Network namespaces whose socket data is captured (pods with a sidecar, or where a REDIRECT was seen); at most 16,384, and a namespace that is gone leaves",
             meshed_netns.clone(),
         );
+        let nat_watched_netns = Gauge::default();
+        registry.register(
+            "nat_watched_netns",
+            "Network namespaces whose iptables NAT step is observed (two netfilter programs each); a namespace that is gone is released",
+            nat_watched_netns.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests the stitcher holds until their span completes; at most 65,536 (the oldest evicted) and each for at most 60 s",
+            requests_in_flight.clone(),
+        );
+        let stitch_sockets = Gauge::default();
+        registry.register(
+            "stitch_sockets",
+            "Sockets whose byte stream the stitcher frames; only sockets in the flow table, so bounded by it",
+            stitch_sockets.clone(),
+        );
         let flows_tracked = Gauge::default();
         registry.register(
             "flows_tracked",
@@ -442,6 +463,9 @@ impl Metrics {
             flows_evicted,
             flows_tracked,
             meshed_netns,
+            nat_watched_netns,
+            requests_in_flight,
+            stitch_sockets,
             unknown_socket_events,
             workload_pairs: Default::default(),
         }

@@ -3,12 +3,14 @@
 //! - [`run`]: its event loop, from attaching the programs to detaching them;
 //! - [`pipeline`]: what each kernel event goes through (flows, spans);
 //! - [`metrics`] and [`http`]: what it exports and serves;
+//! - [`netns_watch`]: NAT observers of pod namespaces, on a thread of their own;
 //! - [`local`]: an agent inside another command's process;
 //! - [`process`]: its own CPU and memory.
 pub mod config;
 pub mod http;
 pub mod local;
 pub mod metrics;
+pub mod netns_watch;
 pub mod pipeline;
 pub mod process;
 pub mod run;

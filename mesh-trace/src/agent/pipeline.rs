@@ -137,7 +137,9 @@ impl Pipeline {
             .inc_by(stats.unknown_socket_events - self.reported.unknown_socket_events);
         m.flows_tracked.set(self.table.len() as i64);
         self.reported = stats;
-        self.stitcher.expire(now_ns);
+        self.stitcher.expire(&self.table, now_ns);
+        m.requests_in_flight.set(self.stitcher.pending() as i64);
+        m.stitch_sockets.set(self.stitcher.open_sockets() as i64);
         for (reason, &n) in &self.stitcher.unstitched {
             let before = self.reported_unstitched.insert(*reason, n).unwrap_or(0);
             m.requests_unstitched

@@ -14,6 +14,7 @@ use tokio::{net::TcpListener, sync::watch};
 use super::{
     http::{self, AgentState},
     metrics::{LossTracker, ReasonLabel, UNDECODABLE},
+    netns_watch::NetnsWatcher,
     pipeline::Pipeline,
     settings::Settings,
 };
@@ -142,45 +143,6 @@ fn ring_full_total(tracer: &Tracer) -> u64 {
 /// How often new network namespaces are looked for.
 const NETNS_SCAN: Duration = Duration::from_secs(1);
 
-/// Attaches NAT observers to the network namespaces in a directory as they
-/// come and go; a namespace that fails is reported once, not every scan.
-#[derive(Default)]
-struct NetnsWatch {
-    failed: std::collections::HashSet<String>,
-}
-
-impl NetnsWatch {
-    /// Returns how many namespaces are watched.
-    fn scan(&mut self, tracer: &mut Tracer, dir: &std::path::Path) -> usize {
-        if !tracer.nat_available() {
-            return 0;
-        }
-        let names: std::collections::HashSet<String> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        for name in &names {
-            if self.failed.contains(name) {
-                continue;
-            }
-            match tracer.watch_netns(dir, name) {
-                Ok(true) => tracing::debug!("watching NAT in network namespace {name}"),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!("{:#}", crate::kernel::summarize(e));
-                    self.failed.insert(name.clone());
-                }
-            }
-        }
-        self.failed.retain(|n| names.contains(n));
-        tracer.retain_netns(&names)
-    }
-}
-
 /// How often the flow table classifies lonely sockets and ages out old ones.
 const FLOW_TICK: Duration = Duration::from_millis(250);
 
@@ -272,8 +234,13 @@ pub async fn agent_with_spans(
         }
     }
     pipeline.count_redirects_at_nat(tracer.nat_available());
-    let mut netns = NetnsWatch::default();
-    let _ = netns.scan(&mut tracer, &settings.netns_dir);
+    let netns = match tracer.nat_watch() {
+        Some(nat) => Some(
+            NetnsWatcher::start(nat, settings.netns_dir.clone(), NETNS_SCAN)
+                .context("starting the network namespace watch")?,
+        ),
+        None => None,
+    };
     // Connections opened before the agent (pooled, long-lived) join in too.
     let recovered = recover_existing(&mut tracer, &mut pipeline, &settings.netns_dir);
     tracing::info!("picked up {recovered} TCP connections that were already open");
@@ -319,7 +286,7 @@ pub async fn agent_with_spans(
                 state.metadata_synced.store(metadata.synced(), Ordering::Release);
             }
             _ = netns_tick.tick() => {
-                let watched = netns.scan(&mut tracer, &settings.netns_dir);
+                let watched = netns.as_ref().map(|w| w.watched()).unwrap_or_default();
                 // Pods that appeared since: their namespaces, and whether
                 // they have a sidecar, come from the metadata source.
                 metadata.refresh(&settings.netns_dir);
@@ -335,7 +302,7 @@ pub async fn agent_with_spans(
                 // metadata no longer names and whose NAT is no longer
                 // observed (the only ways a namespace gets marked).
                 let alive: std::collections::HashSet<u64> =
-                    tracer.watched_netns_cookies().chain(sidecars).collect();
+                    watched.cookies.iter().copied().chain(sidecars).collect();
                 // The kernel's own set: the NAT programs mark namespaces too.
                 let in_kernel = tracer.meshed_netns();
                 let mut held = in_kernel.len();
@@ -349,7 +316,8 @@ pub async fn agent_with_spans(
                     }
                 }
                 state.metrics.meshed_netns.set(held as i64);
-                state.info.lock().unwrap_or_else(|p| p.into_inner()).netns_watched = watched;
+                state.metrics.nat_watched_netns.set(watched.cookies.len() as i64);
+                state.info.lock().unwrap_or_else(|p| p.into_inner()).netns_watched = watched.cookies.len();
             }
             _ = flow_tick.tick() => {
                 pipeline.tick(crate::clock::mono_ns(), &mut legs);
@@ -396,6 +364,7 @@ pub async fn agent_with_spans(
     };
     tracing::info!("stopping: detaching programs");
     state.ready.store(false, Ordering::Release);
+    drop(netns);
     drop(tracer);
     let _ = stop_http.send(true);
     if let Some(server) = server {

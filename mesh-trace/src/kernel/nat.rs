@@ -17,7 +17,12 @@
 //! immediates; the kernel struct offsets it needs (`sk_buff.data`,
 //! `sk_buff._nfct`, `nf_conn.status`, the original tuple's destination)
 //! come from the kernel's BTF.
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::{
+    collections::{HashMap, HashSet},
+    os::fd::{AsRawFd, BorrowedFd, OwnedFd},
+    path::Path,
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use mesh_trace_common::{EventKind, RedirectEvent, HOOK_LOCAL_OUT, HOOK_PRE_ROUTING};
@@ -129,6 +134,51 @@ impl NatProbe {
             _links: links,
             _progs: progs,
         })
+    }
+}
+
+/// NAT observers by network namespace name, all writing to the maps of
+/// one tracer. Whoever scans for namespaces owns it: the agent keeps it on
+/// a thread of its own, since each new namespace costs two program loads
+/// and a `setns`.
+pub struct NatWatch {
+    shared: Arc<Shared>,
+    /// By namespace name: its observer and its cookie.
+    probes: HashMap<String, (NatProbe, u64)>,
+}
+
+impl NatWatch {
+    pub fn new(shared: Arc<Shared>) -> NatWatch {
+        NatWatch {
+            shared,
+            probes: HashMap::new(),
+        }
+    }
+
+    /// Observes the nat table of the named network namespace (under
+    /// `netns_dir`), if not already done; true if it is new.
+    pub fn watch(&mut self, netns_dir: &Path, name: &str) -> anyhow::Result<bool> {
+        if self.probes.contains_key(name) {
+            return Ok(false);
+        }
+        let path = netns_dir.join(name);
+        let cookie = crate::flows::metadata::netns_cookie_at(&path)?;
+        let probe = NatProbe::attach(&self.shared, &path, cookie)
+            .with_context(|| format!("observing NAT in network namespace {name}"))?;
+        self.probes.insert(name.to_string(), (probe, cookie));
+        Ok(true)
+    }
+
+    /// Stops observing namespaces not in `alive` (their programs and links
+    /// are released); returns how many remain.
+    pub fn retain(&mut self, alive: &HashSet<String>) -> usize {
+        self.probes.retain(|name, _| alive.contains(name));
+        self.probes.len()
+    }
+
+    /// Cookies of the namespaces observed now.
+    pub fn cookies(&self) -> impl Iterator<Item = u64> + '_ {
+        self.probes.values().map(|(_, cookie)| *cookie)
     }
 }
 
@@ -260,18 +310,32 @@ fn report(a: &mut Asm, shared: &Shared, hook: u16, netns_cookie: u64) {
         .stack_ptr(R3, VAL as i32)
         .mov_imm(R4, 0)
         .call(helper::MAP_UPDATE_ELEM)
-        .jump_imm(Cond::Eq, R8, 0, "accept")
-        // Not delivered: count it in LOST[ringbuf_full] like every program.
-        .store_imm(
-            Size::W,
-            FP,
-            KEY,
-            mesh_trace_common::LossReason::RingBufFull as i32,
-        )
+        .jump_imm(Cond::Eq, R0, 0, "marked");
+    // MESHED_NETNS full: this namespace's data path is not captured.
+    count_loss(a, shared, mesh_trace_common::LossReason::MapFull, "marked");
+    a.label("marked").jump_imm(Cond::Eq, R8, 0, "accept");
+    // Not delivered: count it in LOST[ringbuf_full] like every program.
+    count_loss(
+        a,
+        shared,
+        mesh_trace_common::LossReason::RingBufFull,
+        "accept",
+    );
+}
+
+/// LOST[reason] += 1, then on to `done` (also when the lookup fails).
+fn count_loss(
+    a: &mut Asm,
+    shared: &Shared,
+    reason: mesh_trace_common::LossReason,
+    done: &'static str,
+) {
+    a.store_imm(Size::W, FP, KEY, reason as i32)
         .ld_map_fd(R1, shared.lost.as_raw_fd())
         .stack_ptr(R2, KEY as i32)
         .call(helper::MAP_LOOKUP_ELEM)
-        .jump_imm(Cond::Eq, R0, 0, "accept")
+        .jump_imm(Cond::Eq, R0, 0, done)
         .mov_imm(R1, 1)
-        .atomic_add(R0, 0, R1);
+        .atomic_add(R0, 0, R1)
+        .goto(done);
 }

@@ -1,9 +1,9 @@
 //! Loading the tracer's programs, attaching them, and reading their events.
 use std::{
-    collections::HashMap,
     fs,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{bail, Context as _};
@@ -89,10 +89,7 @@ pub struct Tracer {
     /// Namespaces whose sockets' payload is captured.
     meshed: aya::maps::HashMap<MapData, u64, u32>,
     /// What the generated netfilter programs need; None if BTF lacks sk_buff.
-    nat_shared: Option<nat::Shared>,
-    /// NAT observers by network namespace name.
-    /// By namespace name: its NAT observer and its cookie.
-    nat_probes: HashMap<String, (nat::NatProbe, u64)>,
+    nat_shared: Option<Arc<nat::Shared>>,
     lost: PerCpuArray<MapData, u64>,
     logger: Option<EbpfLogger<&'static dyn log::Log>>,
     pub attached: Vec<Attached>,
@@ -263,7 +260,8 @@ impl Tracer {
 
         let nat_shared = nat_shared(&ebpf, opts.noop, &kernel_btf)
             .map_err(|e| tracing::warn!("REDIRECTs will not be observed at the NAT step: {e:#}"))
-            .ok();
+            .ok()
+            .map(Arc::new);
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map")?)?;
         let lost = PerCpuArray::try_from(ebpf.take_map(names::LOST).context("LOST map")?)?;
         let meshed = aya::maps::HashMap::try_from(
@@ -274,7 +272,6 @@ impl Tracer {
             ring: readable(ring)?,
             meshed,
             nat_shared,
-            nat_probes: HashMap::new(),
             lost,
             logger,
             attached,
@@ -339,28 +336,10 @@ impl Tracer {
         Ok(())
     }
 
-    /// Observes the nat table of the named network namespace (under
-    /// `netns_dir`), if not already done.
-    pub fn watch_netns(&mut self, netns_dir: &Path, name: &str) -> anyhow::Result<bool> {
-        if self.nat_probes.contains_key(name) {
-            return Ok(false);
-        }
-        let shared = self
-            .nat_shared
-            .as_ref()
-            .context("netfilter programs are not available")?;
-        let path = netns_dir.join(name);
-        let cookie = crate::flows::metadata::netns_cookie_at(&path)?;
-        let probe = nat::NatProbe::attach(shared, &path, cookie)
-            .with_context(|| format!("observing NAT in network namespace {name}"))?;
-        self.nat_probes.insert(name.to_string(), (probe, cookie));
-        Ok(true)
-    }
-
-    /// Stops observing namespaces not in `alive`; returns how many remain.
-    pub fn retain_netns(&mut self, alive: &std::collections::HashSet<String>) -> usize {
-        self.nat_probes.retain(|name, _| alive.contains(name));
-        self.nat_probes.len()
+    /// A watch that observes the NAT step of network namespaces with this
+    /// tracer's maps; None when the netfilter programs cannot be generated.
+    pub fn nat_watch(&self) -> Option<nat::NatWatch> {
+        self.nat_shared.clone().map(nat::NatWatch::new)
     }
 
     /// Starts tracking sockets that existed before the programs were
@@ -447,11 +426,6 @@ impl Tracer {
     /// NAT programs at a REDIRECT.
     pub fn meshed_netns(&self) -> Vec<u64> {
         self.meshed.keys().filter_map(Result::ok).collect()
-    }
-
-    /// Cookies of the namespaces whose NAT is observed now.
-    pub fn watched_netns_cookies(&self) -> impl Iterator<Item = u64> + '_ {
-        self.nat_probes.values().map(|(_, cookie)| *cookie)
     }
 
     pub fn nat_available(&self) -> bool {
