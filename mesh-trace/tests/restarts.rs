@@ -1,7 +1,8 @@
 //! The agent killed (SIGKILL) and stopped (SIGTERM) again and again while
 //! traffic runs through the lab's sidecars: no request fails, a stopped
-//! agent exits cleanly, and nothing stays behind in the kernel (BPF links)
-//! or the mount table. Needs root.
+//! agent exits cleanly, every tenth agent exports spans again within
+//! seconds of starting, and nothing stays behind in the kernel (BPF links,
+//! programs, maps and pins) or the mount table. Needs root.
 mod common;
 
 use std::time::{Duration, Instant};
@@ -17,6 +18,40 @@ const RESTARTS: usize = 100;
 
 fn link_count() -> usize {
     aya::programs::loaded_links().filter_map(Result::ok).count()
+}
+
+/// BPF programs and maps loaded in the kernel, and pinned objects.
+fn kernel_objects() -> (usize, usize, usize) {
+    fn pins(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => 1 + pins(&e.path()),
+                        _ => 1,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    (
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .count(),
+        aya::maps::loaded_maps().filter_map(Result::ok).count(),
+        pins(std::path::Path::new("/sys/fs/bpf")),
+    )
+}
+
+/// The sum of every `mesh_trace_requests_total` series.
+fn spans_exported(agent: &AgentProcess) -> f64 {
+    agent
+        .scrape()
+        .lines()
+        .filter(|l| l.starts_with("mesh_trace_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn mounts() -> usize {
@@ -36,6 +71,7 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     opts.exe = BIN.into();
     let lab = Lab::up(&opts).unwrap();
     let (links_before, mounts_before) = (link_count(), mounts());
+    let objects_before = kernel_objects();
     let records = lab.dir.join("client.jsonl");
     let mut load = lab
         .spawn_load(
@@ -46,7 +82,7 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
                 "--rate",
                 "100",
                 "--duration-s",
-                "60",
+                "120",
             ],
             &records,
         )
@@ -54,12 +90,34 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     let lab_dir = lab.dir.to_string_lossy().into_owned();
     let started = Instant::now();
     let mut up = Duration::ZERO;
+    let mut spanning = 0;
     for i in 0..RESTARTS {
         let t = Instant::now();
         let mut agent = AgentProcess::start(&["--lab", &lab_dir], &[]);
         up += t.elapsed();
-        // Up for a while, capturing: 100 to 300 ms.
-        std::thread::sleep(Duration::from_millis(100 + (i as u64 * 37) % 200));
+        if i % 10 == 9 {
+            // Tracing again: spans of the requests that started after it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while spans_exported(&agent) == 0.0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "restart {i}: no span in 10 s\n{}",
+                    std::fs::read_to_string(&agent.log).unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            spanning += 1;
+            // The counts below see this agent's programs and maps.
+            let (programs, maps, _) = kernel_objects();
+            assert!(
+                programs > objects_before.0 && maps > objects_before.1,
+                "an agent's programs and maps are not seen: {:?}",
+                kernel_objects()
+            );
+        } else {
+            // Up for a while, capturing: 100 to 300 ms.
+            std::thread::sleep(Duration::from_millis(100 + (i as u64 * 37) % 200));
+        }
         let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
         if i % 2 == 0 {
             kill(pid, Signal::SIGKILL).unwrap();
@@ -79,7 +137,7 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     let client: Vec<ClientRecord> = read_records(&records).unwrap();
     let failed: Vec<&ClientRecord> = client.iter().filter(|c| c.status != 200).collect();
     eprintln!(
-        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average) during {} requests; {} failed",
+        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average; {spanning} of them checked to export spans) during {} requests; {} failed",
         restarting.as_secs_f64(),
         up.as_secs_f64() * 1e3 / RESTARTS as f64,
         client.len(),
@@ -97,5 +155,17 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(link_count(), links_before, "BPF links left behind");
+    // Programs and maps are freed once nothing holds them (after an RCU
+    // grace period).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while kernel_objects() != objects_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let objects = kernel_objects();
+    eprintln!("kernel objects (programs, maps, pins) before {objects_before:?}, after {objects:?}");
+    assert_eq!(
+        objects, objects_before,
+        "BPF programs, maps or pins left behind"
+    );
     assert_eq!(mounts(), mounts_before, "mounts left behind");
 }
