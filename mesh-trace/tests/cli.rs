@@ -98,6 +98,24 @@ fn without_privileges_the_missing_capability_is_named() {
     let err = stderr(&out);
     assert!(err.contains("missing capability CAP_BPF"), "{err}");
     assert!(err.contains("CAP_PERFMON"), "{err}");
+    // `check` says, for each capability that is missing, what stops working.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([BIN, "check"])
+        .output()
+        .expect("setpriv (util-linux) must be installed");
+    let report = String::from_utf8_lossy(&out.stdout);
+    for cap in mesh_trace::kernel::caps::Cap::ALL {
+        assert!(
+            report.contains(&format!("without it: {}", cap.without())),
+            "{cap:?}: {report}"
+        );
+    }
 }
 
 #[test]

@@ -40,6 +40,28 @@ impl Cap {
             Cap::SysAdmin => "mount bpffs/tracefs and enter network namespaces",
         }
     }
+
+    /// What stops working without it.
+    pub fn without(self) -> &'static str {
+        match self {
+            Cap::Bpf => "no program loads, so nothing is traced (unless CAP_SYS_ADMIN)",
+            Cap::Perfmon => {
+                "the socket tracepoints cannot attach: no spans, no legs (unless CAP_SYS_ADMIN)"
+            }
+            Cap::NetAdmin => {
+                "the cgroup and netfilter programs cannot attach: no connections are seen"
+            }
+            Cap::SysResource => {
+                "before Linux 5.11, maps count against RLIMIT_MEMLOCK and may fail to load; \
+                 nothing on later kernels"
+            }
+            Cap::SysAdmin => {
+                "no NAT step observed in pod namespaces (REDIRECTs counted from accepted \
+                 sockets, without original destinations), connections opened before the \
+                 agent not adopted, bpffs and tracefs not mounted"
+            }
+        }
+    }
 }
 
 /// The effective capability set.
@@ -82,6 +104,13 @@ mod tests {
         let caps = Caps(parse_cap_eff(s).unwrap());
         assert!(caps.has(Cap::Bpf) && caps.has(Cap::NetAdmin));
         assert!(caps.missing_for_tracing().is_empty());
+    }
+
+    #[test]
+    fn says_what_stops_working_without_each() {
+        let texts: std::collections::HashSet<&str> = Cap::ALL.map(Cap::without).into();
+        assert_eq!(texts.len(), Cap::ALL.len());
+        assert!(Cap::SysAdmin.without().contains("NAT"));
     }
 
     #[test]

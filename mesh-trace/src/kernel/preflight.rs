@@ -13,6 +13,8 @@ pub struct CapReport {
     pub name: &'static str,
     pub present: bool,
     pub used_for: &'static str,
+    /// What stops working without it.
+    pub without: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -81,6 +83,7 @@ impl Report {
                     name: c.name(),
                     present: caps.has(c),
                     used_for: c.purpose(),
+                    without: c.without(),
                 })
                 .collect(),
             features,
@@ -130,6 +133,9 @@ impl Report {
         let _ = writeln!(o, "\nCAPABILITIES");
         for c in &self.capabilities {
             let _ = writeln!(o, "  {:<17} {:<4} {}", c.name, yes(c.present), c.used_for);
+            if !c.present {
+                let _ = writeln!(o, "  {:<22} without it: {}", "", c.without);
+            }
         }
         let _ = writeln!(
             o,
