@@ -99,6 +99,12 @@ fn pick_toolchain() -> Option<Toolchain> {
 
 fn build(root: &Path, tc: Toolchain) -> Result<PathBuf, String> {
     let target_dir = root.join("target/bpf");
+    // The programs run on the kernel the agent runs on: aya-ebpf's bindings
+    // and mesh-trace-common's syscall table follow `bpf_target_arch`, which
+    // is the agent's target architecture (aya would otherwise take the
+    // build host's).
+    let arch =
+        env::var("CARGO_CFG_TARGET_ARCH").map_err(|e| format!("CARGO_CFG_TARGET_ARCH: {e}"))?;
     let mut cmd = match tc {
         Toolchain::Nightly => {
             let mut c = Command::new("rustup");
@@ -143,7 +149,10 @@ fn build(root: &Path, tc: Toolchain) -> Result<PathBuf, String> {
         .args(["--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf");
+        .env(
+            "RUSTFLAGS",
+            format!("-C debuginfo=2 -C link-arg=--btf --cfg bpf_target_arch=\"{arch}\""),
+        );
     let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
     // Surface the kernel crate's warnings in the host build's output.
     for line in String::from_utf8_lossy(&out.stderr).lines() {

@@ -9,6 +9,8 @@
 //! never `bool`, for the same reason.
 #![no_std]
 
+pub mod syscall_abi;
+
 /// Address family values, as in `<sys/socket.h>`.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

@@ -17,7 +17,6 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::pt_regs,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
@@ -26,6 +25,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use mesh_trace_common::{
+    syscall_abi::{self, BufferArg, SyscallAbi, IOVEC_SIZE, MSGHDR_MSG_IOV},
     BatchEntry, DataBatch, DataEvent, EventHeader, EventKind, LossReason, OwnerEvent, TaskInfo,
     TcpIssueEvent, BATCH_BUF, BATCH_ENTRY_MAX, BATCH_MAX, DATA_FIXED_LEN, DATA_PREFIX_MAX,
     DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_MESHED, TRACKED_OWNER_SEEN,
@@ -57,15 +57,9 @@ static OFF_RTT_MIN: u32 = 0;
 
 const MSG_PEEK: i32 = 2;
 
-// x86_64 syscall numbers whose second argument locates the user buffer.
-const SYS_READ: u64 = 0;
-const SYS_WRITE: u64 = 1;
-const SYS_READV: u64 = 19;
-const SYS_WRITEV: u64 = 20;
-const SYS_SENDTO: u64 = 44;
-const SYS_RECVFROM: u64 = 45;
-const SYS_SENDMSG: u64 = 46;
-const SYS_RECVMSG: u64 = 47;
+/// Syscall numbers and register offsets of the architecture the programs
+/// are built for (`bpf_target_arch`, set by mesh-trace/build.rs).
+const ABI: SyscallAbi = syscall_abi::current();
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn mt_send_length(ctx: BtfTracePointContext) -> i32 {
@@ -310,23 +304,38 @@ unsafe fn fill(ev: *mut DataEvent, ts_ns: u64, cookie: u64, direction: u32, offs
 #[inline(always)]
 fn user_buffer() -> (u64, u64) {
     // SAFETY: helpers valid in tp_btf programs; the result is a trusted
-    // pointer to the task's pt_regs.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const pt_regs;
+    // pointer to the task's `struct pt_regs`.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if regs.is_null() {
         return (0, 0);
     }
-    let (nr, arg1, arg2) = unsafe { ((*regs).orig_rax, (*regs).rsi, (*regs).rdx) };
-    match nr {
-        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => (arg1, arg2),
-        SYS_READV | SYS_WRITEV => first_iovec(arg1),
-        SYS_SENDMSG | SYS_RECVMSG => {
-            // struct msghdr: msg_iov at offset 16.
+    // SAFETY: fields of pt_regs at the offsets of this architecture's
+    // table, each read with its own width; volatile keeps `regs + off` in
+    // the load instruction, as the verifier wants for a BTF pointer.
+    let (nr, arg1, arg2) = unsafe {
+        let nr = if ABI.nr_size == 4 {
+            i64::from(core::ptr::read_volatile(
+                regs.add(ABI.nr_offset) as *const i32
+            ))
+        } else {
+            core::ptr::read_volatile(regs.add(ABI.nr_offset) as *const i64)
+        };
+        (
+            nr,
+            core::ptr::read_volatile(regs.add(ABI.arg1_offset) as *const u64),
+            core::ptr::read_volatile(regs.add(ABI.arg2_offset) as *const u64),
+        )
+    };
+    match ABI.buffer_arg(nr) {
+        BufferArg::Direct => (arg1, arg2),
+        BufferArg::Iovec => first_iovec(arg1),
+        BufferArg::Msghdr => {
             let mut iov: u64 = 0;
             let ok = unsafe {
                 bpf_probe_read_user(
                     &mut iov as *mut u64 as *mut c_void,
                     8,
-                    (arg1 + 16) as *const c_void,
+                    (arg1 + MSGHDR_MSG_IOV as u64) as *const c_void,
                 )
             } == 0;
             if ok {
@@ -335,16 +344,20 @@ fn user_buffer() -> (u64, u64) {
                 (0, 0)
             }
         }
-        _ => (0, 0),
+        BufferArg::None => (0, 0),
     }
 }
 
 #[inline(always)]
 fn first_iovec(iov: u64) -> (u64, u64) {
     let mut pair = [0u64; 2];
-    let ok =
-        unsafe { bpf_probe_read_user(pair.as_mut_ptr() as *mut c_void, 16, iov as *const c_void) }
-            == 0;
+    let ok = unsafe {
+        bpf_probe_read_user(
+            pair.as_mut_ptr() as *mut c_void,
+            IOVEC_SIZE as u32,
+            iov as *const c_void,
+        )
+    } == 0;
     if ok {
         (pair[0], pair[1])
     } else {
