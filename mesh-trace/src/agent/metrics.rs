@@ -167,6 +167,7 @@ pub struct Metrics {
     pub flows_tracked: Gauge,
     pub meshed_netns: Gauge,
     pub nat_watched_netns: Gauge,
+    pub agents_on_node: Gauge,
     pub requests_in_flight: Gauge,
     pub stitch_sockets: Gauge,
     pub unknown_socket_events: Counter,
@@ -332,6 +333,12 @@ impl Metrics {
             "Network namespaces whose iptables NAT step is observed (two netfilter programs each); a namespace that is gone is released",
             nat_watched_netns.clone(),
         );
+        let agents_on_node = Gauge::default();
+        registry.register(
+            "agents_on_node",
+            "mesh-trace agents with programs loaded in this node's kernel, this one included (2 while a rolling update runs both; each traces everything)",
+            agents_on_node.clone(),
+        );
         let requests_in_flight = Gauge::default();
         registry.register(
             "requests_in_flight",
@@ -464,6 +471,7 @@ impl Metrics {
             flows_tracked,
             meshed_netns,
             nat_watched_netns,
+            agents_on_node,
             requests_in_flight,
             stitch_sockets,
             unknown_socket_events,

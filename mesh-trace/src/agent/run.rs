@@ -279,6 +279,12 @@ pub async fn agent_with_spans(
                     .sum();
                 info.events_lost = loss.total();
                 drop(info);
+                match crate::kernel::tracer::agents_loaded() {
+                    Ok(n) => {
+                        state.metrics.agents_on_node.set(n as i64);
+                    }
+                    Err(e) => tracing::debug!("{e:#}"),
+                }
                 state.metrics.record_metadata(metadata.as_ref());
                 if let Some(kube) = &kube {
                     state.metrics.record_kubernetes(kube);

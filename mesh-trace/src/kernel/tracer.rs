@@ -444,6 +444,21 @@ impl Tracer {
     }
 }
 
+/// How many mesh-trace agents have their programs loaded in this kernel,
+/// this one included: each loads one socket-send program. Two during a
+/// rolling update (both trace: cgroup programs run side by side and the
+/// NAT programs take neighbouring netfilter priorities). Listing programs
+/// needs CAP_SYS_ADMIN.
+pub fn agents_loaded() -> anyhow::Result<usize> {
+    let mut n = 0;
+    for p in aya::programs::loaded_programs() {
+        if p.context("listing loaded BPF programs")?.name_as_str() == Some(names::SEND_LENGTH) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Registers a map's fd with tokio for readability.
 fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: the fd belongs to `inner`, which the AsyncFd owns, so it stays
