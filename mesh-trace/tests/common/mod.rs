@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod kubeapi;
+pub mod truth;
 
 use std::{
     sync::{Arc, Mutex},
@@ -23,6 +24,7 @@ pub struct Traced {
     pub state: Arc<AgentState>,
     pub legs: Arc<Mutex<Vec<LegRecord>>>,
     pub spans: Arc<Mutex<Vec<Span>>>,
+    keep_legs: Arc<std::sync::atomic::AtomicBool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -49,6 +51,16 @@ impl Traced {
         Self::start_with(Some(lab.dir.clone()))
     }
 
+    /// [`Traced::start`], keeping spans but not legs (a test with millions
+    /// of connections would hold them all).
+    pub fn start_spans_only(lab: &Lab) -> Traced {
+        let traced = Self::start_with(Some(lab.dir.clone()));
+        traced
+            .keep_legs
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        traced
+    }
+
     /// The agent without any metadata source: namespaces are meshed only
     /// by the REDIRECTs seen in them.
     pub fn start_without_metadata() -> Traced {
@@ -65,7 +77,13 @@ impl Traced {
             max_flows: 65_536,
             ..Settings::in_process(lab_dir).expect("cgroup v2")
         };
-        let (st, lg, sp) = (state.clone(), legs.clone(), spans.clone());
+        let keep_legs = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (st, lg, sp, keep) = (
+            state.clone(),
+            legs.clone(),
+            spans.clone(),
+            keep_legs.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -77,7 +95,11 @@ impl Traced {
                 async {
                     let _ = stopped.await;
                 },
-                move |l| lg.lock().unwrap().push(l.clone()),
+                move |l| {
+                    if keep.load(std::sync::atomic::Ordering::Relaxed) {
+                        lg.lock().unwrap().push(l.clone())
+                    }
+                },
                 move |s| sp.lock().unwrap().push(s.clone()),
             ))
             .expect("agent");
@@ -92,6 +114,7 @@ impl Traced {
             state,
             legs,
             spans,
+            keep_legs,
             stop: Some(stop),
             thread: Some(thread),
         }

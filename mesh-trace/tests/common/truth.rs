@@ -1,0 +1,164 @@
+//! Each request's own truth, from the lab's records (CLOCK_MONOTONIC
+//! timestamps the load generator, the sidecars and the apps take around
+//! their reads and writes), and spans judged against it one by one.
+use std::collections::HashMap;
+
+use mesh_trace::{
+    lab::{
+        records::{read_records, AppRecord, ClientRecord, Direction, ProxyRecord},
+        topology::{Lab, LabOptions},
+    },
+    spans::span::{Hop, Span},
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
+pub const CLIENT: &str = "loadgen-v1";
+pub const REVIEWS: [&str; 3] = ["reviews-v1", "reviews-v2", "reviews-v3"];
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "span tests load eBPF programs and build a lab: run them as root"
+    );
+}
+
+/// The lab of the acceptance criteria: outbound sidecar 2 ms, inbound 3 ms,
+/// reviews 2 ms or 40 ms at random, so that a span holding another
+/// request's moments is off by tens of milliseconds.
+pub fn delayed_lab(mtls: bool) -> LabOptions {
+    let mut o = LabOptions::bookinfo().unwrap();
+    o.exe = BIN.into();
+    o.delay_outbound_ms = 2.0;
+    o.delay_inbound_ms = 3.0;
+    o.mtls = mtls;
+    for pod in REVIEWS {
+        o.service_time_choices_ms
+            .insert(pod.into(), vec![2.0, 40.0]);
+    }
+    o
+}
+
+/// A span held against its own request's truth: `exact` when every hop is
+/// within 0.5 ms of it, `wrong` when any is off by more than 30 ms (it holds
+/// another request's moments: the app's 2 or 40 ms, requests 10 ms apart);
+/// in between, noise in the truth itself, which the lab's processes take
+/// in user space after each read or write returns, late when the two
+/// cores are busy.
+pub struct Judged {
+    pub exact: usize,
+    pub wrong: Vec<String>,
+    pub compared: usize,
+}
+
+pub fn judge(spans: &[Span], truth: &HashMap<String, Truth>) -> Judged {
+    let mut j = Judged {
+        exact: 0,
+        wrong: Vec::new(),
+        compared: 0,
+    };
+    for s in spans {
+        let Some(t) = s.request_id.as_ref().and_then(|id| truth.get(id)) else {
+            continue;
+        };
+        j.compared += 1;
+        let (worst, hop) = Hop::ALL[..6]
+            .iter()
+            .filter_map(|h| Some((s.hop_ns(*h)?.abs_diff(t.hops[h]), *h)))
+            .max()
+            .unwrap_or((u64::MAX, Hop::Upstream));
+        if worst <= 500_000 {
+            j.exact += 1;
+        } else if worst > 30_000_000 {
+            j.wrong.push(format!(
+                "{:?}: {} off by {:.3} ms ({:.3} vs truth {:.3})",
+                s.request_id,
+                hop.label(),
+                worst as f64 / 1e6,
+                s.hop_ns(hop).unwrap_or(0) as f64 / 1e6,
+                t.hops[&hop] as f64 / 1e6
+            ));
+        }
+    }
+    j
+}
+
+/// What the lab recorded for one request: its twelve moments as the lab's
+/// processes saw their reads and writes return (`lab::ioclock`), and the
+/// client's own measure of the whole exchange.
+pub struct Truth {
+    pub total_ns: u64,
+    pub hops: HashMap<Hop, u64>,
+}
+
+pub fn truths(lab: &Lab, client: &[ClientRecord]) -> HashMap<String, Truth> {
+    let by_id = |recs: Vec<ProxyRecord>, dir: Direction| -> HashMap<String, ProxyRecord> {
+        recs.into_iter()
+            .filter(|r| r.direction == dir)
+            .filter_map(|r| Some((r.request_id.clone()?, r)))
+            .collect()
+    };
+    let outbound = by_id(
+        read_records(&lab.proxy_log(CLIENT)).unwrap(),
+        Direction::Outbound,
+    );
+    let mut inbound = HashMap::new();
+    let mut apps = HashMap::new();
+    for pod in REVIEWS {
+        inbound.extend(by_id(
+            read_records(&lab.proxy_log(pod)).unwrap(),
+            Direction::Inbound,
+        ));
+        for a in read_records::<AppRecord>(&lab.app_log(pod)).unwrap() {
+            if let Some(id) = a.request_id.clone() {
+                apps.insert(id, a);
+            }
+        }
+    }
+    client
+        .iter()
+        // Without a response there are no socket times to compare.
+        .filter(|c| c.t_write_ns != 0 && c.t_read_ns != 0)
+        .filter_map(|c| {
+            let (o, i, a) = (
+                outbound.get(&c.request_id)?,
+                inbound.get(&c.request_id)?,
+                apps.get(&c.request_id)?,
+            );
+            let d = |a: u64, b: u64| b.saturating_sub(a);
+            let hops = HashMap::from([
+                (
+                    Hop::ClientToOutbound,
+                    d(c.t_write_ns, o.t_downstream_read_ns)
+                        + d(o.t_downstream_write_ns, c.t_read_ns),
+                ),
+                (
+                    Hop::OutboundProxy,
+                    d(o.t_downstream_read_ns, o.t_upstream_write_ns)
+                        + d(o.t_upstream_read_ns, o.t_downstream_write_ns),
+                ),
+                (
+                    Hop::Network,
+                    d(o.t_upstream_write_ns, i.t_downstream_read_ns)
+                        + d(i.t_downstream_write_ns, o.t_upstream_read_ns),
+                ),
+                (
+                    Hop::InboundProxy,
+                    d(i.t_downstream_read_ns, i.t_upstream_write_ns)
+                        + d(i.t_upstream_read_ns, i.t_downstream_write_ns),
+                ),
+                (
+                    Hop::InboundToApp,
+                    d(i.t_upstream_write_ns, a.t_read_ns) + d(a.t_write_ns, i.t_upstream_read_ns),
+                ),
+                (Hop::App, d(a.t_read_ns, a.t_write_ns)),
+            ]);
+            Some((
+                c.request_id.clone(),
+                Truth {
+                    total_ns: d(c.t_start_ns, c.t_end_ns),
+                    hops,
+                },
+            ))
+        })
+        .collect()
+}
