@@ -75,7 +75,7 @@ pub fn judge(spans: &[Span], truth: &HashMap<String, Truth>) -> Judged {
                 hop.label(),
                 worst as f64 / 1e6,
                 s.hop_ns(hop).unwrap_or(0) as f64 / 1e6,
-                t.hops[&hop] as f64 / 1e6
+                t.hops.get(&hop).copied().unwrap_or(0) as f64 / 1e6
             ));
         }
     }

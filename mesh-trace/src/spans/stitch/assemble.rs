@@ -2,7 +2,10 @@
 //! at every socket the request and its response cross, completed when the
 //! response reaches the app. Responses come back on the socket the request
 //! went out on: each socket keeps its outstanding requests in order
-//! (HTTP/1.1). Bounded: the least recently touched span is dropped first.
+//! (HTTP/1.1). Bounded: the least recently touched span is dropped first,
+//! and no one owner (the network namespace a request started in, or the
+//! sidecar process that wrote an orphan) holds more than its share, so a
+//! pod that floods the agent evicts its own requests, never another pod's.
 //!
 //! A span is exported only when it is exact: not ambiguous inside a
 //! sidecar, touched by no lost event, and with its moments in the order of
@@ -79,9 +82,22 @@ impl Outstanding {
     }
 }
 
+/// Who a span in flight counts against: the network namespace of the
+/// socket its request started on, or, for an orphan, the sidecar process
+/// that wrote it (tagged by the top bit; namespace cookies count up from 1).
+pub(super) type Owner = u64;
+
+pub(super) fn orphan_owner(side: ProxySide) -> Owner {
+    (1 << 63) | u64::from(side.tgid)
+}
+
 /// The spans in flight.
 pub(super) struct Spans {
     spans: LruCache<SpanId, Pending>,
+    /// Each owner's spans, oldest first; ids of spans gone since linger
+    /// until the owner is next full or the next `expire`.
+    owners: HashMap<Owner, VecDeque<SpanId>>,
+    per_owner: usize,
     next: SpanId,
     /// Orphans found to be a request: orphan -> that request's span.
     /// Bounded with the spans: an alias is dropped with its target.
@@ -89,11 +105,13 @@ pub(super) struct Spans {
 }
 
 impl Spans {
-    /// At most `max_pending` in flight.
-    pub(super) fn new(max_pending: usize) -> Spans {
+    /// At most `max_pending` in flight, `per_owner` of them one owner's.
+    pub(super) fn new(max_pending: usize, per_owner: usize) -> Spans {
         let cap = std::num::NonZeroUsize::new(max_pending.max(1)).expect("max(1)");
         Spans {
             spans: LruCache::new(cap),
+            owners: HashMap::new(),
+            per_owner: per_owner.max(1),
             next: 1,
             aliases: HashMap::new(),
         }
@@ -105,17 +123,36 @@ impl Spans {
         self.aliases.get(&id).copied().unwrap_or(id)
     }
 
-    fn push(&mut self, pending: Pending) -> (SpanId, Option<Unstitched>) {
+    /// Adds a span; returns its id and how many requests were dropped to
+    /// make room (counted `evicted`; orphans are not requests).
+    fn push(&mut self, owner: Owner, pending: Pending) -> (SpanId, u64) {
         let id = self.next;
         self.next += 1;
-        let evicted = match self.spans.push(id, pending) {
-            Some((old, p)) if old != id => {
-                self.aliases.retain(|from, to| *to != old && *from != old);
-                p.orphan_at.is_none()
+        let mut evicted = 0;
+        let queue = self.owners.entry(owner).or_default();
+        if queue.len() >= self.per_owner {
+            let spans = &self.spans;
+            queue.retain(|id| spans.contains(id));
+            if queue.len() >= self.per_owner {
+                // All still in flight: the owner's oldest eighth goes, at
+                // once, so that a flood costs one pass per eighth.
+                let n = (self.per_owner / 8).max(1);
+                for old in queue.drain(..n) {
+                    if let Some(p) = self.spans.pop(&old) {
+                        evicted += u64::from(p.orphan_at.is_none());
+                        self.aliases.retain(|from, to| *to != old && *from != old);
+                    }
+                }
             }
-            _ => false,
-        };
-        (id, evicted.then_some(Unstitched::Evicted))
+        }
+        queue.push_back(id);
+        if let Some((old, p)) = self.spans.push(id, pending) {
+            if old != id {
+                self.aliases.retain(|from, to| *to != old && *from != old);
+                evicted += u64::from(p.orphan_at.is_none());
+            }
+        }
+        (id, evicted)
     }
 
     /// A new span from the app's request, labelled with its leg's source
@@ -123,23 +160,27 @@ impl Spans {
     /// to make room.
     pub(super) fn start(
         &mut self,
+        owner: Owner,
         source: String,
         destination: String,
         msg: &Message,
-    ) -> (SpanId, Option<Unstitched>) {
+    ) -> (SpanId, u64) {
         let request_id = match &msg.head {
             Head::Request { request_id, .. } => request_id.clone(),
             _ => None,
         };
-        self.push(Pending {
-            span: blank(request_id, source, destination),
-            started_ns: msg.ts_ns,
-            identity: Identity::of(Some(&msg.head)),
-            contested: false,
-            lost: false,
-            orphan_at: None,
-            candidates: None,
-        })
+        self.push(
+            owner,
+            Pending {
+                span: blank(request_id, source, destination),
+                started_ns: msg.ts_ns,
+                identity: Identity::of(Some(&msg.head)),
+                contested: false,
+                lost: false,
+                orphan_at: None,
+                candidates: None,
+            },
+        )
     }
 
     /// A span for an upstream write at `at` by `side` that belongs to no
@@ -151,16 +192,19 @@ impl Spans {
         side: ProxySide,
         candidates: Vec<SpanId>,
         msg: &Message,
-    ) -> (SpanId, Option<Unstitched>) {
-        self.push(Pending {
-            span: blank(None, String::new(), String::new()),
-            started_ns: msg.ts_ns,
-            identity: Identity::of(Some(&msg.head)),
-            contested: false,
-            lost: false,
-            orphan_at: Some(at),
-            candidates: (!candidates.is_empty()).then_some((side, candidates)),
-        })
+    ) -> (SpanId, u64) {
+        self.push(
+            orphan_owner(side),
+            Pending {
+                span: blank(None, String::new(), String::new()),
+                started_ns: msg.ts_ns,
+                identity: Identity::of(Some(&msg.head)),
+                contested: false,
+                lost: false,
+                orphan_at: Some(at),
+                candidates: (!candidates.is_empty()).then_some((side, candidates)),
+            },
+        )
     }
 
     /// For orphan `id` still to be settled: the side that wrote it and the
@@ -367,6 +411,12 @@ impl Spans {
                 self.aliases.retain(|_, to| *to != id);
             }
         }
+        // Owners keep only what is still in flight; those with none leave.
+        let spans = &self.spans;
+        self.owners.retain(|_, queue| {
+            queue.retain(|id| spans.contains(id));
+            !queue.is_empty()
+        });
         expired
     }
 
@@ -412,8 +462,8 @@ mod tests {
     /// A span started by the app's request at `ts_ns`, its t0 recorded.
     fn started(spans: &mut Spans, ts_ns: u64, path: &str) -> SpanId {
         let m = msg(Dir::Send, ts_ns, request(path, Some("rid")));
-        let (id, evicted) = spans.start("productpage".into(), "reviews".into(), &m);
-        assert_eq!(evicted, None);
+        let (id, evicted) = spans.start(1, "productpage".into(), "reviews".into(), &m);
+        assert_eq!(evicted, 0);
         spans.request(id, 0, ts_ns, Some(&m.head)).unwrap();
         id
     }
@@ -433,7 +483,7 @@ mod tests {
 
     #[test]
     fn start_labels_the_span_and_takes_the_request_id() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/reviews/0");
         assert_eq!(spans.len(), 1);
         assert_eq!(spans.request_id(id), Some("rid".into()));
@@ -445,7 +495,7 @@ mod tests {
 
     #[test]
     fn moments_recorded_and_the_first_head_names_the_request() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/reviews/0?u=1");
         // A later head (the sidecar's rewrite) does not rename it.
         spans
@@ -467,7 +517,7 @@ mod tests {
 
     #[test]
     fn response_pops_the_oldest_outstanding() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let first = started(&mut spans, 10, "/a");
         let second = started(&mut spans, 20, "/b");
         // The inbound sidecar's 15006 socket received both.
@@ -490,7 +540,7 @@ mod tests {
 
     #[test]
     fn status_written_last_wins() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/a");
         let mut out = Outstanding::default();
         out.push(id);
@@ -509,7 +559,7 @@ mod tests {
 
     #[test]
     fn response_with_nothing_outstanding_is_no_request() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let r = |spans: &mut Spans, out: Option<&mut Outstanding>| {
             spans.response(
                 out,
@@ -528,7 +578,7 @@ mod tests {
 
     #[test]
     fn bytes_before_the_server_here_received_the_request_are_no_response() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/a");
         let mut out = Outstanding::default();
         out.push(id);
@@ -550,7 +600,7 @@ mod tests {
 
     #[test]
     fn completion_only_at_the_app_client() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/a");
         spans.request(id, 1, 11, None).unwrap();
         let mut out = Outstanding::default();
@@ -580,9 +630,9 @@ mod tests {
 
     #[test]
     fn retries_and_request_ids_noted() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let m = msg(Dir::Send, 10, request("/a", None));
-        let (id, _) = spans.start("a".into(), "b".into(), &m);
+        let (id, _) = spans.start(1, "a".into(), "b".into(), &m);
         spans.note_request_id(id, None);
         assert_eq!(spans.request_id(id), None);
         spans.note_request_id(id, Some("first"));
@@ -596,7 +646,7 @@ mod tests {
 
     #[test]
     fn expiry_drops_and_counts_the_timed_out() {
-        let mut spans = Spans::new(8);
+        let mut spans = Spans::new(8, 8);
         let old = started(&mut spans, 0, "/a");
         let young = started(&mut spans, 50, "/b");
         assert_eq!(spans.expire(59, 60), 0);
@@ -609,15 +659,40 @@ mod tests {
     }
 
     #[test]
+    fn an_owner_past_its_share_evicts_its_own_oldest_not_anothers() {
+        let mut spans = Spans::new(64, 16);
+        let m = |ts| msg(Dir::Send, ts, request("/flood", None));
+        let (quiet, _) = spans.start(7, "a".into(), "b".into(), &m(0));
+        let mut flood = Vec::new();
+        let mut evicted = 0;
+        for ts in 1..=40 {
+            let (id, n) = spans.start(9, "x".into(), "y".into(), &m(ts));
+            flood.push(id);
+            evicted += n;
+        }
+        // The flood's oldest went, an eighth of its share at a time.
+        assert_eq!(evicted, 40 - 16);
+        assert!(
+            spans.request(quiet, 1, 50, None).is_some(),
+            "another owner's span stays"
+        );
+        assert!(spans.request(flood[0], 1, 50, None).is_none());
+        assert!(spans.request(*flood.last().unwrap(), 1, 50, None).is_some());
+        // Owners with nothing in flight leave at the next expiry pass.
+        spans.expire(u64::MAX, 1);
+        assert!(spans.owners.is_empty());
+    }
+
+    #[test]
     fn eviction_when_full_is_counted_and_the_dropped_span_is_gone() {
-        let mut spans = Spans::new(2);
+        let mut spans = Spans::new(2, 8);
         let first = started(&mut spans, 1, "/a");
         let second = started(&mut spans, 2, "/b");
         // Touching the first makes the second the least recently used.
         spans.request(first, 1, 3, None).unwrap();
         let m = msg(Dir::Send, 4, request("/c", None));
-        let (third, evicted) = spans.start("a".into(), "b".into(), &m);
-        assert_eq!(evicted, Some(Unstitched::Evicted));
+        let (third, evicted) = spans.start(1, "a".into(), "b".into(), &m);
+        assert_eq!(evicted, 1);
         assert_eq!(spans.len(), 2);
         assert!(spans.request(second, 1, 5, None).is_none());
         assert!(spans.request(first, 2, 5, None).is_some());

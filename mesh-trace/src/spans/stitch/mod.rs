@@ -133,6 +133,10 @@ impl SockState {
 pub struct StitchConfig {
     /// Requests in flight at once.
     pub max_pending: usize,
+    /// Requests in flight at once from one pod (network namespace) or
+    /// written upstream by one sidecar as orphans: past it, that owner's
+    /// oldest are evicted, so one pod cannot push out the others'.
+    pub max_pending_per_owner: usize,
     /// A request not answered within this time is dropped.
     pub timeout_ns: u64,
 }
@@ -141,6 +145,7 @@ impl Default for StitchConfig {
     fn default() -> Self {
         StitchConfig {
             max_pending: 65_536,
+            max_pending_per_owner: 8_192,
             timeout_ns: 60_000_000_000,
         }
     }
@@ -171,7 +176,7 @@ const MAX_UNMATCHED: usize = 64;
 impl Stitcher {
     pub fn new(cfg: StitchConfig) -> Stitcher {
         Stitcher {
-            spans: Spans::new(cfg.max_pending),
+            spans: Spans::new(cfg.max_pending, cfg.max_pending_per_owner),
             sockets: HashMap::new(),
             legs: Legs::new(),
             proxies: Proxies::new(),
@@ -365,10 +370,9 @@ impl Stitcher {
             .leg_info(cookie)
             .map(|(_, s, d)| (s.to_string(), d.to_string()))
             .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
-        let (id, evicted) = self.spans.start(source, destination, msg);
-        if let Some(why) = evicted {
-            self.count(why);
-        }
+        let owner = flows.socket(cookie).map_or(0, |s| s.netns);
+        let (id, evicted) = self.spans.start(owner, source, destination, msg);
+        self.count_n(Unstitched::Evicted, evicted);
         id
     }
 
@@ -535,9 +539,7 @@ impl Stitcher {
         msg: &Message,
     ) -> SpanId {
         let (id, evicted) = self.spans.orphan(place, side, candidates, msg);
-        if let Some(why) = evicted {
-            self.count(why);
-        }
+        self.count_n(Unstitched::Evicted, evicted);
         id
     }
 
