@@ -90,18 +90,39 @@ pub enum LossReason {
     RingBufFull = 0,
     /// A bounded kernel map was full and an entry could not be inserted.
     MapFull = 1,
+    /// A namespace spent its data events for the window on this CPU
+    /// (`NETNS_BUDGET`): one pod cannot fill the ring for all the others.
+    NetnsBudget = 2,
 }
 
 impl LossReason {
-    pub const COUNT: u32 = 2;
-    pub const ALL: [LossReason; 2] = [LossReason::RingBufFull, LossReason::MapFull];
+    pub const COUNT: u32 = 3;
+    pub const ALL: [LossReason; 3] = [
+        LossReason::RingBufFull,
+        LossReason::MapFull,
+        LossReason::NetnsBudget,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             LossReason::RingBufFull => "ringbuf_full",
             LossReason::MapFull => "map_full",
+            LossReason::NetnsBudget => "netns_budget",
         }
     }
+}
+
+/// The window of a namespace's data-event budget.
+pub const BUDGET_WINDOW_NS: u64 = 100_000_000;
+
+/// A namespace's data events in the current window on one CPU
+/// (`NETNS_SPENT`, an LRU per-CPU hash by namespace cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetWindow {
+    pub start_ns: u64,
+    pub events: u32,
+    pub _pad: u32,
 }
 
 /// First 16 bytes of every event.

@@ -8,10 +8,11 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, generated::bpf_sk_storage_get},
     macros::{btf_map, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use mesh_trace_common::{
-    DataBatch, EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX, MESHED_NETNS_MAX,
+    BudgetWindow, DataBatch, EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX,
+    BUDGET_WINDOW_NS, MESHED_NETNS_MAX,
 };
 
 /// Default ring buffer size; the agent overrides it (`ring_buffer_bytes`).
@@ -155,6 +156,54 @@ pub static ADOPT: HashMap<u64, TrackedSock> =
 /// the agent.
 #[map(name = "MESHED_NETNS")]
 pub static MESHED_NETNS: HashMap<u64, u32> = HashMap::with_max_entries(MESHED_NETNS_MAX, 0);
+
+/// Data events each namespace may send per CPU per window
+/// (`BUDGET_WINDOW_NS`), set by the agent; 0: no limit.
+#[no_mangle]
+static NETNS_BUDGET: u32 = 0;
+
+/// What each namespace spent of its budget, per CPU (no atomics needed:
+/// the socket tracepoints run with preemption off). LRU: a namespace gone
+/// quiet leaves room.
+#[map(name = "NETNS_SPENT")]
+pub static NETNS_SPENT: LruPerCpuHashMap<u64, BudgetWindow> =
+    LruPerCpuHashMap::with_max_entries(MESHED_NETNS_MAX, 0);
+
+/// Whether namespace `netns` may send one more data event now; counts it.
+#[inline(always)]
+pub fn within_budget(netns: u64) -> bool {
+    // SAFETY: a frozen global; volatile so the compiler keeps the load.
+    let budget = unsafe { core::ptr::read_volatile(&NETNS_BUDGET) };
+    if budget == 0 {
+        return true;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    match NETNS_SPENT.get_ptr_mut(netns) {
+        Some(w) => {
+            // SAFETY: a value of this CPU's copy, valid during the program.
+            let w = unsafe { &mut *w };
+            if now.wrapping_sub(w.start_ns) >= BUDGET_WINDOW_NS {
+                w.start_ns = now;
+                w.events = 1;
+                true
+            } else if w.events < budget {
+                w.events += 1;
+                true
+            } else {
+                false
+            }
+        }
+        None => {
+            let w = BudgetWindow {
+                start_ns: now,
+                events: 1,
+                _pad: 0,
+            };
+            let _ = NETNS_SPENT.insert(netns, w, 0);
+            true
+        }
+    }
+}
 
 /// Set by the agent's `--noop` mode: every program returns at once, so
 /// benchmarks can measure the cost of the hooks themselves (the floor).

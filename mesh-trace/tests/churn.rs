@@ -90,7 +90,7 @@ fn pod_churn_leaves_nothing_behind_and_spares_the_surviving_pods() {
     let mut opts = delayed_lab(false);
     opts.exe = BIN.into();
     let lab = Lab::up(&opts).unwrap();
-    let traced = Traced::start_spans_only(&lab);
+    let traced = Traced::start_spans_only(&lab, |_| {});
     let m = &traced.state.metrics;
     // The lab's own namespaces, observed and meshed, before any churn.
     std::thread::sleep(Duration::from_millis(1500));

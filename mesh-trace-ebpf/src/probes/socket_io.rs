@@ -33,8 +33,8 @@ use mesh_trace_common::{
 
 use super::{offset, read_kernel};
 use crate::maps::{
-    count_loss, count_losses, emit, header, header_at, noop, wakeup_flags, BATCH, EVENTS,
-    MESHED_NETNS, SOCKS,
+    count_loss, count_losses, emit, header, header_at, noop, wakeup_flags, within_budget, BATCH,
+    EVENTS, MESHED_NETNS, SOCKS,
 };
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
@@ -117,6 +117,12 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
             return;
         }
         tracked.flags |= TRACKED_MESHED;
+    }
+    // One pod flooding cannot fill the ring for the others: past its
+    // budget its events are counted, and its own requests see the gap.
+    if !within_budget(tracked.netns_cookie) {
+        count_loss(LossReason::NetnsBudget);
+        return;
     }
     let seq = first_seq(sk, direction, ret as u32);
     // The data event first, as soon as the call returned: a peer's event

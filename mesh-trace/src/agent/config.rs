@@ -35,6 +35,9 @@ pub struct ConfigFile {
     /// Serve `/api/v1/stats` (request paths and ids) to any client, not
     /// only to loopback ones.
     pub stats_from_anywhere: Option<bool>,
+    /// Data events one pod's network namespace may send per CPU per
+    /// second (0: no limit).
+    pub netns_events_per_s: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]

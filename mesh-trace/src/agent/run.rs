@@ -202,6 +202,7 @@ pub async fn agent_with_spans(
         wakeup_bytes: u64::from(settings.ring_buffer_bytes / 8),
         noop: settings.noop,
         batch_events: settings.batch_events,
+        netns_events_per_s: settings.netns_events_per_s,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;

@@ -38,6 +38,9 @@ pub struct Settings {
     pub noop: bool,
     /// Data events go to the ring buffer in per-CPU batches.
     pub batch_events: bool,
+    /// Data events one network namespace may send per CPU per second
+    /// (0: no limit).
+    pub netns_events_per_s: u32,
     /// Who may read the per-request detail of `/api/v1/stats`.
     pub stats_access: StatsAccess,
 }
@@ -60,6 +63,7 @@ impl Settings {
             netns_dir: DEFAULT_NETNS_DIR.into(),
             noop: false,
             batch_events: true,
+            netns_events_per_s: crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S,
             stats_access: StatsAccess::LoopbackOnly,
         })
     }

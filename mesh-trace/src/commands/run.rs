@@ -64,6 +64,12 @@ pub struct RunArgs {
     /// per-CPU batches (costlier per socket call; for comparison).
     #[arg(long)]
     pub no_batch: bool,
+    /// Data events one pod's network namespace may send per CPU per second;
+    /// past it they are dropped and counted (events_lost{reason="netns_budget"}),
+    /// so that one pod cannot fill the ring buffer for the others. 0: no
+    /// limit [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub netns_events_per_s: Option<u32>,
     /// Serve /api/v1/stats, which names request paths and x-request-ids, to
     /// any client; by default only loopback clients get it (mesh-trace top
     /// on the node, kubectl port-forward).
@@ -111,6 +117,10 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
             .unwrap_or_else(|| DEFAULT_NETNS_DIR.into()),
         noop: args.noop,
         batch_events: !args.no_batch,
+        netns_events_per_s: args
+            .netns_events_per_s
+            .or(file.netns_events_per_s)
+            .unwrap_or(crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S),
         stats_access: if args.stats_from_anywhere || file.stats_from_anywhere == Some(true) {
             StatsAccess::Anyone
         } else {

@@ -44,7 +44,15 @@ pub struct TracerOptions {
     /// Data events go to the ring buffer in per-CPU batches of an eighth of
     /// it (see [`super::batch`]); off, one record each.
     pub batch_events: bool,
+    /// Data events each network namespace may send per CPU per second;
+    /// past it they are counted (`netns_budget`) and dropped. 0: no limit.
+    pub netns_events_per_s: u32,
 }
+
+/// Default per-namespace budget: far above what one pod's sidecar traffic
+/// makes (about six data events per request on a side), far below what
+/// fills the ring.
+pub const DEFAULT_NETNS_EVENTS_PER_S: u32 = 100_000;
 
 /// How often the agent reads the ring buffer when the kernel has not woken
 /// it: the longest an event waits at low rates.
@@ -63,6 +71,7 @@ impl TracerOptions {
             noop: false,
             wakeup_bytes: u64::from(DEFAULT_RING_BUFFER_BYTES / 8),
             batch_events: true,
+            netns_events_per_s: DEFAULT_NETNS_EVENTS_PER_S,
         }
     }
 }
@@ -146,6 +155,11 @@ impl Tracer {
             .override_global("SEND_RESET_HAS_REASON", &tcp.send_reset_has_reason, true)
             .override_global("NOOP", &u32::from(opts.noop), true)
             .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
+            .override_global(
+                "NETNS_BUDGET",
+                &netns_budget_per_window(opts.netns_events_per_s),
+                true,
+            )
             .override_global("HOST_NETNS", &host_netns_cookie(), true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .load(obj)
@@ -457,6 +471,16 @@ pub fn agents_loaded() -> anyhow::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// The kernel's budget per window (`BUDGET_WINDOW_NS`) for a rate per
+/// second; at least one event when there is a limit.
+fn netns_budget_per_window(per_s: u32) -> u32 {
+    if per_s == 0 {
+        return 0;
+    }
+    let windows = 1_000_000_000 / mesh_trace_common::BUDGET_WINDOW_NS;
+    (u64::from(per_s) / windows).max(1) as u32
 }
 
 /// Registers a map's fd with tokio for readability.

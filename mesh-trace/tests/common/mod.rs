@@ -48,13 +48,13 @@ impl Traced {
     }
 
     pub fn start(lab: &Lab) -> Traced {
-        Self::start_with(Some(lab.dir.clone()))
+        Self::start_with(Some(lab.dir.clone()), |_| {})
     }
 
-    /// [`Traced::start`], keeping spans but not legs (a test with millions
-    /// of connections would hold them all).
-    pub fn start_spans_only(lab: &Lab) -> Traced {
-        let traced = Self::start_with(Some(lab.dir.clone()));
+    /// [`Traced::start`] with settings of the test's own, keeping spans but
+    /// not legs (a test with millions of connections would hold them all).
+    pub fn start_spans_only(lab: &Lab, tweak: impl FnOnce(&mut Settings)) -> Traced {
+        let traced = Self::start_with(Some(lab.dir.clone()), tweak);
         traced
             .keep_legs
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -64,19 +64,23 @@ impl Traced {
     /// The agent without any metadata source: namespaces are meshed only
     /// by the REDIRECTs seen in them.
     pub fn start_without_metadata() -> Traced {
-        Self::start_with(None)
+        Self::start_with(None, |_| {})
     }
 
-    fn start_with(lab_dir: Option<std::path::PathBuf>) -> Traced {
+    fn start_with(
+        lab_dir: Option<std::path::PathBuf>,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Traced {
         let state = Arc::new(AgentState::new());
         let legs = Arc::new(Mutex::new(Vec::new()));
         let spans = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let settings = Settings {
+        let mut settings = Settings {
             ring_buffer_bytes: 1 << 22,
             max_flows: 65_536,
             ..Settings::in_process(lab_dir).expect("cgroup v2")
         };
+        tweak(&mut settings);
         let keep_legs = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (st, lg, sp, keep) = (
             state.clone(),
