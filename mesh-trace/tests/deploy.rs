@@ -90,18 +90,42 @@ struct Outcome {
     log: String,
 }
 
-/// Runs the agent as root with only `caps` (as the container runtime
-/// does), drives requests through the lab, and says what it saw.
+/// Who the agent runs as.
+#[derive(Clone, Copy)]
+enum User {
+    /// Root with only the given capabilities, as the container runtime
+    /// runs the DaemonSet's container.
+    Root,
+    /// nobody (65534), holding the given capabilities as ambient ones.
+    Nobody,
+}
+
+/// Runs the agent as `user` with only `caps`, drives requests through the
+/// lab, and says what it saw.
 fn trace_with(lab: &Lab, caps: &[String]) -> Outcome {
-    let bounding: String = std::iter::once("-all".to_string())
-        .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
-        .collect::<Vec<_>>()
-        .join(",");
+    trace_as(lab, User::Root, caps)
+}
+
+fn trace_as(lab: &Lab, user: User, caps: &[String]) -> Outcome {
+    let set = |base: &str| -> String {
+        std::iter::once(base.to_string())
+            .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let addr = free_port();
     let log = lab.dir.join(format!("agent-{}.log", addr.port()));
-    let mut child = Command::new("setpriv")
-        .arg(format!("--bounding-set={bounding}"))
-        .args(["--inh-caps=-all", BIN, "run", "--metrics-addr"])
+    let mut setpriv = Command::new("setpriv");
+    setpriv.arg(format!("--bounding-set={}", set("-all")));
+    match user {
+        User::Root => setpriv.arg("--inh-caps=-all"),
+        User::Nobody => setpriv
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps={}", set("-all")))
+            .arg(format!("--ambient-caps={}", set("-all"))),
+    };
+    let mut child = setpriv
+        .args([BIN, "run", "--metrics-addr"])
         .arg(addr.to_string())
         .arg("--lab")
         .arg(&lab.dir)
@@ -184,6 +208,16 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
             o.requests
         );
     }
+    // Not root: the same capabilities held by nobody do as well.
+    let nobody = trace_as(&lab, User::Nobody, &caps);
+    assert!(
+        nobody.ready && nobody.redirects >= 50.0 && nobody.requests >= 100.0,
+        "as nobody with {caps:?}: ready {}, {} redirects, {} requests:\n{}",
+        nobody.ready,
+        nobody.redirects,
+        nobody.requests,
+        nobody.log
+    );
     // The narrower set often suggested instead of SYS_ADMIN does not do:
     // entering pod network namespaces (setns) takes SYS_ADMIN.
     let narrow: Vec<String> = ["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"]
