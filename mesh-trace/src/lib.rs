@@ -7,7 +7,8 @@
 //! [`agent`] runs and exports; [`top`] is the live view of an agent.
 //! [`commands`] holds one thin module per subcommand and [`cli`] the clap
 //! tree over them. [`error`], [`logging`], [`shutdown`], [`clock`] and
-//! [`netns`] are leaves every layer may use.
+//! [`netns`] are leaves every layer may use. [`fuzzing`] holds the entry
+//! points of the fuzz targets and their regression tests.
 //!
 //! With the `lab` feature (on by default, off in the DaemonSet image):
 //! [`lab`], a local mesh of network namespaces, sidecars and apps for the
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod commands;
 pub mod error;
 pub mod flows;
+pub mod fuzzing;
 pub mod kernel;
 #[cfg(feature = "lab")]
 pub mod lab;

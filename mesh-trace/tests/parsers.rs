@@ -4,6 +4,11 @@
 //! records, HTTP/1.1 framing of captured prefixes, TLS record sniffing,
 //! path templating and the kernel's BTF. None may panic, and what they
 //! return stays within its stated bounds.
+//!
+//! Then every input under `tests/fixtures/fuzz-regressions/<target>/`
+//! (seeds at each parser's edges, and any input a fuzz target of
+//! `mesh-trace/fuzz/` once crashed on), replayed through the fuzz targets'
+//! own entry points (`mesh_trace::fuzzing`).
 use mesh_trace::{
     kernel::{btf::KernelBtf, events::Event},
     spans::http::{is_tls_handshake, starts_http, template_path, Chunk, Dir, Framer, Head},
@@ -12,13 +17,17 @@ use mesh_trace_common::{
     ConnectEvent, DataEvent, EventKind, OwnerEvent, RedirectEvent, SockEvent, TcpIssueEvent,
     DATA_PREFIX_MAX, MAX_EVENT_SIZE,
 };
-use proptest::prelude::*;
+use proptest::{prelude::*, test_runner::FileFailurePersistence};
 
 fn config(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
-        // Failures are shrunk and printed; no files are written.
-        failure_persistence: None,
+        // Failures are shrunk and printed, and their seeds kept here (the
+        // path is relative to mesh-trace/, where cargo runs the tests):
+        // every later run tries them first.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/fixtures/proptest-regressions/parsers.txt",
+        ))),
         ..ProptestConfig::default()
     }
 }
@@ -138,4 +147,50 @@ proptest! {
             let _ = btf.enum_values("sk_rst_reason");
         }
     }
+}
+
+/// Every file under `tests/fixtures/fuzz-regressions/<target>/`, fed to
+/// the target's entry point; each target must have some, and every
+/// directory must name a target.
+#[test]
+fn fuzz_regressions_replay() {
+    use mesh_trace::fuzzing::TARGETS;
+    let root =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-regressions");
+    let list = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let entries = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let mut paths: Vec<_> = entries
+            .map(|e| e.expect("directory entry").path())
+            .collect();
+        paths.sort();
+        paths
+    };
+    for dir in list(&root) {
+        let name = dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            TARGETS.iter().any(|(t, _)| *t == name),
+            "{}: no fuzz target of that name",
+            dir.display()
+        );
+    }
+    let mut failed = Vec::new();
+    for (target, run) in TARGETS {
+        let files: Vec<_> = list(&root.join(target))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .collect();
+        assert!(!files.is_empty(), "no regression inputs for {target}");
+        for file in &files {
+            let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if std::panic::catch_unwind(|| run(&bytes)).is_err() {
+                failed.push(file.display().to_string());
+            }
+        }
+        println!("{target}: {} inputs replayed", files.len());
+    }
+    assert!(failed.is_empty(), "inputs that still fail: {failed:?}");
 }

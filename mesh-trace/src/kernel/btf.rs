@@ -23,6 +23,10 @@ const DECL_TAG: u32 = 17;
 const TYPE_TAG: u32 = 18;
 const ENUM64: u32 = 19;
 
+/// Structs and unions one member lookup looks into (anonymous ones inside
+/// anonymous ones): far more than any kernel struct holds.
+const MAX_SEARCHED: usize = 1024;
+
 struct Type {
     name_off: u32,
     kind: u32,
@@ -172,10 +176,17 @@ impl KernelBtf {
             let (at, ty) = self
                 .find_member(id, member)
                 .with_context(|| format!("struct {name} has no member {path}"))?;
-            bits += at;
+            bits = at
+                .checked_add(bits)
+                .with_context(|| format!("struct {name}'s {path} is beyond 4 GiB"))?;
             id = self.resolve(ty);
-            while self.types.get(id as usize).is_some_and(|t| t.kind == ARRAY) {
-                id = self.resolve(self.types[id as usize].size_or_type);
+            // Arrays of arrays, to a bound: an array of itself (only a
+            // broken BTF) would hold this loop forever.
+            for _ in 0..32 {
+                match self.types.get(id as usize) {
+                    Some(t) if t.kind == ARRAY => id = self.resolve(t.size_or_type),
+                    _ => break,
+                }
             }
         }
         Ok(bits / 8)
@@ -214,6 +225,22 @@ impl KernelBtf {
 
     /// (bit offset, type id) of `member` in the struct or union `id`.
     fn find_member(&self, id: u32, member: &str) -> Option<(u32, u32)> {
+        self.find_member_in(id, member, &mut std::collections::HashSet::new())
+    }
+
+    /// [`Self::find_member`], looking into each type once and into at most
+    /// [`MAX_SEARCHED`]: a broken BTF's struct that holds itself, or
+    /// anonymous members that share types, would otherwise recurse forever
+    /// or take exponential time.
+    fn find_member_in(
+        &self,
+        id: u32,
+        member: &str,
+        searched: &mut std::collections::HashSet<u32>,
+    ) -> Option<(u32, u32)> {
+        if searched.len() >= MAX_SEARCHED || !searched.insert(id) {
+            return None;
+        }
         let t = self.types.get(id as usize)?;
         for &(name_off, ty, offset) in &t.members {
             let bits = if t.kind_flag {
@@ -223,8 +250,8 @@ impl KernelBtf {
             };
             if name_off == 0 {
                 let inner = self.resolve(ty);
-                if let Some((o, ty)) = self.find_member(inner, member) {
-                    return Some((bits + o, ty));
+                if let Some((o, ty)) = self.find_member_in(inner, member, searched) {
+                    return Some((bits.checked_add(o)?, ty));
                 }
             } else if self.name(name_off) == member {
                 return Some((bits, ty));
