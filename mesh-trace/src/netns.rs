@@ -64,6 +64,31 @@ impl NetNs {
     }
 
     /// Runs a command inside the namespace.
+    /// Creates the namespace `name` with its loopback up and, as
+    /// istio-iptables does for outbound traffic, a nat OUTPUT rule that
+    /// redirects TCP to `port` to the local `to` (the lab's churn and the
+    /// tests' pod-like namespaces).
+    pub fn redirecting(name: &str, port: u16, to: u16) -> anyhow::Result<NetNs> {
+        let ns = NetNs::create(name)?;
+        let (port, to) = (port.to_string(), to.to_string());
+        let rule = [
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &to,
+        ];
+        ns.exec("iptables", &rule)?;
+        Ok(ns)
+    }
+
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
         let mut full = vec!["netns", "exec", &self.name, program];
         full.extend_from_slice(args);

@@ -8,32 +8,24 @@
 //! against their own request. Needs root.
 mod common;
 
-mod redirecting;
-
-use std::{
-    collections::VecDeque,
-    net::{TcpListener, TcpStream},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::{
     truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT},
     Traced,
 };
-use mesh_trace::lab::{records::ClientRecord, topology::Lab};
-use redirecting::redirecting_namespace;
+use mesh_trace::lab::{
+    churn::{Churn, ChurnOptions},
+    records::ClientRecord,
+    topology::Lab,
+};
 
-const PODS: usize = 1_000;
-const CONNECTIONS_PER_POD: usize = 1_000;
-/// Namespaces each worker keeps alive at once: each lives for the
-/// connections of several others, so that some are found by the agent's
-/// scan (once a second) and observed before they go, and some are not.
-const ALIVE_PER_WORKER: usize = 6;
-const WORKERS: usize = 2;
+const CHURN: ChurnOptions = ChurnOptions {
+    pods: 1_000,
+    connections_per_pod: 1_000,
+    workers: 2,
+    alive_per_worker: 6,
+};
 
 fn links() -> usize {
     aya::programs::loaded_links().filter_map(Result::ok).count()
@@ -56,31 +48,6 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// One worker's share of the pods: each created, given its connections,
-/// and deleted a few pods later.
-fn churn(worker: usize, connections: Arc<AtomicUsize>) {
-    let mut alive = VecDeque::new();
-    for pod in (worker..PODS).step_by(WORKERS) {
-        let ns = redirecting_namespace(&format!("mt-churn-{}-{pod}", std::process::id()));
-        ns.enter(move || {
-            let listener = TcpListener::bind("127.0.0.1:15001").unwrap();
-            for _ in 0..CONNECTIONS_PER_POD {
-                // Redirected to the listener by the nat table.
-                let client = TcpStream::connect("127.0.0.1:9080").unwrap();
-                let (server, _) = listener.accept().unwrap();
-                drop(client);
-                drop(server);
-            }
-        })
-        .unwrap();
-        connections.fetch_add(CONNECTIONS_PER_POD, Ordering::Relaxed);
-        alive.push_back(ns);
-        if alive.len() > ALIVE_PER_WORKER {
-            alive.pop_front();
-        }
     }
 }
 
@@ -113,33 +80,19 @@ fn pod_churn_leaves_nothing_behind_and_spares_the_surviving_pods() {
             &records,
         )
         .unwrap();
-    let started = Instant::now();
-    let connections = Arc::new(AtomicUsize::new(0));
+    let churn = Churn::start(&format!("mt-churn-{}", std::process::id()), CHURN);
     let (mut max_meshed, mut max_watched) = (0, 0);
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let c = connections.clone();
-            std::thread::spawn(move || churn(w, c))
-        })
-        .collect();
     let mut last_report = Instant::now();
-    while !workers.iter().all(|w| w.is_finished()) {
+    while !churn.is_finished() {
         max_meshed = max_meshed.max(m.meshed_netns.get() - meshed_before);
         max_watched = max_watched.max(m.nat_watched_netns.get() - watched_before);
         if last_report.elapsed() > Duration::from_secs(15) {
-            eprintln!(
-                "churn: {} connections in {:.0} s",
-                connections.load(Ordering::Relaxed),
-                started.elapsed().as_secs_f64()
-            );
+            eprintln!("churn: {} connections", churn.connections());
             last_report = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    for w in workers {
-        w.join().expect("churn worker");
-    }
-    let churned = started.elapsed();
+    let (connections, churned) = churn.join().expect("churn");
     // The load generator runs until told to stop; its records are flushed
     // per request.
     let _ = load.kill();
@@ -172,16 +125,13 @@ fn pod_churn_leaves_nothing_behind_and_spares_the_surviving_pods() {
         lost("map_full")
     );
     eprintln!(
-        "{} connections in {PODS} namespaces in {:.1} s; at most {max_meshed} of them meshed and \
+        "{connections} connections in {} namespaces in {:.1} s; at most {max_meshed} of them meshed and \
          {max_watched} observed at once; after: {flows} sockets tracked, {stitch_sockets} framed, \
          {in_flight} requests in flight; peak RSS {rss} MiB (before the churn {rss_before} MiB)",
-        connections.load(Ordering::Relaxed),
+        CHURN.pods,
         churned.as_secs_f64()
     );
-    assert_eq!(
-        connections.load(Ordering::Relaxed),
-        PODS * CONNECTIONS_PER_POD
-    );
+    assert_eq!(connections, CHURN.pods * CHURN.connections_per_pod);
     assert!(max_watched > 0, "no churned namespace was ever observed");
     assert!(max_meshed > 0, "no churned namespace was ever meshed");
     // The bounds of README "Bounds": the flow table holds only live sockets.

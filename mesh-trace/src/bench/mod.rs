@@ -19,7 +19,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+mod churn;
 mod kernel;
+mod soak;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
@@ -57,6 +59,16 @@ pub struct BenchArgs {
     /// CPU and memory at fixed rates) or `pipeline` (capacity on one core).
     #[arg(long, value_enum)]
     pub only: Option<Section>,
+    /// How long the soak runs (`--only soak`), in seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    pub soak_s: f64,
+    /// Pods `--only churn` creates and deletes (a thousand connections each).
+    #[arg(long, default_value_t = 5_000)]
+    pub churn_pods: usize,
+    /// Where `--only soak` and `--only churn` write their reports
+    /// (`soak.md`, `churn.md`).
+    #[arg(long, default_value = "docs")]
+    pub long_out: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -64,6 +76,12 @@ pub enum Section {
     Kernel,
     Agent,
     Pipeline,
+    /// The agent for `--soak-s` (an hour) at the lab's highest steady
+    /// rate; memory and unstitched counts sampled every minute.
+    Soak,
+    /// `--churn-pods` pods created and deleted under short connections,
+    /// beside the lab's steady traffic.
+    Churn,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -229,10 +247,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     opts.exe = exe.clone();
     eprintln!("==> lab up");
     let lab = Lab::up(&opts)?;
-    let url = "http://details:9080/details/0";
     let load = |name: &str, extra: &[&str]| -> anyhow::Result<Summary> {
         let secs = args.seconds.to_string();
-        let mut a = vec!["--url", url, "--duration-s", &secs];
+        let mut a = vec!["--url", URL, "--duration-s", &secs];
         a.extend_from_slice(extra);
         lab.load(CLIENT, &a, &lab.dir.join(format!("bench-{name}.jsonl")))
     };
@@ -243,6 +260,21 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     if args.only == Some(Section::Kernel) {
         let kernel = kernel::measure(&exe, &lab, &load, &conns, args.rounds)?;
         print!("{}", kernel::render(&kernel, args.rounds));
+        return Ok(());
+    }
+    let long = match args.only {
+        Some(Section::Soak) => Some((
+            "soak.md",
+            soak::run(&exe, &lab, &load, &conns, args.soak_s)?,
+        )),
+        Some(Section::Churn) => Some(("churn.md", churn::run(&exe, &lab, args.churn_pods, 1_000)?)),
+        _ => None,
+    };
+    if let Some((file, report)) = long {
+        print!("{report}");
+        let path = args.long_out.join(file);
+        std::fs::write(&path, report).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("==> wrote {}", path.display());
         return Ok(());
     }
     if args.only == Some(Section::Agent) {
@@ -324,6 +356,8 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 const CLIENT: &str = "loadgen-v1";
+/// What the lab's client asks for in every run.
+const URL: &str = "http://details:9080/details/0";
 
 /// Seconds every CPU of the machine spent busy so far (/proc/stat: all but
 /// idle and iowait).

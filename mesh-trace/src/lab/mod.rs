@@ -7,6 +7,7 @@
 //! - [`topology`]: bringing a lab up and down;
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
 //! - [`haproxy`]: a third-party sidecar (Debian's HAProxy) in the same layout;
+//! - [`churn`]: pod-like namespaces created and deleted under short connections;
 //! - [`impair`]: packet loss and delay on a pod's interface, for TCP health;
 //! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
 //! - [`records`]: what they write down, the ground truth for tests;
@@ -16,6 +17,7 @@
 //!
 //! Built only with the `lab` feature: the DaemonSet's agent carries none of it.
 pub mod app;
+pub mod churn;
 pub mod config;
 pub mod haproxy;
 pub mod http_client;
