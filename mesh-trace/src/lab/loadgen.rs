@@ -103,6 +103,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
         .map(|s| started + Duration::from_secs_f64(s));
     let limit = shared.opts.requests.unwrap_or(u64::MAX);
     let mut tasks = JoinSet::new();
+    let mut results = Vec::new();
     match (shared.opts.rate, shared.opts.connections) {
         (Some(rate), _) => {
             anyhow::ensure!(rate > 0.0, "--rate must be positive");
@@ -114,6 +115,11 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
                 }
                 let s = shared.clone();
                 tasks.spawn(async move { vec![s.one().await] });
+                // Finished requests leave the set as they go: an hour at
+                // thousands a second would otherwise hold every task.
+                while let Some(done) = tasks.try_join_next() {
+                    results.extend(done.context("request task")?);
+                }
             }
         }
         (None, conns) => {
@@ -135,7 +141,6 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
             }
         }
     }
-    let mut results = Vec::new();
     while let Some(done) = tasks.join_next().await {
         results.extend(done.context("request task")?);
     }
