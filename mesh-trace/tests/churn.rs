@@ -11,12 +11,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT},
+    truth::{delayed_lab, judge_bookinfo_client, require_root, BIN, CLIENT},
     Traced,
 };
 use mesh_trace::lab::{
     churn::{Churn, ChurnOptions},
-    records::ClientRecord,
     topology::Lab,
 };
 
@@ -143,41 +142,6 @@ fn pod_churn_leaves_nothing_behind_and_spares_the_surviving_pods() {
     assert!(rss < 256, "peak RSS {rss} MiB");
 
     // The surviving pods' spans, each against its own request.
-    // Killed, the load generator may have left its last line unfinished.
-    let client: Vec<ClientRecord> = std::fs::read_to_string(&records)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let truth = truths(&lab, &client);
-    // reviews v2 and v3 pass the id on to ratings: the client's spans only.
-    let spans: Vec<_> = traced
-        .spans
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.source_workload == "loadgen")
-        .cloned()
-        .collect();
-    let judged = judge(&spans, &truth);
-    eprintln!(
-        "surviving pods: {} requests, {} spans joined to their truth, {} exact to 0.5 ms, {} wrong; unstitched {:?}",
-        client.len(),
-        judged.compared,
-        judged.exact,
-        judged.wrong.len(),
-        traced.unstitched()
-    );
-    assert!(client.len() > 100, "{} requests", client.len());
-    assert!(
-        judged.wrong.is_empty(),
-        "spans holding another request's moments: {:?}",
-        &judged.wrong[..judged.wrong.len().min(5)]
-    );
-    assert!(
-        judged.compared as f64 >= 0.99 * truth.len() as f64,
-        "{} spans for {} requests",
-        judged.compared,
-        truth.len()
-    );
+    let spans = traced.spans.lock().unwrap().clone();
+    judge_bookinfo_client(&lab, &records, &spans, "surviving pods");
 }

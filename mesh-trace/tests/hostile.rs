@@ -21,10 +21,10 @@ use std::{
 };
 
 use common::{
-    truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT},
+    truth::{delayed_lab, judge_bookinfo_client, require_root, BIN, CLIENT},
     Traced,
 };
-use mesh_trace::lab::{records::ClientRecord, topology::Lab};
+use mesh_trace::lab::topology::Lab;
 use redirecting::redirecting_namespace;
 
 const DISTINCT: usize = 1_000_000;
@@ -234,38 +234,6 @@ fn a_hostile_pod_cannot_exhaust_the_agent_nor_disturb_other_spans() {
     drop(slow);
 
     // The other pods' spans, each against its own request.
-    let client: Vec<ClientRecord> = std::fs::read_to_string(&records)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let truth = truths(&lab, &client);
-    let spans: Vec<_> = traced
-        .spans
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| s.source_workload == "loadgen")
-        .cloned()
-        .collect();
-    let judged = judge(&spans, &truth);
-    eprintln!(
-        "other pods: {} requests, {} spans joined to their truth, {} exact to 0.5 ms, {} wrong",
-        client.len(),
-        judged.compared,
-        judged.exact,
-        judged.wrong.len()
-    );
-    assert!(client.len() > 100, "{} requests", client.len());
-    assert!(
-        judged.wrong.is_empty(),
-        "spans holding another request's moments: {:?}",
-        &judged.wrong[..judged.wrong.len().min(5)]
-    );
-    assert!(
-        judged.compared as f64 >= 0.99 * truth.len() as f64,
-        "{} spans for {} requests",
-        judged.compared,
-        truth.len()
-    );
+    let spans = traced.spans.lock().unwrap().clone();
+    judge_bookinfo_client(&lab, &records, &spans, "other pods");
 }

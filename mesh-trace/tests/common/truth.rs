@@ -162,3 +162,42 @@ pub fn truths(lab: &Lab, client: &[ClientRecord]) -> HashMap<String, Truth> {
         })
         .collect()
 }
+
+/// Judges the Bookinfo client's spans among `spans` against the records a
+/// killed load generator left at `records` (its last line may be cut):
+/// more than 100 requests, none of their spans holding another request's
+/// moments, and at least 99% of them with a span. Prints the figures.
+pub fn judge_bookinfo_client(lab: &Lab, records: &std::path::Path, spans: &[Span], who: &str) {
+    let client: Vec<ClientRecord> = std::fs::read_to_string(records)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let truth = truths(lab, &client);
+    // reviews v2 and v3 pass the id on to ratings: the client's spans only.
+    let spans: Vec<Span> = spans
+        .iter()
+        .filter(|s| s.source_workload == "loadgen")
+        .cloned()
+        .collect();
+    let judged = judge(&spans, &truth);
+    eprintln!(
+        "{who}: {} requests, {} spans joined to their truth, {} exact to 0.5 ms, {} wrong",
+        client.len(),
+        judged.compared,
+        judged.exact,
+        judged.wrong.len()
+    );
+    assert!(client.len() > 100, "{} requests", client.len());
+    assert!(
+        judged.wrong.is_empty(),
+        "spans holding another request's moments: {:?}",
+        &judged.wrong[..judged.wrong.len().min(5)]
+    );
+    assert!(
+        judged.compared as f64 >= 0.99 * truth.len() as f64,
+        "{} spans for {} requests",
+        judged.compared,
+        truth.len()
+    );
+}
