@@ -117,15 +117,25 @@ impl Pipeline {
         }
         let start = self.legs.len();
         self.table.apply(ev, &mut self.legs);
+        self.forget_evicted();
         self.account(start);
         self.account_health();
         out.append(&mut self.legs);
+    }
+
+    /// Sockets the flow table evicted (full, or idle an hour: one whose
+    /// close event was lost ends here) leave the stitcher too.
+    fn forget_evicted(&mut self) {
+        for cookie in self.table.take_evicted() {
+            self.stitcher.closed(cookie);
+        }
     }
 
     /// Periodic work: classify sockets whose peer never came, age out old ones.
     pub fn tick(&mut self, now_ns: u64, out: &mut Vec<LegRecord>) {
         let start = self.legs.len();
         self.table.tick(now_ns, &mut self.legs);
+        self.forget_evicted();
         self.account(start);
         self.account_health();
         out.append(&mut self.legs);
@@ -137,7 +147,7 @@ impl Pipeline {
             .inc_by(stats.unknown_socket_events - self.reported.unknown_socket_events);
         m.flows_tracked.set(self.table.len() as i64);
         self.reported = stats;
-        self.stitcher.expire(&self.table, now_ns);
+        self.stitcher.expire(now_ns);
         m.requests_in_flight.set(self.stitcher.pending() as i64);
         m.stitch_sockets.set(self.stitcher.open_sockets() as i64);
         for (reason, &n) in &self.stitcher.unstitched {

@@ -121,6 +121,9 @@ pub struct FlowTable {
     accepting: LruCache<(u64, SocketAddr, SocketAddr), (u64, u32)>,
     /// TCP health put on its legs, for the caller to take.
     health: Vec<HealthRecord>,
+    /// Sockets evicted (table full, or idle too long) since the caller last
+    /// took them: whoever keeps state per socket forgets them too.
+    evicted: Vec<u64>,
     pub stats: TableStats,
 }
 
@@ -138,10 +141,16 @@ impl FlowTable {
             connecting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
             accepting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
             health: Vec::new(),
+            evicted: Vec::new(),
             stats: TableStats::default(),
             cfg,
             meta,
         }
+    }
+
+    /// Sockets evicted since the last call (full, or idle too long).
+    pub fn take_evicted(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.evicted)
     }
 
     /// Sockets tracked now.
@@ -388,6 +397,7 @@ impl FlowTable {
     fn insert(&mut self, cookie: u64, entry: Entry) {
         if let Some((old, evicted)) = self.entries.push(cookie, entry) {
             if old != cookie {
+                self.evicted.push(old);
                 self.forget(evicted);
                 self.stats.evicted += 1;
             }
@@ -678,7 +688,8 @@ impl FlowTable {
             if now_ns.saturating_sub(e.last_event_ns) < self.cfg.max_age_ns {
                 break;
             }
-            if let Some((_, e)) = self.entries.pop_lru() {
+            if let Some((cookie, e)) = self.entries.pop_lru() {
+                self.evicted.push(cookie);
                 self.forget(e);
                 self.stats.evicted += 1;
             }
@@ -780,6 +791,31 @@ mod tests {
         s.local = local;
         s.remote = remote;
         s
+    }
+
+    #[test]
+    fn evicted_sockets_are_reported_once_for_others_to_forget() {
+        let cfg = FlowTableConfig {
+            max_sockets: 2,
+            ..FlowTableConfig::default()
+        };
+        let mut table = FlowTable::new(cfg, Arc::new(NoMetadata));
+        let mut out = Vec::new();
+        for cookie in 1..=3 {
+            let local = ep([10, 0, 0, 1], 40_000 + cookie as u16);
+            table.apply(
+                &established(cookie, 1, local, ep([10, 0, 0, 2], 80), true),
+                &mut out,
+            );
+        }
+        // Full at two: the least recently used went.
+        assert_eq!(table.take_evicted(), vec![1]);
+        assert!(table.take_evicted().is_empty());
+        // Idle past max_age: the rest go at the next tick.
+        table.tick(u64::MAX, &mut out);
+        let mut aged = table.take_evicted();
+        aged.sort_unstable();
+        assert_eq!(aged, vec![2, 3]);
     }
 
     fn on(table: &mut FlowTable) -> Vec<(Option<LegKind>, Option<Side>, Health)> {

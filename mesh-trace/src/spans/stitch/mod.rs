@@ -615,18 +615,8 @@ impl Stitcher {
         self.legs.closed(cookie);
     }
 
-    /// Drops requests older than the timeout, and the sockets the flow
-    /// table no longer holds (evicted, or closed without a close event).
-    pub fn expire(&mut self, flows: &FlowTable, now_ns: u64) {
-        let gone: Vec<u64> = self
-            .sockets
-            .keys()
-            .copied()
-            .filter(|&c| flows.socket(c).is_none())
-            .collect();
-        for cookie in gone {
-            self.closed(cookie);
-        }
+    /// Drops requests older than the timeout.
+    pub fn expire(&mut self, now_ns: u64) {
         let expired = self.spans.expire(now_ns, self.cfg.timeout_ns);
         self.count_n(Unstitched::Timeout, expired);
         self.drop_done_unmatched();
@@ -834,20 +824,6 @@ mod tests {
     }
 
     #[test]
-    fn sockets_the_flow_table_no_longer_holds_are_forgotten() {
-        let mut node = Node::six_sockets();
-        one_request(&mut node, "a", false);
-        assert_eq!(node.stitcher.open_sockets(), 6);
-        // Still in the table: kept.
-        node.stitcher.expire(&node.table, node.ts_ns);
-        assert_eq!(node.stitcher.open_sockets(), 6);
-        // Evicted from the table, or closed with the close event lost.
-        let empty = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
-        node.stitcher.expire(&empty, node.ts_ns);
-        assert_eq!(node.stitcher.open_sockets(), 0);
-    }
-
-    #[test]
     fn a_request_through_all_six_sockets_is_one_span_with_twelve_moments() {
         for encrypted in [false, true] {
             let mut node = Node::six_sockets();
@@ -912,11 +888,10 @@ mod tests {
         let mut node = Node::six_sockets();
         node.io(1, APP, DIR_SEND, &request("c"));
         assert_eq!(node.stitcher.pending(), 1);
-        node.stitcher
-            .expire(&node.table, StitchConfig::default().timeout_ns);
+        node.stitcher.expire(StitchConfig::default().timeout_ns);
         assert_eq!(node.stitcher.pending(), 1);
         node.stitcher
-            .expire(&node.table, StitchConfig::default().timeout_ns + 1_000);
+            .expire(StitchConfig::default().timeout_ns + 1_000);
         assert_eq!(node.stitcher.pending(), 0);
         assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
     }
@@ -1178,7 +1153,7 @@ mod tests {
         node.io(1, APP, DIR_SEND, &req);
         node.io(2, OUTBOUND, DIR_RECV, &req);
         node.stitcher
-            .expire(&node.table, node.ts_ns + StitchConfig::default().timeout_ns);
+            .expire(node.ts_ns + StitchConfig::default().timeout_ns);
         assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
         // The same request again is matched: nothing stale beside it.
         node.io(1, APP, DIR_SEND, &req);
