@@ -8,10 +8,10 @@ mod redirecting;
 use std::{
     io::Read as _,
     net::{TcpListener, TcpStream},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::Traced;
+use common::{wait_for, Traced};
 use redirecting::redirecting_namespace;
 
 fn meshed(traced: &Traced) -> i64 {
@@ -20,14 +20,6 @@ fn meshed(traced: &Traced) -> i64 {
 
 fn nat_watched(traced: &Traced) -> i64 {
     traced.state.metrics.nat_watched_netns.get()
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

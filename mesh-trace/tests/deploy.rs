@@ -10,7 +10,7 @@ use std::{
 
 mod common;
 
-use common::agent::{free_port, get, metric, BIN};
+use common::agent::{free_port, get, metric, metric_sum, BIN};
 use mesh_trace::lab::topology::{Lab, LabOptions};
 
 fn repo() -> PathBuf {
@@ -161,11 +161,7 @@ fn trace_as(lab: &Lab, user: User, caps: &[String]) -> Outcome {
         let (_, text) = get(addr, "/metrics", "*/*").unwrap();
         redirects =
             metric(&text, "mesh_trace_redirects_total{direction=\"outbound\"}").unwrap_or(0.0);
-        requests = text
-            .lines()
-            .filter(|l| l.starts_with("mesh_trace_requests_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        requests = metric_sum(&text, "mesh_trace_requests_total{");
     }
     let _ = child.kill();
     let _ = child.wait();

@@ -1,14 +1,18 @@
 //! A rolling update on one node: the new agent starts while the old one
 //! still runs, both trace (cgroup programs run side by side, the NAT
 //! programs take neighbouring netfilter priorities), the metrics say two
-//! agents are loaded, and once the old one stops the new one has a span
-//! for every request that started after it was ready. Nothing is left
+//! agents are loaded, and once the old one stops the new one has at
+//! least as many spans as requests that started after it was ready (a
+//! count: the agent's spans are seen only through its metrics). Nothing is left
 //! behind when both are gone. Needs root.
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::agent::{metric, AgentProcess, BIN};
+use common::{
+    agent::{metric, metric_sum, AgentProcess, BIN},
+    bpf_links, wait_for,
+};
 use mesh_trace::lab::{
     records::{read_records, ClientRecord},
     topology::{Lab, LabOptions},
@@ -20,26 +24,13 @@ use nix::sys::signal::{kill, Signal};
 /// counted as not stitched.
 fn requests(agent: &AgentProcess) -> (f64, f64) {
     let text = agent.scrape();
-    let sum = |prefix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
     (
-        sum(
+        metric_sum(
+            &text,
             "mesh_trace_requests_total{source_workload=\"loadgen\",destination_service=\"reviews\"",
         ),
-        sum("mesh_trace_requests_unstitched_total{"),
+        metric_sum(&text, "mesh_trace_requests_unstitched_total{"),
     )
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]
@@ -51,7 +42,7 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
     let mut opts = LabOptions::bookinfo().unwrap();
     opts.exe = BIN.into();
     let lab = Lab::up(&opts).unwrap();
-    let links_before = aya::programs::loaded_links().filter_map(Result::ok).count();
+    let links_before = bpf_links();
     let lab_dir = lab.dir.to_string_lossy().into_owned();
     let old = AgentProcess::start(&["--lab", &lab_dir], &[]);
     let records = lab.dir.join("client.jsonl");
@@ -69,14 +60,14 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
             &records,
         )
         .unwrap();
-    wait_until("the old agent's spans", Duration::from_secs(10), || {
+    wait_for("the old agent's spans", Duration::from_secs(10), || {
         requests(&old).0 > 0.0
     });
     // The new pod of the rolling update.
     let new = AgentProcess::start(&["--lab", &lab_dir], &[]);
     let new_ready = mesh_trace::clock::mono_ns();
     for (who, agent) in [("old", &old), ("new", &new)] {
-        wait_until(
+        wait_for(
             &format!("the {who} agent to count two agents"),
             Duration::from_secs(5),
             || metric(&agent.scrape(), "mesh_trace_agents_on_node") == Some(2.0),
@@ -90,7 +81,7 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
     let mut old = old;
     let status = old.child.wait().unwrap();
     assert!(status.success(), "old agent: {status}");
-    wait_until(
+    wait_for(
         "the new agent to count itself alone",
         Duration::from_secs(5),
         || metric(&new.scrape(), "mesh_trace_agents_on_node") == Some(1.0),
@@ -117,7 +108,7 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
     );
     drop(new);
     let deadline = Instant::now() + Duration::from_secs(5);
-    let links = || aya::programs::loaded_links().filter_map(Result::ok).count();
+    let links = || bpf_links();
     while links() != links_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }

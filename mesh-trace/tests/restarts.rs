@@ -7,7 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::agent::{AgentProcess, BIN};
+use common::{
+    agent::{metric_sum, AgentProcess, BIN},
+    bpf_links,
+};
 use mesh_trace::lab::{
     records::{read_records, ClientRecord},
     topology::{Lab, LabOptions},
@@ -15,10 +18,6 @@ use mesh_trace::lab::{
 use nix::sys::signal::{kill, Signal};
 
 const RESTARTS: usize = 100;
-
-fn link_count() -> usize {
-    aya::programs::loaded_links().filter_map(Result::ok).count()
-}
 
 /// BPF programs and maps loaded in the kernel, and pinned objects.
 fn kernel_objects() -> (usize, usize, usize) {
@@ -46,12 +45,7 @@ fn kernel_objects() -> (usize, usize, usize) {
 
 /// The sum of every `mesh_trace_requests_total` series.
 fn spans_exported(agent: &AgentProcess) -> f64 {
-    agent
-        .scrape()
-        .lines()
-        .filter(|l| l.starts_with("mesh_trace_requests_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(&agent.scrape(), "mesh_trace_requests_total{")
 }
 
 fn mounts() -> usize {
@@ -70,7 +64,7 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     let mut opts = LabOptions::bookinfo().unwrap();
     opts.exe = BIN.into();
     let lab = Lab::up(&opts).unwrap();
-    let (links_before, mounts_before) = (link_count(), mounts());
+    let (links_before, mounts_before) = (bpf_links(), mounts());
     let objects_before = kernel_objects();
     let records = lab.dir.join("client.jsonl");
     let mut load = lab
@@ -151,10 +145,10 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     );
     // A killed agent's links go with its descriptors.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while link_count() != links_before && Instant::now() < deadline {
+    while bpf_links() != links_before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(link_count(), links_before, "BPF links left behind");
+    assert_eq!(bpf_links(), links_before, "BPF links left behind");
     // Programs and maps are freed once nothing holds them (after an RCU
     // grace period).
     let deadline = Instant::now() + Duration::from_secs(5);

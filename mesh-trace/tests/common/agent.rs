@@ -46,6 +46,15 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse::<f64>().ok())
 }
 
+/// The sum of every sample line starting with `prefix` (all the series of
+/// a family, or those with the labels the prefix names).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `mesh-trace run` serving on a free port, killed on drop.
 pub struct AgentProcess {
     pub child: Child,

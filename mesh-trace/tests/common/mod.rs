@@ -19,6 +19,32 @@ use mesh_trace::{
     spans::span::Span,
 };
 
+/// Waits until `done` holds, looking every 100 ms; fails after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// BPF links in the kernel now, whoever holds them.
+pub fn bpf_links() -> usize {
+    aya::programs::loaded_links().filter_map(Result::ok).count()
+}
+
+/// This process's peak resident memory, in MiB.
+pub fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap()
+        / 1024
+}
+
 /// The agent, in this process, collecting every leg.
 pub struct Traced {
     pub state: Arc<AgentState>,
@@ -30,6 +56,15 @@ pub struct Traced {
 }
 
 impl Traced {
+    /// Kernel events lost so far for `reason` (`ringbuf_full`, ...).
+    pub fn events_lost(&self, reason: &'static str) -> u64 {
+        self.state
+            .metrics
+            .events_lost
+            .get_or_create(&mesh_trace::agent::metrics::ReasonLabel { reason })
+            .get()
+    }
+
     /// The requests that yielded no span so far, by reason (non-zero only).
     pub fn unstitched(&self) -> std::collections::BTreeMap<&'static str, u64> {
         mesh_trace::spans::stitch::Unstitched::ALL

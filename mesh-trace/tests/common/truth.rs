@@ -163,6 +163,24 @@ pub fn truths(lab: &Lab, client: &[ClientRecord]) -> HashMap<String, Truth> {
         .collect()
 }
 
+/// The Bookinfo client's load on reviews, 50 requests/s until killed,
+/// recorded at `records`.
+pub fn spawn_reviews_load(lab: &Lab, records: &std::path::Path) -> std::process::Child {
+    lab.spawn_load(
+        CLIENT,
+        &[
+            "--url",
+            "http://reviews:9080/reviews/0",
+            "--rate",
+            "50",
+            "--duration-s",
+            "3600",
+        ],
+        records,
+    )
+    .unwrap()
+}
+
 /// Judges the Bookinfo client's spans among `spans` against the records a
 /// killed load generator left at `records` (its last line may be cut):
 /// more than 100 requests, none of their spans holding another request's
