@@ -44,6 +44,7 @@ pub fn run(
         connections_per_pod: per_pod,
         workers: 2,
         alive_per_worker: 6,
+        max_per_s: None,
     };
     eprintln!(
         "==> churn: {pods} pods, {} connections, the lab's client at {RATE} requests/s",

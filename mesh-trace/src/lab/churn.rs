@@ -27,6 +27,8 @@ pub struct ChurnOptions {
     pub workers: usize,
     /// Namespaces each worker keeps alive at once.
     pub alive_per_worker: usize,
+    /// At most this many connections per second in all, if set.
+    pub max_per_s: Option<u32>,
 }
 
 /// The churn under way.
@@ -83,6 +85,8 @@ fn worker(
 ) -> anyhow::Result<()> {
     let mut alive = VecDeque::new();
     let per_pod = opts.connections_per_pod;
+    let started = Instant::now();
+    let mut made = 0usize;
     for pod in (worker..opts.pods).step_by(opts.workers.max(1)) {
         let ns = NetNs::redirecting(&format!("{prefix}-{pod}"), 9080, 15001)?;
         ns.enter(move || -> anyhow::Result<()> {
@@ -98,6 +102,13 @@ fn worker(
         })?
         .with_context(|| format!("connections in pod {pod}"))?;
         connections.fetch_add(per_pod, Ordering::Relaxed);
+        made += per_pod;
+        if let Some(max) = opts.max_per_s {
+            // This worker's share of the rate: wait until it is due.
+            let share = f64::from(max) / opts.workers.max(1) as f64;
+            let due = Duration::from_secs_f64(made as f64 / share);
+            std::thread::sleep(due.saturating_sub(started.elapsed()));
+        }
         alive.push_back(ns);
         if alive.len() > opts.alive_per_worker {
             alive.pop_front();
