@@ -312,7 +312,12 @@ pub struct DataEvent {
     /// Valid bytes in `prefix` (0 when the buffer could not be found, e.g.
     /// io_uring or sendfile).
     pub prefix_len: u32,
-    pub _pad: u32,
+    /// The other direction's sequence number as the call returned: for a
+    /// send, how far the caller had read (`copied_seq`); for a receive, how
+    /// far it had written (`write_seq`). A request's response starts there
+    /// on a connection that does not pipeline, which lets a response be
+    /// told from another request's after bytes went by unseen.
+    pub opposite_seq: u32,
     pub prefix: [u8; DATA_PREFIX_MAX],
 }
 
@@ -326,7 +331,7 @@ impl Default for DataEvent {
             len: 0,
             direction: 0,
             prefix_len: 0,
-            _pad: 0,
+            opposite_seq: 0,
             prefix: [0; DATA_PREFIX_MAX],
         }
     }

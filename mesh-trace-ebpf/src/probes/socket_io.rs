@@ -124,10 +124,10 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         count_loss(LossReason::NetnsBudget);
         return;
     }
-    let seq = first_seq(sk, direction, ret as u32);
+    let (seq, opposite) = sequence_numbers(sk, direction, ret as u32);
     // The data event first, as soon as the call returned: a peer's event
     // for the same bytes should not be reserved before it.
-    let ts_ns = capture(cookie, direction, u64::from(seq), len);
+    let ts_ns = capture(cookie, direction, u64::from(seq), len, opposite);
     // Long-lived connections (a sidecar's pool) report their RTT about once
     // a second while they carry traffic, not only at open and close; the
     // data event's clock serves both.
@@ -148,33 +148,40 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     }
 }
 
-/// Sequence number of the first of the `len` bytes this call moved: the
+/// Sequence number of the first of the `len` bytes this call moved (the
 /// call has just advanced `write_seq` (send) or `copied_seq` (receive) past
-/// them, under the socket lock.
+/// them, under the socket lock), and the other direction's number now.
 #[inline(always)]
-fn first_seq(sk: *mut c_void, direction: u32, len: u32) -> u32 {
-    let off = unsafe {
-        if direction == DIR_SEND {
-            core::ptr::read_volatile(&OFF_WRITE_SEQ)
-        } else {
-            core::ptr::read_volatile(&OFF_COPIED_SEQ)
-        }
+fn sequence_numbers(sk: *mut c_void, direction: u32, len: u32) -> (u32, u32) {
+    let (write, copied) = unsafe {
+        (
+            core::ptr::read_volatile(&OFF_WRITE_SEQ),
+            core::ptr::read_volatile(&OFF_COPIED_SEQ),
+        )
     };
-    read_kernel::<u32>(sk as *const u8, off as usize).wrapping_sub(len)
+    let (this, other) = if direction == DIR_SEND {
+        (write, copied)
+    } else {
+        (copied, write)
+    };
+    (
+        read_kernel::<u32>(sk as *const u8, this as usize).wrapping_sub(len),
+        read_kernel::<u32>(sk as *const u8, other as usize),
+    )
 }
 
 /// Writes the data event, into this CPU's batch when the agent turned
 /// batching on, else straight to the ring; returns its time, or 0 when it
 /// was lost.
 #[inline(always)]
-fn capture(cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
+fn capture(cookie: u64, direction: u32, offset: u64, len: u64, opposite: u32) -> u64 {
     if let Some(batch) = BATCH.get_ptr_mut(0) {
         // SAFETY: this CPU's value. Socket calls do not nest on a CPU (the
         // tracepoints run with preemption off, in task context); only the
         // agent's flush may interrupt, and it leaves a busy batch alone.
         let b = unsafe { &mut *batch };
         if b.cap != 0 {
-            return append(b, cookie, direction, offset, len);
+            return append(b, cookie, direction, offset, len, opposite);
         }
     }
     let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
@@ -183,7 +190,17 @@ fn capture(cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
     };
     let ts_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: reserved ring buffer memory of DataEvent's size.
-    unsafe { fill(slot.as_mut_ptr(), ts_ns, cookie, direction, offset, len) };
+    unsafe {
+        fill(
+            slot.as_mut_ptr(),
+            ts_ns,
+            cookie,
+            direction,
+            offset,
+            len,
+            opposite,
+        )
+    };
     slot.submit(wakeup_flags());
     ts_ns
 }
@@ -191,7 +208,14 @@ fn capture(cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
 /// Appends a data event to `b`, sending the batch first when the entry
 /// might not fit under its cap.
 #[inline(always)]
-fn append(b: &mut DataBatch, cookie: u64, direction: u32, offset: u64, len: u64) -> u64 {
+fn append(
+    b: &mut DataBatch,
+    cookie: u64,
+    direction: u32,
+    offset: u64,
+    len: u64,
+    opposite: u32,
+) -> u64 {
     // SAFETY: plain stores to this CPU's value; volatile so that the flag
     // brackets the writes below as an interrupting flush sees them.
     unsafe { core::ptr::write_volatile(&mut b.busy, 1) };
@@ -216,7 +240,7 @@ fn append(b: &mut DataBatch, cookie: u64, direction: u32, offset: u64, len: u64)
     let entry = unsafe { b.buf.as_mut_ptr().add(at) } as *mut BatchEntry;
     let prefix = unsafe {
         let ev = entry.add(1) as *mut DataEvent;
-        fill(ev, ts_ns, cookie, direction, offset, len);
+        fill(ev, ts_ns, cookie, direction, offset, len, opposite);
         (*ev).prefix_len as usize
     };
     let bytes = DATA_FIXED_LEN
@@ -273,14 +297,22 @@ pub fn mt_flush(_ctx: RawTracePointContext) -> i32 {
 /// # Safety
 /// `ev` points at writable memory of `DataEvent`'s size.
 #[inline(always)]
-unsafe fn fill(ev: *mut DataEvent, ts_ns: u64, cookie: u64, direction: u32, offset: u64, len: u64) {
+unsafe fn fill(
+    ev: *mut DataEvent,
+    ts_ns: u64,
+    cookie: u64,
+    direction: u32,
+    offset: u64,
+    len: u64,
+    opposite: u32,
+) {
     (*ev).header = header_at(EventKind::Data, ts_ns);
     (*ev).sock_cookie = cookie;
     (*ev).pid_tgid = bpf_get_current_pid_tgid();
     (*ev).offset = offset;
     (*ev).len = len as u32;
     (*ev).direction = direction;
-    (*ev)._pad = 0;
+    (*ev).opposite_seq = opposite;
     (*ev).prefix_len = 0;
     let (buf, room) = user_buffer();
     let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;

@@ -2,10 +2,11 @@
 //! at every socket the request and its response cross, completed when the
 //! response reaches the app. Responses come back on the socket the request
 //! went out on: each socket keeps its outstanding requests in order
-//! (HTTP/1.1). Bounded: the least recently touched span is dropped first,
-//! and no one owner (the network namespace a request started in, or the
-//! sidecar process that wrote an orphan) holds more than its share, so a
-//! pod that floods the agent evicts its own requests, never another pod's.
+//! (HTTP/1.1), each with the position its response starts at. Bounded:
+//! the least recently touched span is dropped first, and no one owner (the
+//! network namespace a request started in, or the sidecar process that
+//! wrote an orphan) holds more than its share, so a pod that floods the
+//! agent evicts its own requests, never another pod's.
 //!
 //! A span is exported only when it is exact: not ambiguous inside a
 //! sidecar, touched by no lost event, and with its moments in the order of
@@ -63,22 +64,63 @@ fn blank(request_id: Option<String>, source: String, destination: String) -> Spa
 }
 
 /// A socket's requests sent (client end) or received (server end), oldest
-/// first, waiting for their response.
-#[derive(Debug, Default)]
-pub(super) struct Outstanding(VecDeque<SpanId>);
+/// first, waiting for their response, each with its anchor: the stream
+/// position in the response direction when the request was sent or read.
+/// On a connection that does not pipeline, a request's response starts at
+/// its anchor; none starts before it.
+#[derive(Default)]
+pub(super) struct Outstanding(VecDeque<(SpanId, u64)>);
+
+/// Which outstanding request a response answers.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Answers {
+    /// This one; `skipped`, older, lost their responses unseen.
+    Request { id: SpanId, skipped: Vec<SpanId> },
+    /// Bytes went by unseen before the response, and it may answer any of
+    /// these.
+    Unknown(Vec<SpanId>),
+    /// None: no request waits whose response could start there.
+    Nothing,
+}
 
 impl Outstanding {
-    pub(super) fn push(&mut self, id: SpanId) {
-        self.0.push_back(id);
-    }
-
-    /// The oldest, which the next response answers.
-    pub(super) fn front(&self) -> Option<SpanId> {
-        self.0.front().copied()
+    pub(super) fn push(&mut self, id: SpanId, anchor: u64) {
+        self.0.push_back((id, anchor));
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = SpanId> + '_ {
-        self.0.iter().copied()
+        self.0.iter().map(|(id, _)| *id)
+    }
+
+    /// The request a response starting at stream position `at` answers,
+    /// `unseen` when bytes before it in its direction went by unseen since
+    /// the previous response. Only requests anchored at or before `at` can
+    /// be answered. The oldest anchored exactly at `at` is the one (those
+    /// before it lost their responses); without one, the oldest, unless
+    /// bytes went by unseen: then it cannot be told.
+    pub(super) fn answered_by(&self, at: u64, unseen: bool) -> Answers {
+        // Anchors never decrease along the queue: the candidates lead it.
+        let candidates = self.0.iter().take_while(|(_, anchor)| *anchor <= at);
+        let ids = |n: usize| self.0.iter().take(n).map(|(id, _)| *id).collect();
+        if let Some(i) = candidates.clone().position(|(_, anchor)| *anchor == at) {
+            return Answers::Request {
+                id: self.0[i].0,
+                skipped: ids(i),
+            };
+        }
+        match self.0.front() {
+            Some(&(id, anchor)) if anchor <= at && !unseen => Answers::Request {
+                id,
+                skipped: Vec::new(),
+            },
+            Some(&(_, anchor)) if anchor <= at => Answers::Unknown(ids(candidates.count())),
+            _ => Answers::Nothing,
+        }
+    }
+
+    /// Forgets `ids`.
+    pub(super) fn remove(&mut self, ids: &[SpanId]) {
+        self.0.retain(|(id, _)| !ids.contains(id));
     }
 }
 
@@ -336,35 +378,37 @@ impl Spans {
         }
     }
 
-    /// A response on a socket at `place` with the socket's `outstanding`
-    /// requests (None when the socket is not tracked); `peer_here` when the
-    /// other end of its leg is traced on this node. The span it completes,
-    /// when it reached the app and is exact; the reason it is not exported
-    /// otherwise.
+    /// Whether span `id`'s request has yet to reach the server end of the
+    /// leg whose client end is at `place`: bytes from that server are then
+    /// not its response (e.g. a TLS session ticket).
+    pub(super) fn not_yet_arrived(&self, id: SpanId, place: Place) -> bool {
+        let next = place.moments().0 + 1;
+        self.spans
+            .peek(&self.alias(id))
+            .is_some_and(|p| p.span.moments[next].is_none())
+    }
+
+    /// Drops span `id`, which lost an event that cannot be made up for;
+    /// whether it was a request (to count), not an orphan.
+    pub(super) fn abandon(&mut self, id: SpanId) -> bool {
+        let id = self.alias(id);
+        let Some(p) = self.spans.pop(&id) else {
+            return false;
+        };
+        self.aliases.retain(|_, to| *to != id);
+        p.orphan_at.is_none()
+    }
+
+    /// The response to span `id` on a socket at `place`. The span it
+    /// completes, when it reached the app and is exact; the reason it is
+    /// not exported otherwise.
     pub(super) fn response(
         &mut self,
-        outstanding: Option<&mut Outstanding>,
+        id: SpanId,
         place: Place,
-        peer_here: bool,
         msg: &Message,
     ) -> Result<Option<Span>, Unstitched> {
         let (_, at) = place.moments();
-        // Bytes from a server on this node that has not received the request
-        // yet are not its response (e.g. a TLS session ticket).
-        if place.sends_requests() && peer_here {
-            let next = place.moments().0 + 1;
-            let waiting = outstanding
-                .as_ref()
-                .and_then(|s| s.0.front())
-                .and_then(|id| self.spans.peek(&self.alias(*id)))
-                .is_some_and(|p| p.span.moments[next].is_none());
-            if waiting {
-                return Err(Unstitched::NoRequest);
-            }
-        }
-        let Some(id) = outstanding.and_then(|s| s.0.pop_front()) else {
-            return Err(Unstitched::NoRequest);
-        };
         let id = self.alias(id);
         let Some(p) = self.spans.get_mut(&id) else {
             // Completed or dropped already, and counted then.
@@ -469,15 +513,8 @@ mod tests {
     }
 
     fn at_app_client(spans: &mut Spans, id: SpanId) -> Option<Span> {
-        let mut out = Outstanding::default();
-        out.push(id);
         spans
-            .response(
-                Some(&mut out),
-                Place::AppClient,
-                false,
-                &msg(Dir::Recv, 1_000, response(200)),
-            )
+            .response(id, Place::AppClient, &msg(Dir::Recv, 1_000, response(200)))
             .unwrap()
     }
 
@@ -515,23 +552,75 @@ mod tests {
         assert_eq!(done.status, 200);
     }
 
+    /// A socket's queue of (request, anchor).
+    fn queue(requests: &[(SpanId, u64)]) -> Outstanding {
+        let mut out = Outstanding::default();
+        for &(id, anchor) in requests {
+            out.push(id, anchor);
+        }
+        out
+    }
+
     #[test]
-    fn response_pops_the_oldest_outstanding() {
+    fn a_response_answers_the_oldest_request_when_nothing_went_unseen() {
+        // Anchors before the response (a TLS session ticket read before
+        // the request was sent, say): the oldest, in order.
+        let out = queue(&[(1, 100), (2, 100)]);
+        let want = Answers::Request {
+            id: 1,
+            skipped: vec![],
+        };
+        assert_eq!(out.answered_by(150, false), want);
+        // Pipelined: both anchored where the first response starts.
+        assert_eq!(out.answered_by(100, false), want);
+    }
+
+    #[test]
+    fn after_unseen_bytes_only_a_request_anchored_at_the_response_is_answered() {
+        // Request 1's response went by unseen; request 2 was sent after the
+        // client read it, so its response starts where the client was.
+        let out = queue(&[(1, 100), (2, 180)]);
+        let want = Answers::Request {
+            id: 2,
+            skipped: vec![1],
+        };
+        assert_eq!(out.answered_by(180, true), want);
+        assert_eq!(out.answered_by(180, false), want);
+        // Anchored elsewhere: any of them may be the one.
+        assert_eq!(out.answered_by(200, true), Answers::Unknown(vec![1, 2]));
+    }
+
+    #[test]
+    fn a_request_read_after_the_response_began_is_not_what_it_answers() {
+        // A server end: request 9 arrived unseen between 1 and 2, and its
+        // response (at 150) is written before request 2 could have been read.
+        let out = queue(&[(1, 100), (2, 200)]);
+        assert!(matches!(
+            out.answered_by(100, false),
+            Answers::Request { id: 1, .. }
+        ));
+        let mut out = queue(&[(2, 200)]);
+        assert_eq!(out.answered_by(150, false), Answers::Nothing);
+        assert_eq!(
+            Outstanding::default().answered_by(0, false),
+            Answers::Nothing
+        );
+        out.remove(&[2]);
+        assert_eq!(out.answered_by(200, false), Answers::Nothing);
+    }
+
+    #[test]
+    fn a_response_gives_its_moment_to_the_request_it_answers_only() {
         let mut spans = Spans::new(8, 8);
         let first = started(&mut spans, 10, "/a");
         let second = started(&mut spans, 20, "/b");
-        // The inbound sidecar's 15006 socket received both.
-        let mut out = Outstanding::default();
-        out.push(first);
-        out.push(second);
+        // The inbound sidecar's 15006 socket answered the first.
         let r = spans.response(
-            Some(&mut out),
+            first,
             Place::InboundDown,
-            true,
             &msg(Dir::Send, 100, response(503)),
         );
         assert!(matches!(r, Ok(None)));
-        assert_eq!(out.0, VecDeque::from([second]));
         let done = at_app_client(&mut spans, first).expect("completed");
         assert_eq!(done.moments[8], Some(100));
         let other = at_app_client(&mut spans, second).expect("completed");
@@ -539,18 +628,24 @@ mod tests {
     }
 
     #[test]
+    fn an_abandoned_request_is_gone_and_counted_once() {
+        let mut spans = Spans::new(8, 8);
+        let id = started(&mut spans, 10, "/a");
+        assert!(spans.abandon(id));
+        assert!(!spans.abandon(id));
+        assert!(matches!(
+            spans.response(id, Place::AppClient, &msg(Dir::Recv, 50, response(200))),
+            Ok(None)
+        ));
+        assert_eq!(spans.len(), 0);
+    }
+
+    #[test]
     fn status_written_last_wins() {
         let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/a");
-        let mut out = Outstanding::default();
-        out.push(id);
         spans
-            .response(
-                Some(&mut out),
-                Place::AppServer,
-                false,
-                &msg(Dir::Send, 50, response(503)),
-            )
+            .response(id, Place::AppServer, &msg(Dir::Send, 50, response(503)))
             .unwrap();
         let done = at_app_client(&mut spans, id).expect("completed");
         assert_eq!(done.status, 200);
@@ -558,44 +653,14 @@ mod tests {
     }
 
     #[test]
-    fn response_with_nothing_outstanding_is_no_request() {
-        let mut spans = Spans::new(8, 8);
-        let r = |spans: &mut Spans, out: Option<&mut Outstanding>| {
-            spans.response(
-                out,
-                Place::OutboundDown,
-                true,
-                &msg(Dir::Send, 5, response(200)),
-            )
-        };
-        assert_eq!(r(&mut spans, None).err(), Some(Unstitched::NoRequest));
-        let mut empty = Outstanding::default();
-        assert_eq!(
-            r(&mut spans, Some(&mut empty)).err(),
-            Some(Unstitched::NoRequest)
-        );
-    }
-
-    #[test]
     fn bytes_before_the_server_here_received_the_request_are_no_response() {
         let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/a");
-        let mut out = Outstanding::default();
-        out.push(id);
-        let ticket = msg(Dir::Recv, 20, Head::Opaque { tls: true });
         // The app client's peer (the sidecar's 15001 socket) has not read
         // it: t1 is missing.
-        assert_eq!(
-            spans
-                .response(Some(&mut out), Place::AppClient, true, &ticket)
-                .err(),
-            Some(Unstitched::NoRequest)
-        );
-        assert_eq!(out.0, VecDeque::from([id]));
-        assert_eq!(spans.len(), 1);
-        // With the server not on this node there is no t1 to wait for.
-        let done = spans.response(Some(&mut out), Place::AppClient, false, &ticket);
-        assert!(matches!(done, Ok(Some(ref s)) if s.moments[11] == Some(20)));
+        assert!(spans.not_yet_arrived(id, Place::AppClient));
+        spans.request(id, 1, 15, None).unwrap();
+        assert!(!spans.not_yet_arrived(id, Place::AppClient));
     }
 
     #[test]
@@ -603,24 +668,11 @@ mod tests {
         let mut spans = Spans::new(8, 8);
         let id = started(&mut spans, 10, "/a");
         spans.request(id, 1, 11, None).unwrap();
-        let mut out = Outstanding::default();
-        out.push(id);
-        out.push(id);
-        let r = spans.response(
-            Some(&mut out),
-            Place::OutboundDown,
-            false,
-            &msg(Dir::Send, 90, response(200)),
-        );
+        let r = spans.response(id, Place::OutboundDown, &msg(Dir::Send, 90, response(200)));
         assert!(matches!(r, Ok(None)));
         assert_eq!(spans.len(), 1);
         let done = spans
-            .response(
-                Some(&mut out),
-                Place::AppClient,
-                true,
-                &msg(Dir::Recv, 100, response(200)),
-            )
+            .response(id, Place::AppClient, &msg(Dir::Recv, 100, response(200)))
             .unwrap()
             .expect("completed");
         assert_eq!(done.moments[10], Some(90));
@@ -698,12 +750,9 @@ mod tests {
         assert!(spans.request(first, 2, 5, None).is_some());
         assert!(spans.request(third, 1, 5, None).is_some());
         // A response for a dropped span: counted when it was dropped.
-        let mut out = Outstanding::default();
-        out.push(second);
         let r = spans.response(
-            Some(&mut out),
+            second,
             Place::InboundDown,
-            false,
             &msg(Dir::Send, 6, response(200)),
         );
         assert!(matches!(r, Ok(None)));

@@ -45,6 +45,9 @@ pub(super) struct Arrival {
     /// Stream range the read covered.
     pub(super) offset: u64,
     pub(super) end: u64,
+    /// Where, in the other direction, the response to a request read here
+    /// would start (`Outstanding`).
+    pub(super) anchor: u64,
 }
 
 /// What became of a request written by the client end of a leg.
@@ -186,6 +189,7 @@ mod tests {
             head,
             offset,
             end,
+            anchor: 0,
         }
     }
 

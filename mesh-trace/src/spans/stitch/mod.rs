@@ -9,7 +9,10 @@
 //!   (TLS included).
 //! - `assemble`: the spans in flight. Responses come back on the socket the
 //!   request went out on: each socket keeps its outstanding requests in
-//!   order (HTTP/1.1). Only exact spans are exported.
+//!   order (HTTP/1.1), each anchored where its response will start (the
+//!   other direction's sequence number when it was sent or read), so that
+//!   after bytes went by unseen a response still finds its own request, or
+//!   none. Only exact spans are exported.
 //! - `proxy`: inside a sidecar, a request read downstream is matched to the
 //!   request written upstream on evidence only (causality and the request's
 //!   identity); a request the sidecar answers itself is a local reply, a
@@ -29,7 +32,7 @@ mod proxy;
 use foldhash::{HashMap, HashMapExt as _};
 
 use self::{
-    assemble::{Outstanding, Spans},
+    assemble::{Answers, Outstanding, Spans},
     leg::{Arrival, Legs, Write},
     place::Place,
     proxy::{Forwardable, Forwarded, Identity, Proxies, ProxySide},
@@ -109,6 +112,9 @@ struct SockState {
     /// Per direction (send, receive): the 64-bit stream position right
     /// after the last bytes seen, widened from 32-bit sequence numbers.
     next: [Option<u64>; 2],
+    /// Bytes went by unseen in the direction responses take since the
+    /// last response began.
+    unseen_reply: bool,
 }
 
 impl SockState {
@@ -126,6 +132,15 @@ impl SockState {
         };
         self.next[i] = Some(pos + u64::from(len));
         (pos, gap)
+    }
+
+    /// The 64-bit position of sequence number `seq` in the direction
+    /// opposite `dir`, widened as [`SockState::position`] widens.
+    fn opposite_position(&self, dir: Dir, seq: u32) -> u64 {
+        match self.next[usize::from(dir != Dir::Recv)] {
+            None => (1 << 32) | u64::from(seq),
+            Some(next) => next.wrapping_add_signed(i64::from(seq.wrapping_sub(next as u32) as i32)),
+        }
     }
 }
 
@@ -236,8 +251,17 @@ impl Stitcher {
                 framer: Framer::new(),
                 outstanding: Outstanding::default(),
                 next: [None; 2],
+                unseen_reply: false,
             });
         let (offset, gap) = state.position(dir, ev.offset as u32, ev.len);
+        // Where the response to a request in these bytes would start.
+        let anchor = state.opposite_position(dir, ev.opposite_seq);
+        let reply_dir = if place.sends_requests() {
+            Dir::Recv
+        } else {
+            Dir::Send
+        };
+        state.unseen_reply |= gap && dir == reply_dir;
         let chunk = Chunk {
             ts_ns: ev.header.ts_ns,
             tid: ev.pid_tgid as u32,
@@ -268,6 +292,7 @@ impl Stitcher {
                 head: msg.as_ref().map(|m| m.head.clone()),
                 offset: chunk.offset,
                 end: chunk.offset.saturating_add(u64::from(chunk.len)),
+                anchor,
             };
             self.receive(flows, arrival, msg.is_some() && !handshake);
             return;
@@ -277,14 +302,22 @@ impl Stitcher {
             return;
         };
         if place.sends_requests() && msg.dir == Dir::Send {
-            self.send(flows, ev.sock_cookie, place, tgid, &msg);
+            self.send(flows, ev.sock_cookie, place, tgid, &msg, anchor);
         } else {
             self.response(flows, ev.sock_cookie, place, tgid, &msg, out);
         }
     }
 
     /// A request written by the client end of a leg.
-    fn send(&mut self, flows: &FlowTable, cookie: u64, place: Place, tgid: u32, msg: &Message) {
+    fn send(
+        &mut self,
+        flows: &FlowTable,
+        cookie: u64,
+        place: Place,
+        tgid: u32,
+        msg: &Message,
+        anchor: u64,
+    ) {
         let id = match place {
             Place::AppClient if !matches!(msg.head, Head::Request { .. }) => {
                 self.count(Unstitched::NotHttp);
@@ -307,7 +340,7 @@ impl Stitcher {
             return;
         }
         if let Some(s) = self.sockets.get_mut(&cookie) {
-            s.outstanding.push(id);
+            s.outstanding.push(id, anchor);
         }
         match self.legs.written(cookie, msg.offset, id) {
             Write::Read(a) => self.arrived(flows, a, id),
@@ -360,7 +393,7 @@ impl Stitcher {
             self.hold_for_forwarding(side, id, &a);
         }
         if let Some(s) = self.sockets.get_mut(&a.cookie) {
-            s.outstanding.push(id);
+            s.outstanding.push(id, a.anchor);
         }
     }
 
@@ -556,11 +589,51 @@ impl Stitcher {
         let Some(state) = self.sockets.get_mut(&cookie) else {
             return;
         };
+        let answer = state
+            .outstanding
+            .answered_by(msg.offset, state.unseen_reply);
+        // Bytes from a server on this node that has not received the
+        // request yet are not its response (e.g. a TLS session ticket).
+        if let Answers::Request { id, .. } = answer {
+            if peer_here && self.spans.not_yet_arrived(id, place) {
+                self.count(Unstitched::NoRequest);
+                return;
+            }
+        }
+        state.unseen_reply = false;
+        let (id, skipped) = match answer {
+            Answers::Request { id, skipped } => (Some(id), skipped),
+            Answers::Unknown(could_be) => (None, could_be),
+            Answers::Nothing => (None, Vec::new()),
+        };
+        state.outstanding.remove(&skipped);
+        // Requests whose responses went by unseen, or that this response
+        // may answer: none can be exact any more.
+        let accounted = id.is_none() && !skipped.is_empty();
+        for lost in skipped {
+            if self.spans.abandon(lost) {
+                self.count(Unstitched::LostEvent);
+            }
+        }
+        let Some(id) = id else {
+            if accounted {
+                return;
+            }
+            self.count(Unstitched::NoRequest);
+            if matches!(place, Place::OutboundUp | Place::InboundUp) {
+                // A response upstream to no request seen: the sidecar
+                // wrote one unseen, which may be any request it holds
+                // (and none of them is a local reply for sure).
+                self.unseen_proxy_io(tgid, Some(place == Place::InboundUp));
+            }
+            return;
+        };
+        if let Some(s) = self.sockets.get_mut(&cookie) {
+            s.outstanding.remove(&[id]);
+        }
         // A sidecar answering downstream a request it still holds never
         // forwarded it: a local reply, and no longer one to match.
-        if let (Place::OutboundDown | Place::InboundDown, Some(id)) =
-            (place, state.outstanding.front())
-        {
+        if matches!(place, Place::OutboundDown | Place::InboundDown) {
             let side = ProxySide {
                 tgid,
                 inbound: place == Place::InboundDown,
@@ -574,23 +647,10 @@ impl Stitcher {
                 self.spans.local_reply(id, by);
             }
         }
-        match self
-            .spans
-            .response(Some(&mut state.outstanding), place, peer_here, msg)
-        {
+        match self.spans.response(id, place, msg) {
             Ok(Some(done)) => out.push(done),
             Ok(None) => {}
-            Err(why) => {
-                self.count(why);
-                if why == Unstitched::NoRequest
-                    && matches!(place, Place::OutboundUp | Place::InboundUp)
-                {
-                    // A response upstream to no request seen: the sidecar
-                    // wrote one unseen, which may be any request it holds
-                    // (and none of them is a local reply for sure).
-                    self.unseen_proxy_io(tgid, Some(place == Place::InboundUp));
-                }
-            }
+            Err(why) => self.count(why),
         }
     }
 
@@ -750,6 +810,9 @@ mod tests {
         /// returns when.
         fn io(&mut self, cookie: u64, tgid: u32, dir: u32, payload: &[u8]) -> u64 {
             self.ts_ns += 1_000;
+            // As the kernel reports it: how far the other direction had got.
+            let other = if dir == DIR_SEND { DIR_RECV } else { DIR_SEND };
+            let opposite = self.offsets.get(&(cookie, other)).copied().unwrap_or(0);
             let offset = self.offsets.entry((cookie, dir)).or_default();
             let mut d = DataEvent::default();
             d.header.kind = EventKind::Data as u32;
@@ -759,6 +822,7 @@ mod tests {
             d.direction = dir;
             d.offset = *offset;
             d.len = payload.len() as u32;
+            d.opposite_seq = opposite as u32;
             let n = payload.len().min(d.prefix.len());
             d.prefix_len = n as u32;
             d.prefix[..n].copy_from_slice(&payload[..n]);
