@@ -593,6 +593,7 @@ impl Metrics {
         let mut out = String::new();
         encode_registry(&mut out, &self.registry)
             .and_then(|()| encode_registry(&mut out, &self.process.registry))
+            .and_then(|()| encode_registry(&mut out, &self.process.heap_registry))
             .and_then(|()| encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out

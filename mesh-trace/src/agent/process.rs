@@ -1,5 +1,7 @@
 //! The standard `process_*` metrics of Prometheus' client libraries, read
-//! from /proc/self at every scrape: the agent's own memory and CPU.
+//! from /proc/self at every scrape: the agent's own memory and CPU; and
+//! what its allocator holds (`mesh_trace_heap_*`), which tells a table that
+//! grows from memory the allocator keeps after a peak.
 use std::sync::atomic::Ordering;
 
 use prometheus_client::{
@@ -9,6 +11,10 @@ use prometheus_client::{
 
 pub struct ProcessMetrics {
     pub registry: Registry,
+    /// `mesh_trace_heap_*`.
+    pub heap_registry: Registry,
+    heap_in_use: Gauge,
+    heap_free: Gauge,
     resident_memory: Gauge,
     virtual_memory: Gauge,
     cpu_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -49,8 +55,26 @@ impl ProcessMetrics {
             Unit::Seconds,
             start_time.clone(),
         );
+        let mut heap_registry = Registry::with_prefix("mesh_trace_heap");
+        let heap_in_use = Gauge::default();
+        heap_registry.register_with_unit(
+            "in_use",
+            "Heap memory the agent's allocator has handed out and not had back (glibc mallinfo2)",
+            Unit::Bytes,
+            heap_in_use.clone(),
+        );
+        let heap_free = Gauge::default();
+        heap_registry.register_with_unit(
+            "free",
+            "Heap memory freed but still held by the agent's allocator, resident or not (glibc mallinfo2)",
+            Unit::Bytes,
+            heap_free.clone(),
+        );
         let me = ProcessMetrics {
             registry,
+            heap_registry,
+            heap_in_use,
+            heap_free,
             resident_memory,
             virtual_memory,
             cpu_seconds,
@@ -96,8 +120,49 @@ impl ProcessMetrics {
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(fds.count() as i64);
         }
+        if let Some(heap) = heap_usage() {
+            self.heap_in_use.set(heap.in_use as i64);
+            self.heap_free.set(heap.free as i64);
+        }
     }
 }
+
+/// What the allocator holds, in bytes.
+pub struct HeapUsage {
+    /// Handed out and not freed (small blocks and mmapped ones).
+    pub in_use: u64,
+    /// Freed, kept by the allocator for reuse.
+    pub free: u64,
+}
+
+/// The allocator's own account (glibc's `mallinfo2`, summed over arenas).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn heap_usage() -> Option<HeapUsage> {
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct.
+    let m = unsafe { libc::mallinfo2() };
+    Some(HeapUsage {
+        in_use: (m.uordblks + m.hblkhd) as u64,
+        free: m.fordblks as u64,
+    })
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn heap_usage() -> Option<HeapUsage> {
+    None
+}
+
+/// Gives the pages of freed heap memory back to the kernel (glibc's
+/// `malloc_trim`). Without it the allocator keeps whatever start-up (BTF,
+/// program loading) and each peak of sockets freed, spread over its
+/// threads' arenas, and resident memory only steps up.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only returns free pages of the allocator's own.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn release_free_heap() {}
 
 impl Default for ProcessMetrics {
     fn default() -> Self {

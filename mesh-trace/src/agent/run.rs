@@ -31,6 +31,9 @@ use crate::{
 /// How often the kernel's loss counters are read.
 const LOSS_POLL: Duration = Duration::from_secs(1);
 
+/// How often freed heap memory is given back to the kernel.
+const HEAP_TRIM: Duration = Duration::from_secs(60);
+
 /// Feeds the sockets already established in every watched namespace to the
 /// flow table as if just opened, and tracks them in the kernel, so that
 /// connections opened before the agent started are traced. Returns how many.
@@ -262,6 +265,8 @@ pub async fn agent_with_spans(
     let mut loss_poll = tokio::time::interval(LOSS_POLL);
     let mut flow_tick = tokio::time::interval(FLOW_TICK);
     let mut netns_tick = tokio::time::interval(NETNS_SCAN);
+    // The first tick is now: what start-up freed goes back at once.
+    let mut heap_trim = tokio::time::interval(HEAP_TRIM);
     let mut loss = LossTracker::default();
     let mut ring_full_seen = ring_full_total(&tracer);
     let mut batch = Vec::with_capacity(1024);
@@ -269,6 +274,7 @@ pub async fn agent_with_spans(
     let result: anyhow::Result<()> = loop {
         tokio::select! {
             _ = &mut stop => break Ok(()),
+            _ = heap_trim.tick() => super::process::release_free_heap(),
             _ = loss_poll.tick() => {
                 for (reason, delta) in loss.update(&tracer.lost()?) {
                     state.metrics.events_lost.get_or_create(&ReasonLabel { reason: reason.label() }).inc_by(delta);
