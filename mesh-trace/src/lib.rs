@@ -6,9 +6,9 @@
 //! [`spans`] (HTTP framing, stitching, live percentiles), which the
 //! [`agent`] runs and exports; [`top`] is the live view of an agent.
 //! [`commands`] holds one thin module per subcommand and [`cli`] the clap
-//! tree over them. [`error`], [`logging`], [`shutdown`], [`clock`] and
-//! [`netns`] are leaves every layer may use. [`fuzzing`] holds the entry
-//! points of the fuzz targets and their regression tests.
+//! tree over them. [`error`], [`logging`], [`shutdown`], [`clock`],
+//! [`shrink`] and [`netns`] are leaves every layer may use. [`fuzzing`]
+//! holds the entry points of the fuzz targets and their regression tests.
 //!
 //! With the `lab` feature (on by default, off in the DaemonSet image):
 //! [`lab`], a local mesh of network namespaces, sidecars and apps for the
@@ -27,6 +27,7 @@ pub mod kernel;
 pub mod lab;
 pub mod logging;
 pub mod netns;
+pub mod shrink;
 pub mod shutdown;
 pub mod spans;
 pub mod top;

@@ -680,6 +680,8 @@ impl FlowTable {
             }
             self.open_alone(cookie, out);
         }
+        crate::shrink::shrink_sparse(&mut self.waiting);
+        crate::shrink::shrink_sparse(&mut self.legs);
         // SYNs and SYN-ACKs retransmitted for connections that never came up.
         expire_held(&mut self.connecting, now_ns, Side::Client, &mut self.health);
         expire_held(&mut self.accepting, now_ns, Side::Server, &mut self.health);

@@ -82,6 +82,12 @@ impl Legs {
         }
     }
 
+    /// Gives back the memory of a peak of connections.
+    pub(super) fn shrink(&mut self) {
+        crate::shrink::shrink_sparse(&mut self.sent);
+        crate::shrink::shrink_sparse(&mut self.early);
+    }
+
     /// A request of span `span` written at stream `offset` by the sending
     /// socket `cookie`.
     pub(super) fn written(&mut self, cookie: u64, offset: u64, span: SpanId) -> Write {

@@ -675,11 +675,14 @@ impl Stitcher {
         self.legs.closed(cookie);
     }
 
-    /// Drops requests older than the timeout.
+    /// Drops requests older than the timeout; tables left sparse after a
+    /// peak give their memory back.
     pub fn expire(&mut self, now_ns: u64) {
         let expired = self.spans.expire(now_ns, self.cfg.timeout_ns);
         self.count_n(Unstitched::Timeout, expired);
         self.drop_done_unmatched();
+        crate::shrink::shrink_sparse(&mut self.sockets);
+        self.legs.shrink();
     }
 
     /// Forgets the unmatched upstream writes whose orphan completed or was
