@@ -156,11 +156,17 @@ impl Agent {
 
     /// Resident memory now, in MiB.
     fn rss_now_mib(&self) -> f64 {
+        self.status_mib("VmRSS:")
+    }
+
+    /// A memory field of the agent's /proc status (`VmRSS:`, `RssAnon:`,
+    /// ...), in MiB.
+    fn status_mib(&self, field: &str) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
