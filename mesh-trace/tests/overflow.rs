@@ -14,10 +14,12 @@ use std::{
 };
 
 use common::{
-    truth::{delayed_lab, judge, require_root, spawn_reviews_load, truths, BIN},
+    truth::{
+        delayed_lab, judge, killed_client_records, require_root, spawn_reviews_load, truths, BIN,
+    },
     Traced,
 };
-use mesh_trace::lab::{records::ClientRecord, topology::Lab};
+use mesh_trace::lab::topology::Lab;
 
 /// Small enough that a burst of connections overflows it.
 const RING_BYTES: u32 = 64 << 10;
@@ -69,11 +71,7 @@ fn a_full_ring_costs_only_the_requests_it_touched() {
     std::thread::sleep(Duration::from_secs(1));
 
     let lost = traced.events_lost("ringbuf_full");
-    let client: Vec<ClientRecord> = std::fs::read_to_string(&records)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let client = killed_client_records(&records);
     let truth = truths(&lab, &client);
     let spans: Vec<_> = (traced.spans.lock().unwrap().iter())
         .filter(|s| s.source_workload == "loadgen")

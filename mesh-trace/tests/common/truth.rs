@@ -181,16 +181,22 @@ pub fn spawn_reviews_load(lab: &Lab, records: &std::path::Path) -> std::process:
     .unwrap()
 }
 
+/// The records a killed load generator left at `records` (its last line
+/// may be cut).
+pub fn killed_client_records(records: &std::path::Path) -> Vec<ClientRecord> {
+    std::fs::read_to_string(records)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
 /// Judges the Bookinfo client's spans among `spans` against the records a
 /// killed load generator left at `records` (its last line may be cut):
 /// more than 100 requests, none of their spans holding another request's
 /// moments, and at least 99% of them with a span. Prints the figures.
 pub fn judge_bookinfo_client(lab: &Lab, records: &std::path::Path, spans: &[Span], who: &str) {
-    let client: Vec<ClientRecord> = std::fs::read_to_string(records)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let client = killed_client_records(records);
     let truth = truths(lab, &client);
     // reviews v2 and v3 pass the id on to ratings: the client's spans only.
     let spans: Vec<Span> = spans

@@ -606,7 +606,10 @@ impl Stitcher {
             Answers::Unknown(could_be) => (None, could_be),
             Answers::Nothing => (None, Vec::new()),
         };
-        state.outstanding.remove(&skipped);
+        // The answered request and those before it lead the queue.
+        state
+            .outstanding
+            .drop_front(skipped.len() + usize::from(id.is_some()));
         // Requests whose responses went by unseen, or that this response
         // may answer: none can be exact any more.
         let accounted = id.is_none() && !skipped.is_empty();
@@ -628,9 +631,6 @@ impl Stitcher {
             }
             return;
         };
-        if let Some(s) = self.sockets.get_mut(&cookie) {
-            s.outstanding.remove(&[id]);
-        }
         // A sidecar answering downstream a request it still holds never
         // forwarded it: a local reply, and no longer one to match.
         if matches!(place, Place::OutboundDown | Place::InboundDown) {
