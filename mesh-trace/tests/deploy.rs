@@ -161,7 +161,7 @@ fn trace_as(lab: &Lab, user: User, caps: &[String]) -> Outcome {
         let (_, text) = get(addr, "/metrics", "*/*").unwrap();
         redirects =
             metric(&text, "mesh_trace_redirects_total{direction=\"outbound\"}").unwrap_or(0.0);
-        requests = metric_sum(&text, "mesh_trace_requests_total{");
+        requests = metric_sum(&text, "mesh_trace_requests_total{reporter=\"source\"");
     }
     let _ = child.kill();
     let _ = child.wait();

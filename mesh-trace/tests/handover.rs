@@ -27,7 +27,7 @@ fn requests(agent: &AgentProcess) -> (f64, f64) {
     (
         metric_sum(
             &text,
-            "mesh_trace_requests_total{source_workload=\"loadgen\",destination_service=\"reviews\"",
+            "mesh_trace_requests_total{reporter=\"source\",source_workload=\"loadgen\",destination_service=\"reviews\"",
         ),
         metric_sum(&text, "mesh_trace_requests_unstitched_total{"),
     )

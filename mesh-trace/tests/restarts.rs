@@ -45,7 +45,10 @@ fn kernel_objects() -> (usize, usize, usize) {
 
 /// The sum of every `mesh_trace_requests_total` series.
 fn spans_exported(agent: &AgentProcess) -> f64 {
-    metric_sum(&agent.scrape(), "mesh_trace_requests_total{")
+    metric_sum(
+        &agent.scrape(),
+        "mesh_trace_requests_total{reporter=\"source\"",
+    )
 }
 
 fn mounts() -> usize {

@@ -72,6 +72,9 @@ pub struct ConnectionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
+    /// Which side measured it: `source` (t11 - t0 at the client app) or
+    /// `destination` (t8 - t3 at the server's inbound sidecar).
+    pub reporter: &'static str,
     pub source_workload: String,
     pub destination_service: String,
     pub method: &'static str,
@@ -81,6 +84,8 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HopLabels {
     pub hop: &'static str,
+    /// The side whose node measures the hop (`Hop::reporter`).
+    pub reporter: &'static str,
     pub source_workload: String,
     pub destination_service: String,
 }
@@ -93,6 +98,7 @@ pub struct OverheadLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
+    pub reporter: &'static str,
     pub source_workload: String,
     pub destination_service: String,
     pub status_code: String,
@@ -367,7 +373,7 @@ impl Metrics {
             Family::<RequestLabels, Histogram>::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "request_duration",
-            "Request latency seen by the client app's socket, request write to response read (t11 - t0)",
+            "Request latency as each side saw it: reporter=source at the client app's socket (t11 - t0), reporter=destination at the inbound sidecar's (t8 - t3)",
             Unit::Seconds,
             request_duration.clone(),
         );
@@ -387,7 +393,11 @@ impl Metrics {
             sidecar_overhead.clone(),
         );
         let requests = Family::<StatusLabels, Counter>::default();
-        registry.register("requests", "Requests stitched into spans", requests.clone());
+        registry.register(
+            "requests",
+            "Requests stitched into spans, by the side that reported them (both when one node saw both)",
+            requests.clone(),
+        );
         let proxy_retries = Family::<ServiceLabel, Counter>::default();
         registry.register(
             "proxy_retries",
@@ -490,25 +500,40 @@ impl Metrics {
         use crate::spans::span::Hop;
         let (source, destination) =
             self.bounded_pair(&span.source_workload, &span.destination_service);
-        if let Some(total) = span.total_ns() {
-            self.request_duration
-                .get_or_create(&RequestLabels {
+        // Each side this node saw reports the request, as Istio's sidecars
+        // do: metrics from the client's and the server's nodes add up.
+        for reporter in span.reporters() {
+            if let Some(ns) = span.duration_ns(reporter) {
+                self.request_duration
+                    .get_or_create(&RequestLabels {
+                        reporter: reporter.label(),
+                        source_workload: source.clone(),
+                        destination_service: destination.clone(),
+                        method: method_label(&span.method),
+                        status_class: span.status_class(),
+                    })
+                    .observe(ns as f64 / 1e9);
+            }
+            self.requests
+                .get_or_create(&StatusLabels {
+                    reporter: reporter.label(),
                     source_workload: source.clone(),
                     destination_service: destination.clone(),
-                    method: method_label(&span.method),
-                    status_class: span.status_class(),
+                    status_code: span.status.to_string(),
                 })
-                .observe(total as f64 / 1e9);
+                .inc();
         }
         // One label set for all hops: the lookups take it by reference.
         let mut hop_labels = HopLabels {
             hop: "",
+            reporter: "",
             source_workload: source.clone(),
             destination_service: destination.clone(),
         };
         for hop in Hop::ALL {
             if let Some(ns) = span.hop_ns(hop) {
                 hop_labels.hop = hop.label();
+                hop_labels.reporter = hop.reporter().label();
                 self.hop_duration
                     .get_or_create(&hop_labels)
                     .observe(ns as f64 / 1e9);
@@ -534,13 +559,6 @@ impl Metrics {
                 })
                 .inc();
         }
-        self.requests
-            .get_or_create(&StatusLabels {
-                source_workload: source,
-                destination_service: destination.clone(),
-                status_code: span.status.to_string(),
-            })
-            .inc();
         if span.retries > 0 {
             self.proxy_retries
                 .get_or_create(&ServiceLabel {

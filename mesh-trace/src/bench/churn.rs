@@ -82,7 +82,8 @@ pub fn run(
         .lines()
         .filter(|l| l.contains("\"status\":200"))
         .count();
-    let spans = agent.metric("mesh_trace_requests_total{source_workload=\"loadgen\"");
+    let spans =
+        agent.metric("mesh_trace_requests_total{reporter=\"source\",source_workload=\"loadgen\"");
     let (cpu_s, peak_rss) = agent.usage();
     let mut o = String::new();
     let _ = writeln!(o, "## Churn\n");

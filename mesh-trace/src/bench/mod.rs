@@ -311,7 +311,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
                 .unwrap_or(0.0);
             let spans = agent
                 .as_ref()
-                .map(|a| a.metric("mesh_trace_requests_total"))
+                .map(|a| a.metric("mesh_trace_requests_total{reporter=\"source\""))
                 .unwrap_or(0.0);
             runs.push(Run {
                 mode,

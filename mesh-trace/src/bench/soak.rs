@@ -40,7 +40,7 @@ impl Sample {
             anon_mib: agent.status_mib("RssAnon:"),
             heap_mib: agent.metric("mesh_trace_heap_in_use_bytes") / MIB,
             heap_free_mib: agent.metric("mesh_trace_heap_free_bytes") / MIB,
-            requests: agent.metric("mesh_trace_requests_total{"),
+            requests: agent.metric("mesh_trace_requests_total{reporter=\"source\""),
             unstitched: agent.metric("mesh_trace_requests_unstitched_total{"),
             lost: agent.metric("mesh_trace_events_lost_total{"),
             flows: agent.metric("mesh_trace_flows_tracked"),

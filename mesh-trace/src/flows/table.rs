@@ -95,6 +95,8 @@ struct Entry {
 /// Recent sidecar upstream connections per namespace, to tell a blackholed
 /// connection (no upstream at all) from a proxied one.
 const RECENT_UPSTREAMS: usize = 256;
+/// Original destinations of app connections remembered per namespace.
+const RECENT_ORIGINALS: usize = 64;
 /// Sockets remembered after they left the table, for the resets that come
 /// after a close (an abortive close changes the state first).
 const CLOSED_REMEMBERED: usize = 4_096;
@@ -112,6 +114,10 @@ pub struct FlowTable {
     legs: HashMap<LegId, Leg>,
     next_leg: LegId,
     upstreams: LruCache<u64, VecDeque<(SocketAddr, u64)>>,
+    /// Recent original destinations of app connections per namespace: a
+    /// sidecar upstream connection to one of them went where the app asked
+    /// (passthrough), one elsewhere to an endpoint the sidecar chose.
+    originals: LruCache<u64, VecDeque<SocketAddr>>,
     /// Leg and side of sockets that left the table.
     closed_sockets: LruCache<u64, (LegRef, Side)>,
     /// Connecting sockets' retransmits: first seen, segments.
@@ -137,6 +143,7 @@ impl FlowTable {
             legs: HashMap::new(),
             next_leg: 1,
             upstreams: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
+            originals: LruCache::new(NonZeroUsize::new(4096).expect("non-zero")),
             closed_sockets: LruCache::new(NonZeroUsize::new(CLOSED_REMEMBERED).expect("non-zero")),
             connecting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
             accepting: LruCache::new(NonZeroUsize::new(CONNECTING_HELD).expect("non-zero")),
@@ -234,6 +241,18 @@ impl FlowTable {
         Some((leg.kind, &leg.source_workload, &leg.destination_service))
     }
 
+    /// (source workload, destination service) of a request read by the
+    /// server socket `cookie` from a client this node does not trace: the
+    /// leg's, else the client's workload from its address and the service
+    /// of the pod it reached.
+    pub fn server_side_labels(&self, cookie: u64) -> (String, String) {
+        if let Some((_, s, d)) = self.leg_info(cookie) {
+            return (s.to_string(), d.to_string());
+        }
+        let sock = self.entries.peek(&cookie).map(|e| &e.sock);
+        self.labels(LegKind::Mesh, None, sock)
+    }
+
     /// TCP health put on its legs since the last call.
     pub fn take_health(&mut self) -> Vec<HealthRecord> {
         std::mem::take(&mut self.health)
@@ -316,6 +335,16 @@ impl FlowTable {
         recent.push_back((dst, ts));
     }
 
+    fn note_original(&mut self, netns: u64, dst: SocketAddr) {
+        let recent = self.originals.get_or_insert_mut(netns, VecDeque::new);
+        if !recent.contains(&dst) {
+            if recent.len() == RECENT_ORIGINALS {
+                recent.pop_front();
+            }
+            recent.push_back(dst);
+        }
+    }
+
     fn established(&mut self, s: &mesh_trace_common::SockEvent, out: &mut Vec<LegRecord>) {
         let active = s.active == 1;
         let local = socket_addr(&s.local);
@@ -338,6 +367,9 @@ impl FlowTable {
             retransmits: 0,
             resets: 0,
         };
+        if let (Role::AppClient, Some(c)) = (sock.role, &sock.connect) {
+            self.note_original(sock.netns, c.dst);
+        }
         let key = JoinKey::new(sock.netns, if active { sock.local } else { sock.remote });
         let cookie = sock.cookie;
         // Only an opposite end joins: two outgoing sockets with one key
@@ -458,10 +490,16 @@ impl FlowTable {
         let Some(e) = self.entries.peek(&cookie) else {
             return;
         };
-        let dst_is_meshed = self
-            .meta
-            .pod_by_ip(e.sock.remote.ip())
-            .is_some_and(|p| p.sidecar);
+        // A meshed pod known from metadata; else, without metadata, an
+        // endpoint the sidecar chose rather than where an app asked to go
+        // (a service address resolved to a pod).
+        let dst_is_meshed = match self.meta.pod_by_ip(e.sock.remote.ip()) {
+            Some(pod) => pod.sidecar,
+            None => !self
+                .originals
+                .peek(&e.sock.netns)
+                .is_some_and(|r| r.contains(&e.sock.remote)),
+        };
         let kind = classify_alone(&e.sock, dst_is_meshed);
         let (client, server) = if e.sock.active {
             (Some(&e.sock), None)
@@ -818,6 +856,41 @@ mod tests {
         let mut aged = table.take_evicted();
         aged.sort_unstable();
         assert_eq!(aged, vec![2, 3]);
+    }
+
+    /// A sidecar's upstream connection whose peer is on another node,
+    /// without metadata: to an endpoint it chose for the service address
+    /// the app asked for, a mesh leg; to the address the app asked for
+    /// itself, passthrough.
+    #[test]
+    fn an_upstream_alone_is_mesh_when_the_sidecar_chose_its_endpoint() {
+        let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
+        let mut out = Vec::new();
+        let (vip, external) = (ep([10, 96, 0, 12], 9080), ep([93, 184, 216, 34], 80));
+        let app = ep([10, 244, 0, 5], 40000);
+        for (cookie, dst, local) in [(1, vip, app), (2, external, ep([10, 244, 0, 5], 40001))] {
+            table.apply(&connect(cookie, 1, 1000, 10, dst), &mut out);
+            table.apply(&established(cookie, 1, local, dst, true), &mut out);
+        }
+        // The sidecar's connections: to a pod of the service, and to the
+        // external address itself.
+        let endpoint = ep([10, 244, 1, 9], 9080);
+        for (cookie, dst, port) in [(3, endpoint, 50000), (4, external, 50001)] {
+            table.apply(&connect(cookie, 1, 1337, 20, dst), &mut out);
+            table.apply(
+                &established(cookie, 1, ep([10, 244, 0, 5], port), dst, true),
+                &mut out,
+            );
+        }
+        out.clear();
+        table.tick(FlowTableConfig::default().join_wait_ns, &mut out);
+        let kind = |cookie: u64| {
+            out.iter()
+                .find(|l| l.client.as_ref().is_some_and(|c| c.cookie == cookie))
+                .map(|l| l.leg)
+        };
+        assert_eq!(kind(3), Some(LegKind::Mesh));
+        assert_eq!(kind(4), Some(LegKind::Passthrough));
     }
 
     fn on(table: &mut FlowTable) -> Vec<(Option<LegKind>, Option<Side>, Health)> {

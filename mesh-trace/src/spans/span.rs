@@ -19,13 +19,16 @@ pub enum Hop {
     InboundToApp,
     /// t6 - t5: the server app.
     App,
-    /// t9 - t2: everything past the outbound sidecar, when the server side
-    /// runs on another node.
+    /// t9 - t2: everything past the outbound sidecar, as the client's side
+    /// sees it (the server side may run on another node).
     Upstream,
+    /// t8 - t3: everything from the inbound sidecar's read to its response,
+    /// as the server's side sees it (the client may run on another node).
+    ServerSide,
 }
 
 impl Hop {
-    pub const ALL: [Hop; 7] = [
+    pub const ALL: [Hop; 8] = [
         Hop::ClientToOutbound,
         Hop::OutboundProxy,
         Hop::Network,
@@ -33,6 +36,17 @@ impl Hop {
         Hop::InboundToApp,
         Hop::App,
         Hop::Upstream,
+        Hop::ServerSide,
+    ];
+
+    /// The six hops a request through both sidecars adds up to.
+    pub const PATH: [Hop; 6] = [
+        Hop::ClientToOutbound,
+        Hop::OutboundProxy,
+        Hop::Network,
+        Hop::InboundProxy,
+        Hop::InboundToApp,
+        Hop::App,
     ];
 
     pub fn label(self) -> &'static str {
@@ -44,6 +58,37 @@ impl Hop {
             Hop::InboundToApp => "inbound_to_app",
             Hop::App => "app",
             Hop::Upstream => "upstream",
+            Hop::ServerSide => "server_side",
+        }
+    }
+
+    /// The half of the request whose node measures this hop; the network
+    /// hop needs both and goes with the client's.
+    pub fn reporter(self) -> Reporter {
+        match self {
+            Hop::InboundProxy | Hop::InboundToApp | Hop::App | Hop::ServerSide => {
+                Reporter::Destination
+            }
+            _ => Reporter::Source,
+        }
+    }
+}
+
+/// Which side of a request a measure comes from, as Istio's `reporter`
+/// label says: the client's (`source`) or the server's (`destination`).
+/// A request whose two sides run on one node is reported by both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
         }
     }
 }
@@ -112,6 +157,35 @@ impl Span {
             Hop::InboundToApp => Some(d(4, 5)? + d(6, 7)?),
             Hop::App => d(5, 6),
             Hop::Upstream => d(2, 9),
+            Hop::ServerSide => d(3, 8),
+        }
+    }
+
+    /// The sides this node saw of the request: the client's (from the app's
+    /// request, t0), the server's (from the inbound sidecar's read, t3), or
+    /// both. Each reports the request's duration as its side measures it.
+    pub fn reporters(&self) -> impl Iterator<Item = Reporter> + '_ {
+        [(Reporter::Source, 0), (Reporter::Destination, 3)]
+            .into_iter()
+            .filter(|&(_, t)| self.moments[t].is_some())
+            .map(|(r, _)| r)
+    }
+
+    /// The request's duration as `reporter`'s side saw it: t11 - t0 at the
+    /// client's app, t8 - t3 at the server's inbound sidecar.
+    pub fn duration_ns(&self, reporter: Reporter) -> Option<u64> {
+        match reporter {
+            Reporter::Source => self.total_ns(),
+            Reporter::Destination => self.moments[8]?.checked_sub(self.moments[3]?),
+        }
+    }
+
+    /// `whole` when this node saw both sides, else `client` or `server`.
+    pub fn half(&self) -> &'static str {
+        match (self.moments[0].is_some(), self.moments[3].is_some()) {
+            (true, true) => "whole",
+            (true, false) => "client",
+            _ => "server",
         }
     }
 
@@ -188,6 +262,7 @@ impl Span {
             "destination_pod": self.destination_pod,
             "retries": self.retries,
             "local_reply": self.local_reply,
+            "half": self.half(),
             "total_ms": ms(self.total_ns()),
             "hops_ms": hops,
             "moments_ns": self.moments,
@@ -235,7 +310,7 @@ mod tests {
         assert_eq!(ms(Hop::InboundProxy), 6);
         assert_eq!(ms(Hop::InboundToApp), 2);
         assert_eq!(ms(Hop::App), 20);
-        let sum: u64 = Hop::ALL[..6].iter().map(|&h| ms(h)).sum();
+        let sum: u64 = Hop::PATH.iter().map(|&h| ms(h)).sum();
         assert_eq!(sum, s.total_ns().unwrap() / 1_000_000);
         assert_eq!(ms(Hop::Upstream), 30);
     }

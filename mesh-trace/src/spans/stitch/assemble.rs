@@ -42,6 +42,10 @@ struct Pending {
     lost: bool,
     /// An orphan: started by an unmatched upstream write at this place.
     orphan_at: Option<Place>,
+    /// Where the request started, and so where its response completes it:
+    /// the client app's socket, or the inbound sidecar's when the client
+    /// is not on this node (the server's half).
+    origin: Place,
     /// For an orphan: the sidecar side that wrote it and the requests it
     /// held that it may be, until what the request shows further on says.
     candidates: Option<(ProxySide, Vec<SpanId>)>,
@@ -208,19 +212,37 @@ impl Spans {
         destination: String,
         msg: &Message,
     ) -> (SpanId, u64) {
-        let request_id = match &msg.head {
-            Head::Request { request_id, .. } => request_id.clone(),
+        let labels = (source, destination);
+        self.start_at(owner, Place::AppClient, labels, msg.ts_ns, Some(&msg.head))
+    }
+
+    /// A new span from a request first seen at `origin` (the app's send,
+    /// or the inbound sidecar's read of a client on another node: the
+    /// server's half), labelled (source, destination), as
+    /// [`Spans::start`].
+    pub(super) fn start_at(
+        &mut self,
+        owner: Owner,
+        origin: Place,
+        labels: (String, String),
+        msg_ts_ns: u64,
+        head: Option<&Head>,
+    ) -> (SpanId, u64) {
+        let (source, destination) = labels;
+        let request_id = match head {
+            Some(Head::Request { request_id, .. }) => request_id.clone(),
             _ => None,
         };
         self.push(
             owner,
             Pending {
                 span: blank(request_id, source, destination),
-                started_ns: msg.ts_ns,
-                identity: Identity::of(Some(&msg.head)),
+                started_ns: msg_ts_ns,
+                identity: Identity::of(head),
                 contested: false,
                 lost: false,
                 orphan_at: None,
+                origin,
                 candidates: None,
             },
         )
@@ -245,6 +267,7 @@ impl Spans {
                 contested: false,
                 lost: false,
                 orphan_at: Some(at),
+                origin: at,
                 candidates: (!candidates.is_empty()).then_some((side, candidates)),
             },
         )
@@ -389,6 +412,21 @@ impl Spans {
             .is_some_and(|p| p.span.moments[next].is_none())
     }
 
+    /// Drops span `id`, uncounted, if it began at `origin` from bytes that
+    /// showed no request (encrypted) and was never written on from there:
+    /// its socket closed, so it can never be answered, and it was no
+    /// request.
+    pub(super) fn drop_if_never_forwarded(&mut self, id: SpanId, origin: Place) {
+        let id = self.alias(id);
+        let next = origin.moments().0 + 1;
+        let unseen = self.spans.peek(&id).is_some_and(|p| {
+            p.origin == origin && p.identity.is_none() && p.span.moments[next].is_none()
+        });
+        if unseen {
+            self.spans.pop(&id);
+        }
+    }
+
     /// Drops span `id`, which lost an event that cannot be made up for;
     /// whether it was a request (to count), not an orphan.
     pub(super) fn abandon(&mut self, id: SpanId) -> bool {
@@ -424,7 +462,7 @@ impl Spans {
             self.spans.pop(&id);
             return Ok(None);
         }
-        if place != Place::AppClient {
+        if place != p.origin {
             return Ok(None);
         }
         let Some(mut done) = self.spans.pop(&id) else {

@@ -356,8 +356,12 @@ impl Stitcher {
     /// that starts inside the bytes read arrived now.
     fn receive(&mut self, flows: &FlowTable, a: Arrival, starts_message: bool) {
         let Some(peer) = flows.peer(a.cookie) else {
-            if starts_message {
-                // The client is not on this node (or not traced).
+            if starts_message && a.place == Place::InboundDown {
+                // The client is on another node (or not traced): this node
+                // has the server's half of the request.
+                let id = self.start_server_half(flows, &a);
+                self.arrived(flows, a, id);
+            } else if starts_message {
                 self.count(Unstitched::NoSender);
             }
             return;
@@ -405,6 +409,19 @@ impl Stitcher {
             .unwrap_or_else(|| ("unknown".into(), "unknown".into()));
         let owner = flows.socket(cookie).map_or(0, |s| s.netns);
         let (id, evicted) = self.spans.start(owner, source, destination, msg);
+        self.count_n(Unstitched::Evicted, evicted);
+        id
+    }
+
+    /// A new span from a request the inbound sidecar read from a client
+    /// this node does not trace, labelled with the client's workload (from
+    /// its address) and the service of the pod it reached.
+    fn start_server_half(&mut self, flows: &FlowTable, a: &Arrival) -> SpanId {
+        let labels = flows.server_side_labels(a.cookie);
+        let owner = flows.socket(a.cookie).map_or(0, |s| s.netns);
+        let (id, evicted) =
+            self.spans
+                .start_at(owner, Place::InboundDown, labels, a.ts_ns, a.head.as_ref());
         self.count_n(Unstitched::Evicted, evicted);
         id
     }
@@ -671,7 +688,13 @@ impl Stitcher {
 
     /// Forgets a closed socket.
     pub fn closed(&mut self, cookie: u64) {
-        self.sockets.remove(&cookie);
+        if let Some(state) = self.sockets.remove(&cookie) {
+            // Encrypted records a server's half began with that never went
+            // on to the app were no request: a TLS alert (close_notify).
+            for id in state.outstanding.iter() {
+                self.spans.drop_if_never_forwarded(id, Place::InboundDown);
+            }
+        }
         self.legs.closed(cookie);
     }
 
@@ -713,6 +736,7 @@ mod tests {
     use mesh_trace_common::{DataEvent, EventKind, DIR_RECV, DIR_SEND};
 
     use super::*;
+    use crate::spans::span::Hop;
     use crate::{
         flows::{
             legs::LegKind,
@@ -927,18 +951,18 @@ mod tests {
         let mut node = Node::six_sockets();
         // Not HTTP from the app.
         node.io(1, APP, DIR_SEND, b"\x00\x00\x00\x05hello");
-        // A read at an inbound sidecar whose client is not on this node.
+        // A read at an outbound sidecar whose app is not traced.
         node.table.apply(
             &established(
                 7,
-                2,
-                ep([10, 244, 0, 9], 15006),
-                ep([10, 244, 1, 7], 50000),
+                1,
+                ep([127, 0, 0, 1], 15001),
+                ep([10, 244, 0, 5], 47000),
                 false,
             ),
             &mut Vec::new(),
         );
-        node.io(7, INBOUND, DIR_RECV, &forwarded("a"));
+        node.io(7, OUTBOUND, DIR_RECV, &request("a"));
         // The inbound sidecar writes upstream a request it never read.
         node.io(5, INBOUND, DIR_SEND, &forwarded("b"));
         // A response on the server app's socket that received no request.
@@ -961,6 +985,132 @@ mod tests {
             .expire(StitchConfig::default().timeout_ns + 1_000);
         assert_eq!(node.stitcher.pending(), 0);
         assert_eq!(node.stitcher.unstitched.get(&Unstitched::Timeout), Some(&1));
+    }
+
+    /// The server's node of a request whose client runs on another node:
+    /// the inbound sidecar's 15006 socket has no peer here.
+    fn server_node() -> Node {
+        let (node, _) = Node::new(&[
+            established(
+                4,
+                2,
+                ep([10, 244, 0, 9], 15006),
+                ep([10, 244, 1, 5], 50000),
+                false,
+            ),
+            connect(5, 2, 1337, INBOUND, ep([10, 244, 0, 9], 9080)),
+            established(
+                5,
+                2,
+                ep([127, 0, 0, 6], 41000),
+                ep([10, 244, 0, 9], 9080),
+                true,
+            ),
+            established(
+                6,
+                2,
+                ep([10, 244, 0, 9], 9080),
+                ep([127, 0, 0, 6], 41000),
+                false,
+            ),
+        ]);
+        node
+    }
+
+    /// The server's half of a request from a client on another node.
+    fn server_half(node: &mut Node, id: &str, encrypted: bool) -> [u64; 6] {
+        let forwarded = forwarded(id);
+        let (mesh_request, mesh_response) = if encrypted {
+            (ENCRYPTED, ENCRYPTED)
+        } else {
+            (&forwarded[..], RESPONSE)
+        };
+        [
+            node.io(4, INBOUND, DIR_RECV, mesh_request),
+            node.io(5, INBOUND, DIR_SEND, &forwarded),
+            node.io(6, SERVER, DIR_RECV, &forwarded),
+            node.io(6, SERVER, DIR_SEND, RESPONSE),
+            node.io(5, INBOUND, DIR_RECV, RESPONSE),
+            node.io(4, INBOUND, DIR_SEND, mesh_response),
+        ]
+    }
+
+    #[test]
+    fn a_client_on_another_node_leaves_the_server_half_on_this_one() {
+        for encrypted in [false, true] {
+            let mut node = server_node();
+            for id in ["srv-1", "srv-2"] {
+                let t = server_half(&mut node, id, encrypted);
+                let spans = std::mem::take(&mut node.spans);
+                assert_eq!(spans.len(), 1, "encrypted: {encrypted}");
+                let span = &spans[0];
+                let mut want = [None; 12];
+                for (i, ts) in t.into_iter().enumerate() {
+                    want[3 + i] = Some(ts);
+                }
+                assert_eq!(span.moments, want, "encrypted: {encrypted}");
+                assert_eq!(span.half(), "server");
+                assert_eq!((span.method.as_str(), span.status), ("GET", 200));
+                assert_eq!(span.request_id.as_deref(), Some(id));
+                assert_eq!(span.hop_ns(Hop::ServerSide), Some(t[5] - t[0]));
+                assert_eq!(span.hop_ns(Hop::App), Some(t[3] - t[2]));
+                assert_eq!(span.hop_ns(Hop::Network), None);
+                let reporters: Vec<_> = span.reporters().collect();
+                assert_eq!(reporters, [crate::spans::span::Reporter::Destination]);
+            }
+            assert!(
+                node.stitcher.unstitched.is_empty(),
+                "{:?}",
+                node.stitcher.unstitched
+            );
+            assert_eq!(node.stitcher.pending(), 0);
+        }
+    }
+
+    /// An encrypted record that never goes on to the app (a TLS alert as
+    /// the client's sidecar closes a pooled connection) is no request: it
+    /// leaves with its socket, uncounted, and stands beside no other.
+    #[test]
+    fn a_tls_alert_before_close_is_no_server_half() {
+        let mut node = server_node();
+        node.io(4, INBOUND, DIR_RECV, ENCRYPTED);
+        assert_eq!(node.stitcher.pending(), 1);
+        node.stitcher.closed(4);
+        assert_eq!(node.stitcher.pending(), 0);
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
+    }
+
+    /// The client's node of a request whose server runs on another node:
+    /// the outbound sidecar's upstream socket has no peer here.
+    #[test]
+    fn a_server_on_another_node_leaves_the_client_half_on_this_one() {
+        let (mut node, _) = Node::new(&chain(0)[..5]);
+        let (req, fwd) = (request("cli-1"), forwarded("cli-1"));
+        let t = [
+            node.io(1, APP, DIR_SEND, &req),
+            node.io(2, OUTBOUND, DIR_RECV, &req),
+            node.io(3, OUTBOUND, DIR_SEND, &fwd),
+            node.io(3, OUTBOUND, DIR_RECV, RESPONSE),
+            node.io(2, OUTBOUND, DIR_SEND, RESPONSE),
+            node.io(1, APP, DIR_RECV, RESPONSE),
+        ];
+        let span = node.spans.pop().expect("a span");
+        assert_eq!(span.half(), "client");
+        assert_eq!(span.hop_ns(Hop::Upstream), Some(t[3] - t[2]));
+        assert_eq!(span.hop_ns(Hop::ServerSide), None);
+        assert_eq!(
+            span.duration_ns(crate::spans::span::Reporter::Source),
+            Some(t[5] - t[0])
+        );
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
     }
 
     /// The app's send is reported after its sidecar read the request and
