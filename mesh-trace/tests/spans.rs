@@ -156,7 +156,7 @@ fn spans_match_the_truth(mtls: bool) {
     // Per-hop medians within 10% or 250 us of the truth; totals within 5%.
     let mut report = String::new();
     let mut failures = Vec::new();
-    for hop in &Hop::ALL[..6] {
+    for hop in &Hop::PATH {
         let measured = median(spans.iter().filter_map(|s| s.hop_ns(*hop)).collect());
         let expected = median(truth.values().map(|t| t.hops[hop]).collect());
         let tolerance = (expected / 10).max(250_000);

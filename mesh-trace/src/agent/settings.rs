@@ -27,6 +27,8 @@ pub struct Settings {
     pub print_events: bool,
     /// Metadata from a running lab's directory (pods, services).
     pub lab: Option<PathBuf>,
+    /// With `lab`: the lab node this agent traces (its pods' traffic only).
+    pub lab_node: Option<String>,
     /// Metadata from the Kubernetes API server: this node's name.
     pub kubernetes_node: Option<String>,
     /// Sockets the flow table tracks at once.
@@ -58,6 +60,7 @@ impl Settings {
             cgroup: sysfs::cgroup2_root().context("no cgroup v2 hierarchy mounted")?,
             print_events: false,
             lab,
+            lab_node: None,
             kubernetes_node: None,
             max_flows: FlowTableConfig::default().max_sockets,
             netns_dir: DEFAULT_NETNS_DIR.into(),
@@ -66,6 +69,20 @@ impl Settings {
             netns_events_per_s: crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S,
             stats_access: StatsAccess::LoopbackOnly,
         })
+    }
+
+    /// Scopes these settings to one node of the lab they read: its pods'
+    /// namespaces, processes (cgroup) and NAT steps.
+    pub fn on_lab_node(&mut self, node: &str) -> anyhow::Result<()> {
+        let dir = self.lab.as_ref().context("a lab node needs --lab")?;
+        let manifest = LabManifest::load(dir)?;
+        let n = manifest.node(node)?;
+        if let Some(cgroup) = &n.cgroup {
+            self.cgroup = cgroup.clone();
+        }
+        self.netns_dir = n.netns_dir.clone();
+        self.lab_node = Some(node.to_string());
+        Ok(())
     }
 
     /// The metadata source these settings name. A Kubernetes source starts
@@ -78,7 +95,10 @@ impl Settings {
         }
         Ok(match &self.lab {
             Some(dir) => (
-                Arc::new(LabMetadata::from_manifest(&LabManifest::load(dir)?)?),
+                Arc::new(LabMetadata::from_manifest(
+                    &LabManifest::load(dir)?,
+                    self.lab_node.as_deref(),
+                )?),
                 None,
             ),
             None => (Arc::new(NoMetadata), None),

@@ -46,7 +46,9 @@ pub struct RunArgs {
     /// service.
     #[arg(long)]
     pub kubernetes: bool,
-    /// This node's name, whose pods are watched with --kubernetes.
+    /// This node's name: whose pods are watched with --kubernetes; with
+    /// --lab, the lab node to trace (its pods' processes, namespaces and NAT
+    /// steps, as a node's agent would).
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
     /// Sockets tracked at once in the flow table.
@@ -89,12 +91,19 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         .or(file.ring_buffer_bytes)
         .unwrap_or_else(config::default_ring_buffer_bytes);
     let ring_buffer_bytes = config::check_ring_buffer_bytes(ring).map_err(Failure::usage)?;
-    let cgroup = match args.cgroup.clone().or(file.cgroup) {
+    let cgroup = match args.cgroup.clone().or(file.cgroup.clone()) {
             Some(c) => c,
             None => sysfs::cgroup2_root()
                 .context("no cgroup v2 hierarchy is mounted (looked for /sys/fs/cgroup and /sys/fs/cgroup/unified); pass --cgroup")?,
         };
-    Ok(Settings {
+    let explicit_cgroup = args.cgroup.clone().or(file.cgroup.clone());
+    let explicit_netns_dir = args.netns_dir.clone().or(file.netns_dir.clone());
+    let lab_node = args
+        .node_name
+        .clone()
+        .or(file.node_name.clone())
+        .filter(|n| !n.is_empty());
+    let mut settings = Settings {
         metrics_addr: Some(
             args.metrics_addr
                 .or(file.metrics_addr)
@@ -106,6 +115,7 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         print_events: args.print_events,
         kubernetes_node,
         lab: args.lab.clone().or(file.lab),
+        lab_node: None,
         max_flows: args
             .max_flows
             .or(file.max_flows)
@@ -126,7 +136,19 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         } else {
             StatsAccess::LoopbackOnly
         },
-    })
+    };
+    // One node of a lab: its pods' namespaces, processes and NAT steps,
+    // unless flags say otherwise.
+    if let (Some(node), true) = (lab_node, settings.lab.is_some()) {
+        settings.on_lab_node(&node).map_err(Failure::usage)?;
+        if let Some(c) = explicit_cgroup {
+            settings.cgroup = c;
+        }
+        if let Some(d) = explicit_netns_dir {
+            settings.netns_dir = d;
+        }
+    }
+    Ok(settings)
 }
 
 /// The node whose pods are watched, when Kubernetes metadata is asked for.

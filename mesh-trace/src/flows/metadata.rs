@@ -75,6 +75,26 @@ pub struct LabManifest {
     pub topology: LabTopology,
     /// Pod name -> network namespace name (under /var/run/netns).
     pub netns: HashMap<String, String>,
+    /// The lab's nodes (one unless it was started with several).
+    #[serde(default)]
+    pub nodes: Vec<LabNode>,
+    /// Pod name -> the name of the node it runs on.
+    #[serde(default)]
+    pub pod_nodes: HashMap<String, String>,
+}
+
+/// One node of a lab: on one kernel, a node is the set of its pods'
+/// processes (a cgroup, which their sockets keep) and of their network
+/// namespaces (a directory naming them). An agent scoped to those traces
+/// what a node's agent would.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabNode {
+    pub name: String,
+    /// The cgroup v2 directory of its pods' processes; None when the lab
+    /// has one node, whose processes stay in the lab's own cgroup.
+    pub cgroup: Option<std::path::PathBuf>,
+    /// A directory of links to its pods' network namespaces.
+    pub netns_dir: std::path::PathBuf,
 }
 
 impl LabManifest {
@@ -85,6 +105,17 @@ impl LabManifest {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {} (is the lab up?)", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// The node named `name`, or an error naming the lab's nodes.
+    pub fn node(&self, name: &str) -> anyhow::Result<&LabNode> {
+        self.nodes.iter().find(|n| n.name == name).with_context(|| {
+            let names: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+            format!(
+                "the lab has no node {name:?} (its nodes: {})",
+                names.join(", ")
+            )
+        })
     }
 }
 
@@ -97,7 +128,14 @@ pub struct LabMetadata {
 }
 
 impl LabMetadata {
-    pub fn from_manifest(m: &LabManifest) -> anyhow::Result<LabMetadata> {
+    /// Every pod's address and owner; the network namespaces (whose
+    /// traffic is captured) of the pods on `node` only, or of all pods.
+    pub fn from_manifest(m: &LabManifest, node: Option<&str>) -> anyhow::Result<LabMetadata> {
+        if let Some(node) = node {
+            m.node(node)?;
+        }
+        let on_node =
+            |pod: &str| node.is_none_or(|n| m.pod_nodes.get(pod).map(String::as_str) == Some(n));
         let topo = &m.topology;
         let mut by_netns = HashMap::new();
         let mut by_ip = HashMap::new();
@@ -118,7 +156,7 @@ impl LabMetadata {
                 service,
             });
             by_ip.insert(pod.ip, pod.clone());
-            if let Some(ns) = m.netns.get(&spec.name) {
+            if let Some(ns) = m.netns.get(&spec.name).filter(|_| on_node(&spec.name)) {
                 let cookie = netns_cookie_of(ns)
                     .with_context(|| format!("network namespace of pod {}", spec.name))?;
                 by_netns.insert(cookie, pod);

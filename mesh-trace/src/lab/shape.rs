@@ -50,6 +50,14 @@ pub struct LabShape {
     /// NFQUEUE relay, since netem may be absent).
     #[arg(long, value_name = "POD=MS")]
     pub packet_delay_ms: Vec<String>,
+    /// Nodes to spread the pods over (in turn, or as --place says): one
+    /// kernel, each node a cgroup of its pods' processes and a set of
+    /// their network namespaces, traced by an agent of its own.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub nodes: usize,
+    /// The node (1-based) a pod runs on, as POD=NODE (repeatable).
+    #[arg(long, value_name = "POD=NODE")]
+    pub place: Vec<String>,
 }
 
 impl LabShape {
@@ -84,6 +92,16 @@ impl LabShape {
                 anyhow::ensure!(opts.topology.pod(pod).is_some(), "{flag}: no pod {pod}");
             }
         }
+        opts.nodes = self.nodes;
+        for (pod, node) in parse_pod_values(&self.place)? {
+            anyhow::ensure!(opts.topology.pod(&pod).is_some(), "--place: no pod {pod}");
+            anyhow::ensure!(
+                node >= 1.0 && node.fract() == 0.0 && node as usize <= self.nodes,
+                "--place {pod}={node}: nodes are numbered 1 to {}",
+                self.nodes
+            );
+            opts.placement.insert(pod, node as usize - 1);
+        }
         for (pod, imp) in &opts.impairments {
             imp.validate().with_context(|| format!("pod {pod}"))?;
         }
@@ -108,15 +126,28 @@ fn parse_pod_values(pairs: &[String]) -> anyhow::Result<BTreeMap<String, f64>> {
 pub fn describe(lab: &Lab) -> String {
     use std::fmt::Write;
     let mut o = String::new();
-    let _ = writeln!(o, "{:<16} {:<14} {:<8} NETNS", "POD", "IP", "SIDECAR");
+    let _ = writeln!(
+        o,
+        "{:<16} {:<14} {:<8} {:<8} NETNS",
+        "POD", "IP", "SIDECAR", "NODE"
+    );
     for p in &lab.pods {
         let _ = writeln!(
             o,
-            "{:<16} {:<14} {:<8} {}",
+            "{:<16} {:<14} {:<8} {:<8} {}",
             p.spec.name,
             p.spec.ip,
             if p.spec.sidecar { "yes" } else { "no" },
+            lab.nodes[p.node].name,
             p.ns.name()
+        );
+    }
+    if lab.nodes.len() > 1 {
+        let _ = writeln!(
+            o,
+            "
+an agent per node: mesh-trace run --lab {} --node-name NODE --metrics-addr 127.0.0.1:PORT",
+            lab.dir.display()
         );
     }
     let _ = writeln!(o, "\n{:<16} {:<14} PORT", "SERVICE", "VIP");

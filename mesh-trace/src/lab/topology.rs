@@ -26,7 +26,10 @@ use super::{
     mtls::{self, MeshCa, Workload},
     pod_exec::in_pod,
 };
-use crate::netns::{cmd, NetNs};
+use crate::{
+    flows::metadata::LabNode,
+    netns::{cmd, NetNs},
+};
 
 /// Prefix of every network namespace a lab creates.
 pub const NS_PREFIX: &str = "mtl-";
@@ -86,6 +89,11 @@ pub struct LabOptions {
     pub service_time_choices_ms: BTreeMap<String, Vec<f64>>,
     /// Per pod: loss and delay on the packets leaving its `eth0`.
     pub impairments: BTreeMap<String, Impairment>,
+    /// Nodes the pods are spread over (see [`LabNode`]).
+    pub nodes: usize,
+    /// Per pod: the node (0-based) it runs on; the others are dealt out
+    /// in turn.
+    pub placement: BTreeMap<String, usize>,
 }
 
 /// The proxy a lab's sidecars run.
@@ -116,13 +124,25 @@ impl LabOptions {
             sidecar: Sidecar::Lab,
             service_time_choices_ms: BTreeMap::new(),
             impairments: BTreeMap::new(),
+            nodes: 1,
+            placement: BTreeMap::new(),
         })
+    }
+
+    /// The node (0-based) of the `i`th pod, `name`.
+    fn node_of(&self, i: usize, name: &str) -> usize {
+        self.placement
+            .get(name)
+            .copied()
+            .unwrap_or(i % self.nodes.max(1))
     }
 }
 
 pub struct LabPod {
     pub spec: PodSpec,
     pub ns: NetNs,
+    /// Index of its node in [`Lab::nodes`].
+    pub node: usize,
 }
 
 /// A running lab. Dropping it tears everything down.
@@ -132,6 +152,11 @@ pub struct Lab {
     pub dir: PathBuf,
     pub topology: LabTopology,
     pub pods: Vec<LabPod>,
+    /// The nodes the pods run on: one kernel and one clock, each a cgroup of
+    /// its pods' processes and a directory of their network namespaces.
+    pub nodes: Vec<LabNode>,
+    /// The cgroup holding the nodes' cgroups, with several nodes.
+    cgroup: Option<PathBuf>,
     node: Option<NetNs>,
     procs: Vec<(String, Child)>,
     /// The mesh-trace binary that runs the pods' processes.
@@ -162,13 +187,29 @@ impl Lab {
             dir,
             topology: opts.topology.clone(),
             pods: Vec::new(),
+            nodes: Vec::new(),
+            cgroup: None,
             node: None,
             procs: Vec::new(),
             exe: opts.exe.clone(),
             torn_down: false,
         };
         // From here on, an error drops `lab`, which removes what was made.
-        lab.build_network()?;
+        anyhow::ensure!(
+            (1..=opts.topology.pods.len().max(1)).contains(&opts.nodes),
+            "a lab of {} pods can be spread over 1 to {} nodes, not {}",
+            opts.topology.pods.len(),
+            opts.topology.pods.len(),
+            opts.nodes
+        );
+        if let Some((pod, &node)) = opts.placement.iter().find(|(_, &n)| n >= opts.nodes) {
+            bail!(
+                "pod {pod} placed on node {node}, but the lab has {} (0-based)",
+                opts.nodes
+            );
+        }
+        lab.build_network(opts)?;
+        lab.build_nodes(opts.nodes)?;
         lab.write_manifest()?;
         if opts.mtls {
             lab.issue_certificates()?;
@@ -236,7 +277,51 @@ impl Lab {
         format!("{NS_PREFIX}{}-{what}", self.id)
     }
 
-    fn build_network(&mut self) -> anyhow::Result<()> {
+    /// The nodes: a directory of links to each one's pods' namespaces and,
+    /// with several, a cgroup for each one's processes (which their sockets
+    /// keep, so that an agent attached there sees that node's only).
+    fn build_nodes(&mut self, count: usize) -> anyhow::Result<()> {
+        if count > 1 {
+            let root = crate::kernel::sysfs::cgroup2_root()
+                .context("a lab of several nodes needs cgroup v2")?;
+            let dir = root.join(format!("{CGROUP_PREFIX}{}", self.id));
+            fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+            self.cgroup = Some(dir);
+        }
+        for k in 0..count {
+            let name = format!("node-{}", k + 1);
+            let netns_dir = self.dir.join("nodes").join(&name).join("netns");
+            fs::create_dir_all(&netns_dir)
+                .with_context(|| format!("creating {}", netns_dir.display()))?;
+            for pod in self.pods.iter().filter(|p| p.node == k) {
+                let link = netns_dir.join(pod.ns.name());
+                std::os::unix::fs::symlink(pod.ns.path(), &link)
+                    .with_context(|| format!("linking {}", link.display()))?;
+            }
+            let cgroup = match &self.cgroup {
+                Some(lab) => {
+                    let dir = lab.join(&name);
+                    fs::create_dir(&dir)
+                        .with_context(|| format!("creating cgroup {}", dir.display()))?;
+                    Some(dir)
+                }
+                None => None,
+            };
+            self.nodes.push(LabNode {
+                name,
+                cgroup,
+                netns_dir,
+            });
+        }
+        Ok(())
+    }
+
+    /// The node pod `name` runs on.
+    pub fn node_of(&self, pod: &str) -> &LabNode {
+        &self.nodes[self.pod(pod).node]
+    }
+
+    fn build_network(&mut self, opts: &LabOptions) -> anyhow::Result<()> {
         let node = NetNs::create(&self.ns_name("node"))?;
         let cidr = self.topology.bridge_cidr.clone();
         let gateway = cidr.split('/').next().unwrap_or_default().to_string();
@@ -286,7 +371,8 @@ impl Lab {
                 ns.exec("iptables-restore", &[rules.to_str().unwrap_or_default()])
                     .context("installing the istio-iptables rules (is iptables installed?)")?;
             }
-            self.pods.push(LabPod { spec, ns });
+            let node = opts.node_of(i, &spec.name);
+            self.pods.push(LabPod { spec, ns, node });
         }
         Ok(())
     }
@@ -321,6 +407,12 @@ impl Lab {
                 .pods
                 .iter()
                 .map(|p| (p.spec.name.clone(), p.ns.name().to_string()))
+                .collect(),
+            nodes: self.nodes.clone(),
+            pod_nodes: self
+                .pods
+                .iter()
+                .map(|p| (p.spec.name.clone(), self.nodes[p.node].name.clone()))
                 .collect(),
         };
         let path = self.dir.join(crate::flows::metadata::LabManifest::FILE);
@@ -407,7 +499,7 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .env("MESH_TRACE_LOG", "warn");
-        let _ns = in_pod(&mut c, &self.pods[pod].ns.path(), uid, uid)?;
+        let _ns = self.in_pod(&mut c, pod, uid)?;
         let child = c.spawn().with_context(|| format!("starting {label}"))?;
         self.procs.push((label, child));
         Ok(())
@@ -453,10 +545,22 @@ impl Lab {
     }
 
     pub fn pod(&self, name: &str) -> &LabPod {
+        &self.pods[self.pod_index(name)]
+    }
+
+    fn pod_index(&self, name: &str) -> usize {
         self.pods
             .iter()
-            .find(|p| p.spec.name == name)
+            .position(|p| p.spec.name == name)
             .unwrap_or_else(|| panic!("no pod {name} in the lab"))
+    }
+
+    /// Makes `c` start in pod `i`: its network namespace, its node's
+    /// cgroup, as `uid`. What is returned must live until `c` is spawned.
+    fn in_pod(&self, c: &mut Command, i: usize, uid: u32) -> anyhow::Result<(File, Option<File>)> {
+        let pod = &self.pods[i];
+        let cgroup = self.nodes.get(pod.node).and_then(|n| n.cgroup.as_deref());
+        in_pod(c, &pod.ns.path(), cgroup, uid, uid)
     }
 
     pub fn proxy_log(&self, pod: &str) -> PathBuf {
@@ -488,7 +592,7 @@ impl Lab {
             .args(self.resolve_args())
             .env("MESH_TRACE_LOG", "warn")
             .stdin(Stdio::null());
-        let _ns = in_pod(&mut c, &self.pod(pod).ns.path(), APP_UID, APP_UID)?;
+        let _ns = self.in_pod(&mut c, self.pod_index(pod), APP_UID)?;
         let out = c.output().context("running the load generator")?;
         if !out.status.success() {
             bail!(
@@ -512,7 +616,7 @@ impl Lab {
             .env("MESH_TRACE_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        let _ns = in_pod(&mut c, &self.pod(pod).ns.path(), APP_UID, APP_UID)?;
+        let _ns = self.in_pod(&mut c, self.pod_index(pod), APP_UID)?;
         c.spawn().context("starting the load generator")
     }
 
@@ -553,6 +657,10 @@ impl Lab {
         // Dropping the namespaces deletes them, with their links and rules.
         self.pods.clear();
         self.node = None;
+        // The nodes' cgroups, empty now.
+        if let Some(lab) = self.cgroup.take() {
+            remove_cgroup(&lab);
+        }
     }
 }
 
@@ -591,6 +699,35 @@ fn kill_all_in(ns: &str) {
     }
 }
 
+/// Prefix of the cgroup a lab of several nodes makes at the cgroup v2 root.
+pub const CGROUP_PREFIX: &str = "mesh-trace-lab-";
+
+/// Removes a lab's cgroup and its nodes' (empty once their processes are
+/// gone; the kernel frees a dying process's cgroup a moment after it is
+/// reaped, so each removal is retried briefly).
+fn remove_cgroup(lab: &Path) {
+    let nodes: Vec<PathBuf> = fs::read_dir(lab)
+        .map(|e| {
+            e.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    for dir in nodes.iter().map(PathBuf::as_path).chain([lab]) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Err(e) = fs::remove_dir(dir) {
+            if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing cgroup {}: {e}", dir.display());
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Network namespaces left by labs that could not clean up (killed with
 /// SIGKILL, machine crash): `mesh-trace lab down` removes them.
 pub fn leftover_namespaces() -> Vec<String> {
@@ -606,12 +743,26 @@ pub fn leftover_namespaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Removes every lab namespace and the processes inside; returns their names.
+/// Removes every lab namespace and the processes inside, and the cgroups
+/// of labs of several nodes; returns their names.
 pub fn remove_leftovers() -> anyhow::Result<Vec<String>> {
-    let names = leftover_namespaces();
+    let mut names = leftover_namespaces();
     for n in &names {
         kill_all_in(n);
         cmd("ip", &["netns", "del", n])?;
+    }
+    if let Some(root) = crate::kernel::sysfs::cgroup2_root() {
+        for e in fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(CGROUP_PREFIX) {
+                remove_cgroup(&e.path());
+                names.push(name);
+            }
+        }
     }
     Ok(names)
 }

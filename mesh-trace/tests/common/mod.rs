@@ -96,6 +96,14 @@ impl Traced {
         traced
     }
 
+    /// The agent of one node of a lab of several: that node's pods'
+    /// processes (cgroup), network namespaces and NAT steps only.
+    pub fn start_on_node(lab: &Lab, node: &str) -> Traced {
+        Self::start_with(Some(lab.dir.clone()), |s| {
+            s.on_lab_node(node).expect("a node of the lab")
+        })
+    }
+
     /// The agent without any metadata source: namespaces are meshed only
     /// by the REDIRECTs seen in them.
     pub fn start_without_metadata() -> Traced {

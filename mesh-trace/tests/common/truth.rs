@@ -61,9 +61,16 @@ pub fn judge(spans: &[Span], truth: &HashMap<String, Truth>) -> Judged {
             continue;
         };
         j.compared += 1;
-        let (worst, hop) = Hop::ALL[..6]
+        // A span of one side (the other ran on another node) is judged on
+        // its own side's hops, with its measure of the rest.
+        let hops: &[Hop] = if s.half() == "whole" {
+            &Hop::PATH
+        } else {
+            &Hop::ALL
+        };
+        let (worst, hop) = hops
             .iter()
-            .filter_map(|h| Some((s.hop_ns(*h)?.abs_diff(t.hops[h]), *h)))
+            .filter_map(|h| Some((s.hop_ns(*h)?.abs_diff(*t.hops.get(h)?), *h)))
             .max()
             .unwrap_or((u64::MAX, Hop::Upstream));
         if worst <= 500_000 {
@@ -151,6 +158,14 @@ pub fn truths(lab: &Lab, client: &[ClientRecord]) -> HashMap<String, Truth> {
                     d(i.t_upstream_write_ns, a.t_read_ns) + d(a.t_write_ns, i.t_upstream_read_ns),
                 ),
                 (Hop::App, d(a.t_read_ns, a.t_write_ns)),
+                (
+                    Hop::Upstream,
+                    d(o.t_upstream_write_ns, o.t_upstream_read_ns),
+                ),
+                (
+                    Hop::ServerSide,
+                    d(i.t_downstream_read_ns, i.t_downstream_write_ns),
+                ),
             ]);
             Some((
                 c.request_id.clone(),

@@ -42,6 +42,9 @@ struct Pending {
     lost: bool,
     /// An orphan: started by an unmatched upstream write at this place.
     orphan_at: Option<Place>,
+    /// The response reached the origin before this moment was reported:
+    /// the span completes when it is.
+    waiting_for: Option<usize>,
     /// Where the request started, and so where its response completes it:
     /// the client app's socket, or the inbound sidecar's when the client
     /// is not on this node (the server's half).
@@ -242,6 +245,7 @@ impl Spans {
                 contested: false,
                 lost: false,
                 orphan_at: None,
+                waiting_for: None,
                 origin,
                 candidates: None,
             },
@@ -267,6 +271,7 @@ impl Spans {
                 contested: false,
                 lost: false,
                 orphan_at: Some(at),
+                waiting_for: None,
                 origin: at,
                 candidates: (!candidates.is_empty()).then_some((side, candidates)),
             },
@@ -462,7 +467,17 @@ impl Spans {
             self.spans.pop(&id);
             return Ok(None);
         }
-        if place != p.origin {
+        if place == p.origin {
+            // On loopback the reader can return before the writer's event
+            // is taken: the response reached the origin before the sidecar's
+            // write of it (t10, or t7 for a server's half) is reported. The
+            // span waits for that moment rather than going out without it.
+            let (pass, before) = (p.origin.moments().0 + 1, at - 1);
+            if p.span.moments[pass].is_some() && p.span.moments[before].is_none() {
+                p.waiting_for = Some(before);
+                return Ok(None);
+            }
+        } else if p.waiting_for != Some(at) {
             return Ok(None);
         }
         let Some(mut done) = self.spans.pop(&id) else {

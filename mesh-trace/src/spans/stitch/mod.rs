@@ -1067,6 +1067,43 @@ mod tests {
         }
     }
 
+    /// On loopback the app can read its response before the sidecar's
+    /// write of it is reported: the span waits for that moment and goes
+    /// out whole.
+    #[test]
+    fn a_response_read_before_its_write_is_reported_waits_for_the_write() {
+        let mut node = Node::six_sockets();
+        let (req, fwd) = (request("skew-1"), forwarded("skew-1"));
+        let mut t = vec![
+            node.io(1, APP, DIR_SEND, &req),
+            node.io(2, OUTBOUND, DIR_RECV, &req),
+            node.io(3, OUTBOUND, DIR_SEND, &fwd),
+            node.io(4, INBOUND, DIR_RECV, &fwd),
+            node.io(5, INBOUND, DIR_SEND, &fwd),
+            node.io(6, SERVER, DIR_RECV, &fwd),
+            node.io(6, SERVER, DIR_SEND, RESPONSE),
+            node.io(5, INBOUND, DIR_RECV, RESPONSE),
+            node.io(4, INBOUND, DIR_SEND, RESPONSE),
+            node.io(3, OUTBOUND, DIR_RECV, RESPONSE),
+        ];
+        let t11 = node.io(1, APP, DIR_RECV, RESPONSE);
+        assert!(node.spans.is_empty(), "out without t10");
+        let t10 = node.io(2, OUTBOUND, DIR_SEND, RESPONSE);
+        assert!(t10 - t11 <= crate::spans::span::LEG_SKEW_NS);
+        let span = node.spans.pop().expect("completed by t10");
+        // The sidecar's write moves back to the app's read (the same instant).
+        t.extend([t11, t11]);
+        assert_eq!(
+            span.moments.to_vec(),
+            t.into_iter().map(Some).collect::<Vec<_>>()
+        );
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
+    }
+
     /// An encrypted record that never goes on to the app (a TLS alert as
     /// the client's sidecar closes a pooled connection) is no request: it
     /// leaves with its socket, uncounted, and stands beside no other.

@@ -1,0 +1,200 @@
+//! Two nodes: the client pod on one, the server pods on the other, an
+//! agent for each scoped to its node (cgroup, network namespaces, NAT
+//! steps). Each node reports its half of every request, judged against
+//! that request's own truth. Needs root.
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::{
+    truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT, REVIEWS},
+    Traced,
+};
+use mesh_trace::{
+    flows::legs::LegKind,
+    lab::{
+        records::{read_records, ClientRecord},
+        topology::{Lab, LabOptions},
+    },
+    spans::span::{Hop, Span},
+};
+
+/// The acceptance lab on two nodes: the load generator (and productpage,
+/// details) on node-1, reviews and ratings on node-2.
+fn two_nodes(mtls: bool) -> LabOptions {
+    let mut o = delayed_lab(mtls);
+    o.nodes = 2;
+    for pod in ["loadgen-v1", "productpage-v1", "details-v1"] {
+        o.placement.insert(pod.into(), 0);
+    }
+    for pod in REVIEWS.iter().chain(&["ratings-v1"]) {
+        o.placement.insert(pod.to_string(), 1);
+    }
+    o
+}
+
+#[test]
+fn each_node_reports_its_half_of_every_request_in_plaintext() {
+    halves_on_two_nodes(false);
+}
+
+/// With mutual TLS the client's sidecar writes each request upstream
+/// encrypted: without the server's node, nothing the client's node
+/// captures tells which of the requests it held that write was, so each
+/// such request is counted `ambiguous` there (README, Limitations). The
+/// server's node reads the encrypted request and writes it in plaintext:
+/// a request it held alone is exact; several held at once are counted.
+#[test]
+fn with_mutual_tls_each_node_exports_only_exact_halves_and_counts_the_rest() {
+    halves_on_two_nodes(true);
+}
+
+fn halves_on_two_nodes(mtls: bool) {
+    require_root();
+    let lab = Lab::up(&two_nodes(mtls)).unwrap();
+    assert_eq!(lab.node_of(CLIENT).name, "node-1");
+    assert_eq!(lab.node_of(REVIEWS[0]).name, "node-2");
+    let client_node = Traced::start_on_node(&lab, "node-1");
+    let server_node = Traced::start_on_node(&lab, "node-2");
+    let load = |requests: u64, records: &std::path::Path| {
+        let requests = requests.to_string();
+        let args = [
+            "--url",
+            "http://reviews:9080/reviews/0",
+            "--rate",
+            "200",
+            "--requests",
+            &requests,
+        ];
+        lab.load_with(BIN.as_ref(), CLIENT, &args, records)
+    };
+    // The sidecars' pooled connections open first: the measured load is
+    // the steady state.
+    load(200, &lab.dir.join("warmup.jsonl")).unwrap();
+    let records = lab.dir.join("client.jsonl");
+    let n = 2_000u64;
+    let summary = load(n, &records).unwrap();
+    assert_eq!(summary.ok, n, "{summary:?}");
+    let client: Vec<ClientRecord> = read_records(&records).unwrap();
+    let ids: std::collections::HashSet<&str> =
+        client.iter().map(|c| c.request_id.as_str()).collect();
+    // reviews v2/v3 pass the id on to ratings: the client's requests only.
+    let mine = |s: &Span| {
+        s.source_workload == "loadgen"
+            && s.destination_service == "reviews"
+            && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
+    };
+    let of = |traced: &Traced| -> Vec<Span> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let spans: Vec<Span> = traced
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|s| mine(s))
+                .cloned()
+                .collect();
+            if spans.len() >= n as usize || std::time::Instant::now() > deadline {
+                return spans;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let truth = truths(&lab, &client);
+    for (node, traced, half) in [
+        ("node-1", &client_node, "client"),
+        ("node-2", &server_node, "server"),
+    ] {
+        let spans = of(traced);
+        let unstitched = traced.unstitched();
+        let mut per_id: HashMap<&str, usize> = HashMap::new();
+        for s in &spans {
+            *per_id.entry(s.request_id.as_deref().unwrap()).or_default() += 1;
+            assert_eq!(s.half(), half, "{node}: {s:?}");
+        }
+        assert!(
+            per_id.values().all(|&k| k == 1),
+            "{node}: a request with two spans"
+        );
+        let judged = judge(&spans, &truth);
+        eprintln!(
+            "{node} ({half} halves, mtls {mtls}): {} of {n} requests with a span, {} judged, {} exact to 0.5 ms, {} wrong; unstitched {unstitched:?}",
+            per_id.len(),
+            judged.compared,
+            judged.exact,
+            judged.wrong.len()
+        );
+        assert!(
+            judged.wrong.is_empty(),
+            "{node}: spans off their truth: {:?}",
+            &judged.wrong[..judged.wrong.len().min(5)]
+        );
+        let wanted = match (mtls, half) {
+            (false, _) => 0.999,
+            (true, "client") => 0.0,
+            (true, _) => 0.5,
+        };
+        assert!(
+            per_id.len() as f64 >= wanted * n as f64,
+            "{node}: {} of {n} requests have a span; unstitched: {unstitched:?}",
+            per_id.len()
+        );
+        let counted: u64 = unstitched.values().sum();
+        assert!(
+            counted >= n - per_id.len() as u64,
+            "{node}: {} requests without a span, {counted} counted: {unstitched:?}",
+            n - per_id.len() as u64
+        );
+        assert!(judged.compared as f64 >= 0.99 * per_id.len() as f64);
+        assert!(
+            judged.exact as f64 >= 0.5 * judged.compared as f64,
+            "{node}: {} of {} spans exact",
+            judged.exact,
+            judged.compared
+        );
+        // Each side's hops and nothing of the other's.
+        let (have, lack): (&[Hop], &[Hop]) = if half == "client" {
+            (
+                &[Hop::ClientToOutbound, Hop::OutboundProxy, Hop::Upstream],
+                &[Hop::Network, Hop::InboundProxy, Hop::App, Hop::ServerSide],
+            )
+        } else {
+            (
+                &[
+                    Hop::InboundProxy,
+                    Hop::InboundToApp,
+                    Hop::App,
+                    Hop::ServerSide,
+                ],
+                &[Hop::ClientToOutbound, Hop::Network, Hop::Upstream],
+            )
+        };
+        for s in &spans {
+            assert!(have.iter().all(|&h| s.hop_ns(h).is_some()), "{node}: {s:?}");
+            assert!(lack.iter().all(|&h| s.hop_ns(h).is_none()), "{node}: {s:?}");
+            assert_eq!((s.method.as_str(), s.status), ("GET", 200), "{node}: {s:?}");
+        }
+    }
+    // The sidecar's pooled connections to the other node are mesh legs on
+    // both nodes, never passthrough.
+    for (node, traced) in [("node-1", &client_node), ("node-2", &server_node)] {
+        let legs = traced.legs.lock().unwrap();
+        let count = |kind: LegKind| {
+            legs.iter()
+                .filter(|l| l.event == "open" && l.leg == kind)
+                .count()
+        };
+        eprintln!(
+            "{node}: legs opened: mesh {}, passthrough {}",
+            count(LegKind::Mesh),
+            count(LegKind::Passthrough)
+        );
+        assert!(count(LegKind::Mesh) > 0, "{node}: no mesh leg");
+        assert_eq!(
+            count(LegKind::Passthrough),
+            0,
+            "{node}: mesh legs taken for passthrough"
+        );
+    }
+}
