@@ -140,25 +140,34 @@ fn metadata_follows_add_update_delete_watch_restart_and_resync() {
     let pods_list = first.iter().find(|l| l.resource == "pods").unwrap();
     assert!(!pods_list.watch);
     assert_eq!(
-        pods_list.query.get("fieldSelector").map(String::as_str),
-        Some("spec.nodeName=lab-node"),
-        "only this node's pods are listed"
+        pods_list.query.get("fieldSelector"),
+        None,
+        "every pod is listed: clients on other nodes are named by their addresses"
     );
 
     // A watch: add, update, delete; then the server ends the stream.
     let mut canary = pod(&pods, "reviews-v1");
     canary["metadata"]["labels"]["version"] = json!("v1-canary");
     let details = pod(&pods, "details-v1");
+    // A client on another node: known by its address only.
+    let mut remote = pod(&pods, "productpage-v1");
+    remote["metadata"]["name"] = json!("productpage-v1-remote");
+    remote["metadata"]["uid"] = json!("0f0f0f0f-remote");
+    remote["spec"]["nodeName"] = json!("other-node");
+    remote["status"]["podIP"] = json!("10.244.1.50");
+    remote["status"]["podIPs"] = json!([{ "ip": "10.244.1.50" }]);
     server.push(
         "pods",
         Reply::Watch(vec![
             event("ADDED", &ratings, "Pod", 9101),
             event("MODIFIED", &canary, "Pod", 9102),
             event("DELETED", &details, "Pod", 9103),
+            event("ADDED", &remote, "Pod", 9104),
         ]),
     );
     wait_until("the watch events are applied", || {
-        meta.pod_by_ip(ip("10.244.0.31")).is_some()
+        meta.pod_by_ip(ip("10.244.1.50")).is_some()
+            && meta.pod_by_ip(ip("10.244.0.31")).is_some()
             && meta.pod_by_ip(ip("10.244.0.11")).is_none()
             && meta
                 .pod_by_ip(ip("10.244.0.21"))
@@ -187,10 +196,19 @@ fn metadata_follows_add_update_delete_watch_restart_and_resync() {
         .collect();
     assert_eq!(watches[0].query["resourceVersion"], "9100");
     assert_eq!(
-        watches[1].query["resourceVersion"], "9103",
+        watches[1].query["resourceVersion"], "9104",
         "resumed, not re-listed"
     );
-    assert_eq!(watches[1].query["fieldSelector"], "spec.nodeName=lab-node");
+    assert_eq!(watches[1].query.get("fieldSelector"), None);
+    let client = meta.pod_by_ip(ip("10.244.1.50")).unwrap();
+    assert_eq!(client.workload, "productpage-v1");
+    assert!(
+        !meta
+            .pods()
+            .iter()
+            .any(|p| p.name == "productpage-v1-remote"),
+        "a pod on another node is none of this node's"
+    );
 
     // Services change: a port moves, a service goes; pods follow.
     let mut reviews_svc = services["items"]

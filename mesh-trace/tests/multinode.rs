@@ -102,6 +102,7 @@ fn halves_on_two_nodes(mtls: bool) {
         }
     };
     let truth = truths(&lab, &client);
+    let mut traces: HashMap<String, Vec<String>> = HashMap::new();
     for (node, traced, half) in [
         ("node-1", &client_node, "client"),
         ("node-2", &server_node, "server"),
@@ -112,6 +113,11 @@ fn halves_on_two_nodes(mtls: bool) {
         for s in &spans {
             *per_id.entry(s.request_id.as_deref().unwrap()).or_default() += 1;
             assert_eq!(s.half(), half, "{node}: {s:?}");
+            let trace = s.trace_id.clone().expect("a trace id from the mesh leg");
+            traces
+                .entry(s.request_id.clone().unwrap())
+                .or_default()
+                .push(trace);
         }
         assert!(
             per_id.values().all(|&k| k == 1),
@@ -133,7 +139,9 @@ fn halves_on_two_nodes(mtls: bool) {
         let wanted = match (mtls, half) {
             (false, _) => 0.999,
             (true, "client") => 0.0,
-            (true, _) => 0.5,
+            // How many the inbound sidecar held alone depends on how fast
+            // it runs: 31% to 66% in runs of debug and release builds.
+            (true, _) => 0.2,
         };
         assert!(
             per_id.len() as f64 >= wanted * n as f64,
@@ -176,6 +184,23 @@ fn halves_on_two_nodes(mtls: bool) {
             assert_eq!((s.method.as_str(), s.status), ("GET", 200), "{node}: {s:?}");
         }
     }
+    // Where both nodes report a request, both derive one trace id for it,
+    // and no two requests share one.
+    let both: Vec<&Vec<String>> = traces.values().filter(|t| t.len() == 2).collect();
+    assert!(
+        both.iter().all(|t| t[0] == t[1]),
+        "halves of one request under two trace ids"
+    );
+    let distinct: std::collections::HashSet<&String> = traces.values().flatten().collect();
+    assert_eq!(
+        distinct.len(),
+        traces.len(),
+        "two requests under one trace id"
+    );
+    eprintln!(
+        "{} requests with both halves under one trace id",
+        both.len()
+    );
     // The sidecar's pooled connections to the other node are mesh legs on
     // both nodes, never passthrough.
     for (node, traced) in [("node-1", &client_node), ("node-2", &server_node)] {

@@ -34,7 +34,8 @@ pub struct DemoArgs {
     /// After the traffic stops, keep the lab and the agent up until Ctrl-C.
     #[arg(long)]
     pub keep: bool,
-    /// Where the agent serves /metrics.
+    /// Where the agent serves /metrics (with --nodes N, node-1's agent;
+    /// node-K's serves on the port K-1 above it).
     #[arg(long, default_value = "127.0.0.1:9464")]
     pub metrics_addr: SocketAddr,
 }
@@ -51,11 +52,21 @@ pub fn main(args: DemoArgs) -> Result<(), Failure> {
     eprintln!("==> starting the Bookinfo lab (network namespaces, istio-iptables, sidecars)");
     let lab = Lab::up(&opts)?;
     print!("{}", describe(&lab));
-    let settings = Settings {
-        metrics_addr: Some(args.metrics_addr),
-        log_level: LogLevel::Info,
-        ..Settings::in_process(Some(lab.dir.clone()))?
-    };
+    // One agent per node, each scoped to it as a node's agent would be.
+    let mut settings = Vec::new();
+    for (k, node) in lab.nodes.iter().enumerate() {
+        let mut addr = args.metrics_addr;
+        addr.set_port(args.metrics_addr.port().saturating_add(k as u16));
+        let mut s = Settings {
+            metrics_addr: Some(addr),
+            log_level: LogLevel::Info,
+            ..Settings::in_process(Some(lab.dir.clone()))?
+        };
+        if lab.nodes.len() > 1 {
+            s.on_lab_node(&node.name)?;
+        }
+        settings.push(s);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -66,26 +77,41 @@ pub fn main(args: DemoArgs) -> Result<(), Failure> {
     result
 }
 
-async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Failure> {
-    let state = Arc::new(AgentState::new());
-    let (stop_agent, agent_stopped) = tokio::sync::oneshot::channel::<()>();
-    let agent_task = tokio::spawn(agent(
-        settings,
-        state.clone(),
-        async {
-            let _ = agent_stopped.await;
-        },
-        |_| {},
-    ));
+async fn live(lab: &Lab, args: &DemoArgs, settings: Vec<Settings>) -> Result<(), Failure> {
+    let mut agents = Vec::new();
+    for s in settings {
+        let addr = s.metrics_addr;
+        let state = Arc::new(AgentState::new());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(agent(
+            s,
+            state.clone(),
+            async {
+                let _ = stopped.await;
+            },
+            |_| {},
+        ));
+        agents.push((state, stop, task, addr));
+    }
     let mut ctrl_c = std::pin::pin!(stop_signal()?);
     // Traffic starts once the programs are attached: connections opened
     // before would be invisible for as long as they are kept alive.
-    while !state.ready.load(std::sync::atomic::Ordering::Acquire) {
-        if agent_task.is_finished() {
-            break;
+    for (state, _, task, _) in &agents {
+        while !state.ready.load(std::sync::atomic::Ordering::Acquire) && !task.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    if agents.len() > 1 {
+        for ((_, _, _, addr), node) in agents.iter().zip(&lab.nodes) {
+            if let Some(addr) = addr {
+                eprintln!(
+                    "==> {}'s agent: http://{addr}/metrics (mesh-trace top --agent http://{addr})",
+                    node.name
+                );
+            }
+        }
+    }
+    let state = agents[0].0.clone();
 
     let records = lab.dir.join("demo-client.jsonl");
     let url = "http://productpage:9080/productpage";
@@ -128,9 +154,12 @@ async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Fail
             tokio::select! {
                 _ = &mut ctrl_c => break true,
                 _ = tick.tick() => {
-                    println!("{}", view.line(started.elapsed(), &state));
-                    for row in hop_rows(&state) {
-                        println!("{row}");
+                    for ((state, ..), node) in agents.iter().zip(&lab.nodes) {
+                        let prefix = if agents.len() > 1 { format!("{} ", node.name) } else { String::new() };
+                        println!("{prefix}{}", view.line(started.elapsed(), state));
+                        for row in hop_rows(state) {
+                            println!("{prefix}{row}");
+                        }
                     }
                     if args.duration.is_some_and(|d| started.elapsed().as_secs_f64() >= d) {
                         break false;
@@ -146,7 +175,9 @@ async fn live(lab: &Lab, args: &DemoArgs, settings: Settings) -> Result<(), Fail
         print!("{}", describe(lab));
         ctrl_c.await;
     }
-    let _ = stop_agent.send(());
-    agent_task.await.context("agent task")??;
+    for (_, stop, task, _) in agents {
+        let _ = stop.send(());
+        task.await.context("agent task")??;
+    }
     Ok(())
 }

@@ -1,7 +1,9 @@
-//! Pod and service metadata from the Kubernetes API server: the pods on this
-//! node (field selector `spec.nodeName`) and every service, kept current by
-//! list/watch. A pod's network namespace is found by the addresses inside
-//! it: the namespaces under the netns directory are scanned, and one that
+//! Pod and service metadata from the Kubernetes API server: every pod and
+//! every service, kept current by list/watch. Pods on other nodes name the
+//! clients of this node's servers by their addresses (the server's half of
+//! a request from another node); this node's pods are also found by their
+//! network namespace, whose traffic is captured. A pod's network namespace
+//! is found by the addresses inside it: the namespaces under the netns directory are scanned, and one that
 //! holds a pod's IP belongs to that pod. Runtimes that do not name pod
 //! namespaces there leave pods unfound; for those, the processes under the
 //! proc directory are looked at: cgroup paths name the pod's UID, and the
@@ -46,6 +48,8 @@ pub struct KubeStats {
 #[derive(Clone, Debug)]
 struct PodRecord {
     uid: String,
+    /// Whether it runs on this node (`spec.nodeName`).
+    local: bool,
     labels: BTreeMap<String, String>,
     host_network: bool,
     ips: Vec<IpAddr>,
@@ -129,12 +133,13 @@ impl State {
         self.by_uid = self
             .pods
             .values()
+            .filter(|r| r.local)
             .map(|r| (r.uid.clone(), r.pod.clone()))
             .collect();
         let uid_by_ip: HashMap<IpAddr, &str> = self
             .pods
             .values()
-            .filter(|r| !r.host_network)
+            .filter(|r| r.local && !r.host_network)
             .flat_map(|r| r.ips.iter().map(|&ip| (ip, r.uid.as_str())))
             .collect();
         let mut netns_uid: HashMap<u64, &str> = self
@@ -155,7 +160,7 @@ impl State {
             !found_by_ip.contains(found.uid.as_str())
                 && pods
                     .get(&found.uid)
-                    .is_some_and(|r| !r.host_network && r.ips == found.ips)
+                    .is_some_and(|r| r.local && !r.host_network && r.ips == found.ips)
         });
         for (&cookie, found) in &self.cgroup_netns {
             netns_uid.entry(cookie).or_insert(found.uid.as_str());
@@ -168,7 +173,7 @@ impl State {
         self.pods_without_netns = self
             .pods
             .values()
-            .filter(|r| !r.host_network && !r.ips.is_empty())
+            .filter(|r| r.local && !r.host_network && !r.ips.is_empty())
             .filter(|r| !with_netns.contains(r.uid.as_str()))
             .map(|r| r.uid.clone())
             .collect();
@@ -240,10 +245,12 @@ impl KubeMetadata {
         Client::try_from(config).context("creating the Kubernetes client")
     }
 
-    /// Watches pods on this node and all services until the runtime stops.
+    /// Watches every pod and every service until the runtime stops. Every
+    /// pod, not only this node's: a request from a pod on another node is
+    /// labelled with that pod's workload, found by its address.
     pub fn spawn_watchers(self: &Arc<Self>, client: Client) {
         let pods: Api<KubePod> = Api::all(client.clone());
-        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
+        let config = watcher::Config::default();
         let me = self.clone();
         tokio::spawn(async move {
             let mut buffer = Vec::new();
@@ -288,17 +295,22 @@ impl KubeMetadata {
         self.stats.pod_events.fetch_add(1, Ordering::Relaxed);
         match event {
             Event::Init => buffer.clear(),
-            Event::InitApply(p) => buffer.extend(pod_record(&p)),
+            Event::InitApply(p) => buffer.extend(pod_record(&p, &self.node)),
             Event::InitDone => {
                 self.stats.relists.fetch_add(1, Ordering::Relaxed);
                 let mut state = self.write();
                 state.pods = buffer.drain(..).map(|r| (r.uid.clone(), r)).collect();
                 state.rebuild();
                 self.pods_synced.store(true, Ordering::Release);
-                tracing::info!("{} pods on node {}", state.pods.len(), self.node);
+                tracing::info!(
+                    "{} pods, {} on node {}",
+                    state.pods.len(),
+                    state.by_uid.len(),
+                    self.node
+                );
             }
             Event::Apply(p) => {
-                if let Some(r) = pod_record(&p) {
+                if let Some(r) = pod_record(&p, &self.node) {
                     let mut state = self.write();
                     state.pods.insert(r.uid.clone(), r);
                     state.rebuild();
@@ -523,7 +535,7 @@ fn has_sidecar(pod: &KubePod) -> bool {
     annotated || container
 }
 
-fn pod_record(pod: &KubePod) -> Option<PodRecord> {
+fn pod_record(pod: &KubePod, node: &str) -> Option<PodRecord> {
     let meta = pod.meta();
     let uid = meta.uid.clone()?;
     let labels = meta.labels.clone().unwrap_or_default();
@@ -562,8 +574,10 @@ fn pod_record(pod: &KubePod) -> Option<PodRecord> {
         sidecar: has_sidecar(pod) && !host_network,
         service: None,
     };
+    let local = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
     Some(PodRecord {
         uid,
+        local,
         labels,
         host_network,
         ips,
@@ -718,6 +732,7 @@ mod tests {
         let ip: IpAddr = ip.parse().unwrap();
         PodRecord {
             uid: uid.into(),
+            local: true,
             labels: BTreeMap::new(),
             host_network,
             ips: vec![ip],

@@ -628,6 +628,7 @@ mod tests {
             moments: moments_ms.map(|m| m.map(|m| m * MS)),
             retries: 0,
             local_reply: None,
+            trace_id: None,
         }
     }
 

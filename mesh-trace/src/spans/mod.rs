@@ -3,8 +3,10 @@
 //! - [`http`]: HTTP/1.1 framing of each socket's byte stream (from the
 //!   kernel's data events: timestamps, stream offsets, payload prefixes);
 //! - [`span`]: the span of one request and its hops;
-//! - [`live`]: sliding-window percentiles per service and hop.
+//! - [`live`]: sliding-window percentiles per service and hop;
+//! - [`trace_id`]: the trace id both nodes of a request derive alike.
 pub mod http;
 pub mod live;
 pub mod span;
 pub mod stitch;
+pub mod trace_id;

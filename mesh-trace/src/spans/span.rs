@@ -139,6 +139,9 @@ pub struct Span {
     pub retries: u32,
     /// Set when a sidecar answered the request itself.
     pub local_reply: Option<LocalReply>,
+    /// The trace id both nodes derive alike from its mesh leg
+    /// ([`crate::spans::trace_id`]), when it crossed one.
+    pub trace_id: Option<String>,
 }
 
 impl Span {
@@ -263,6 +266,7 @@ impl Span {
             "retries": self.retries,
             "local_reply": self.local_reply,
             "half": self.half(),
+            "trace_id": self.trace_id,
             "total_ms": ms(self.total_ns()),
             "hops_ms": hops,
             "moments_ns": self.moments,
@@ -297,6 +301,7 @@ mod tests {
             moments: ms.map(|m| Some(m * 1_000_000)),
             retries: 0,
             local_reply: None,
+            trace_id: None,
         }
     }
 

@@ -67,6 +67,7 @@ fn blank(request_id: Option<String>, source: String, destination: String) -> Spa
         moments: [None; 12],
         retries: 0,
         local_reply: None,
+        trace_id: None,
     }
 }
 
@@ -300,6 +301,10 @@ impl Spans {
             }
             p.contested = false;
             p.lost |= o.lost;
+            // The orphan was the write on the mesh leg.
+            if o.span.trace_id.is_some() {
+                p.span.trace_id = o.span.trace_id;
+            }
             self.aliases.insert(orphan, span);
         }
     }
@@ -331,6 +336,17 @@ impl Spans {
         let id = self.alias(id);
         if let (Some(rid), Some(p)) = (request_id, self.spans.get_mut(&id)) {
             p.span.request_id.get_or_insert_with(|| rid.to_owned());
+        }
+    }
+
+    /// The trace id of span `id`: set, or kept if it has one unless
+    /// `replace`.
+    pub(super) fn note_trace_id(&mut self, id: SpanId, trace: String, replace: bool) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            if replace || p.span.trace_id.is_none() {
+                p.span.trace_id = Some(trace);
+            }
         }
     }
 

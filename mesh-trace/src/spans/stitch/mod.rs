@@ -40,6 +40,7 @@ use self::{
 use super::{
     http::{Chunk, Dir, Framer, Head, Message},
     span::{LocalReply, Span},
+    trace_id,
 };
 use crate::flows::table::FlowTable;
 
@@ -342,6 +343,14 @@ impl Stitcher {
         if let Some(s) = self.sockets.get_mut(&cookie) {
             s.outstanding.push(id, anchor);
         }
+        if place == Place::OutboundUp {
+            // The attempt that went out last names the trace.
+            if let Some(sock) = flows.socket(cookie) {
+                let trace =
+                    trace_id::from_mesh_leg(sock.local, sock.remote.ip(), msg.offset as u32);
+                self.spans.note_trace_id(id, trace, true);
+            }
+        }
         match self.legs.written(cookie, msg.offset, id) {
             Write::Read(a) => self.arrived(flows, a, id),
             Write::Queued(dropped) => {
@@ -388,6 +397,14 @@ impl Stitcher {
                 .socket(a.cookie)
                 .and_then(|s| s.pod.as_ref())
                 .map(|pod| pod.name.clone());
+        }
+        if a.place == Place::InboundDown {
+            // A server's half: its read starts the request (a whole span
+            // has its id from the client's write already).
+            if let Some(sock) = flows.socket(a.cookie) {
+                let trace = trace_id::from_mesh_leg(sock.remote, sock.local.ip(), a.offset as u32);
+                self.spans.note_trace_id(id, trace, false);
+            }
         }
         if matches!(a.place, Place::OutboundDown | Place::InboundDown) {
             let side = ProxySide {
@@ -1039,6 +1056,7 @@ mod tests {
     fn a_client_on_another_node_leaves_the_server_half_on_this_one() {
         for encrypted in [false, true] {
             let mut node = server_node();
+            let mut traces = Vec::new();
             for id in ["srv-1", "srv-2"] {
                 let t = server_half(&mut node, id, encrypted);
                 let spans = std::mem::take(&mut node.spans);
@@ -1057,7 +1075,13 @@ mod tests {
                 assert_eq!(span.hop_ns(Hop::Network), None);
                 let reporters: Vec<_> = span.reporters().collect();
                 assert_eq!(reporters, [crate::spans::span::Reporter::Destination]);
+                traces.push(span.trace_id.clone().expect("a trace id"));
             }
+            // The first request starts the connection's byte stream.
+            let client = "10.244.1.5:50000".parse().unwrap();
+            let server = "10.244.0.9".parse().unwrap();
+            assert_eq!(traces[0], trace_id::from_mesh_leg(client, server, 0));
+            assert_ne!(traces[0], traces[1]);
             assert!(
                 node.stitcher.unstitched.is_empty(),
                 "{:?}",
