@@ -7,6 +7,7 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use common::{
+    otlp::OtlpReceiver,
     truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT, REVIEWS},
     Traced,
 };
@@ -54,8 +55,13 @@ fn halves_on_two_nodes(mtls: bool) {
     let lab = Lab::up(&two_nodes(mtls)).unwrap();
     assert_eq!(lab.node_of(CLIENT).name, "node-1");
     assert_eq!(lab.node_of(REVIEWS[0]).name, "node-2");
-    let client_node = Traced::start_on_node(&lab, "node-1");
-    let server_node = Traced::start_on_node(&lab, "node-2");
+    // Both agents send their traces to one collector.
+    let collector = OtlpReceiver::start();
+    let otlp = mesh_trace::agent::otlp::Endpoint::parse(&collector.endpoint()).unwrap();
+    let client_node =
+        Traced::start_on_node(&lab, "node-1", |s| s.otlp_endpoint = Some(otlp.clone()));
+    let server_node =
+        Traced::start_on_node(&lab, "node-2", |s| s.otlp_endpoint = Some(otlp.clone()));
     let load = |requests: u64, records: &std::path::Path| {
         let requests = requests.to_string();
         let args = [
@@ -201,6 +207,26 @@ fn halves_on_two_nodes(mtls: bool) {
         "{} requests with both halves under one trace id",
         both.len()
     );
+    for (node, traced) in [("node-1", &client_node), ("node-2", &server_node)] {
+        let m = &traced.state.metrics;
+        let dropped: Vec<(&str, u64)> = ["queue_full", "export_failed"]
+            .into_iter()
+            .map(|reason| {
+                let n = m
+                    .otlp_dropped
+                    .get_or_create(&mesh_trace::agent::metrics::ReasonLabel { reason })
+                    .get();
+                (reason, n)
+            })
+            .collect();
+        eprintln!(
+            "{node}: OTLP exported {} requests, dropped {dropped:?}",
+            m.otlp_exported.get()
+        );
+    }
+    if !mtls {
+        collected_into_one_trace_each(&collector, &ids, n);
+    }
     // The sidecar's pooled connections to the other node are mesh legs on
     // both nodes, never passthrough.
     for (node, traced) in [("node-1", &client_node), ("node-2", &server_node)] {
@@ -222,4 +248,61 @@ fn halves_on_two_nodes(mtls: bool) {
             "{node}: mesh legs taken for passthrough"
         );
     }
+}
+
+/// The collector got, for at least 99.9% of the requests, the client's
+/// segments from node-1 and the server's from node-2 under one trace id,
+/// the server's inbound sidecar a child of the client's upstream span.
+fn collected_into_one_trace_each(
+    collector: &OtlpReceiver,
+    ids: &std::collections::HashSet<&str>,
+    n: u64,
+) {
+    let complete = || -> usize {
+        let spans = collector.spans.lock().unwrap();
+        let mut by_request: HashMap<&str, Vec<&common::otlp::Received>> = HashMap::new();
+        for r in spans.iter() {
+            // reviews v2/v3 pass the id on to ratings: the calls to reviews.
+            if r.attribute("server.address") != Some("reviews") {
+                continue;
+            }
+            if let Some(id) = r
+                .attribute("mesh_trace.request_id")
+                .filter(|id| ids.contains(id))
+            {
+                by_request.entry(id).or_default().push(r);
+            }
+        }
+        by_request
+            .values()
+            .filter(|segments| {
+                let find = |name: &str, node: &str| {
+                    segments
+                        .iter()
+                        .find(|r| r.span.name == name && r.node == node)
+                };
+                match (
+                    find("upstream", "node-1"),
+                    find("inbound sidecar", "node-2"),
+                ) {
+                    (Some(up), Some(inbound)) => {
+                        up.span.trace_id == inbound.span.trace_id
+                            && inbound.span.parent_span_id == up.span.span_id
+                            && segments.iter().all(|r| r.span.trace_id == up.span.trace_id)
+                    }
+                    _ => false,
+                }
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while complete() < n as usize && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let joined = complete();
+    eprintln!("OTLP: {joined} of {n} requests with both nodes' segments in one trace");
+    assert!(
+        joined as f64 >= 0.999 * n as f64,
+        "{joined} of {n} requests joined in one trace at the collector"
+    );
 }

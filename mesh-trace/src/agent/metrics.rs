@@ -163,6 +163,8 @@ pub struct Metrics {
     pub connections_closed: Family<ConnectionLabels, Counter>,
     pub connect_duration: Family<LegDirectionLabels, Histogram>,
     pub passthrough: Counter,
+    pub otlp_exported: Counter,
+    pub otlp_dropped: Family<ReasonLabel, Counter>,
     pub blackhole: Counter,
     pub bypass: Counter,
     pub retransmits: Family<LegSideLabels, Counter>,
@@ -277,6 +279,18 @@ impl Metrics {
             "passthrough_connections",
             "Connections a sidecar sent to their original destination outside the mesh (PassthroughCluster)",
             passthrough.clone(),
+        );
+        let otlp_exported = Counter::default();
+        registry.register(
+            "otlp_exported_requests",
+            "Requests whose spans were sent to the OTLP collector",
+            otlp_exported.clone(),
+        );
+        let otlp_dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "otlp_dropped_requests",
+            "Requests whose spans were not sent: queue_full (the collector is slower than the traffic, or down) or export_failed (every attempt failed)",
+            otlp_dropped.clone(),
         );
         let blackhole = Counter::default();
         registry.register(
@@ -471,6 +485,8 @@ impl Metrics {
             connections_closed,
             connect_duration,
             passthrough,
+            otlp_exported,
+            otlp_dropped,
             blackhole,
             bypass,
             retransmits,
@@ -487,6 +503,18 @@ impl Metrics {
             unknown_socket_events,
             workload_pairs: Default::default(),
         }
+    }
+
+    /// Requests whose spans went to the OTLP collector.
+    pub fn otlp_exported(&self, n: u64) {
+        self.otlp_exported.inc_by(n);
+    }
+
+    /// Requests whose spans were not sent, and why.
+    pub fn otlp_dropped(&self, reason: &'static str, n: u64) {
+        self.otlp_dropped
+            .get_or_create(&ReasonLabel { reason })
+            .inc_by(n);
     }
 
     /// (source, destination) as label values, folded into "other" past the cap.

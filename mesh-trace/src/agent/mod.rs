@@ -3,6 +3,7 @@
 //! - [`run`]: its event loop, from attaching the programs to detaching them;
 //! - [`pipeline`]: what each kernel event goes through (flows, spans);
 //! - [`metrics`] and [`http`]: what it exports and serves;
+//! - [`otlp`]: request traces sent to an OpenTelemetry collector;
 //! - [`netns_watch`]: NAT observers of pod namespaces, on a thread of their own;
 //! - [`local`]: an agent inside another command's process;
 //! - [`process`]: its own CPU and memory.
@@ -11,6 +12,7 @@ pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod netns_watch;
+pub mod otlp;
 pub mod pipeline;
 pub mod process;
 pub mod run;

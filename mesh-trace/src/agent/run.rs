@@ -181,6 +181,14 @@ pub async fn agent_with_spans(
         metadata.clone(),
     );
     let mut pipeline = Pipeline::new(table, state.clone());
+    let otlp = settings.otlp_endpoint.clone().map(|endpoint| {
+        tracing::info!(
+            "sending request traces to http://{}{}",
+            endpoint.authority,
+            endpoint.path
+        );
+        super::otlp::Exporter::start(endpoint, settings.node_label(), state.clone())
+    });
     let mut legs = Vec::new();
     let mut spans = Vec::new();
     let (stop_http, stop_rx) = watch::channel(false);
@@ -360,7 +368,12 @@ pub async fn agent_with_spans(
                             }
                             pipeline.handle(&ev, &mut legs, &mut spans);
                             legs.drain(..).for_each(|l| on_leg(&l));
-                            spans.drain(..).for_each(|s| on_span(&s));
+                            for s in spans.drain(..) {
+                                if let Some(otlp) = &otlp {
+                                    otlp.offer(&s);
+                                }
+                                on_span(&s);
+                            }
                             if settings.print_events {
                                 let _ = writeln!(out, "{}", events::to_json(&ev));
                             }

@@ -45,6 +45,8 @@ pub struct Settings {
     pub netns_events_per_s: u32,
     /// Who may read the per-request detail of `/api/v1/stats`.
     pub stats_access: StatsAccess,
+    /// Where request traces go over OTLP/HTTP, if anywhere.
+    pub otlp_endpoint: Option<super::otlp::Endpoint>,
 }
 
 pub const DEFAULT_NETNS_DIR: &str = "/var/run/netns";
@@ -68,6 +70,7 @@ impl Settings {
             batch_events: true,
             netns_events_per_s: crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S,
             stats_access: StatsAccess::LoopbackOnly,
+            otlp_endpoint: None,
         })
     }
 
@@ -83,6 +86,19 @@ impl Settings {
         self.netns_dir = n.netns_dir.clone();
         self.lab_node = Some(node.to_string());
         Ok(())
+    }
+
+    /// The node this agent runs on, as its traces name it.
+    pub fn node_label(&self) -> String {
+        self.kubernetes_node
+            .clone()
+            .or_else(|| self.lab_node.clone())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into())
     }
 
     /// The metadata source these settings name. A Kubernetes source starts

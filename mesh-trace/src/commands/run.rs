@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// on the node, kubectl port-forward).
     #[arg(long)]
     pub stats_from_anywhere: bool,
+    /// Send each request's trace (a span per segment of its path) over
+    /// OTLP/HTTP to this collector, e.g. http://otel-collector:4318.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Merges flags over the config file over defaults. Errors are usage errors.
@@ -103,6 +107,13 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         .clone()
         .or(file.node_name.clone())
         .filter(|n| !n.is_empty());
+    let otlp_endpoint = args
+        .otlp_endpoint
+        .clone()
+        .or(file.otlp_endpoint.clone())
+        .map(|u| crate::agent::otlp::Endpoint::parse(&u))
+        .transpose()
+        .map_err(Failure::usage)?;
     let mut settings = Settings {
         metrics_addr: Some(
             args.metrics_addr
@@ -136,6 +147,7 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         } else {
             StatsAccess::LoopbackOnly
         },
+        otlp_endpoint,
     };
     // One node of a lab: its pods' namespaces, processes and NAT steps,
     // unless flags say otherwise.

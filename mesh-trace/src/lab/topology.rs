@@ -288,6 +288,13 @@ impl Lab {
             fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
             self.cgroup = Some(dir);
         }
+        // A lab id is reused now and then (its directory is kept for the
+        // records): start from no node directories.
+        let nodes_dir = self.dir.join("nodes");
+        if nodes_dir.exists() {
+            fs::remove_dir_all(&nodes_dir)
+                .with_context(|| format!("removing {}", nodes_dir.display()))?;
+        }
         for k in 0..count {
             let name = format!("node-{}", k + 1);
             let netns_dir = self.dir.join("nodes").join(&name).join("netns");

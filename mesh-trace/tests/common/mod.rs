@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod kubeapi;
+pub mod otlp;
 pub mod truth;
 
 use std::{
@@ -98,9 +99,10 @@ impl Traced {
 
     /// The agent of one node of a lab of several: that node's pods'
     /// processes (cgroup), network namespaces and NAT steps only.
-    pub fn start_on_node(lab: &Lab, node: &str) -> Traced {
+    pub fn start_on_node(lab: &Lab, node: &str, tweak: impl FnOnce(&mut Settings)) -> Traced {
         Self::start_with(Some(lab.dir.clone()), |s| {
-            s.on_lab_node(node).expect("a node of the lab")
+            s.on_lab_node(node).expect("a node of the lab");
+            tweak(s);
         })
     }
 

@@ -1,0 +1,403 @@
+//! Trace export over OTLP/HTTP (protobuf, `POST /v1/traces`): one trace per
+//! request, a span per segment of its path. Spans wait in a bounded queue;
+//! a task sends them in batches, retrying with backoff; what the queue
+//! cannot take, or what could not be sent, is counted by reason.
+//!
+//! The two nodes of a request put their halves into one trace without
+//! talking to each other: the trace id comes from the request's mesh leg
+//! ([`crate::spans::trace_id`]), and each segment's span id from the trace
+//! id and the segment's name, so the server's node names as parent the
+//! client's `upstream` span without having seen it.
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::ExportTraceServiceRequest,
+    common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
+    resource::v1::Resource,
+    trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use super::http::AgentState;
+use crate::spans::span::Span as RequestSpan;
+
+/// Spans waiting to be sent, at most.
+pub const QUEUE: usize = 16_384;
+/// Requests per export.
+const BATCH: usize = 512;
+/// Longest wait before a partial batch goes.
+const LINGER: Duration = Duration::from_secs(1);
+/// Attempts per batch, and the first and longest pause between them.
+const ATTEMPTS: u32 = 5;
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// One export's time limit.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where traces go: `http://host:port`, or a URL whose path ends in
+/// `/v1/traces`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub authority: String,
+    pub path: String,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> anyhow::Result<Endpoint> {
+        let uri: hyper::Uri = url
+            .parse()
+            .with_context(|| format!("--otlp-endpoint {url:?}: not a URL"))?;
+        anyhow::ensure!(
+            uri.scheme_str() == Some("http"),
+            "--otlp-endpoint {url:?}: only http:// is supported (OTLP/HTTP to a collector on the node or in the cluster)"
+        );
+        let authority = uri
+            .authority()
+            .with_context(|| format!("--otlp-endpoint {url:?}: no host"))?
+            .to_string();
+        let authority = if uri.port().is_some() {
+            authority
+        } else {
+            format!("{authority}:80")
+        };
+        let base = uri.path().trim_end_matches('/');
+        let path = if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        };
+        Ok(Endpoint { authority, path })
+    }
+}
+
+/// The agent's side of the queue.
+pub struct Exporter {
+    queue: mpsc::Sender<RequestSpan>,
+    state: Arc<AgentState>,
+}
+
+impl Exporter {
+    /// Starts the sending task on the current runtime.
+    pub fn start(endpoint: Endpoint, node: String, state: Arc<AgentState>) -> Exporter {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(send_loop(endpoint, node, rx, state.clone()));
+        Exporter { queue, state }
+    }
+
+    /// Queues a request's span; counted as dropped when the queue is full
+    /// (the collector is slower than the traffic, or down).
+    pub fn offer(&self, span: &RequestSpan) {
+        if self.queue.try_send(span.clone()).is_err() {
+            self.state.metrics.otlp_dropped("queue_full", 1);
+        }
+    }
+}
+
+async fn send_loop(
+    endpoint: Endpoint,
+    node: String,
+    mut rx: mpsc::Receiver<RequestSpan>,
+    state: Arc<AgentState>,
+) {
+    let metrics = &state.metrics;
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        // A batch: the first span, then what comes within the linger.
+        match rx.recv().await {
+            Some(s) => batch.push(s),
+            None => return,
+        }
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => batch.push(s),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let body = Bytes::from(request(&batch, &node).encode_to_vec());
+        let mut pause = BACKOFF_FIRST;
+        let mut sent = false;
+        for attempt in 1..=ATTEMPTS {
+            match tokio::time::timeout(EXPORT_TIMEOUT, post(&endpoint, body.clone())).await {
+                Ok(Ok(())) => {
+                    sent = true;
+                    break;
+                }
+                Ok(Err(e)) => tracing::debug!("OTLP export, attempt {attempt}: {e:#}"),
+                Err(_) => tracing::debug!("OTLP export, attempt {attempt}: timed out"),
+            }
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKOFF_MAX);
+            }
+        }
+        if sent {
+            metrics.otlp_exported(batch.len() as u64);
+        } else {
+            tracing::warn!(
+                "OTLP export to http://{}{} failed {ATTEMPTS} times: {} requests' spans dropped",
+                endpoint.authority,
+                endpoint.path,
+                batch.len()
+            );
+            metrics.otlp_dropped("export_failed", batch.len() as u64);
+        }
+        batch.clear();
+    }
+}
+
+/// One POST; success is a 2xx (OTLP/HTTP: partial success is still 200).
+async fn post(endpoint: &Endpoint, body: Bytes) -> anyhow::Result<()> {
+    let stream = tokio::net::TcpStream::connect(&endpoint.authority)
+        .await
+        .with_context(|| format!("connecting to {}", endpoint.authority))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post(endpoint.path.as_str())
+        .header(hyper::header::HOST, endpoint.authority.as_str())
+        .header(hyper::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(Full::new(body))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    // Read the body so the connection ends cleanly.
+    let _ = resp.into_body().collect().await;
+    conn.abort();
+    anyhow::ensure!(status.is_success(), "the collector answered {status}");
+    Ok(())
+}
+
+/// The segments of a request's path, as OTLP spans: (name, kind, first
+/// moment, last moment, parent).
+const SEGMENTS: [(&str, SpanKind, usize, usize, Option<&str>); 5] = [
+    ("client app", SpanKind::Client, 0, 11, None),
+    (
+        "outbound sidecar",
+        SpanKind::Client,
+        1,
+        10,
+        Some("client app"),
+    ),
+    ("upstream", SpanKind::Client, 2, 9, Some("outbound sidecar")),
+    ("inbound sidecar", SpanKind::Server, 3, 8, Some("upstream")),
+    (
+        "server app",
+        SpanKind::Server,
+        5,
+        6,
+        Some("inbound sidecar"),
+    ),
+];
+
+/// The request for one batch.
+pub fn request(spans: &[RequestSpan], node: &str) -> ExportTraceServiceRequest {
+    // CLOCK_MONOTONIC moments to Unix time, as of now.
+    let offset = unix_minus_monotonic_ns();
+    let otlp: Vec<Span> = spans.iter().flat_map(|s| segments(s, offset)).collect();
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![
+                    string("service.name", "mesh-trace"),
+                    string("k8s.node.name", node),
+                ],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "mesh-trace".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                }),
+                spans: otlp,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// The OTLP spans of one request: each segment whose two moments this node
+/// saw.
+pub fn segments(s: &RequestSpan, unix_offset_ns: i64) -> Vec<Span> {
+    let trace = trace_id(s);
+    let unix = |mono: u64| (mono as i64 + unix_offset_ns).max(0) as u64;
+    let error = s.status == 0 || s.status >= 500;
+    SEGMENTS
+        .iter()
+        .filter_map(|&(name, kind, from, to, parent)| {
+            let (start, end) = (s.moments[from]?, s.moments[to]?);
+            let mut attributes = vec![
+                string("http.request.method", &s.method),
+                string("http.route", &s.path),
+                int("http.response.status_code", i64::from(s.status)),
+                string("server.address", &s.destination_service),
+                string("mesh_trace.source_workload", &s.source_workload),
+            ];
+            if let Some(pod) = &s.destination_pod {
+                attributes.push(string("k8s.pod.name", pod));
+            }
+            if let Some(id) = &s.request_id {
+                attributes.push(string("mesh_trace.request_id", id));
+            }
+            Some(Span {
+                trace_id: trace.to_vec(),
+                span_id: span_id(&trace, name).to_vec(),
+                parent_span_id: parent
+                    .map(|p| span_id(&trace, p).to_vec())
+                    .unwrap_or_default(),
+                name: name.into(),
+                kind: kind as i32,
+                start_time_unix_nano: unix(start),
+                end_time_unix_nano: unix(end),
+                attributes,
+                status: Some(Status {
+                    code: if error {
+                        StatusCode::Error
+                    } else {
+                        StatusCode::Unset
+                    } as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+/// The request's trace id: from its mesh leg, else from what identifies it
+/// on this node alone.
+fn trace_id(s: &RequestSpan) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if let Some(hex) = &s.trace_id {
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
+        }
+        return out;
+    }
+    let first = s.moments.iter().flatten().next().copied().unwrap_or(0);
+    let mut input = first.to_be_bytes().to_vec();
+    input.extend_from_slice(s.request_id.as_deref().unwrap_or("").as_bytes());
+    input.extend_from_slice(s.source_workload.as_bytes());
+    let d = ring::digest::digest(&ring::digest::SHA256, &input);
+    out.copy_from_slice(&d.as_ref()[..16]);
+    out
+}
+
+/// A segment's span id, the same on every node.
+fn span_id(trace: &[u8; 16], segment: &str) -> [u8; 8] {
+    let mut input = trace.to_vec();
+    input.extend_from_slice(segment.as_bytes());
+    let d = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d.as_ref()[..8]);
+    out
+}
+
+fn unix_minus_monotonic_ns() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    unix - crate::clock::mono_ns() as i64
+}
+
+fn string(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn int(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(moments: [Option<u64>; 12], trace: &str) -> RequestSpan {
+        RequestSpan {
+            request_id: Some("r-1".into()),
+            method: "GET".into(),
+            path: "/reviews/:id".into(),
+            status: 200,
+            source_workload: "productpage".into(),
+            destination_service: "reviews".into(),
+            destination_pod: None,
+            moments,
+            retries: 0,
+            local_reply: None,
+            trace_id: Some(trace.into()),
+        }
+    }
+
+    #[test]
+    fn endpoints_take_the_traces_path_and_refuse_what_is_not_http() {
+        let e = Endpoint::parse("http://collector:4318").unwrap();
+        assert_eq!(
+            (e.authority.as_str(), e.path.as_str()),
+            ("collector:4318", "/v1/traces")
+        );
+        let e = Endpoint::parse("http://10.0.0.1:4318/otlp/v1/traces").unwrap();
+        assert_eq!(e.path, "/otlp/v1/traces");
+        assert_eq!(
+            Endpoint::parse("http://collector").unwrap().authority,
+            "collector:80"
+        );
+        assert!(Endpoint::parse("https://collector:4318").is_err());
+        assert!(Endpoint::parse("collector").is_err());
+    }
+
+    /// The client's and the server's nodes each send their segments; put
+    /// together they are one trace, each segment under the one before it.
+    #[test]
+    fn two_halves_make_one_trace_with_parents_across_nodes() {
+        let trace = "0af7651916cd43dd8448eb211c80319c";
+        let ms = |i: usize| Some(1_000_000 * i as u64);
+        let mut client = [None; 12];
+        for i in [0, 1, 2, 9, 10, 11] {
+            client[i] = ms(i);
+        }
+        let mut server = [None; 12];
+        for (i, m) in server.iter_mut().enumerate().take(9).skip(3) {
+            *m = ms(i);
+        }
+        let a = segments(&span(client, trace), 0);
+        let b = segments(&span(server, trace), 0);
+        let names = |v: &[Span]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&a), ["client app", "outbound sidecar", "upstream"]);
+        assert_eq!(names(&b), ["inbound sidecar", "server app"]);
+        let all: Vec<&Span> = a.iter().chain(&b).collect();
+        assert!(all.iter().all(|s| s.trace_id == all[0].trace_id));
+        assert_eq!(hex(&all[0].trace_id), trace);
+        // Each parent is the segment before it, across the nodes too.
+        for pair in all.windows(2) {
+            assert_eq!(pair[1].parent_span_id, pair[0].span_id, "{}", pair[1].name);
+        }
+        assert!(all[0].parent_span_id.is_empty());
+        assert_eq!(b[0].start_time_unix_nano, 3_000_000);
+        assert_eq!(b[0].end_time_unix_nano, 8_000_000);
+        // Encodes and decodes as the protocol's message.
+        let req = request(&[span(client, trace)], "node-1");
+        let back = ExportTraceServiceRequest::decode(req.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, req);
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
