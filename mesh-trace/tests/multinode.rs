@@ -189,6 +189,17 @@ fn halves_on_two_nodes(mtls: bool) {
             assert!(have.iter().all(|&h| s.hop_ns(h).is_some()), "{node}: {s:?}");
             assert!(lack.iter().all(|&h| s.hop_ns(h).is_none()), "{node}: {s:?}");
             assert_eq!((s.method.as_str(), s.status), ("GET", 200), "{node}: {s:?}");
+            // Both sides name both namespaces, the server's from the
+            // client's address.
+            let namespaces = (
+                s.source_namespace.as_deref(),
+                s.destination_namespace.as_deref(),
+            );
+            assert_eq!(
+                namespaces,
+                (Some("bookinfo"), Some("bookinfo")),
+                "{node}: {s:?}"
+            );
         }
     }
     // Where both nodes report a request, both derive one trace id for it,

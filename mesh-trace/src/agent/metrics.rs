@@ -79,6 +79,10 @@ pub struct RequestLabels {
     pub destination_service: String,
     pub method: &'static str,
     pub status_class: &'static str,
+    /// Kubernetes namespaces, as Istio names them ("unknown" when the
+    /// metadata does not say).
+    pub source_workload_namespace: String,
+    pub destination_service_namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -88,6 +92,8 @@ pub struct HopLabels {
     pub reporter: &'static str,
     pub source_workload: String,
     pub destination_service: String,
+    pub source_workload_namespace: String,
+    pub destination_service_namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +108,8 @@ pub struct StatusLabels {
     pub source_workload: String,
     pub destination_service: String,
     pub status_code: String,
+    pub source_workload_namespace: String,
+    pub destination_service_namespace: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -523,11 +531,28 @@ impl Metrics {
         (l.source_workload, l.destination_service)
     }
 
+    /// A span's (source workload, its namespace, destination service, its
+    /// namespace) as label values; each namespaced pair counts against the
+    /// cap, and past it all four are "other".
+    fn span_labels(&self, span: &crate::spans::span::Span) -> [String; 4] {
+        let ns = |n: &Option<String>| n.clone().unwrap_or_else(|| "unknown".into());
+        let (src_ns, dst_ns) = (ns(&span.source_namespace), ns(&span.destination_namespace));
+        let (s, d) = self.bounded_pair(
+            &format!("{}\u{0}{src_ns}", span.source_workload),
+            &format!("{}\u{0}{dst_ns}", span.destination_service),
+        );
+        let split = |v: String| match v.split_once('\u{0}') {
+            Some((name, ns)) => (name.to_string(), ns.to_string()),
+            None => (v.clone(), v),
+        };
+        let ((source, src_ns), (destination, dst_ns)) = (split(s), split(d));
+        [source, src_ns, destination, dst_ns]
+    }
+
     /// Records one stitched span.
     pub fn record_span(&self, span: &crate::spans::span::Span) {
         use crate::spans::span::Hop;
-        let (source, destination) =
-            self.bounded_pair(&span.source_workload, &span.destination_service);
+        let [source, source_ns, destination, destination_ns] = self.span_labels(span);
         // Each side this node saw reports the request, as Istio's sidecars
         // do: metrics from the client's and the server's nodes add up.
         for reporter in span.reporters() {
@@ -539,6 +564,8 @@ impl Metrics {
                         destination_service: destination.clone(),
                         method: method_label(&span.method),
                         status_class: span.status_class(),
+                        source_workload_namespace: source_ns.clone(),
+                        destination_service_namespace: destination_ns.clone(),
                     })
                     .observe(ns as f64 / 1e9);
             }
@@ -548,6 +575,8 @@ impl Metrics {
                     source_workload: source.clone(),
                     destination_service: destination.clone(),
                     status_code: span.status.to_string(),
+                    source_workload_namespace: source_ns.clone(),
+                    destination_service_namespace: destination_ns.clone(),
                 })
                 .inc();
         }
@@ -557,6 +586,8 @@ impl Metrics {
             reporter: "",
             source_workload: source.clone(),
             destination_service: destination.clone(),
+            source_workload_namespace: source_ns,
+            destination_service_namespace: destination_ns,
         };
         for hop in Hop::ALL {
             if let Some(ns) = span.hop_ns(hop) {

@@ -393,6 +393,14 @@ impl Metadata for KubeMetadata {
     fn service_by_vip(&self, addr: SocketAddr) -> Option<String> {
         self.read().vips.get(&addr).cloned()
     }
+    fn service_namespace(&self, service: &str) -> Option<String> {
+        // Services are named `name.namespace`.
+        let (name, namespace) = service.split_once('.')?;
+        self.read()
+            .services
+            .contains_key(&format!("{namespace}/{name}"))
+            .then(|| namespace.to_string())
+    }
     fn meshed_netns(&self) -> Vec<u64> {
         self.read()
             .by_netns

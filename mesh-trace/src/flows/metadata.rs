@@ -37,6 +37,11 @@ pub trait Metadata: Send + Sync {
     fn pod_by_ip(&self, ip: IpAddr) -> Option<Arc<Pod>>;
     /// The service a virtual IP and port belong to.
     fn service_by_vip(&self, addr: SocketAddr) -> Option<String>;
+    /// The Kubernetes namespace of a service, by the name
+    /// [`Metadata::service_by_vip`] gives it.
+    fn service_namespace(&self, _service: &str) -> Option<String> {
+        None
+    }
     /// Namespace cookies of pods with a sidecar, whose traffic is captured.
     fn meshed_netns(&self) -> Vec<u64> {
         Vec::new()
@@ -122,6 +127,7 @@ impl LabManifest {
 /// Metadata from a lab's topology, with each pod's namespace cookie found by
 /// asking a socket created inside it.
 pub struct LabMetadata {
+    namespace: String,
     by_netns: HashMap<u64, Arc<Pod>>,
     by_ip: HashMap<IpAddr, Arc<Pod>>,
     vips: HashMap<SocketAddr, String>,
@@ -168,6 +174,7 @@ impl LabMetadata {
             .map(|s| (SocketAddr::new(s.vip.into(), s.port), s.name.clone()))
             .collect();
         Ok(LabMetadata {
+            namespace: topo.namespace.clone(),
             by_netns,
             by_ip,
             vips,
@@ -184,6 +191,12 @@ impl Metadata for LabMetadata {
     }
     fn service_by_vip(&self, addr: SocketAddr) -> Option<String> {
         self.vips.get(&addr).cloned()
+    }
+    fn service_namespace(&self, service: &str) -> Option<String> {
+        self.vips
+            .values()
+            .any(|s| s == service)
+            .then(|| self.namespace.clone())
     }
     fn counts(&self) -> (usize, usize) {
         let services: std::collections::HashSet<&String> = self.vips.values().collect();

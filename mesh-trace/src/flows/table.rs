@@ -253,6 +253,28 @@ impl FlowTable {
         self.labels(LegKind::Mesh, None, sock)
     }
 
+    /// The Kubernetes namespaces of (the source workload, the destination
+    /// service) of a request that started on socket `cookie`: the app's
+    /// socket to its sidecar, or (`server_side`) an inbound sidecar's
+    /// socket from a client this node does not trace.
+    pub fn namespaces(&self, cookie: u64, server_side: bool) -> (Option<String>, Option<String>) {
+        let Some(sock) = self.entries.peek(&cookie).map(|e| &e.sock) else {
+            return (None, None);
+        };
+        let own = sock.pod.as_ref().map(|p| p.namespace.clone());
+        if server_side {
+            let client = self
+                .meta
+                .pod_by_ip(sock.remote.ip())
+                .map(|p| p.namespace.clone());
+            return (client, own);
+        }
+        let service = self
+            .leg_info(cookie)
+            .and_then(|(_, _, d)| self.meta.service_namespace(d));
+        (own, service)
+    }
+
     /// TCP health put on its legs since the last call.
     pub fn take_health(&mut self) -> Vec<HealthRecord> {
         std::mem::take(&mut self.health)

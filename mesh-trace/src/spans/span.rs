@@ -130,7 +130,12 @@ pub struct Span {
     pub path: String,
     pub status: u16,
     pub source_workload: String,
+    /// The source workload's Kubernetes namespace, when the metadata says.
+    pub source_namespace: Option<String>,
     pub destination_service: String,
+    /// The destination service's Kubernetes namespace, when the metadata
+    /// says.
+    pub destination_namespace: Option<String>,
     /// The pod that served the request, when on this node.
     pub destination_pod: Option<String>,
     /// t0..t11.
@@ -261,7 +266,9 @@ impl Span {
             "path": self.path,
             "status": self.status,
             "source_workload": self.source_workload,
+            "source_namespace": self.source_namespace,
             "destination_service": self.destination_service,
+            "destination_namespace": self.destination_namespace,
             "destination_pod": self.destination_pod,
             "retries": self.retries,
             "local_reply": self.local_reply,
@@ -296,7 +303,9 @@ mod tests {
             path: "/".into(),
             status: 200,
             source_workload: "a".into(),
+            source_namespace: None,
             destination_service: "b".into(),
+            destination_namespace: None,
             destination_pod: None,
             moments: ms.map(|m| Some(m * 1_000_000)),
             retries: 0,

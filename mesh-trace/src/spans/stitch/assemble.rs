@@ -62,7 +62,9 @@ fn blank(request_id: Option<String>, source: String, destination: String) -> Spa
         path: String::new(),
         status: 0,
         source_workload: source,
+        source_namespace: None,
         destination_service: destination,
+        destination_namespace: None,
         destination_pod: None,
         moments: [None; 12],
         retries: 0,
@@ -347,6 +349,19 @@ impl Spans {
             if replace || p.span.trace_id.is_none() {
                 p.span.trace_id = Some(trace);
             }
+        }
+    }
+
+    /// The namespaces of span `id`'s source workload and destination
+    /// service.
+    pub(super) fn note_namespaces(
+        &mut self,
+        id: SpanId,
+        (source, destination): (Option<String>, Option<String>),
+    ) {
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.span.source_namespace = source;
+            p.span.destination_namespace = destination;
         }
     }
 

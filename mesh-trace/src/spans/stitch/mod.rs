@@ -427,6 +427,8 @@ impl Stitcher {
         let owner = flows.socket(cookie).map_or(0, |s| s.netns);
         let (id, evicted) = self.spans.start(owner, source, destination, msg);
         self.count_n(Unstitched::Evicted, evicted);
+        self.spans
+            .note_namespaces(id, flows.namespaces(cookie, false));
         id
     }
 
@@ -440,6 +442,8 @@ impl Stitcher {
             self.spans
                 .start_at(owner, Place::InboundDown, labels, a.ts_ns, a.head.as_ref());
         self.count_n(Unstitched::Evicted, evicted);
+        self.spans
+            .note_namespaces(id, flows.namespaces(a.cookie, true));
         id
     }
 
