@@ -10,6 +10,22 @@
 //! 32 random bits.
 use std::net::{IpAddr, SocketAddr};
 
+/// What both ends of a request's mesh leg see alike; the trace id is
+/// derived from it only when the span is exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshLeg {
+    pub client: SocketAddr,
+    pub server: IpAddr,
+    /// TCP sequence number where the request starts.
+    pub seq: u32,
+}
+
+impl MeshLeg {
+    pub fn trace_id(&self) -> String {
+        from_mesh_leg(self.client, self.server, self.seq)
+    }
+}
+
 /// 32 lowercase hex digits, as W3C `traceparent` writes a trace id.
 pub fn from_mesh_leg(client: SocketAddr, server: IpAddr, seq: u32) -> String {
     let mut input = Vec::with_capacity(48);

@@ -28,6 +28,7 @@ use super::{
 use crate::spans::{
     http::{Head, Message},
     span::{LocalReply, Span},
+    trace_id::MeshLeg,
 };
 
 struct Pending {
@@ -42,6 +43,9 @@ struct Pending {
     lost: bool,
     /// An orphan: started by an unmatched upstream write at this place.
     orphan_at: Option<Place>,
+    /// Where the request crossed its mesh leg: its trace id, derived when
+    /// the span is exported.
+    mesh_leg: Option<MeshLeg>,
     /// The response reached the origin before this moment was reported:
     /// the span completes when it is.
     waiting_for: Option<usize>,
@@ -248,6 +252,7 @@ impl Spans {
                 contested: false,
                 lost: false,
                 orphan_at: None,
+                mesh_leg: None,
                 waiting_for: None,
                 origin,
                 candidates: None,
@@ -274,6 +279,7 @@ impl Spans {
                 contested: false,
                 lost: false,
                 orphan_at: Some(at),
+                mesh_leg: None,
                 waiting_for: None,
                 origin: at,
                 candidates: (!candidates.is_empty()).then_some((side, candidates)),
@@ -304,8 +310,8 @@ impl Spans {
             p.contested = false;
             p.lost |= o.lost;
             // The orphan was the write on the mesh leg.
-            if o.span.trace_id.is_some() {
-                p.span.trace_id = o.span.trace_id;
+            if o.mesh_leg.is_some() {
+                p.mesh_leg = o.mesh_leg;
             }
             self.aliases.insert(orphan, span);
         }
@@ -343,11 +349,11 @@ impl Spans {
 
     /// The trace id of span `id`: set, or kept if it has one unless
     /// `replace`.
-    pub(super) fn note_trace_id(&mut self, id: SpanId, trace: String, replace: bool) {
+    pub(super) fn note_mesh_leg(&mut self, id: SpanId, leg: MeshLeg, replace: bool) {
         let id = self.alias(id);
         if let Some(p) = self.spans.peek_mut(&id) {
-            if replace || p.span.trace_id.is_none() {
-                p.span.trace_id = Some(trace);
+            if replace || p.mesh_leg.is_none() {
+                p.mesh_leg = Some(leg);
             }
         }
     }
@@ -523,6 +529,7 @@ impl Spans {
         } else if !done.span.is_consistent() {
             Err(Unstitched::Inconsistent)
         } else {
+            done.span.trace_id = done.mesh_leg.map(|l| l.trace_id());
             Ok(Some(done.span))
         }
     }

@@ -346,9 +346,12 @@ impl Stitcher {
         if place == Place::OutboundUp {
             // The attempt that went out last names the trace.
             if let Some(sock) = flows.socket(cookie) {
-                let trace =
-                    trace_id::from_mesh_leg(sock.local, sock.remote.ip(), msg.offset as u32);
-                self.spans.note_trace_id(id, trace, true);
+                let leg = trace_id::MeshLeg {
+                    client: sock.local,
+                    server: sock.remote.ip(),
+                    seq: msg.offset as u32,
+                };
+                self.spans.note_mesh_leg(id, leg, true);
             }
         }
         match self.legs.written(cookie, msg.offset, id) {
@@ -402,8 +405,12 @@ impl Stitcher {
             // A server's half: its read starts the request (a whole span
             // has its id from the client's write already).
             if let Some(sock) = flows.socket(a.cookie) {
-                let trace = trace_id::from_mesh_leg(sock.remote, sock.local.ip(), a.offset as u32);
-                self.spans.note_trace_id(id, trace, false);
+                let leg = trace_id::MeshLeg {
+                    client: sock.remote,
+                    server: sock.local.ip(),
+                    seq: a.offset as u32,
+                };
+                self.spans.note_mesh_leg(id, leg, false);
             }
         }
         if matches!(a.place, Place::OutboundDown | Place::InboundDown) {
