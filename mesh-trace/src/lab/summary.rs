@@ -35,16 +35,27 @@ pub fn hop_rows(state: &AgentState) -> Vec<String> {
         .iter()
         .take(4)
         .map(|r| {
+            let p50 = |k: &str| r.hops.get(k).map(|h| h.p50_ms);
+            // With the other side on another node, this node has one half:
+            // the client's (its hops and `upstream`), or the server's (its
+            // hops, whose whole is `server_side`).
+            let whole = p50("network").is_some();
+            let (what, total, extra) = match (whole, p50("upstream"), p50("server_side")) {
+                (false, Some(up), _) => ("p50", r.total.p50_ms, Some(("upstream", up))),
+                (false, None, Some(server)) => ("server side p50", server, None),
+                _ => ("p50", r.total.p50_ms, None),
+            };
             let hops: Vec<String> = short
                 .iter()
-                .filter_map(|(k, name)| Some(format!("{name} {:.2}", r.hops.get(*k)?.p50_ms)))
+                .filter_map(|(k, name)| Some(format!("{name} {:.2}", p50(k)?)))
+                .chain(extra.map(|(name, ms)| format!("{name} {ms:.2}")))
                 .collect();
             format!(
-                "        {:>12} -> {:<8} {:>5.1} req/s  p50 {:>6.2} ms = {} ms  sidecars {}",
+                "        {:>12} -> {:<8} {:>5.1} req/s  {what} {:>6.2} ms = {} ms  sidecars {}",
                 r.source_workload,
                 r.destination_service,
                 r.rate,
-                r.total.p50_ms,
+                total,
                 hops.join(" + "),
                 r.sidecar_share
                     .map(|s| format!("{:.0}%", s * 100.0))
