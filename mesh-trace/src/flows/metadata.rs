@@ -128,6 +128,9 @@ impl LabManifest {
 /// asking a socket created inside it.
 pub struct LabMetadata {
     namespace: String,
+    /// Service names, for [`Metadata::service_namespace`] (asked at every
+    /// request's start: a set, not a walk over the addresses).
+    services: std::collections::HashSet<String>,
     by_netns: HashMap<u64, Arc<Pod>>,
     by_ip: HashMap<IpAddr, Arc<Pod>>,
     vips: HashMap<SocketAddr, String>,
@@ -175,6 +178,7 @@ impl LabMetadata {
             .collect();
         Ok(LabMetadata {
             namespace: topo.namespace.clone(),
+            services: topo.services.iter().map(|s| s.name.clone()).collect(),
             by_netns,
             by_ip,
             vips,
@@ -193,9 +197,8 @@ impl Metadata for LabMetadata {
         self.vips.get(&addr).cloned()
     }
     fn service_namespace(&self, service: &str) -> Option<String> {
-        self.vips
-            .values()
-            .any(|s| s == service)
+        self.services
+            .contains(service)
             .then(|| self.namespace.clone())
     }
     fn counts(&self) -> (usize, usize) {
