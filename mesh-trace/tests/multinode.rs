@@ -71,6 +71,9 @@ fn halves_on_two_nodes(mtls: bool) {
             "200",
             "--requests",
             &requests,
+            // Half the requests carry the app's own trace context.
+            "--traceparent",
+            "0.5",
         ];
         lab.load_with(BIN.as_ref(), CLIENT, &args, records)
     };
@@ -108,6 +111,7 @@ fn halves_on_two_nodes(mtls: bool) {
         }
     };
     let truth = truths(&lab, &client);
+    let callers = callers(&client);
     let mut traces: HashMap<String, Vec<String>> = HashMap::new();
     for (node, traced, half) in [
         ("node-1", &client_node, "client"),
@@ -119,7 +123,18 @@ fn halves_on_two_nodes(mtls: bool) {
         for s in &spans {
             *per_id.entry(s.request_id.as_deref().unwrap()).or_default() += 1;
             assert_eq!(s.half(), half, "{node}: {s:?}");
-            let trace = s.trace_id.clone().expect("a trace id from the mesh leg");
+            let trace = s.trace_id.clone().expect("a trace id");
+            // The app's own trace when its request named one, else the
+            // one derived from the mesh leg.
+            match callers.get(s.request_id.as_deref().unwrap()) {
+                Some(caller) => {
+                    assert_eq!(trace, caller.trace, "{node}: {s:?}");
+                    if half == "client" {
+                        assert_eq!(s.parent_span_id.as_ref(), Some(&caller.span), "{s:?}");
+                    }
+                }
+                None => assert_eq!(s.trace_id, s.mesh_leg_id, "{node}: {s:?}"),
+            }
             traces
                 .entry(s.request_id.clone().unwrap())
                 .or_default()
@@ -216,8 +231,12 @@ fn halves_on_two_nodes(mtls: bool) {
         "two requests under one trace id"
     );
     eprintln!(
-        "{} requests with both halves under one trace id",
-        both.len()
+        "{} requests with both halves under one trace id, {} of them the app's own",
+        both.len(),
+        traces
+            .iter()
+            .filter(|(id, t)| t.len() == 2 && callers.contains_key(id.as_str()))
+            .count()
     );
     for (node, traced) in [("node-1", &client_node), ("node-2", &server_node)] {
         let m = &traced.state.metrics;
@@ -237,7 +256,7 @@ fn halves_on_two_nodes(mtls: bool) {
         );
     }
     if !mtls {
-        collected_into_one_trace_each(&collector, &ids, n);
+        collected_into_one_trace_each(&collector, &ids, &callers, n);
     }
     // The sidecar's pooled connections to the other node are mesh legs on
     // both nodes, never passthrough.
@@ -262,14 +281,39 @@ fn halves_on_two_nodes(mtls: bool) {
     }
 }
 
+/// The trace context a request was sent with (`--traceparent`).
+struct Caller {
+    trace: String,
+    span: String,
+}
+
+fn callers(records: &[ClientRecord]) -> HashMap<&str, Caller> {
+    records
+        .iter()
+        .filter_map(|r| {
+            let tp = r.traceparent.as_deref()?;
+            let mut parts = tp.split('-').skip(1);
+            let caller = Caller {
+                trace: parts.next()?.to_string(),
+                span: parts.next()?.to_string(),
+            };
+            Some((r.request_id.as_str(), caller))
+        })
+        .collect()
+}
+
 /// The collector got, for at least 99.9% of the requests, the client's
-/// segments from node-1 and the server's from node-2 under one trace id,
-/// the server's inbound sidecar a child of the client's upstream span.
+/// segments from node-1 and the server's from node-2 under one trace id
+/// (the app's own when it sent one, the client app's segment then a child
+/// of the app's span), the server's inbound sidecar a child of the
+/// client's upstream span.
 fn collected_into_one_trace_each(
     collector: &OtlpReceiver,
     ids: &std::collections::HashSet<&str>,
+    callers: &HashMap<&str, Caller>,
     n: u64,
 ) {
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let complete = || -> usize {
         let spans = collector.spans.lock().unwrap();
         let mut by_request: HashMap<&str, Vec<&common::otlp::Received>> = HashMap::new();
@@ -286,8 +330,8 @@ fn collected_into_one_trace_each(
             }
         }
         by_request
-            .values()
-            .filter(|segments| {
+            .iter()
+            .filter(|(id, segments)| {
                 let find = |name: &str, node: &str| {
                     segments
                         .iter()
@@ -298,7 +342,12 @@ fn collected_into_one_trace_each(
                     find("inbound sidecar", "node-2"),
                 ) {
                     (Some(up), Some(inbound)) => {
-                        up.span.trace_id == inbound.span.trace_id
+                        let apps = callers.get(*id).is_none_or(|c| {
+                            hex(&up.span.trace_id) == c.trace
+                                && find("client app", "node-1")
+                                    .is_some_and(|app| hex(&app.span.parent_span_id) == c.span)
+                        });
+                        apps && up.span.trace_id == inbound.span.trace_id
                             && inbound.span.parent_span_id == up.span.span_id
                             && segments.iter().all(|r| r.span.trace_id == up.span.trace_id)
                     }

@@ -4,10 +4,12 @@
 //! cannot take, or what could not be sent, is counted by reason.
 //!
 //! The two nodes of a request put their halves into one trace without
-//! talking to each other: the trace id comes from the request's mesh leg
-//! ([`crate::spans::trace_id`]), and each segment's span id from the trace
-//! id and the segment's name, so the server's node names as parent the
-//! client's `upstream` span without having seen it.
+//! talking to each other: the trace id is the caller's own when its request
+//! carried one (`traceparent`, B3), else derived from the request's mesh leg
+//! ([`crate::spans::trace_id`]); each segment's span id comes from the mesh
+//! leg and the segment's name, so the server's node names as parent the
+//! client's `upstream` span without having seen it. The client app's segment
+//! is a child of the app's own span when its request named one.
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
@@ -224,7 +226,14 @@ pub fn request(spans: &[RequestSpan], node: &str) -> ExportTraceServiceRequest {
 /// The OTLP spans of one request: each segment whose two moments this node
 /// saw.
 pub fn segments(s: &RequestSpan, unix_offset_ns: i64) -> Vec<Span> {
-    let trace = trace_id(s);
+    let names = segment_names(s);
+    let trace = s
+        .trace_id
+        .as_deref()
+        .and_then(from_hex::<16>)
+        .unwrap_or(names);
+    // The client app's own span, when its request named it.
+    let caller = s.parent_span_id.as_deref().and_then(from_hex::<8>);
     let unix = |mono: u64| (mono as i64 + unix_offset_ns).max(0) as u64;
     let error = s.status == 0 || s.status >= 500;
     SEGMENTS
@@ -244,12 +253,14 @@ pub fn segments(s: &RequestSpan, unix_offset_ns: i64) -> Vec<Span> {
             if let Some(id) = &s.request_id {
                 attributes.push(string("mesh_trace.request_id", id));
             }
+            let parent = match parent {
+                Some(p) => span_id(&names, p).to_vec(),
+                None => caller.map(|c| c.to_vec()).unwrap_or_default(),
+            };
             Some(Span {
                 trace_id: trace.to_vec(),
-                span_id: span_id(&trace, name).to_vec(),
-                parent_span_id: parent
-                    .map(|p| span_id(&trace, p).to_vec())
-                    .unwrap_or_default(),
+                span_id: span_id(&names, name).to_vec(),
+                parent_span_id: parent,
                 name: name.into(),
                 kind: kind as i32,
                 start_time_unix_nano: unix(start),
@@ -269,28 +280,38 @@ pub fn segments(s: &RequestSpan, unix_offset_ns: i64) -> Vec<Span> {
         .collect()
 }
 
-/// The request's trace id: from its mesh leg, else from what identifies it
-/// on this node alone.
-fn trace_id(s: &RequestSpan) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    if let Some(hex) = &s.trace_id {
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("00"), 16).unwrap_or(0);
-        }
-        return out;
+/// What names the request's segments: the id derived from its mesh leg,
+/// which both nodes derive alike, else what identifies it on this node
+/// alone.
+fn segment_names(s: &RequestSpan) -> [u8; 16] {
+    if let Some(id) = s.mesh_leg_id.as_deref().and_then(from_hex::<16>) {
+        return id;
     }
     let first = s.moments.iter().flatten().next().copied().unwrap_or(0);
     let mut input = first.to_be_bytes().to_vec();
     input.extend_from_slice(s.request_id.as_deref().unwrap_or("").as_bytes());
     input.extend_from_slice(s.source_workload.as_bytes());
     let d = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut out = [0u8; 16];
     out.copy_from_slice(&d.as_ref()[..16]);
     out
 }
 
+/// `N` bytes from `2N` hex digits.
+fn from_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// A segment's span id, the same on every node.
-fn span_id(trace: &[u8; 16], segment: &str) -> [u8; 8] {
-    let mut input = trace.to_vec();
+fn span_id(names: &[u8; 16], segment: &str) -> [u8; 8] {
+    let mut input = names.to_vec();
     input.extend_from_slice(segment.as_bytes());
     let d = ring::digest::digest(&ring::digest::SHA256, &input);
     let mut out = [0u8; 8];
@@ -344,6 +365,8 @@ mod tests {
             retries: 0,
             local_reply: None,
             trace_id: Some(trace.into()),
+            mesh_leg_id: Some(trace.into()),
+            parent_span_id: None,
         }
     }
 
@@ -397,6 +420,37 @@ mod tests {
         let req = request(&[span(client, trace)], "node-1");
         let back = ExportTraceServiceRequest::decode(req.encode_to_vec().as_slice()).unwrap();
         assert_eq!(back, req);
+    }
+
+    /// A request that carried the app's trace context lands in the app's
+    /// trace, under the app's span; its segments keep the names the mesh
+    /// leg gives them, so the halves still join.
+    #[test]
+    fn the_callers_trace_is_used_and_its_span_is_the_parent() {
+        let leg = "0af7651916cd43dd8448eb211c80319c";
+        let caller = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let ms = |i: usize| Some(1_000_000 * i as u64);
+        let with_caller = |moments: [Option<u64>; 12], parent: Option<&str>| RequestSpan {
+            trace_id: Some(caller.into()),
+            parent_span_id: parent.map(Into::into),
+            ..span(moments, leg)
+        };
+        let mut client = [None; 12];
+        for i in [0, 1, 2, 9, 10, 11] {
+            client[i] = ms(i);
+        }
+        let mut server = [None; 12];
+        for (i, m) in server.iter_mut().enumerate().take(9).skip(3) {
+            *m = ms(i);
+        }
+        let a = segments(&with_caller(client, Some("00f067aa0ba902b7")), 0);
+        let b = segments(&with_caller(server, None), 0);
+        assert!(a.iter().chain(&b).all(|s| hex(&s.trace_id) == caller));
+        assert_eq!(hex(&a[0].parent_span_id), "00f067aa0ba902b7");
+        // The same span ids as without the caller's trace.
+        let plain = segments(&span(server, leg), 0);
+        assert_eq!(b[0].span_id, plain[0].span_id);
+        assert_eq!(b[0].parent_span_id, a[2].span_id);
     }
 
     fn hex(b: &[u8]) -> String {

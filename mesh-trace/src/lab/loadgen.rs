@@ -51,6 +51,11 @@ pub struct LoadOptions {
     /// on), so that an id a sidecar adds can be joined to it.
     #[arg(long)]
     pub no_request_id: bool,
+    /// The share of requests (0 to 1, spread evenly) that carry a W3C
+    /// `traceparent` with a new trace id and span id, as an app
+    /// instrumented with OpenTelemetry sends.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
+    pub traceparent: f64,
 }
 
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
@@ -73,12 +78,18 @@ struct Shared {
     resolve: BTreeMap<String, SocketAddr>,
     client: HttpClient,
     records: Option<RecordWriter>,
+    /// Requests started so far, to spread `--traceparent` evenly.
+    started: std::sync::atomic::AtomicU64,
 }
 
 pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
     anyhow::ensure!(
         opts.requests.is_some() || opts.duration_s.is_some(),
         "give --requests or --duration-s so the load stops by itself"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&opts.traceparent),
+        "--traceparent is a share of requests, from 0 to 1"
     );
     let records = match &opts.records {
         Some(p) => {
@@ -95,6 +106,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
         },
         records,
         opts,
+        started: Default::default(),
     });
     let started = Instant::now();
     let deadline = shared
@@ -153,6 +165,12 @@ type Outcome = (Duration, u16, Option<String>);
 impl Shared {
     async fn one(&self) -> Outcome {
         let id = uuid::Uuid::new_v4().to_string();
+        let k = self
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as f64;
+        let share = self.opts.traceparent;
+        let traceparent = ((k + 1.0) * share).floor() > (k * share).floor();
+        let traceparent = traceparent.then(new_traceparent);
         let t0 = Instant::now();
         let t_start_ns = mono_ns();
         let result = async {
@@ -161,9 +179,12 @@ impl Shared {
             } else {
                 REQUEST_ID
             };
-            let req = http_client::request_to(&self.opts.url, &self.resolve)?
-                .header(header, &id)
-                .body(Full::<Bytes>::default())?;
+            let mut req =
+                http_client::request_to(&self.opts.url, &self.resolve)?.header(header, &id);
+            if let Some(tp) = &traceparent {
+                req = req.header("traceparent", tp);
+            }
+            let req = req.body(Full::<Bytes>::default())?;
             http_client::fetch(&self.client, req).await
         }
         .await;
@@ -198,10 +219,18 @@ impl Shared {
                 t_end_ns,
                 t_write_ns: io.map_or(0, |x| x.write_ns),
                 t_read_ns: io.and_then(|x| x.read_ns).unwrap_or(0),
+                traceparent,
             });
         }
         (latency, status, served_by)
     }
+}
+
+/// `00-<trace id>-<span id>-01`, both random.
+fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
 }
 
 fn summarize(results: &[Outcome], elapsed: Duration) -> Summary {

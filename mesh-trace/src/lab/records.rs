@@ -113,6 +113,9 @@ pub struct ClientRecord {
     /// The first read of the response returned; 0 without a response.
     #[serde(default)]
     pub t_read_ns: u64,
+    /// The W3C `traceparent` it carried (`--traceparent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// Appends records to a JSON-lines file; safe to share between tasks.

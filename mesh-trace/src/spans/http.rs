@@ -5,7 +5,8 @@
 //! first bytes. A [`Framer`] cuts each direction into messages from those
 //! alone (the payload beyond the prefix is never seen) and describes where
 //! each message starts ([`Message`]): request line or status, and the headers
-//! that join hops (`Host`, `x-request-id`).
+//! that join hops (`Host`, `x-request-id`) or name the caller's trace
+//! (`traceparent`, B3).
 //!
 //! Framing, per socket:
 //! - HTTP/1.1 without pipelining alternates directions, so a message starts
@@ -22,6 +23,8 @@
 //! (several pipelined messages in one write), the framer forgets the length
 //! and lets the current message last until the direction changes, rather
 //! than place later boundaries in the middle of a message.
+
+use super::trace_id::TraceContext;
 
 /// Longest request path kept, in bytes.
 const MAX_PATH: usize = 128;
@@ -113,6 +116,9 @@ pub enum Head {
         request_id: Option<String>,
         /// `Content-Length`, when the prefix holds it.
         content_length: Option<u64>,
+        /// The caller's trace context (`traceparent`, else B3), when the
+        /// prefix holds it.
+        trace_context: Option<TraceContext>,
     },
     Response {
         /// 0 when the prefix ends before the status code.
@@ -383,6 +389,10 @@ impl Parsed {
 struct Fields {
     host: Option<String>,
     request_id: Option<String>,
+    traceparent: Option<TraceContext>,
+    b3: Option<TraceContext>,
+    b3_trace_id: Option<Vec<u8>>,
+    b3_span_id: Option<Vec<u8>>,
     content_length: Length,
     transfer_encoding: bool,
     upgrade: bool,
@@ -426,6 +436,14 @@ fn fields(headers: &[httparse::Header]) -> Fields {
             fields.host = bounded_value(header.value, MAX_HOST);
         } else if is("x-request-id") && fields.request_id.is_none() {
             fields.request_id = bounded_value(header.value, MAX_REQUEST_ID);
+        } else if is("traceparent") && fields.traceparent.is_none() {
+            fields.traceparent = TraceContext::from_traceparent(header.value);
+        } else if is("b3") && fields.b3.is_none() {
+            fields.b3 = TraceContext::from_b3(header.value);
+        } else if is("x-b3-traceid") && fields.b3_trace_id.is_none() {
+            fields.b3_trace_id = Some(header.value.to_vec());
+        } else if is("x-b3-spanid") && fields.b3_span_id.is_none() {
+            fields.b3_span_id = Some(header.value.to_vec());
         } else if is("content-length") {
             fields.content_length = fields.content_length.and(header.value);
         } else if is("transfer-encoding") {
@@ -435,6 +453,16 @@ fn fields(headers: &[httparse::Header]) -> Fields {
         }
     }
     fields
+}
+
+impl Fields {
+    /// W3C first (Envoy and OpenTelemetry send both during migrations and
+    /// read `traceparent` first), then B3's single header, then its pair.
+    fn trace_context(&self) -> Option<TraceContext> {
+        self.traceparent.or(self.b3).or_else(|| {
+            TraceContext::from_b3_ids(self.b3_trace_id.as_deref()?, self.b3_span_id.as_deref())
+        })
+    }
 }
 
 /// A header value, trimmed and cut to `max` bytes; None if empty.
@@ -545,6 +573,7 @@ fn request(method: &str, path: &str, fields: Fields, head_len: Option<usize>) ->
             Length::Known(n) => Some(n),
             Length::Absent | Length::Invalid => None,
         },
+        trace_context: fields.trace_context(),
     };
     Parsed {
         head,
@@ -719,6 +748,7 @@ mod tests {
             host: host.map(Into::into),
             request_id: id.map(Into::into),
             content_length: None,
+            trace_context: None,
         }
     }
 
@@ -730,6 +760,7 @@ mod tests {
                 path,
                 host,
                 request_id,
+                trace_context,
                 ..
             } => Head::Request {
                 method,
@@ -738,6 +769,7 @@ mod tests {
                 host,
                 request_id,
                 content_length: length,
+                trace_context,
             },
             other => other,
         }
@@ -1001,6 +1033,39 @@ mod tests {
         };
         assert_eq!(path.len(), MAX_PATH);
         assert_eq!(request_id.map(|r| r.len()), Some(128));
+    }
+
+    #[test]
+    fn the_callers_trace_context_is_read_w3c_first() {
+        let trace = |head: &str| match Framer::new()
+            .push(&chunk(Dir::Send, 1, 0, head.as_bytes()))
+            .map(|m| m.head)
+        {
+            Some(Head::Request { trace_context, .. }) => trace_context.map(|t| t.trace_hex()),
+            other => panic!("not a request: {other:?}"),
+        };
+        let w3c = "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n";
+        let b3 = "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n";
+        let pair = "X-B3-TraceId: a3ce929d0e0e4736\r\nX-B3-SpanId: 00f067aa0ba902b7\r\n";
+        let get = |headers: &str| format!("GET / HTTP/1.1\r\nhost: a\r\n{headers}\r\n");
+        assert_eq!(
+            trace(&get(&format!("{b3}{pair}{w3c}"))).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(
+            trace(&get(&format!("{pair}{b3}"))).as_deref(),
+            Some("80f198ee56343ba864fe8b2a57d3eff7")
+        );
+        assert_eq!(
+            trace(&get(pair)).as_deref(),
+            Some("0000000000000000a3ce929d0e0e4736")
+        );
+        assert_eq!(trace(&get("traceparent: junk\r\n")), None);
+        // A head cut by the prefix still yields the lines it holds whole.
+        assert_eq!(
+            trace(&format!("GET / HTTP/1.1\r\n{w3c}x-cut: ab")).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
     }
 
     #[test]

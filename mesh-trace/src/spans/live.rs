@@ -631,6 +631,8 @@ mod tests {
             retries: 0,
             local_reply: None,
             trace_id: None,
+            mesh_leg_id: None,
+            parent_span_id: None,
         }
     }
 

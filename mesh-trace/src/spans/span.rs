@@ -144,9 +144,16 @@ pub struct Span {
     pub retries: u32,
     /// Set when a sidecar answered the request itself.
     pub local_reply: Option<LocalReply>,
-    /// The trace id both nodes derive alike from its mesh leg
-    /// ([`crate::spans::trace_id`]), when it crossed one.
+    /// The trace id: the caller's own, from the trace context its request
+    /// carried, else the one derived from its mesh leg.
     pub trace_id: Option<String>,
+    /// The id both nodes derive alike from the request's mesh leg
+    /// ([`crate::spans::trace_id`]), when it crossed one: it names the
+    /// request's segments, so that the two halves join in one trace.
+    pub mesh_leg_id: Option<String>,
+    /// The client app's own span, from the trace context of the request it
+    /// wrote (the client's half only).
+    pub parent_span_id: Option<String>,
 }
 
 impl Span {
@@ -274,6 +281,7 @@ impl Span {
             "local_reply": self.local_reply,
             "half": self.half(),
             "trace_id": self.trace_id,
+            "parent_span_id": self.parent_span_id,
             "total_ms": ms(self.total_ns()),
             "hops_ms": hops,
             "moments_ns": self.moments,
@@ -311,6 +319,8 @@ mod tests {
             retries: 0,
             local_reply: None,
             trace_id: None,
+            mesh_leg_id: None,
+            parent_span_id: None,
         }
     }
 

@@ -28,7 +28,7 @@ use super::{
 use crate::spans::{
     http::{Head, Message},
     span::{LocalReply, Span},
-    trace_id::MeshLeg,
+    trace_id::{MeshLeg, TraceContext},
 };
 
 struct Pending {
@@ -46,6 +46,9 @@ struct Pending {
     /// Where the request crossed its mesh leg: its trace id, derived when
     /// the span is exported.
     mesh_leg: Option<MeshLeg>,
+    /// The caller's trace context, from the first of its heads that held
+    /// one.
+    trace_context: Option<TraceContext>,
     /// The response reached the origin before this moment was reported:
     /// the span completes when it is.
     waiting_for: Option<usize>,
@@ -74,6 +77,8 @@ fn blank(request_id: Option<String>, source: String, destination: String) -> Spa
         retries: 0,
         local_reply: None,
         trace_id: None,
+        mesh_leg_id: None,
+        parent_span_id: None,
     }
 }
 
@@ -253,6 +258,7 @@ impl Spans {
                 lost: false,
                 orphan_at: None,
                 mesh_leg: None,
+                trace_context: None,
                 waiting_for: None,
                 origin,
                 candidates: None,
@@ -280,6 +286,7 @@ impl Spans {
                 lost: false,
                 orphan_at: Some(at),
                 mesh_leg: None,
+                trace_context: None,
                 waiting_for: None,
                 origin: at,
                 candidates: (!candidates.is_empty()).then_some((side, candidates)),
@@ -313,12 +320,14 @@ impl Spans {
             if o.mesh_leg.is_some() {
                 p.mesh_leg = o.mesh_leg;
             }
+            p.trace_context = p.trace_context.or(o.trace_context);
             self.aliases.insert(orphan, span);
         }
     }
 
     /// Records the request of span `id` at request moment `moment`; the
-    /// first head that shows a request gives the span its method and path.
+    /// first head that shows a request gives the span its method and path,
+    /// the first with a trace context its trace.
     /// The span, for more to record; None when it is no longer in flight
     /// (completed, or dropped and counted then).
     pub(super) fn request(
@@ -330,10 +339,24 @@ impl Spans {
     ) -> Option<&mut Span> {
         let p = self.spans.get_mut(&self.alias(id))?;
         p.span.moments[moment] = Some(ts_ns);
-        if let Some(Head::Request { method, path, .. }) = head {
+        if let Some(Head::Request {
+            method,
+            path,
+            trace_context,
+            ..
+        }) = head
+        {
             if p.span.method.is_empty() {
                 p.span.method = method.clone();
                 p.span.path = crate::spans::http::template_path(path);
+            }
+            if p.trace_context.is_none() {
+                p.trace_context = *trace_context;
+                // The client app's write names the app's own span; a
+                // sidecar's may name the sidecar's.
+                if moment == 0 {
+                    p.span.parent_span_id = trace_context.and_then(|t| t.parent_hex());
+                }
             }
         }
         Some(&mut p.span)
@@ -529,7 +552,11 @@ impl Spans {
         } else if !done.span.is_consistent() {
             Err(Unstitched::Inconsistent)
         } else {
-            done.span.trace_id = done.mesh_leg.map(|l| l.trace_id());
+            done.span.mesh_leg_id = done.mesh_leg.map(|l| l.trace_id());
+            done.span.trace_id = match done.trace_context {
+                Some(caller) => Some(caller.trace_hex()),
+                None => done.span.mesh_leg_id.clone(),
+            };
             Ok(Some(done.span))
         }
     }
@@ -575,6 +602,7 @@ mod tests {
             host: None,
             request_id: request_id.map(str::to_string),
             content_length: None,
+            trace_context: None,
         }
     }
 

@@ -54,7 +54,7 @@ pub(super) struct Arrival {
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Write {
     /// The other end had already read it: this is when it arrived.
-    Read(Arrival),
+    Read(Box<Arrival>),
     /// Waiting for the other end to read it; the reason to count when the
     /// oldest waiting write was dropped to make room.
     Queued(Option<Unstitched>),
@@ -97,7 +97,7 @@ impl Legs {
             q.remove(i)
         });
         match early {
-            Some(a) => Write::Read(a),
+            Some(a) => Write::Read(Box::new(a)),
             None => {
                 let mut dropped = None;
                 let queue = self.sent.entry(cookie).or_default();
@@ -181,6 +181,7 @@ mod tests {
             host: None,
             request_id: None,
             content_length: None,
+            trace_context: None,
         }
     }
 
@@ -245,7 +246,7 @@ mod tests {
         assert_eq!(legs.read(CLIENT, a.clone(), true, &mut out), 0);
         assert!(out.is_empty());
         // A write inside the read's range finds it.
-        assert_eq!(legs.written(CLIENT, 0, 7), Write::Read(a));
+        assert_eq!(legs.written(CLIENT, 0, 7), Write::Read(Box::new(a)));
         // Taken once: the next write at the same offset waits.
         assert_eq!(legs.written(CLIENT, 0, 8), Write::Queued(None));
     }
@@ -257,7 +258,7 @@ mod tests {
         let a = read_at(100, 40, 120, None);
         legs.read(CLIENT, a.clone(), true, &mut out);
         assert_eq!(legs.written(CLIENT, 120, 6), Write::Queued(None));
-        assert_eq!(legs.written(CLIENT, 60, 7), Write::Read(a));
+        assert_eq!(legs.written(CLIENT, 60, 7), Write::Read(Box::new(a)));
     }
 
     #[test]

@@ -355,7 +355,7 @@ impl Stitcher {
             }
         }
         match self.legs.written(cookie, msg.offset, id) {
-            Write::Read(a) => self.arrived(flows, a, id),
+            Write::Read(a) => self.arrived(flows, *a, id),
             Write::Queued(dropped) => {
                 if let Some(why) = dropped {
                     self.count(why);

@@ -336,6 +336,7 @@ mod tests {
             host: Some("reviews:9080".into()),
             request_id: request_id.map(str::to_string),
             content_length: None,
+            trace_context: None,
         }
     }
 
@@ -653,6 +654,7 @@ mod tests {
             host: Some("h".into()),
             request_id: Some("i".into()),
             content_length: Some(5),
+            trace_context: None,
         }))
         .unwrap();
         let cut = Identity {
