@@ -1,7 +1,7 @@
 //! What the agent's HTTP endpoints give to whom, from real network
-//! namespaces: the per-request detail of `/api/v1/stats` (paths and
-//! x-request-ids) only to loopback clients unless asked, `/metrics` to
-//! anyone. Needs root (namespaces and a veth pair).
+//! namespaces: the per-request detail of `/api/v1/stats` and the feeds of
+//! `/api/v1/spans` and `/api/v1/flows` (paths and x-request-ids) only to
+//! loopback clients unless asked, `/metrics` to anyone. Needs root (namespaces and a veth pair).
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
@@ -93,8 +93,10 @@ fn per_request_detail_is_served_to_loopback_clients_only_unless_asked() {
     let local: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // From another namespace: metrics yes, per-request detail no.
     assert!(get(&other, remote, "/metrics").contains(" 200 "));
-    let refused = get(&other, remote, "/api/v1/stats");
-    assert!(refused.contains(" 403 "), "{refused}");
+    for detail in ["/api/v1/stats", "/api/v1/spans", "/api/v1/flows"] {
+        let refused = get(&other, remote, detail);
+        assert!(refused.contains(" 403 "), "{detail}: {refused}");
+    }
     // On the node's own loopback (`mesh-trace top`, kubectl port-forward).
     assert!(get(&node, local, "/api/v1/stats").contains(" 200 "));
     // Asked for: anyone.

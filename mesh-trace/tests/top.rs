@@ -1,6 +1,7 @@
 //! `mesh-trace top` against a real agent watching the lab: the one-shot text
 //! table, and the interactive view driven through tmux (keys in, screen
-//! captured), including losing and regaining the agent. Needs root.
+//! captured), including losing and regaining the agent; and `spans` and
+//! `flows` following that agent. Needs root.
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
@@ -246,6 +247,102 @@ fn save_capture(name: &str, screen: &str) {
         std::fs::create_dir_all(docs_dir()).unwrap();
         std::fs::write(docs_dir().join(name), screen).unwrap();
     }
+}
+
+/// `spans --agent` and `flows --agent` next to a running agent print that
+/// agent's spans and legs (a second set of probes would contend for its
+/// hooks), filtered by the agent: each follower gets only what it asked
+/// for, and the spans are the client's own requests with their hops.
+#[test]
+fn spans_and_flows_follow_a_running_agent_with_filters() {
+    require_root();
+    let lab = Lab::up(&delayed_lab()).unwrap();
+    let port = free_port();
+    let _agent = Agent::start(&lab, port, &lab.dir.join("agent.log"));
+    let url = format!("http://127.0.0.1:{port}");
+    let follow = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--agent", &url, "--duration", "60"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let to_reviews = follow(&["spans", "--service", "reviews", "--count", "40"]);
+    let to_ratings = follow(&[
+        "spans",
+        "--service",
+        "ratings",
+        "--workload",
+        "reviews",
+        "--count",
+        "10",
+    ]);
+    let mesh_legs = follow(&["flows", "--leg", "mesh", "--count", "3"]);
+    // Each follower is listening once the agent counts it; a feed has no
+    // history, so the load starts after.
+    std::thread::sleep(Duration::from_secs(2));
+    let records = lab.dir.join("client.jsonl");
+    let summary = lab
+        .load_with(
+            BIN.as_ref(),
+            CLIENT,
+            &[
+                "--url",
+                "http://reviews:9080/reviews/0",
+                "--rate",
+                "50",
+                "--requests",
+                "100",
+            ],
+            &records,
+        )
+        .unwrap();
+    assert_eq!(summary.ok, 100, "{summary:?}");
+    let client: Vec<mesh_trace::lab::records::ClientRecord> =
+        mesh_trace::lab::records::read_records(&records).unwrap();
+    let ids: std::collections::HashSet<&str> =
+        client.iter().map(|c| c.request_id.as_str()).collect();
+    let lines = |child: Child, what: &str| -> Vec<serde_json::Value> {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let reviews = lines(to_reviews, "spans --service reviews");
+    assert_eq!(reviews.len(), 40);
+    for s in &reviews {
+        assert_eq!(s["destination_service"], "reviews", "{s}");
+        assert_eq!(s["source_workload"], "loadgen", "{s}");
+        let id = s["request_id"].as_str().unwrap_or_default();
+        assert!(ids.contains(id), "not one of the client's requests: {s}");
+        assert!(
+            s["hops_ms"]["app"].as_f64().is_some_and(|ms| ms >= 20.0),
+            "{s}"
+        );
+    }
+    let ratings = lines(to_ratings, "spans --service ratings --workload reviews");
+    assert_eq!(ratings.len(), 10);
+    assert!(ratings
+        .iter()
+        .all(|s| s["destination_service"] == "ratings" && s["source_workload"] == "reviews"));
+    let legs = lines(mesh_legs, "flows --leg mesh");
+    assert_eq!(legs.len(), 3);
+    assert!(legs.iter().all(|l| l["leg"] == "mesh"), "{legs:?}");
+    println!(
+        "followed the agent: {} reviews spans, {} ratings spans, {} mesh legs",
+        reviews.len(),
+        ratings.len(),
+        legs.len()
+    );
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! `/metrics`, `/healthz` and `/readyz`.
+//! `/metrics`, `/healthz` and `/readyz`; the per-request detail
+//! (`/api/v1/stats`, and the feeds `/api/v1/spans` and `/api/v1/flows`) to
+//! loopback clients unless asked.
 use std::{
     convert::Infallible,
     sync::{
@@ -8,12 +10,15 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::{body::Incoming, header::CONTENT_TYPE, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use super::metrics::Metrics;
+use super::{
+    feed::{FeedBody, Feeds},
+    metrics::Metrics,
+};
 use crate::spans::live::LiveStats;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -40,6 +45,8 @@ pub struct AgentState {
     pub live: std::sync::Mutex<LiveStats>,
     /// What the agent is doing, for `top`'s header.
     pub info: std::sync::Mutex<AgentInfo>,
+    /// Its spans and legs as they happen, for `spans` and `flows`.
+    pub feeds: Feeds,
 }
 
 /// The agent's own state, served with the live statistics.
@@ -70,6 +77,7 @@ impl AgentState {
                 version: env!("CARGO_PKG_VERSION").into(),
                 ..AgentInfo::default()
             }),
+            feeds: Feeds::default(),
         }
     }
 
@@ -104,10 +112,11 @@ fn respond(
         .expect("static response parts are valid")
 }
 
-/// Who may read `/api/v1/stats`, which names request paths and
-/// `x-request-id`s: by default only clients on the agent's own loopback
-/// (`mesh-trace top` on the node, or `kubectl port-forward`); `/metrics`
-/// holds no per-request detail and is served to anyone.
+/// Who may read the per-request detail (`/api/v1/stats` and the feeds),
+/// which names request paths and `x-request-id`s: by default only clients
+/// on the agent's own loopback (`mesh-trace top`, `spans` or `flows` on the
+/// node, or `kubectl port-forward`); `/metrics` holds no per-request detail
+/// and is served to anyone.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum StatsAccess {
     #[default]
@@ -121,9 +130,10 @@ impl StatsAccess {
     }
 }
 
-const STATS_REFUSED: &str = "/api/v1/stats names request paths and ids: it is served to \
-    loopback clients only (run mesh-trace top on the node, or kubectl port-forward to the \
-    agent's pod); start the agent with --stats-from-anywhere to serve it to any client\n";
+const STATS_REFUSED: &str = "/api/v1/stats, /api/v1/spans and /api/v1/flows name request \
+    paths and ids: they are served to loopback clients only (run mesh-trace top, spans or \
+    flows on the node, or kubectl port-forward to the agent's pod); start the agent with \
+    --stats-from-anywhere to serve them to any client\n";
 
 fn route(
     state: &AgentState,
@@ -162,8 +172,47 @@ fn route(
         _ => respond(
             StatusCode::NOT_FOUND,
             TEXT,
-            "not found: try /metrics, /healthz, /readyz or /api/v1/stats\n",
+            "not found: try /metrics, /healthz, /readyz, /api/v1/stats, /api/v1/spans or \
+             /api/v1/flows\n",
         ),
+    }
+}
+
+type Body = Either<Full<Bytes>, FeedBody>;
+
+/// The feeds, streamed; everything else from [`route`].
+fn route_or_follow(
+    state: &AgentState,
+    req: &Request<Incoming>,
+    detail_allowed: bool,
+    stop: &watch::Receiver<bool>,
+) -> Response<Body> {
+    let query = req.uri().query().unwrap_or("");
+    let feed = match req.uri().path() {
+        "/api/v1/spans" | "/api/v1/flows" if !detail_allowed => {
+            return respond(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                STATS_REFUSED,
+            )
+            .map(Either::Left)
+        }
+        "/api/v1/spans" => state.feeds.spans(query, stop.clone()),
+        "/api/v1/flows" => state.feeds.legs(query, stop.clone()),
+        _ => return route(state, req, detail_allowed).map(Either::Left),
+    };
+    match feed {
+        Ok(body) => Response::builder()
+            .status(StatusCode::OK)
+            .header(CONTENT_TYPE, "application/x-ndjson")
+            .body(Either::Right(body))
+            .expect("static response parts are valid"),
+        Err(why) => respond(
+            StatusCode::BAD_REQUEST,
+            "text/plain; charset=utf-8",
+            format!("{why}\n"),
+        )
+        .map(Either::Left),
     }
 }
 
@@ -187,9 +236,10 @@ pub async fn serve(
         };
         let state = state.clone();
         let stats_allowed = stats.allows(peer);
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let resp = route(&state, &req, stats_allowed);
+                let resp = route_or_follow(&state, &req, stats_allowed, &stop);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()

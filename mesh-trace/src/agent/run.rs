@@ -172,6 +172,17 @@ pub async fn agent_with_spans(
     mut on_leg: impl FnMut(&LegRecord),
     mut on_span: impl FnMut(&Span),
 ) -> Result<(), Failure> {
+    // What `spans` and `flows` next to the agent follow.
+    let feeds = state.clone();
+    let mut on_leg = move |l: &LegRecord| {
+        feeds.feeds.publish_leg(l);
+        on_leg(l);
+    };
+    let feeds = state.clone();
+    let mut on_span = move |s: &Span| {
+        feeds.feeds.publish_span(s);
+        on_span(s);
+    };
     let (metadata, kube) = settings.metadata().await?;
     let table = FlowTable::new(
         FlowTableConfig {

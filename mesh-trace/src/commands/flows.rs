@@ -1,20 +1,25 @@
 //! `mesh-trace flows`: legs as JSON lines as they open and close, like
-//! `hubble observe`. Loads the probes itself.
+//! `hubble observe`: a running agent's (`--agent`), or from probes it loads
+//! itself.
 use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
 
 use crate::{
-    agent::{agent, http::AgentState, Settings},
+    agent::{agent, feed::LegFilter, http::AgentState, Settings},
     error::Failure,
-    flows::{legs::LegKind, table::LegRecord},
+    flows::legs::LegKind,
     logging::{init_logging, LogLevel},
     shutdown::stop_on,
 };
 
 #[derive(Debug, Args)]
 pub struct FlowsArgs {
+    /// Follow the agent serving here (`mesh-trace run` on this node, or a
+    /// port-forward to it) instead of loading the probes.
+    #[arg(long, value_name = "URL", conflicts_with = "lab")]
+    pub agent: Option<String>,
     /// Pod and service metadata from a running lab's directory.
     #[arg(long, value_name = "DIR")]
     pub lab: Option<PathBuf>,
@@ -39,22 +44,29 @@ pub struct FlowsArgs {
 }
 
 impl FlowsArgs {
-    pub fn matches(&self, rec: &LegRecord) -> bool {
-        let sockets = || rec.client.iter().chain(rec.server.iter());
-        (!self.closed || rec.event == "close")
-            && (self.leg.is_empty() || self.leg.contains(&rec.leg))
-            && self.pod.as_ref().is_none_or(|want| {
-                sockets().any(|s| s.pod.as_ref().is_some_and(|p| &p.name == want))
-            })
-            && self.port.is_none_or(|port| {
-                rec.original_dst.is_some_and(|d| d.port() == port)
-                    || sockets().any(|s| s.local.port() == port || s.remote.port() == port)
-            })
+    pub fn filter(&self) -> LegFilter {
+        LegFilter {
+            pod: self.pod.clone(),
+            port: self.port,
+            kinds: self.leg.clone(),
+            closed: self.closed,
+        }
     }
 }
 
 pub fn main(args: FlowsArgs) -> Result<(), Failure> {
     init_logging(LogLevel::Warn);
+    let filter = args.filter();
+    let duration = args.duration.map(Duration::from_secs_f64);
+    if let Some(url) = &args.agent {
+        return super::follow_agent_feed(
+            url,
+            "/api/v1/flows",
+            &filter.to_query(),
+            args.count,
+            duration,
+        );
+    }
     let settings = Settings::in_process(args.lab.clone())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,11 +74,11 @@ pub fn main(args: FlowsArgs) -> Result<(), Failure> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let stop = stop_on(args.duration.map(Duration::from_secs_f64), done_rx)?;
+        let stop = stop_on(duration, done_rx)?;
         let mut printed = 0u64;
         let stdout = std::io::stdout();
         agent(settings, Arc::new(AgentState::new()), stop, |rec| {
-            if args.count.is_some_and(|c| printed >= c) || !args.matches(rec) {
+            if args.count.is_some_and(|c| printed >= c) || !filter.matches(rec) {
                 return;
             }
             let mut out = stdout.lock();

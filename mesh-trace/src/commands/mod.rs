@@ -13,3 +13,55 @@ pub mod lab;
 pub mod run;
 pub mod spans;
 pub mod top;
+
+/// `spans --agent` and `flows --agent`: prints the lines of an agent's
+/// feed at `api` (filtered by `query`) until `count` lines, `duration`, a
+/// signal, or the agent ends it. Lines the reader fell behind on are said
+/// on stderr, not mixed into the output.
+fn follow_agent_feed(
+    agent: &str,
+    api: &str,
+    query: &str,
+    count: Option<u64>,
+    duration: Option<std::time::Duration>,
+) -> Result<(), crate::error::Failure> {
+    use std::io::Write as _;
+
+    use anyhow::Context as _;
+
+    use crate::{agent::client, agent::feed::skipped, error::Failure};
+    let url = client::AgentUrl::parse(agent).map_err(Failure::usage)?;
+    let path = match query {
+        "" => url.path(api),
+        q => format!("{}?{q}", url.path(api)),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let stop = crate::shutdown::stop_on(duration, done_rx)?;
+        let mut printed = 0u64;
+        let stdout = std::io::stdout();
+        let follow = client::follow_lines(&url, &path, |line| {
+            if let Some(n) = skipped(line) {
+                tracing::warn!("{n} items skipped: this reader fell behind the agent's feed");
+                return true;
+            }
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+            printed += 1;
+            if count.is_some_and(|c| printed >= c) {
+                let _ = done_tx.send(true);
+                return false;
+            }
+            true
+        });
+        tokio::select! {
+            r = follow => r.with_context(|| format!("following {url}{api}")).map_err(Failure::from),
+            _ = stop => Ok(()),
+        }
+    })
+}

@@ -1,12 +1,13 @@
 //! `mesh-trace spans`: every stitched request as a JSON line, with its
-//! twelve moments and its hops. Loads the probes itself.
+//! twelve moments and its hops: a running agent's (`--agent`), or from
+//! probes it loads itself.
 use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
 
 use crate::{
-    agent::{agent_with_spans, http::AgentState, Settings},
+    agent::{agent_with_spans, feed::SpanFilter, http::AgentState, Settings},
     error::Failure,
     logging::{init_logging, LogLevel},
     shutdown::stop_on,
@@ -14,6 +15,10 @@ use crate::{
 
 #[derive(Debug, Args)]
 pub struct SpansArgs {
+    /// Follow the agent serving here (`mesh-trace run` on this node, or a
+    /// port-forward to it) instead of loading the probes.
+    #[arg(long, value_name = "URL", conflicts_with = "lab")]
+    pub agent: Option<String>,
     /// Pod and service metadata from a running lab's directory.
     #[arg(long, value_name = "DIR")]
     pub lab: Option<PathBuf>,
@@ -33,6 +38,20 @@ pub struct SpansArgs {
 
 pub fn main(args: SpansArgs) -> Result<(), Failure> {
     init_logging(LogLevel::Warn);
+    let filter = SpanFilter {
+        service: args.service.clone(),
+        workload: args.workload.clone(),
+    };
+    let duration = args.duration.map(Duration::from_secs_f64);
+    if let Some(agent) = &args.agent {
+        return super::follow_agent_feed(
+            agent,
+            "/api/v1/spans",
+            &filter.to_query(),
+            args.count,
+            duration,
+        );
+    }
     let settings = Settings::in_process(args.lab.clone())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -40,7 +59,7 @@ pub fn main(args: SpansArgs) -> Result<(), Failure> {
         .context("starting the runtime")?;
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-        let stop = stop_on(args.duration.map(Duration::from_secs_f64), done_rx)?;
+        let stop = stop_on(duration, done_rx)?;
         let mut printed = 0u64;
         let stdout = std::io::stdout();
         agent_with_spans(
@@ -49,15 +68,7 @@ pub fn main(args: SpansArgs) -> Result<(), Failure> {
             stop,
             |_| {},
             |span| {
-                let wanted = args
-                    .service
-                    .as_ref()
-                    .is_none_or(|s| &span.destination_service == s)
-                    && args
-                        .workload
-                        .as_ref()
-                        .is_none_or(|w| &span.source_workload == w);
-                if !wanted || args.count.is_some_and(|c| printed >= c) {
+                if !filter.matches(span) || args.count.is_some_and(|c| printed >= c) {
                     return;
                 }
                 let mut out = stdout.lock();

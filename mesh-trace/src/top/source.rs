@@ -7,18 +7,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper::{header, Request, StatusCode, Uri};
-use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use super::stats::AgentStats;
-use crate::agent::http::AgentState;
-
-/// A statistics document larger than this is refused rather than buffered:
-/// 2,001 rows with ten slow requests each stay well under it.
-const MAX_BODY: usize = 64 << 20;
+pub use crate::agent::client::AgentUrl;
+use crate::agent::{client, http::AgentState};
 
 /// What the view watches.
 #[derive(Clone)]
@@ -41,7 +34,12 @@ impl Source {
     /// The statistics document as JSON text.
     pub async fn fetch_json(&self, timeout: Duration) -> anyhow::Result<String> {
         match self {
-            Source::Agent(url) => match tokio::time::timeout(timeout, get(url)).await {
+            Source::Agent(url) => match tokio::time::timeout(
+                timeout,
+                client::get_text(url, &url.path("/api/v1/stats")),
+            )
+            .await
+            {
                 Ok(result) => result,
                 Err(_) => bail!("no answer within {:.1} s", timeout.as_secs_f64()),
             },
@@ -53,91 +51,6 @@ impl Source {
         let json = self.fetch_json(timeout).await?;
         serde_json::from_str(&json)
             .context("the agent's statistics are not what this version reads")
-    }
-}
-
-/// `http://host:port[/prefix]` of an agent, split once so that each fetch
-/// only connects.
-#[derive(Clone, Debug)]
-pub struct AgentUrl {
-    /// host:port, to connect to and for the Host header.
-    authority: String,
-    /// Path of the statistics under the agent's prefix.
-    path: String,
-}
-
-impl AgentUrl {
-    pub fn parse(text: &str) -> anyhow::Result<AgentUrl> {
-        // A bare host:port is taken as http: the agent serves nothing else.
-        let with_scheme = if text.contains("://") {
-            text.to_string()
-        } else {
-            format!("http://{text}")
-        };
-        let uri: Uri = with_scheme
-            .parse()
-            .with_context(|| format!("--agent {text}: not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            bail!("--agent {text}: only http:// is supported (the agent serves plain HTTP)");
-        }
-        let Some(authority) = uri.authority() else {
-            bail!("--agent {text}: no host");
-        };
-        let port = authority.port_u16().unwrap_or(80);
-        let prefix = uri.path().trim_end_matches('/');
-        Ok(AgentUrl {
-            authority: format!("{}:{port}", authority.host()),
-            path: format!("{prefix}/api/v1/stats"),
-        })
-    }
-}
-
-impl std::fmt::Display for AgentUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let base = self.path.trim_end_matches("/api/v1/stats");
-        write!(f, "http://{}{base}", self.authority)
-    }
-}
-
-/// One HTTP/1.1 GET on a fresh connection: the agent is local or a node
-/// away, a request per second, so pooling would only add state to recover
-/// when it restarts.
-async fn get(url: &AgentUrl) -> anyhow::Result<String> {
-    let stream = tokio::net::TcpStream::connect(&url.authority)
-        .await
-        .with_context(|| format!("connecting to {}", url.authority))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("HTTP handshake")?;
-    // The connection is driven next to the request, and dropped with it.
-    let request = async move {
-        let req = Request::get(url.path.as_str())
-            .header(header::HOST, url.authority.as_str())
-            .header(header::ACCEPT, "application/json")
-            .body(Empty::<Bytes>::new())
-            .context("building the request")?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .context("sending the request")?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading the response: {e}"))?
-            .to_bytes();
-        if status != StatusCode::OK {
-            let text = String::from_utf8_lossy(&body);
-            bail!("HTTP {status} from {}: {}", url.path, text.trim());
-        }
-        String::from_utf8(body.to_vec()).context("the response is not UTF-8")
-    };
-    tokio::select! {
-        r = request => r,
-        r = connection => match r {
-            Ok(()) => bail!("the agent closed the connection without answering"),
-            Err(e) => Err(anyhow::Error::new(e).context("HTTP connection")),
-        },
     }
 }
 
@@ -207,23 +120,6 @@ fn reason(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn agent_urls() {
-        let u = AgentUrl::parse("http://127.0.0.1:9464").unwrap();
-        assert_eq!(u.authority, "127.0.0.1:9464");
-        assert_eq!(u.path, "/api/v1/stats");
-        assert_eq!(u.to_string(), "http://127.0.0.1:9464");
-        let u = AgentUrl::parse("localhost:1234/").unwrap();
-        assert_eq!(u.authority, "localhost:1234");
-        assert_eq!(u.path, "/api/v1/stats");
-        let u = AgentUrl::parse("http://node-1/mesh-trace/").unwrap();
-        assert_eq!(u.authority, "node-1:80");
-        assert_eq!(u.path, "/mesh-trace/api/v1/stats");
-        assert_eq!(u.to_string(), "http://node-1:80/mesh-trace");
-        assert!(AgentUrl::parse("https://node:9464").is_err());
-        assert!(AgentUrl::parse("http://").is_err());
-    }
 
     #[test]
     fn fetch_timeout_is_bounded() {
