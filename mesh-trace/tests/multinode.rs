@@ -7,7 +7,9 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use common::{
+    agent::free_port,
     otlp::OtlpReceiver,
+    prometheus::{dashboards, panel_queries, repo, substitute, Prometheus},
     truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT, REVIEWS},
     Traced,
 };
@@ -451,4 +453,170 @@ fn one_node_restarted_mid_traffic_leaves_the_other_whole() {
         after.len()
     );
     assert!(judged.exact as f64 >= 0.5 * judged.compared as f64);
+}
+
+/// A real Prometheus scraping both nodes' agents: `top --prometheus` shows
+/// the cluster's row with the client's hops from one node and the
+/// server's from the other, each request counted once; and the dashboards'
+/// request and hop panels and the recording rules return data from the
+/// two halves.
+#[test]
+fn top_and_the_dashboards_read_both_halves_from_one_prometheus() {
+    require_root();
+    let lab = Lab::up(&two_nodes(false)).unwrap();
+    let (addr_1, addr_2) = (free_port(), free_port());
+    let _client_node = Traced::start_on_node(&lab, "node-1", |s| s.metrics_addr = Some(addr_1));
+    let _server_node = Traced::start_on_node(&lab, "node-2", |s| s.metrics_addr = Some(addr_2));
+    let rules = repo().join("deploy/prometheus/rules.yaml");
+    let prometheus =
+        Prometheus::start_scraping(&[addr_1, addr_2], &rules, &lab.dir.join("prometheus"));
+    let load = |n: u64, records: &str| {
+        let summary = lab
+            .load_with(
+                BIN.as_ref(),
+                CLIENT,
+                &[
+                    "--url",
+                    "http://reviews:9080/reviews/0",
+                    "--rate",
+                    "100",
+                    "--requests",
+                    &n.to_string(),
+                ],
+                &lab.dir.join(records),
+            )
+            .unwrap();
+        assert_eq!(summary.ok, n, "{summary:?}");
+    };
+    // A counter's first sample is where `increase` starts counting: both
+    // agents are scraped, and their request series exist, before the
+    // measured load.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while prometheus.query("up == 1").len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "agents not scraped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let warmup = 100u64;
+    load(warmup, "warmup.jsonl");
+    std::thread::sleep(Duration::from_secs(3));
+    let n = 1_000u64;
+    load(n, "client.jsonl");
+    // Both agents scraped since the load ended.
+    let scraped = |p: &Prometheus| -> f64 {
+        p.query("sum(increase(mesh_trace_requests_total{reporter=\"destination\"}[1m]))")
+            .first()
+            .and_then(|v| v["value"][1].as_str()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while scraped(&prometheus) < 0.9 * n as f64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server's node not scraped"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(prometheus.query("up == 1").len(), 2, "both agents scraped");
+
+    let url = format!("http://{}", prometheus.addr);
+    let out = std::process::Command::new(BIN)
+        .args(["top", "--prometheus", &url, "--once", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats: mesh_trace::top::stats::AgentStats = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stats.agent.agents, Some(2));
+    let row = stats
+        .rows
+        .iter()
+        .find(|r| r.source_workload == "loadgen" && r.destination_service == "reviews")
+        .unwrap_or_else(|| panic!("no loadgen -> reviews row: {stats:?}"));
+    // Counted once, though both nodes report it: the measured load and
+    // part of the warmup are in the 60 s window (`increase` extrapolates
+    // to its edges, hence the slack).
+    assert!(
+        (0.9 * n as f64..1.2 * (n + warmup) as f64).contains(&(row.requests as f64)),
+        "{} requests in the row for {n} sent ({warmup} before)",
+        row.requests
+    );
+    let p50 = |hop: &str| row.hops.get(hop).map(|p| p.p50_ms).unwrap_or(0.0);
+    // The lab's sidecars add 2 ms (outbound) and 3 ms (inbound); the
+    // buckets make medians coarse.
+    for (hop, at_least) in [
+        ("client_to_outbound", 0.0),
+        ("outbound_proxy", 1.5),
+        ("upstream", 5.0),
+        ("inbound_proxy", 2.5),
+        ("inbound_to_app", 0.0),
+        ("app", 1.5),
+    ] {
+        assert!(row.hops.contains_key(hop), "no {hop} in {row:?}");
+        assert!(p50(hop) >= at_least, "{hop} p50 {} ms in {row:?}", p50(hop));
+    }
+    let text = std::process::Command::new(BIN)
+        .args(["top", "--prometheus", &url, "--once"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    println!("{text}");
+    assert!(
+        text.contains("agents 2") && text.contains("loadgen -> reviews"),
+        "{text}"
+    );
+
+    // The request and hop panels of every dashboard, and the recording
+    // rules over requests, latency, hops and the sidecars' share.
+    let about_requests = |expr: &str| {
+        [
+            "mesh_trace_requests_total",
+            "mesh_trace_request_duration",
+            "mesh_trace_hop_duration",
+            "mesh_trace:requests",
+            "mesh_trace:request_duration",
+            "mesh_trace:hop_duration",
+            "mesh_trace:sidecar_share",
+        ]
+        .iter()
+        .any(|m| expr.contains(m))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let (checked, empty) = loop {
+        let mut empty = Vec::new();
+        let mut checked = 0;
+        for (file, dashboard) in dashboards() {
+            for (what, expr) in panel_queries(&dashboard) {
+                if !about_requests(&expr) {
+                    continue;
+                }
+                let expr = substitute(&expr);
+                checked += 1;
+                if prometheus.query(&expr).is_empty() {
+                    empty.push(format!("{file} {what}: {expr}"));
+                }
+            }
+        }
+        for rule in [
+            "mesh_trace:requests:rate5m",
+            "mesh_trace:request_errors:ratio_rate5m",
+            "mesh_trace:request_duration_seconds:p50",
+            "mesh_trace:hop_duration_seconds:p50",
+            "mesh_trace:sidecar_share:ratio_rate5m",
+        ] {
+            checked += 1;
+            if prometheus.query(rule).is_empty() {
+                empty.push(format!("rule {rule}"));
+            }
+        }
+        if empty.is_empty() || std::time::Instant::now() > deadline {
+            break (checked, empty);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("{checked} request and hop queries over two nodes");
+    assert!(empty.is_empty(), "no data:\n{}", empty.join("\n"));
+    assert!(checked >= 15, "only {checked} queries");
 }

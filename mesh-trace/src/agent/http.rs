@@ -61,6 +61,10 @@ pub struct AgentInfo {
     pub requests_in_flight: usize,
     pub events_total: u64,
     pub events_lost: u64,
+    /// Agents reporting, when the document was put together from a
+    /// Prometheus that scrapes them all (`top --prometheus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<usize>,
 }
 
 /// Window of the live statistics.

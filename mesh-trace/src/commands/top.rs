@@ -29,6 +29,11 @@ pub struct TopArgs {
     /// Run the probes in this process instead of reading an agent (root).
     #[arg(long, conflicts_with = "agent")]
     pub standalone: bool,
+    /// The whole cluster: read the rows from the Prometheus that scrapes
+    /// every node's agent (its HTTP API), both halves of cross-node
+    /// requests together.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["agent", "standalone"])]
+    pub prometheus: Option<String>,
     /// With --standalone: pod and service metadata from a running lab.
     #[arg(long, value_name = "DIR")]
     pub lab: Option<PathBuf>,
@@ -69,7 +74,13 @@ pub fn main(args: TopArgs) -> Result<(), Failure> {
             "the live view needs a terminal; use --once (or --once --json) in scripts"
         )));
     }
-    let remote = if args.standalone {
+    let prometheus = match &args.prometheus {
+        Some(url) => {
+            Some(AgentUrl::parse(url).map_err(|e| Failure::usage(e.context("--prometheus")))?)
+        }
+        None => None,
+    };
+    let remote = if args.standalone || prometheus.is_some() {
         None
     } else {
         Some(AgentUrl::parse(&args.agent).map_err(Failure::usage)?)
@@ -83,14 +94,15 @@ pub fn main(args: TopArgs) -> Result<(), Failure> {
         .build()
         .context("starting the runtime")?;
     rt.block_on(async move {
-        let local = match &remote {
-            None => Some(LocalAgent::start(args.lab.clone()).await?),
-            Some(_) => None,
+        let local = match args.standalone {
+            true => Some(LocalAgent::start(args.lab.clone()).await?),
+            false => None,
         };
-        let source = match (&remote, &local) {
-            (Some(url), _) => Source::Agent(url.clone()),
-            (None, Some(agent)) => Source::Local(agent.state.clone()),
-            (None, None) => unreachable!("one of the two is set"),
+        let source = match (&remote, &local, &prometheus) {
+            (Some(url), _, _) => Source::Agent(url.clone()),
+            (_, Some(agent), _) => Source::Local(agent.state.clone()),
+            (_, _, Some(url)) => Source::Prometheus(url.clone()),
+            (None, None, None) => unreachable!("one of the three is set"),
         };
         let result = if args.once {
             if local.is_some() {

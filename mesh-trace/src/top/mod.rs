@@ -1,14 +1,16 @@
 //! The live view of an agent's per-hop statistics, in the terminal, or
 //! printed once as text for scripts (`mesh-trace top`).
 //!
-//! - [`source`] fetches the statistics (an agent's `/api/v1/stats`, or an
-//!   agent in this process) on a tokio task, every interval;
+//! - [`source`] fetches the statistics (an agent's `/api/v1/stats`, an
+//!   agent in this process, or the whole cluster's from Prometheus through
+//!   [`prometheus`]) on a tokio task, every interval;
 //! - [`app`] is the view's state and what each key does;
 //! - [`ui`] draws it; [`stats`] has the pure parts shared with `--once`.
 //!
 //! The terminal is driven from a blocking thread that reads keys and the
 //! latest sample, so neither waits on the other.
 pub mod app;
+pub mod prometheus;
 pub mod source;
 pub mod stats;
 pub mod ui;
@@ -39,16 +41,28 @@ use source::Source;
 /// The plain-text snapshot: a summary of the agent, then the table.
 pub fn once_text(s: &stats::AgentStats, source: &str) -> String {
     let a = &s.agent;
-    let mut out = format!(
-        "mesh-trace {} at {source}: events {} lost {} flows {} in flight {} programs {} window {:.0}s\n",
-        a.version,
-        a.events_total,
-        a.events_lost,
-        a.flows_tracked,
-        a.requests_in_flight,
-        a.programs.len(),
-        s.window_s
-    );
+    let mut out = match a.agents {
+        // The cluster, through Prometheus: no one agent's programs.
+        Some(agents) => format!(
+            "mesh-trace {} at {source}: agents {agents} events {} lost {} flows {} in flight {} window {:.0}s\n",
+            a.version,
+            a.events_total,
+            a.events_lost,
+            a.flows_tracked,
+            a.requests_in_flight,
+            s.window_s
+        ),
+        None => format!(
+            "mesh-trace {} at {source}: events {} lost {} flows {} in flight {} programs {} window {:.0}s\n",
+            a.version,
+            a.events_total,
+            a.events_lost,
+            a.flows_tracked,
+            a.requests_in_flight,
+            a.programs.len(),
+            s.window_s
+        ),
+    };
     out.push_str(&match a.fallbacks.as_slice() {
         [] => "fallbacks: none\n".to_string(),
         list => format!("fallbacks: {}\n", list.join("; ")),

@@ -20,6 +20,8 @@ pub enum Source {
     Agent(AgentUrl),
     /// An agent running in this process.
     Local(Arc<AgentState>),
+    /// Every agent, through the Prometheus that scrapes them.
+    Prometheus(AgentUrl),
 }
 
 impl Source {
@@ -28,6 +30,7 @@ impl Source {
         match self {
             Source::Agent(url) => url.to_string(),
             Source::Local(_) => "in-process".into(),
+            Source::Prometheus(url) => format!("prometheus {url}"),
         }
     }
 
@@ -44,13 +47,26 @@ impl Source {
                 Err(_) => bail!("no answer within {:.1} s", timeout.as_secs_f64()),
             },
             Source::Local(state) => Ok(state.stats_json()),
+            Source::Prometheus(url) => {
+                serde_json::to_string(&from_prometheus(url, timeout).await?).context("encoding")
+            }
         }
     }
 
     pub async fn fetch(&self, timeout: Duration) -> anyhow::Result<AgentStats> {
+        if let Source::Prometheus(url) = self {
+            return from_prometheus(url, timeout).await;
+        }
         let json = self.fetch_json(timeout).await?;
         serde_json::from_str(&json)
             .context("the agent's statistics are not what this version reads")
+    }
+}
+
+async fn from_prometheus(url: &AgentUrl, timeout: Duration) -> anyhow::Result<AgentStats> {
+    match tokio::time::timeout(timeout, super::prometheus::fetch(url)).await {
+        Ok(result) => result,
+        Err(_) => bail!("no answer within {:.1} s", timeout.as_secs_f64()),
     }
 }
 

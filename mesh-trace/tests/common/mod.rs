@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod kubeapi;
 pub mod otlp;
+pub mod prometheus;
 pub mod truth;
 
 use std::{
