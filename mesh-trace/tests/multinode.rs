@@ -59,11 +59,12 @@ fn halves_on_two_nodes(mtls: bool) {
     assert_eq!(lab.node_of(REVIEWS[0]).name, "node-2");
     // Both agents send their traces to one collector.
     let collector = OtlpReceiver::start();
-    let otlp = mesh_trace::agent::otlp::Endpoint::parse(&collector.endpoint()).unwrap();
-    let client_node =
-        Traced::start_on_node(&lab, "node-1", |s| s.otlp_endpoint = Some(otlp.clone()));
-    let server_node =
-        Traced::start_on_node(&lab, "node-2", |s| s.otlp_endpoint = Some(otlp.clone()));
+    // One node over OTLP/HTTP, the other over OTLP/gRPC.
+    use mesh_trace::agent::otlp::{Endpoint, Protocol};
+    let http = Endpoint::parse(&collector.endpoint(), Protocol::HttpProtobuf).unwrap();
+    let grpc = Endpoint::parse(&collector.grpc_endpoint(), Protocol::Grpc).unwrap();
+    let client_node = Traced::start_on_node(&lab, "node-1", |s| s.otlp_endpoint = Some(http));
+    let server_node = Traced::start_on_node(&lab, "node-2", |s| s.otlp_endpoint = Some(grpc));
     let load = |requests: u64, records: &std::path::Path| {
         let requests = requests.to_string();
         let args = [

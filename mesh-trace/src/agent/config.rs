@@ -38,8 +38,10 @@ pub struct ConfigFile {
     /// Data events one pod's network namespace may send per CPU per
     /// second (0: no limit).
     pub netns_events_per_s: Option<u32>,
-    /// Send request traces over OTLP/HTTP to this collector.
+    /// Send request traces over OTLP to this collector.
     pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf` (the default).
+    pub otlp_protocol: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

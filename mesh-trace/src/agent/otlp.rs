@@ -1,5 +1,6 @@
-//! Trace export over OTLP/HTTP (protobuf, `POST /v1/traces`): one trace per
-//! request, a span per segment of its path. Spans wait in a bounded queue;
+//! Trace export over OTLP, HTTP/protobuf (`POST /v1/traces`) or gRPC (the
+//! protocol's generated client over tonic): one trace per request, a span
+//! per segment of its path. Spans wait in a bounded queue;
 //! a task sends them in batches, retrying with backoff; what the queue
 //! cannot take, or what could not be sent, is counted by reason.
 //!
@@ -16,7 +17,7 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::ExportTraceServiceRequest,
+    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
     common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue},
     resource::v1::Resource,
     trace::v1::{span::SpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status},
@@ -40,22 +41,49 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// One export's time limit.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where traces go: `http://host:port`, or a URL whose path ends in
-/// `/v1/traces`.
+/// How the collector is reached, named as `OTEL_EXPORTER_OTLP_PROTOCOL`
+/// names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// `http/protobuf`: `POST /v1/traces` with a protobuf body.
+    HttpProtobuf,
+    /// `grpc`: `TraceService/Export` over HTTP/2.
+    Grpc,
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Protocol> {
+        match s {
+            "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
+            "grpc" => Ok(Protocol::Grpc),
+            other => anyhow::bail!(
+                "--otlp-protocol {other:?}: grpc or http/protobuf (http/json is not supported)"
+            ),
+        }
+    }
+}
+
+/// Where traces go: `http://host:port`, or for HTTP/protobuf a URL whose
+/// path ends in `/v1/traces`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
+    pub protocol: Protocol,
     pub authority: String,
+    /// The HTTP path (HTTP/protobuf); empty for gRPC, whose path is the
+    /// method's.
     pub path: String,
 }
 
 impl Endpoint {
-    pub fn parse(url: &str) -> anyhow::Result<Endpoint> {
+    pub fn parse(url: &str, protocol: Protocol) -> anyhow::Result<Endpoint> {
         let uri: hyper::Uri = url
             .parse()
             .with_context(|| format!("--otlp-endpoint {url:?}: not a URL"))?;
         anyhow::ensure!(
             uri.scheme_str() == Some("http"),
-            "--otlp-endpoint {url:?}: only http:// is supported (OTLP/HTTP to a collector on the node or in the cluster)"
+            "--otlp-endpoint {url:?}: only http:// is supported (plaintext OTLP to a collector on the node or in the cluster)"
         );
         let authority = uri
             .authority()
@@ -67,12 +95,72 @@ impl Endpoint {
             format!("{authority}:80")
         };
         let base = uri.path().trim_end_matches('/');
-        let path = if base.ends_with("/v1/traces") {
-            base.to_string()
-        } else {
-            format!("{base}/v1/traces")
+        let path = match protocol {
+            Protocol::Grpc => {
+                anyhow::ensure!(
+                    base.is_empty(),
+                    "--otlp-endpoint {url:?}: a gRPC endpoint is host:port, with no path"
+                );
+                String::new()
+            }
+            Protocol::HttpProtobuf if base.ends_with("/v1/traces") => base.to_string(),
+            Protocol::HttpProtobuf => format!("{base}/v1/traces"),
         };
-        Ok(Endpoint { authority, path })
+        Ok(Endpoint {
+            protocol,
+            authority,
+            path,
+        })
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.protocol {
+            Protocol::HttpProtobuf => write!(f, "http://{}{}", self.authority, self.path),
+            Protocol::Grpc => write!(f, "grpc http://{}", self.authority),
+        }
+    }
+}
+
+/// A connection to the collector, kept between batches.
+enum Client {
+    Http(Endpoint),
+    /// tonic's channel connects lazily and reconnects by itself.
+    Grpc(TraceServiceClient<tonic::transport::Channel>),
+}
+
+impl Client {
+    fn new(endpoint: &Endpoint) -> anyhow::Result<Client> {
+        Ok(match endpoint.protocol {
+            Protocol::HttpProtobuf => Client::Http(endpoint.clone()),
+            Protocol::Grpc => {
+                let channel = tonic::transport::Endpoint::from_shared(format!(
+                    "http://{}",
+                    endpoint.authority
+                ))
+                .context("the gRPC endpoint")?
+                .connect_timeout(EXPORT_TIMEOUT)
+                .connect_lazy();
+                Client::Grpc(TraceServiceClient::new(channel))
+            }
+        })
+    }
+
+    async fn send(&mut self, request: &ExportTraceServiceRequest) -> anyhow::Result<()> {
+        match self {
+            Client::Http(endpoint) => post(endpoint, Bytes::from(request.encode_to_vec())).await,
+            Client::Grpc(client) => {
+                // A partial success is still a success, as over HTTP.
+                client
+                    .export(request.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|status| {
+                        anyhow::anyhow!("gRPC {:?}: {}", status.code(), status.message())
+                    })
+            }
+        }
     }
 }
 
@@ -106,6 +194,13 @@ async fn send_loop(
     state: Arc<AgentState>,
 ) {
     let metrics = &state.metrics;
+    let mut client = match Client::new(&endpoint) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("OTLP export to {endpoint}: {e:#}; no traces will be sent");
+            return;
+        }
+    };
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         // A batch: the first span, then what comes within the linger.
@@ -120,11 +215,11 @@ async fn send_loop(
                 Ok(None) | Err(_) => break,
             }
         }
-        let body = Bytes::from(request(&batch, &node).encode_to_vec());
+        let export = request(&batch, &node);
         let mut pause = BACKOFF_FIRST;
         let mut sent = false;
         for attempt in 1..=ATTEMPTS {
-            match tokio::time::timeout(EXPORT_TIMEOUT, post(&endpoint, body.clone())).await {
+            match tokio::time::timeout(EXPORT_TIMEOUT, client.send(&export)).await {
                 Ok(Ok(())) => {
                     sent = true;
                     break;
@@ -141,9 +236,7 @@ async fn send_loop(
             metrics.otlp_exported(batch.len() as u64);
         } else {
             tracing::warn!(
-                "OTLP export to http://{}{} failed {ATTEMPTS} times: {} requests' spans dropped",
-                endpoint.authority,
-                endpoint.path,
+                "OTLP export to {endpoint} failed {ATTEMPTS} times: {} requests' spans dropped",
                 batch.len()
             );
             metrics.otlp_dropped("export_failed", batch.len() as u64);
@@ -372,19 +465,33 @@ mod tests {
 
     #[test]
     fn endpoints_take_the_traces_path_and_refuse_what_is_not_http() {
-        let e = Endpoint::parse("http://collector:4318").unwrap();
+        let http = Protocol::HttpProtobuf;
+        let e = Endpoint::parse("http://collector:4318", http).unwrap();
         assert_eq!(
             (e.authority.as_str(), e.path.as_str()),
             ("collector:4318", "/v1/traces")
         );
-        let e = Endpoint::parse("http://10.0.0.1:4318/otlp/v1/traces").unwrap();
+        let e = Endpoint::parse("http://10.0.0.1:4318/otlp/v1/traces", http).unwrap();
         assert_eq!(e.path, "/otlp/v1/traces");
         assert_eq!(
-            Endpoint::parse("http://collector").unwrap().authority,
+            Endpoint::parse("http://collector", http).unwrap().authority,
             "collector:80"
         );
-        assert!(Endpoint::parse("https://collector:4318").is_err());
-        assert!(Endpoint::parse("collector").is_err());
+        assert!(Endpoint::parse("https://collector:4318", http).is_err());
+        assert!(Endpoint::parse("collector", http).is_err());
+        let g = Endpoint::parse("http://collector:4317/", Protocol::Grpc).unwrap();
+        assert_eq!(
+            (g.authority.as_str(), g.path.as_str()),
+            ("collector:4317", "")
+        );
+        assert_eq!(g.to_string(), "grpc http://collector:4317");
+        assert!(Endpoint::parse("http://collector:4317/v1/traces", Protocol::Grpc).is_err());
+        assert_eq!("grpc".parse::<Protocol>().unwrap(), Protocol::Grpc);
+        assert_eq!(
+            "http/protobuf".parse::<Protocol>().unwrap(),
+            Protocol::HttpProtobuf
+        );
+        assert!("http/json".parse::<Protocol>().is_err());
     }
 
     /// The client's and the server's nodes each send their segments; put

@@ -193,11 +193,7 @@ pub async fn agent_with_spans(
     );
     let mut pipeline = Pipeline::new(table, state.clone());
     let otlp = settings.otlp_endpoint.clone().map(|endpoint| {
-        tracing::info!(
-            "sending request traces to http://{}{}",
-            endpoint.authority,
-            endpoint.path
-        );
+        tracing::info!("sending request traces to {endpoint}");
         super::otlp::Exporter::start(endpoint, settings.node_label(), state.clone())
     });
     let mut legs = Vec::new();

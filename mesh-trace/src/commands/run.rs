@@ -78,9 +78,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub stats_from_anywhere: bool,
     /// Send each request's trace (a span per segment of its path) over
-    /// OTLP/HTTP to this collector, e.g. http://otel-collector:4318.
+    /// OTLP to this collector, e.g. http://otel-collector:4318.
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// How to reach it: `http/protobuf` (default; port 4318 by convention)
+    /// or `grpc` (port 4317), as OTEL_EXPORTER_OTLP_PROTOCOL names them.
+    #[arg(long, value_name = "PROTOCOL")]
+    pub otlp_protocol: Option<String>,
 }
 
 /// Merges flags over the config file over defaults. Errors are usage errors.
@@ -111,9 +115,21 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         .otlp_endpoint
         .clone()
         .or(file.otlp_endpoint.clone())
-        .map(|u| crate::agent::otlp::Endpoint::parse(&u))
+        .map(|u| {
+            let protocol = args
+                .otlp_protocol
+                .clone()
+                .or(file.otlp_protocol.clone())
+                .unwrap_or_else(|| "http/protobuf".into());
+            crate::agent::otlp::Endpoint::parse(&u, protocol.parse()?)
+        })
         .transpose()
         .map_err(Failure::usage)?;
+    if otlp_endpoint.is_none() && (args.otlp_protocol.is_some() || file.otlp_protocol.is_some()) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--otlp-protocol needs --otlp-endpoint"
+        )));
+    }
     let mut settings = Settings {
         metrics_addr: Some(
             args.metrics_addr
