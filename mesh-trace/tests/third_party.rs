@@ -212,15 +212,21 @@ fn spans_through_haproxy(ids: Ids) {
         );
     } else {
         // Every forwarded request's span names the id the sidecar added.
-        let unnamed = traced
+        let unnamed: Vec<Span> = traced
             .spans
             .lock()
             .unwrap()
             .iter()
             .filter(|s| s.source_workload == "loadgen" && s.local_reply.is_none())
             .filter(|s| s.status != 403 && client_id(s).is_none())
-            .count();
-        assert_eq!(unnamed, 0, "spans without the id on the wire");
+            .cloned()
+            .collect();
+        assert!(
+            unnamed.is_empty(),
+            "{} spans without the id on the wire, e.g. {:?}",
+            unnamed.len(),
+            unnamed.first()
+        );
     }
     let counted: u64 = unstitched.values().sum();
     assert!(counted >= (wanted - spans.len()) as u64, "{unstitched:?}");

@@ -217,6 +217,7 @@ impl Stitcher {
     /// have lost one, so none of them is exported.
     pub fn events_lost(&mut self) {
         self.spans.mark_all_lost();
+        self.proxies.distrust_all();
     }
 
     /// Feeds one data event; completed spans go to `out`.
@@ -552,7 +553,9 @@ impl Stitcher {
             .filter(|&c| self.spans.identity(c).is_none_or(|i| i.fits(seen)))
             .collect();
         if let [only] = fitting[..] {
-            self.proxies.take(side, only);
+            // Its write may have been counted in a group: counting it out
+            // again can only keep the others held longer.
+            self.proxies.take(side, only, true);
             self.spans.settle(id, only);
         }
     }
@@ -683,7 +686,7 @@ impl Stitcher {
                 tgid,
                 inbound: place == Place::InboundDown,
             };
-            if self.proxies.take(side, id) {
+            if self.proxies.take(side, id, false) {
                 let by = if side.inbound {
                     LocalReply::Inbound
                 } else {
@@ -707,6 +710,7 @@ impl Stitcher {
             None => vec![false, true],
         };
         for inbound in sides {
+            self.proxies.distrust(ProxySide { tgid, inbound });
             let held: Vec<SpanId> = self.proxies.held_by(ProxySide { tgid, inbound }).collect();
             for id in held {
                 self.spans.mark_lost(id);

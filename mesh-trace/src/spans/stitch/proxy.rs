@@ -17,6 +17,18 @@
 //! repeats the id and target of one already forwarded, whose attempt was
 //! answered, is a retry. Thread and arrival order are never used: proxies
 //! forward on other threads and out of order.
+//!
+//! Writes that could each be one of a set of held requests are counted
+//! against that set: once as many plaintext requests were written as the
+//! set holds, every one of them went upstream (each write is one request),
+//! and none is held any more, though which write was which stays unknown.
+//! So one crowded moment contests only the requests it held, not every
+//! request after them for as long as those wait for their responses. After
+//! a lost event or I/O the node could not follow, a sidecar side counts
+//! nothing until it holds no request: an unseen request's write would be
+//! counted against the wrong set. Orphans (requests read encrypted whose
+//! client's write could not be told apart) are left to the evidence that
+//! settles them one by one.
 use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashMapExt as _};
@@ -132,9 +144,22 @@ pub(super) enum Forwarded {
     Unmatched(Vec<SpanId>),
 }
 
+/// Held requests of one side that writes could each have been, and how
+/// many such writes there were.
+#[derive(Debug, Default)]
+struct Group {
+    spans: Vec<SpanId>,
+    writes: usize,
+}
+
 pub(super) struct Proxies {
     /// Per sidecar process and side: requests read, not yet forwarded.
     forwardable: HashMap<ProxySide, VecDeque<Forwardable>>,
+    /// Per side: the open groups of requests written ambiguously.
+    groups: HashMap<ProxySide, Vec<Group>>,
+    /// Sides that count no group until they hold no request (a lost event
+    /// or unseen I/O).
+    untrusted: foldhash::HashSet<ProxySide>,
     /// Per outbound sidecar process: (request id, target) -> span, to see
     /// retries. The target too: an app propagates one id to several
     /// services.
@@ -145,7 +170,85 @@ impl Proxies {
     pub(super) fn new() -> Proxies {
         Proxies {
             forwardable: HashMap::new(),
+            groups: HashMap::new(),
+            untrusted: foldhash::HashSet::default(),
             forwarded: HashMap::new(),
+        }
+    }
+
+    /// Counts no group on `side` until it holds no request.
+    pub(super) fn distrust(&mut self, side: ProxySide) {
+        self.untrusted.insert(side);
+        self.groups.remove(&side);
+    }
+
+    /// Counts no group anywhere until each side holds no request.
+    pub(super) fn distrust_all(&mut self) {
+        let sides: Vec<ProxySide> = self.forwardable.keys().copied().collect();
+        for side in sides {
+            self.distrust(side);
+        }
+    }
+
+    /// Counts a plaintext write that could be any of `spans` (all held on
+    /// `side`); when a group has seen as many writes as it holds requests,
+    /// they all went upstream and leave the queue. Returns them.
+    fn count_write(&mut self, side: ProxySide, spans: &[SpanId]) -> Vec<SpanId> {
+        if self.untrusted.contains(&side) {
+            return Vec::new();
+        }
+        let groups = self.groups.entry(side).or_default();
+        let mut merged = Group {
+            spans: spans.to_vec(),
+            writes: 1,
+        };
+        groups.retain_mut(|g| {
+            if g.spans.iter().any(|s| merged.spans.contains(s)) {
+                for &s in &g.spans {
+                    if !merged.spans.contains(&s) {
+                        merged.spans.push(s);
+                    }
+                }
+                merged.writes += g.writes;
+                false
+            } else {
+                true
+            }
+        });
+        if merged.writes < merged.spans.len() {
+            groups.push(merged);
+            return Vec::new();
+        }
+        if let Some(queue) = self.forwardable.get_mut(&side) {
+            queue.retain(|f| !merged.spans.contains(&f.span));
+        }
+        merged.spans
+    }
+
+    /// `span` left `side`'s queue otherwise than by a counted write:
+    /// `forwarded` when it went upstream all the same (a write of its was
+    /// counted in its group, or its response came back).
+    fn left_group(&mut self, side: ProxySide, span: SpanId, forwarded: bool) {
+        let Some(groups) = self.groups.get_mut(&side) else {
+            return;
+        };
+        let mut drained = Vec::new();
+        groups.retain_mut(|g| {
+            let Some(i) = g.spans.iter().position(|&s| s == span) else {
+                return true;
+            };
+            g.spans.swap_remove(i);
+            if forwarded {
+                g.writes = g.writes.saturating_sub(1);
+            }
+            if g.writes >= g.spans.len() {
+                drained.append(&mut g.spans);
+                return false;
+            }
+            true
+        });
+        if let Some(queue) = self.forwardable.get_mut(&side) {
+            queue.retain(|f| !drained.contains(&f.span));
         }
     }
 
@@ -166,21 +269,41 @@ impl Proxies {
     /// dropped, or answered unseen), so a stale one never stands beside a
     /// new request with the same identity.
     pub(super) fn forget_gone(&mut self, side: ProxySide, in_flight: impl Fn(SpanId) -> bool) {
+        let mut gone = Vec::new();
         if let Some(queue) = self.forwardable.get_mut(&side) {
-            queue.retain(|f| in_flight(f.span));
+            queue.retain(|f| {
+                let keep = in_flight(f.span);
+                if !keep {
+                    gone.push(f.span);
+                }
+                keep
+            });
+            if queue.is_empty() {
+                self.untrusted.remove(&side);
+            }
+        }
+        // A request whose response came back went upstream: one of its
+        // group's writes was its own.
+        for span in gone {
+            self.left_group(side, span, true);
         }
     }
 
     /// Takes `span` out of what `side` holds: the sidecar answered it
-    /// itself. False when it was not held (it went upstream).
-    pub(super) fn take(&mut self, side: ProxySide, span: SpanId) -> bool {
+    /// itself, or (`forwarded`) what it showed further on says which
+    /// write it was. False when it was not held (it went upstream).
+    pub(super) fn take(&mut self, side: ProxySide, span: SpanId, forwarded: bool) -> bool {
         let Some(queue) = self.forwardable.get_mut(&side) else {
             return false;
         };
-        match queue.iter().position(|f| f.span == span) {
+        let taken = match queue.iter().position(|f| f.span == span) {
             Some(i) => queue.remove(i).is_some(),
             None => false,
+        };
+        if taken {
+            self.left_group(side, span, forwarded);
         }
+        taken
     }
 
     /// Which request a sidecar is writing upstream. `answered` says
@@ -269,9 +392,14 @@ impl Proxies {
                 }
             }
             (many, retry) => {
-                // All stay held: what the request shows further on (the
-                // inbound sidecar's plaintext, its id) may still tell.
+                // They stay held, what the request shows further on (the
+                // inbound sidecar's plaintext, its id) may still tell;
+                // a request's plaintext write counts against them. Not
+                // against orphans, which later evidence settles one by one.
                 let mut spans: Vec<SpanId> = many.iter().map(|&i| queue[i].span).collect();
+                if retry.is_none() && spans.iter().all(|s| !could_be.contains_key(s)) {
+                    self.count_write(side, &spans);
+                }
                 spans.extend(retry);
                 Forwarded::Ambiguous(spans)
             }
@@ -471,7 +599,7 @@ mod tests {
             p.forward(OUTBOUND, &write(20, opaque()), never, &none()),
             Forwarded::Ambiguous(vec![1])
         );
-        assert!(p.take(OUTBOUND, 1));
+        assert!(p.take(OUTBOUND, 1, false));
         p.hold(OUTBOUND, read(2, 30, &request("/r?u=2", None)));
         p.hold(OUTBOUND, read(3, 31, &request("/r?u=3", None)));
         assert_eq!(
@@ -622,8 +750,8 @@ mod tests {
     fn a_local_reply_takes_its_request_out_of_matching() {
         let mut p = Proxies::new();
         p.hold(OUTBOUND, read(1, 10, &request("/r", None)));
-        assert!(p.take(OUTBOUND, 1));
-        assert!(!p.take(OUTBOUND, 1));
+        assert!(p.take(OUTBOUND, 1, false));
+        assert!(!p.take(OUTBOUND, 1, false));
         // The next identical request is not mistaken for the answered one.
         p.hold(OUTBOUND, read(2, 20, &request("/r", None)));
         assert_eq!(
@@ -675,5 +803,60 @@ mod tests {
         };
         assert!(!full.fits(&other_method));
         assert_eq!(Identity::of(Some(&opaque())), None);
+    }
+
+    /// Requests read encrypted (no identity) and written in plaintext two
+    /// at once: the two writes are the two requests, which no longer
+    /// crowd the next one; after a lost event nothing is counted until
+    /// the side holds no request.
+    #[test]
+    fn writes_count_against_the_requests_they_could_be() {
+        let encrypted = |span| Forwardable::new(span, 10, None);
+        let run = |p: &mut Proxies| {
+            p.hold(INBOUND, encrypted(1));
+            p.hold(INBOUND, encrypted(2));
+            let w = write(20, request("/r", None));
+            assert_eq!(
+                p.forward(INBOUND, &w, never, &none()),
+                Forwarded::Ambiguous(vec![1, 2])
+            );
+            assert_eq!(
+                p.forward(INBOUND, &w, never, &none()),
+                Forwarded::Ambiguous(vec![1, 2])
+            );
+            p.hold(INBOUND, encrypted(3));
+            p.forward(INBOUND, &write(30, request("/r", None)), never, &none())
+        };
+        let mut p = Proxies::new();
+        assert_eq!(run(&mut p), matched(3, None));
+        assert_eq!(p.held(), 0);
+        // Distrusted (a request held across a lost event): nothing is
+        // counted, everything stays held.
+        let mut p = Proxies::new();
+        p.hold(INBOUND, encrypted(9));
+        p.distrust_all();
+        p.hold(INBOUND, encrypted(1));
+        for _ in 0..3 {
+            assert_eq!(
+                p.forward(INBOUND, &write(20, request("/r", None)), never, &none()),
+                Forwarded::Ambiguous(vec![9, 1])
+            );
+        }
+        assert_eq!(p.held(), 2);
+        // Once it holds nothing, the side counts again.
+        p.forget_gone(INBOUND, never);
+        assert_eq!(run(&mut p), matched(3, None));
+        // A request answered while its group waits went upstream: the
+        // group's one write was its own, and the other is still held.
+        let mut p = Proxies::new();
+        p.hold(INBOUND, encrypted(1));
+        p.hold(INBOUND, encrypted(2));
+        p.forward(INBOUND, &write(20, request("/r", None)), never, &none());
+        p.forget_gone(INBOUND, |id| id != 1);
+        assert!(p.holds(INBOUND, 2) && !p.holds(INBOUND, 1));
+        assert_eq!(
+            p.forward(INBOUND, &write(30, request("/r", None)), never, &none()),
+            matched(2, None)
+        );
     }
 }
