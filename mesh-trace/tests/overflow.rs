@@ -89,6 +89,20 @@ fn a_full_ring_costs_only_the_requests_it_touched() {
         })
         .collect();
     let after = judge(&spans, &calm);
+    // No request is stitched twice (a socket learnt again after its
+    // opening was lost must not start its requests over).
+    let mut per_request: std::collections::HashMap<&str, usize> = Default::default();
+    for s in &spans {
+        if let Some(id) = s.request_id.as_deref() {
+            *per_request.entry(id).or_default() += 1;
+        }
+    }
+    let twice: Vec<&&str> = per_request
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    let relearned = traced.state.metrics.flows_relearned.get();
     eprintln!(
         "{lost} events lost to a full ring in {BURSTS} bursts; {} requests, {} spans joined to \
          their truth, {} exact to 0.5 ms, {} wrong; unstitched {:?}; a second after the last \
@@ -102,7 +116,9 @@ fn a_full_ring_costs_only_the_requests_it_touched() {
         after.compared,
         after.exact
     );
+    eprintln!("{relearned} open sockets learnt again after their opening was lost");
     assert!(lost > 0, "the ring never overflowed");
+    assert!(twice.is_empty(), "requests with two spans: {twice:?}");
     assert!(
         all.wrong.is_empty(),
         "spans holding another request's moments: {:?}",

@@ -156,6 +156,16 @@ pub fn method_label(method: &str) -> &'static str {
     }
 }
 
+/// The `status_code` label: the code for 100 to 599, `0` for no response,
+/// `other` for the rest (a server may write any three digits), so that the
+/// label has at most 502 values.
+pub fn status_code_label(status: u16) -> String {
+    match status {
+        0 | 100..=599 => status.to_string(),
+        _ => "other".into(),
+    }
+}
+
 /// Most distinct (source_workload, destination_service) pairs exported;
 /// beyond it they are folded into "other", so a misbehaving metadata source
 /// cannot blow up the series count.
@@ -180,6 +190,7 @@ pub struct Metrics {
     pub rtt: Family<LegSideLabels, Histogram>,
     pub min_rtt: Family<LegSideLabels, Histogram>,
     pub flows_evicted: Counter,
+    pub flows_relearned: Counter,
     pub flows_tracked: Gauge,
     pub meshed_netns: Gauge,
     pub nat_watched_netns: Gauge,
@@ -344,6 +355,12 @@ impl Metrics {
             min_rtt.clone(),
         );
         let flows_evicted = Counter::default();
+        let flows_relearned = Counter::default();
+        registry.register(
+            "flows_relearned",
+            "Open sockets whose opening event was lost (a full ring buffer), learnt again from the kernel's socket lists",
+            flows_relearned.clone(),
+        );
         registry.register(
             "flows_evicted",
             "Sockets dropped from the flow table because it was full or they were idle too long",
@@ -502,6 +519,7 @@ impl Metrics {
             rtt,
             min_rtt,
             flows_evicted,
+            flows_relearned,
             flows_tracked,
             meshed_netns,
             nat_watched_netns,
@@ -574,7 +592,7 @@ impl Metrics {
                     reporter: reporter.label(),
                     source_workload: source.clone(),
                     destination_service: destination.clone(),
-                    status_code: span.status.to_string(),
+                    status_code: status_code_label(span.status),
                     source_workload_namespace: source_ns.clone(),
                     destination_service_namespace: destination_ns.clone(),
                 })
@@ -614,7 +632,7 @@ impl Metrics {
                     direction: by.label(),
                     source_workload: source.clone(),
                     destination_service: destination.clone(),
-                    status_code: span.status.to_string(),
+                    status_code: status_code_label(span.status),
                 })
                 .inc();
         }
@@ -775,6 +793,18 @@ impl LossTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_codes_are_a_bounded_label() {
+        assert_eq!(status_code_label(200), "200");
+        assert_eq!(status_code_label(0), "0");
+        assert_eq!(status_code_label(599), "599");
+        assert_eq!(status_code_label(600), "other");
+        assert_eq!(status_code_label(999), "other");
+        let values: std::collections::HashSet<String> =
+            (0..=u16::MAX).map(status_code_label).collect();
+        assert_eq!(values.len(), 502);
+    }
 
     #[test]
     fn exposition_has_the_contract_names() {

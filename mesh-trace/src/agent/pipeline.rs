@@ -20,9 +20,16 @@ use crate::{
     },
 };
 
+/// Unknown sockets remembered between two looks at the kernel's lists.
+pub const UNKNOWN_MAX: usize = 4096;
+
 pub struct Pipeline {
     pub table: FlowTable,
     pub stitcher: Stitcher,
+    /// Sockets that moved data while the flow table did not know them (their
+    /// opening event was lost), at most [`UNKNOWN_MAX`]: the agent learns
+    /// them again from the kernel's socket lists.
+    pub unknown_sockets: std::collections::HashSet<u64>,
     spans: Vec<Span>,
     reported_unstitched: std::collections::HashMap<Unstitched, u64>,
     metrics: Arc<crate::agent::http::AgentState>,
@@ -52,6 +59,7 @@ impl Pipeline {
             events_by_kind,
             table,
             stitcher: Stitcher::new(StitchConfig::default()),
+            unknown_sockets: std::collections::HashSet::new(),
             spans: Vec::new(),
             reported_unstitched: Default::default(),
             metrics: state,
@@ -101,6 +109,11 @@ impl Pipeline {
         match ev {
             // Data first: the table forgets a socket at its close.
             Event::Data(d) => {
+                if self.table.socket(d.sock_cookie).is_none()
+                    && self.unknown_sockets.len() < UNKNOWN_MAX
+                {
+                    self.unknown_sockets.insert(d.sock_cookie);
+                }
                 self.stitcher.data(&self.table, d, &mut self.spans);
                 if !self.spans.is_empty() {
                     let now = crate::clock::mono_ns();

@@ -34,6 +34,41 @@ const LOSS_POLL: Duration = Duration::from_secs(1);
 /// How often freed heap memory is given back to the kernel.
 const HEAP_TRIM: Duration = Duration::from_secs(60);
 
+/// The TCP sockets of one namespace of the namespace directory.
+struct NetnsSockets {
+    path: std::path::PathBuf,
+    netns: u64,
+    sockets: Vec<crate::kernel::sockdiag::DiagSocket>,
+}
+
+/// Lists the TCP sockets of every namespace in `netns_dir` with sock_diag
+/// (it enters each namespace: blocking work).
+fn list_sockets(netns_dir: &std::path::Path) -> Vec<NetnsSockets> {
+    let Ok(entries) = std::fs::read_dir(netns_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let path = entry.path();
+            match (
+                crate::flows::metadata::netns_cookie_at(&path),
+                crate::kernel::sockdiag::tcp_sockets(&path),
+            ) {
+                (Ok(netns), Ok(sockets)) => Some(NetnsSockets {
+                    path,
+                    netns,
+                    sockets,
+                }),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!("sockets of {}: {e:#}", path.display());
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
 /// Feeds the sockets already established in every watched namespace to the
 /// flow table as if just opened, and tracks them in the kernel, so that
 /// connections opened before the agent started are traced. Returns how many.
@@ -42,10 +77,32 @@ fn recover_existing(
     pipeline: &mut Pipeline,
     netns_dir: &std::path::Path,
 ) -> usize {
+    let mut count = 0;
+    for ns in list_sockets(netns_dir) {
+        let established: Vec<_> = ns
+            .sockets
+            .iter()
+            .filter(|s| !s.listening)
+            .map(|s| (s.cookie, ns.netns))
+            .collect();
+        match tracer.adopt_existing(&ns.path, &established) {
+            Ok(n) => tracing::debug!(
+                "{}: {n} of {} open connections adopted",
+                ns.path.display(),
+                established.len()
+            ),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+        count += feed_sockets(pipeline, &ns, |_| true);
+    }
+    count
+}
+
+/// Feeds the established sockets of `ns` that `wanted` picks to the flow
+/// table as if just opened (a connect for the active ends); returns how
+/// many.
+fn feed_sockets(pipeline: &mut Pipeline, ns: &NetnsSockets, wanted: impl Fn(u64) -> bool) -> usize {
     use mesh_trace_common::{ConnectEvent, Endpoint, EventHeader, EventKind, SockEvent, TaskInfo};
-    let Ok(entries) = std::fs::read_dir(netns_dir) else {
-        return 0;
-    };
     let endpoint = |a: SocketAddr| match a.ip() {
         std::net::IpAddr::V4(ip) => Endpoint::v4(u32::from_ne_bytes(ip.octets()), a.port()),
         std::net::IpAddr::V6(ip) => {
@@ -54,80 +111,83 @@ fn recover_existing(
             Endpoint::v6([w(0), w(4), w(8), w(12)], a.port())
         }
     };
+    let listening: std::collections::HashSet<u16> = ns
+        .sockets
+        .iter()
+        .filter(|s| s.listening)
+        .map(|s| s.local.port())
+        .collect();
     let (mut legs, mut spans, mut count) = (Vec::new(), Vec::new(), 0);
-    for entry in entries.filter_map(Result::ok) {
-        let path = entry.path();
-        let sockets = match (
-            crate::flows::metadata::netns_cookie_at(&path),
-            crate::kernel::sockdiag::tcp_sockets(&path),
-        ) {
-            (Ok(netns), Ok(sockets)) => sockets.into_iter().map(move |s| (netns, s)),
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::debug!("existing sockets of {}: {e:#}", path.display());
-                continue;
-            }
+    let now = crate::clock::mono_ns();
+    let netns = ns.netns;
+    for s in ns
+        .sockets
+        .iter()
+        .filter(|s| !s.listening && wanted(s.cookie))
+    {
+        let active = !listening.contains(&s.local.port());
+        let header = |kind: EventKind| EventHeader {
+            kind: kind as u32,
+            cpu: 0,
+            ts_ns: now,
         };
-        let sockets: Vec<_> = sockets.collect();
-        let listening: std::collections::HashSet<u16> = sockets
-            .iter()
-            .filter(|(_, s)| s.listening)
-            .map(|(_, s)| s.local.port())
-            .collect();
-        let established: Vec<_> = sockets
-            .iter()
-            .filter(|(_, s)| !s.listening)
-            .map(|(netns, s)| (s.cookie, *netns))
-            .collect();
-        match tracer.adopt_existing(&path, &established) {
-            Ok(n) => tracing::debug!(
-                "{}: {n} of {} open connections adopted",
-                path.display(),
-                established.len()
-            ),
-            Err(e) => tracing::warn!("{e:#}"),
-        }
-        let now = crate::clock::mono_ns();
-        for (netns, s) in sockets.iter().filter(|(_, s)| !s.listening) {
-            let active = !listening.contains(&s.local.port());
-            let header = |kind: EventKind| EventHeader {
-                kind: kind as u32,
-                cpu: 0,
-                ts_ns: now,
-            };
-            if active {
-                let mut comm = [0u8; 16];
-                comm[..10].copy_from_slice(b"(existing)");
-                let connect = ConnectEvent {
-                    header: header(EventKind::Connect),
-                    sock_cookie: s.cookie,
-                    netns_cookie: *netns,
-                    task: TaskInfo {
-                        pid_tgid: 0,
-                        uid_gid: u64::from(s.uid) | (u64::from(s.uid) << 32),
-                        comm,
-                    },
-                    dst: endpoint(s.remote),
-                };
-                pipeline.handle(&events::Event::Connect(connect), &mut legs, &mut spans);
-            }
-            let established = SockEvent {
-                header: header(EventKind::Established),
+        if active {
+            let mut comm = [0u8; 16];
+            comm[..10].copy_from_slice(b"(existing)");
+            let connect = ConnectEvent {
+                header: header(EventKind::Connect),
                 sock_cookie: s.cookie,
-                netns_cookie: *netns,
-                local: endpoint(s.local),
-                remote: endpoint(s.remote),
-                active: u32::from(active),
-                ..SockEvent::default()
+                netns_cookie: netns,
+                task: TaskInfo {
+                    pid_tgid: 0,
+                    uid_gid: u64::from(s.uid) | (u64::from(s.uid) << 32),
+                    comm,
+                },
+                dst: endpoint(s.remote),
             };
-            pipeline.handle(
-                &events::Event::Established(established),
-                &mut legs,
-                &mut spans,
-            );
-            count += 1;
+            pipeline.handle(&events::Event::Connect(connect), &mut legs, &mut spans);
         }
+        let established = SockEvent {
+            header: header(EventKind::Established),
+            sock_cookie: s.cookie,
+            netns_cookie: netns,
+            local: endpoint(s.local),
+            remote: endpoint(s.remote),
+            active: u32::from(active),
+            ..SockEvent::default()
+        };
+        pipeline.handle(
+            &events::Event::Established(established),
+            &mut legs,
+            &mut spans,
+        );
+        count += 1;
     }
     count
+}
+
+/// Feeds the listed sockets that moved data while unknown to the flow
+/// table (their opening was lost) as if just opened; forgets the unknown
+/// ones not listed (gone). Returns how many were learnt again.
+fn relearn(pipeline: &mut Pipeline, listed: Vec<NetnsSockets>) -> usize {
+    let seen = std::mem::take(&mut pipeline.unknown_sockets);
+    let mut relearned = 0;
+    for ns in listed {
+        let unknown: std::collections::HashSet<u64> = ns
+            .sockets
+            .iter()
+            .filter(|s| {
+                !s.listening
+                    && seen.contains(&s.cookie)
+                    && pipeline.table.socket(s.cookie).is_none()
+            })
+            .map(|s| s.cookie)
+            .collect();
+        if !unknown.is_empty() {
+            relearned += feed_sockets(pipeline, &ns, |c| unknown.contains(&c));
+        }
+    }
+    relearned
 }
 
 /// Events dropped so far because the ring buffer was full.
@@ -148,6 +208,35 @@ const NETNS_SCAN: Duration = Duration::from_secs(1);
 
 /// How often the flow table classifies lonely sockets and ages out old ones.
 const FLOW_TICK: Duration = Duration::from_millis(250);
+
+/// Counts the agents loaded on the node once a second, on a blocking
+/// thread: it lists every BPF program in the kernel (thousands, with a
+/// pair of NAT programs per pod), which the event loop should not wait for.
+fn count_agents(state: Arc<AgentState>) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match tokio::task::spawn_blocking(crate::kernel::tracer::agents_loaded).await {
+                Ok(Ok(n)) => {
+                    state.metrics.agents_on_node.set(n as i64);
+                }
+                Ok(Err(e)) => tracing::debug!("{e:#}"),
+                Err(_) => return,
+            }
+        }
+    }))
+}
+
+/// A background task that ends with the agent, however the agent ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// Runs the agent until `stop` resolves, then detaches everything. Every leg
 /// the flow table opens or closes is passed to `on_leg`.
@@ -214,6 +303,7 @@ pub async fn agent_with_spans(
         None => None,
     };
 
+    let agents = count_agents(state.clone());
     let mut tracer = Tracer::load(&TracerOptions {
         ring_buffer_bytes: settings.ring_buffer_bytes,
         // An eighth of the ring: the agent is woken long before it fills.
@@ -284,6 +374,12 @@ pub async fn agent_with_spans(
     let mut heap_trim = tokio::time::interval(HEAP_TRIM);
     let mut loss = LossTracker::default();
     let mut ring_full_seen = ring_full_total(&tracer);
+    // Sockets whose opening event was lost to a full ring are unknown to the
+    // flow table, so every request on them would be too: once such a socket
+    // moves data, the kernel's socket lists name it again (listed on a
+    // blocking thread, at most once a second). Only those: a socket listed
+    // whose opening is still on its way is left to its own event.
+    let mut relist: Option<tokio::task::JoinHandle<Vec<NetnsSockets>>> = None;
     let mut batch = Vec::with_capacity(1024);
     let stdout = std::io::stdout();
     let result: anyhow::Result<()> = loop {
@@ -301,17 +397,23 @@ pub async fn agent_with_spans(
                     .sum();
                 info.events_lost = loss.total();
                 drop(info);
-                match crate::kernel::tracer::agents_loaded() {
-                    Ok(n) => {
-                        state.metrics.agents_on_node.set(n as i64);
-                    }
-                    Err(e) => tracing::debug!("{e:#}"),
-                }
                 state.metrics.record_metadata(metadata.as_ref());
                 if let Some(kube) = &kube {
                     state.metrics.record_kubernetes(kube);
                 }
                 state.metadata_synced.store(metadata.synced(), Ordering::Release);
+                if !pipeline.unknown_sockets.is_empty() && relist.is_none() {
+                    let dir = settings.netns_dir.clone();
+                    relist = Some(tokio::task::spawn_blocking(move || list_sockets(&dir)));
+                }
+            }
+            listed = async { relist.as_mut().expect("guarded by the condition").await }, if relist.is_some() => {
+                relist = None;
+                let relearned = relearn(&mut pipeline, listed.unwrap_or_default());
+                if relearned > 0 {
+                    tracing::debug!("{relearned} open sockets learnt again after lost events");
+                    state.metrics.flows_relearned.inc_by(relearned as u64);
+                }
             }
             _ = netns_tick.tick() => {
                 let watched = netns.as_ref().map(|w| w.watched()).unwrap_or_default();
@@ -396,6 +498,7 @@ pub async fn agent_with_spans(
         }
     };
     tracing::info!("stopping: detaching programs");
+    drop(agents);
     state.ready.store(false, Ordering::Release);
     drop(netns);
     drop(tracer);
@@ -405,4 +508,72 @@ pub async fn agent_with_spans(
     }
     tracing::info!("stopped");
     result.map_err(Failure::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        flows::{
+            metadata::NoMetadata,
+            test_events::{ep, established},
+        },
+        kernel::sockdiag::DiagSocket,
+    };
+
+    fn data(cookie: u64) -> events::Event {
+        let mut d = mesh_trace_common::DataEvent::default();
+        d.header.kind = mesh_trace_common::EventKind::Data as u32;
+        d.sock_cookie = cookie;
+        events::Event::Data(Box::new(d))
+    }
+
+    fn diag(cookie: u64, local: &str, remote: &str, listening: bool) -> DiagSocket {
+        DiagSocket {
+            cookie,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            listening,
+            uid: 0,
+        }
+    }
+
+    /// A socket whose opening was lost moves data: it is learnt again from
+    /// the namespace's socket list; one still on its way, listed but never
+    /// seen moving data, is left to its own event; unknown ones no longer
+    /// listed are forgotten.
+    #[test]
+    fn sockets_whose_opening_was_lost_are_learnt_again_and_only_they() {
+        let table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
+        let mut p = Pipeline::new(table, Arc::new(AgentState::new()));
+        let (mut legs, mut spans) = (Vec::new(), Vec::new());
+        let known = established(
+            1,
+            7,
+            ep([10, 0, 0, 1], 40000),
+            ep([10, 0, 0, 2], 9080),
+            true,
+        );
+        p.handle(&known, &mut legs, &mut spans);
+        for cookie in [1, 2, 3] {
+            p.handle(&data(cookie), &mut legs, &mut spans);
+        }
+        assert_eq!(p.unknown_sockets.len(), 2, "{:?}", p.unknown_sockets);
+        let listed = vec![NetnsSockets {
+            path: "/run/netns/pod".into(),
+            netns: 7,
+            sockets: vec![
+                diag(1, "10.0.0.1:40000", "10.0.0.2:9080", false),
+                diag(2, "10.0.0.1:40001", "10.0.0.3:9080", false),
+                // Opened after the data above: its own event will come.
+                diag(4, "10.0.0.1:40002", "10.0.0.3:9080", false),
+                diag(5, "0.0.0.0:9080", "0.0.0.0:0", true),
+            ],
+        }];
+        assert_eq!(relearn(&mut p, listed), 1);
+        assert!(p.table.socket(2).is_some(), "learnt again");
+        assert!(p.table.socket(4).is_none(), "left to its own event");
+        // Cookie 3 was not listed: gone, and forgotten.
+        assert!(p.unknown_sockets.is_empty());
+    }
 }
