@@ -32,6 +32,7 @@ pub mod names {
     pub const SEND_RESET: &str = "mt_send_reset";
     pub const RECEIVE_RESET: &str = "mt_receive_reset";
     pub const MESHED_NETNS: &str = "MESHED_NETNS";
+    pub const NETNS_SPENT: &str = "NETNS_SPENT";
     pub const PREFIX_LEN: &str = "PREFIX_LEN";
     pub const BATCH: &str = "BATCH";
     pub const FLUSH: &str = "mt_flush";
@@ -438,6 +439,7 @@ mod pod {
     unsafe impl aya::Pod for RedirectEvent {}
     unsafe impl aya::Pod for DataEvent {}
     unsafe impl aya::Pod for DataBatch {}
+    unsafe impl aya::Pod for BudgetWindow {}
 }
 
 #[cfg(test)]

@@ -166,6 +166,22 @@ fn check_reports_this_kernel() {
             .any(|l| l.starts_with("fentry ") && l.contains(" no ")),
         "{text}"
     );
+    // Each hook says what stops working without it; a missing one says so
+    // in the table too.
+    for h in report["features"]["hooks"].as_array().unwrap() {
+        assert!(!h["without"].as_str().unwrap_or("").is_empty(), "{h}");
+    }
+    let tp_btf = report["features"]["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["hook"] == "tp_btf")
+        .unwrap();
+    assert!(tp_btf["without"].as_str().unwrap().contains("no spans"));
+    assert!(
+        text.contains("without it: nothing: not used"),
+        "the refused fentry hook says what it costs: {text}"
+    );
 }
 
 fn link_count() -> usize {

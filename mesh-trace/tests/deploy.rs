@@ -1,7 +1,8 @@
 //! What ships in deploy/: manifests and overlays valid for the Kubernetes
 //! versions supported, dashboards valid for Grafana, rules that pass their
 //! own unit tests, and a DaemonSet whose capabilities are enough for the
-//! agent to trace a lab and each of which is needed.
+//! agent to trace a lab and each of which is needed, on a read-only root
+//! filesystem as the DaemonSet runs it.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -100,13 +101,33 @@ enum User {
     Nobody,
 }
 
+/// The filesystem the agent sees.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Root {
+    Writable,
+    /// Every mount read-only, in a mount namespace of the agent's own: the
+    /// DaemonSet's `readOnlyRootFilesystem` and its read-only host mounts.
+    ReadOnly,
+}
+
 /// Runs the agent as `user` with only `caps`, drives requests through the
 /// lab, and says what it saw.
 fn trace_with(lab: &Lab, caps: &[String]) -> Outcome {
-    trace_as(lab, User::Root, caps)
+    trace_as(lab, User::Root, caps, Root::Writable)
 }
 
-fn trace_as(lab: &Lab, user: User, caps: &[String]) -> Outcome {
+/// Remounts every mount read-only (a private mount namespace keeps the
+/// host's as they are), checks that `/` refuses a write, then runs the
+/// command given after it.
+const READ_ONLY_ROOT: &str = r#"findmnt -rno TARGET | while read -r m; do
+  mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+if touch /.mesh-trace-rw-check 2>/dev/null; then
+  rm -f /.mesh-trace-rw-check; echo "/ is still writable" >&2; exit 97
+fi
+exec "$@""#;
+
+fn trace_as(lab: &Lab, user: User, caps: &[String], root: Root) -> Outcome {
     let set = |base: &str| -> String {
         std::iter::once(base.to_string())
             .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
@@ -115,7 +136,16 @@ fn trace_as(lab: &Lab, user: User, caps: &[String]) -> Outcome {
     };
     let addr = free_port();
     let log = lab.dir.join(format!("agent-{}.log", addr.port()));
-    let mut setpriv = Command::new("setpriv");
+    let mut setpriv = match root {
+        Root::Writable => Command::new("setpriv"),
+        Root::ReadOnly => {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(READ_ONLY_ROOT)
+                .args(["sh", "setpriv"]);
+            c
+        }
+    };
     setpriv.arg(format!("--bounding-set={}", set("-all")));
     match user {
         User::Root => setpriv.arg("--inh-caps=-all"),
@@ -204,8 +234,22 @@ fn the_daemonsets_capabilities_are_enough_and_each_is_needed() {
             o.requests
         );
     }
+    // On a read-only root filesystem, every mount read-only, as the
+    // DaemonSet runs it: the agent writes nothing to disk.
+    let manifest =
+        std::fs::read_to_string(repo().join("deploy/kustomize/base/daemonset.yaml")).unwrap();
+    assert!(manifest.contains("readOnlyRootFilesystem: true"));
+    let read_only = trace_as(&lab, User::Root, &caps, Root::ReadOnly);
+    assert!(
+        read_only.ready && read_only.redirects >= 50.0 && read_only.requests >= 100.0,
+        "on a read-only root with {caps:?}: ready {}, {} redirects, {} requests:\n{}",
+        read_only.ready,
+        read_only.redirects,
+        read_only.requests,
+        read_only.log
+    );
     // Not root: the same capabilities held by nobody do as well.
-    let nobody = trace_as(&lab, User::Nobody, &caps);
+    let nobody = trace_as(&lab, User::Nobody, &caps, Root::Writable);
     assert!(
         nobody.ready && nobody.redirects >= 50.0 && nobody.requests >= 100.0,
         "as nobody with {caps:?}: ready {}, {} redirects, {} requests:\n{}",

@@ -1,17 +1,20 @@
 //! A rolling update on one node: the new agent starts while the old one
 //! still runs, both trace (cgroup programs run side by side, the NAT
 //! programs take neighbouring netfilter priorities), the metrics say two
-//! agents are loaded, and once the old one stops the new one has at
-//! least as many spans as requests that started after it was ready (a
-//! count: the agent's spans are seen only through its metrics). Nothing is left
-//! behind when both are gone. Needs root.
+//! agents are loaded, and once the old one stops the new one has a span
+//! of every request that started after it was ready (read from its feed,
+//! `mesh-trace spans --agent`, joined by request id and judged against
+//! that request's truth). Nothing is left behind when both are gone.
+//! Needs root.
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{
     agent::{metric, metric_sum, AgentProcess, BIN},
-    bpf_links, wait_for,
+    bpf_links,
+    truth::{judge, span_from_json, truths},
+    wait_for,
 };
 use mesh_trace::lab::{
     records::{read_records, ClientRecord},
@@ -63,9 +66,26 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
     wait_for("the old agent's spans", Duration::from_secs(10), || {
         requests(&old).0 > 0.0
     });
-    // The new pod of the rolling update.
+    // The new pod of the rolling update, its spans followed from now on.
     let new = AgentProcess::start(&["--lab", &lab_dir], &[]);
     let new_ready = mesh_trace::clock::mono_ns();
+    let mut follower = std::process::Command::new(BIN)
+        .args(["spans", "--agent", &format!("http://{}", new.addr)])
+        .args(["--service", "reviews", "--workload", "loadgen"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read as it goes: a pipe left full would stop the follower.
+    let lines = {
+        use std::io::BufRead as _;
+        let out = std::io::BufReader::new(follower.stdout.take().unwrap());
+        std::thread::spawn(move || out.lines().map_while(Result::ok).collect::<Vec<String>>())
+    };
+    // The feed has no history: requests from the moment the follower is
+    // surely connected are the ones to find in it.
+    std::thread::sleep(Duration::from_millis(500));
+    let followed_from = mesh_trace::clock::mono_ns();
     for (who, agent) in [("old", &old), ("new", &new)] {
         wait_for(
             &format!("the {who} agent to count two agents"),
@@ -95,16 +115,60 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
     let after: usize = client.iter().filter(|c| c.t_start_ns > new_ready).count();
     // A request's span is exported shortly after its response.
     std::thread::sleep(Duration::from_secs(2));
-    let (spans, unstitched) = requests(&new);
+    let (counted, unstitched) = requests(&new);
+    kill(
+        nix::unistd::Pid::from_raw(follower.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let followed = follower.wait_with_output().unwrap();
+    assert!(
+        followed.status.success(),
+        "spans --agent: {}",
+        String::from_utf8_lossy(&followed.stderr)
+    );
+    let spans: Vec<_> = lines
+        .join()
+        .unwrap()
+        .iter()
+        .map(|l| span_from_json(&serde_json::from_str(l).unwrap()))
+        .collect();
+    let mine: std::collections::HashSet<&str> = spans
+        .iter()
+        .filter_map(|s| s.request_id.as_deref())
+        .collect();
+    let missing: Vec<&str> = client
+        .iter()
+        .filter(|c| c.t_start_ns > followed_from && !mine.contains(c.request_id.as_str()))
+        .map(|c| c.request_id.as_str())
+        .collect();
+    let judged = judge(&spans, &truths(&lab, &client));
     eprintln!(
-        "old agent: {old_spans} spans; new agent: {spans} spans, {unstitched} counted unstitched; \
-         {after} of {} requests started after the new agent was ready",
-        client.len()
+        "old agent: {old_spans} spans; new agent: {counted} spans, {unstitched} counted unstitched; \
+         {after} of {} requests started after the new agent was ready, {} of them without a span \
+         of the new agent's; its spans: {} joined to their truth, {} exact to 0.5 ms, {} wrong",
+        client.len(),
+        missing.len(),
+        judged.compared,
+        judged.exact,
+        judged.wrong.len()
     );
     assert!(after >= 300, "{after} requests after the handover began");
     assert!(
-        spans >= after as f64,
-        "the new agent has {spans} spans for {after} requests that started after it was ready"
+        missing.is_empty(),
+        "requests after the new agent was ready without its span: {:?}",
+        &missing[..missing.len().min(5)]
+    );
+    assert!(
+        judged.wrong.is_empty(),
+        "spans off their truth: {:?}",
+        &judged.wrong[..judged.wrong.len().min(3)]
+    );
+    assert!(
+        judged.exact as f64 >= 0.9 * judged.compared as f64,
+        "{} of {} exact",
+        judged.exact,
+        judged.compared
     );
     drop(new);
     let deadline = Instant::now() + Duration::from_secs(5);

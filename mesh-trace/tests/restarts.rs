@@ -1,15 +1,17 @@
 //! The agent killed (SIGKILL) and stopped (SIGTERM) again and again while
 //! traffic runs through the lab's sidecars: no request fails, a stopped
 //! agent exits cleanly, every tenth agent exports spans again within
-//! seconds of starting, and nothing stays behind in the kernel (BPF links,
-//! programs, maps and pins) or the mount table. Needs root.
+//! seconds of starting, each judged against its own request's truth, and
+//! nothing stays behind in the kernel (BPF links, programs, maps and pins)
+//! or the mount table. Needs root.
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::{
-    agent::{metric_sum, AgentProcess, BIN},
+    agent::{AgentProcess, BIN},
     bpf_links,
+    truth::{judge, span_from_json, truths},
 };
 use mesh_trace::lab::{
     records::{read_records, ClientRecord},
@@ -43,12 +45,25 @@ fn kernel_objects() -> (usize, usize, usize) {
     )
 }
 
-/// The sum of every `mesh_trace_requests_total` series.
-fn spans_exported(agent: &AgentProcess) -> f64 {
-    metric_sum(
-        &agent.scrape(),
-        "mesh_trace_requests_total{reporter=\"source\"",
-    )
+/// Spans of the client's requests a just-started agent exports, read
+/// from its feed (`mesh-trace spans --agent`).
+fn spans_from(agent: &AgentProcess, n: usize) -> Vec<mesh_trace::spans::span::Span> {
+    let out = std::process::Command::new(BIN)
+        .args(["spans", "--agent", &format!("http://{}", agent.addr)])
+        .args(["--service", "reviews", "--workload", "loadgen"])
+        .args(["--count", &n.to_string(), "--duration", "10"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "spans --agent: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| span_from_json(&serde_json::from_str(l).unwrap()))
+        .collect()
 }
 
 fn mounts() -> usize {
@@ -87,23 +102,23 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     let lab_dir = lab.dir.to_string_lossy().into_owned();
     let started = Instant::now();
     let mut up = Duration::ZERO;
-    let mut spanning = 0;
+    let mut after_restarts = Vec::new();
     for i in 0..RESTARTS {
         let t = Instant::now();
         let mut agent = AgentProcess::start(&["--lab", &lab_dir], &[]);
         up += t.elapsed();
         if i % 10 == 9 {
-            // Tracing again: spans of the requests that started after it.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while spans_exported(&agent) == 0.0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "restart {i}: no span in 10 s\n{}",
-                    std::fs::read_to_string(&agent.log).unwrap_or_default()
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            spanning += 1;
+            // Tracing again: the spans of requests that start after it,
+            // judged once the load is over.
+            let spans = spans_from(&agent, 30);
+            assert_eq!(
+                spans.len(),
+                30,
+                "restart {i}: {} spans in 10 s\n{}",
+                spans.len(),
+                std::fs::read_to_string(&agent.log).unwrap_or_default()
+            );
+            after_restarts.push((i, spans));
             // The counts below see this agent's programs and maps.
             let (programs, maps, _) = kernel_objects();
             assert!(
@@ -134,12 +149,41 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     let client: Vec<ClientRecord> = read_records(&records).unwrap();
     let failed: Vec<&ClientRecord> = client.iter().filter(|c| c.status != 200).collect();
     eprintln!(
-        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average; {spanning} of them checked to export spans) during {} requests; {} failed",
+        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average; {} of them checked to export spans) during {} requests; {} failed",
         restarting.as_secs_f64(),
         up.as_secs_f64() * 1e3 / RESTARTS as f64,
+        after_restarts.len(),
         client.len(),
         failed.len()
     );
+    // Each checked agent's spans, request by request: exact again.
+    let truth = truths(&lab, &client);
+    for (i, spans) in &after_restarts {
+        let judged = judge(spans, &truth);
+        eprintln!(
+            "after restart {i}: {} spans, {} joined to their truth, {} exact to 0.5 ms, {} wrong",
+            spans.len(),
+            judged.compared,
+            judged.exact,
+            judged.wrong.len()
+        );
+        assert!(
+            judged.wrong.is_empty(),
+            "after restart {i}: spans off their truth: {:?}",
+            &judged.wrong[..judged.wrong.len().min(3)]
+        );
+        assert!(
+            judged.compared >= 29,
+            "after restart {i}: {} joined",
+            judged.compared
+        );
+        assert!(
+            judged.exact as f64 >= 0.8 * judged.compared as f64,
+            "after restart {i}: {} of {} exact",
+            judged.exact,
+            judged.compared
+        );
+    }
     assert!(client.len() >= 5_000, "{} requests", client.len());
     assert!(
         failed.is_empty(),

@@ -70,9 +70,33 @@ impl Hook {
             Hook::Fentry => ("not needed (tp_btf path used)", Need::Optional),
             Hook::Tracepoint => ("not needed (tp_btf path used)", Need::Optional),
             Hook::TpBtf => ("socket I/O: every span's data, process", Need::Optional),
-            Hook::RawTracepoint => ("fallback for tp_btf", Need::Optional),
-            Hook::CgroupSockopt => ("proxy's SO_ORIGINAL_DST lookups", Need::Optional),
+            Hook::RawTracepoint => ("flushing per-CPU event batches", Need::Optional),
+            Hook::CgroupSockopt => ("not needed (the NAT step is observed)", Need::Optional),
             Hook::NetfilterLink => ("counting NAT REDIRECTs", Need::Optional),
+        }
+    }
+}
+
+impl Hook {
+    /// What stops working on a kernel without the hook.
+    pub fn without(self) -> &'static str {
+        match self {
+            Hook::CgroupSockAddr | Hook::SockOps => "nothing is traced: the agent does not start",
+            Hook::TpBtf => {
+                "no spans, no request metrics, no process of accepted sockets (the \
+                 sock_send_length/sock_recv_length tracepoints, Linux 6.3+), and no retransmit \
+                 or reset counts: only legs and connection counts"
+            }
+            Hook::RawTracepoint => {
+                "data events go to the ring buffer one by one (no batching): more CPU per request"
+            }
+            Hook::NetfilterLink => {
+                "REDIRECTs are counted from the sidecars' accepted sockets instead of at the NAT \
+                 step"
+            }
+            Hook::Kprobe | Hook::Fentry | Hook::Tracepoint | Hook::CgroupSockopt => {
+                "nothing: not used"
+            }
         }
     }
 }
@@ -92,6 +116,8 @@ pub struct HookReport {
     pub available: bool,
     pub need: Need,
     pub used_for: &'static str,
+    /// What stops working without it.
+    pub without: &'static str,
     /// Why it is unavailable (the kernel's error), or where it was attached.
     pub detail: String,
 }
@@ -144,6 +170,7 @@ impl Features {
                     available,
                     need,
                     used_for,
+                    without: hook.without(),
                     detail,
                 }
             })

@@ -156,6 +156,9 @@ impl Report {
                 h.used_for,
                 h.detail
             );
+            if !h.available {
+                let _ = writeln!(o, "{:<17} without it: {}", "", h.without);
+            }
         }
         let _ = writeln!(o);
         if self.blockers.is_empty() {

@@ -97,6 +97,9 @@ pub struct Tracer {
     ring: AsyncFd<RingBuf<MapData>>,
     /// Namespaces whose sockets' payload is captured.
     meshed: aya::maps::HashMap<MapData, u64, u32>,
+    /// Each namespace's data-event budget spent (LRU, per CPU): an entry
+    /// goes with its namespace rather than wait to be the oldest.
+    spent: aya::maps::PerCpuHashMap<MapData, u64, mesh_trace_common::BudgetWindow>,
     /// What the generated netfilter programs need; None if BTF lacks sk_buff.
     nat_shared: Option<Arc<nat::Shared>>,
     lost: PerCpuArray<MapData, u64>,
@@ -282,9 +285,14 @@ impl Tracer {
             ebpf.take_map(names::MESHED_NETNS)
                 .context("MESHED_NETNS map")?,
         )?;
+        let spent = aya::maps::PerCpuHashMap::try_from(
+            ebpf.take_map(names::NETNS_SPENT)
+                .context("NETNS_SPENT map")?,
+        )?;
         Ok(Tracer {
             ring: readable(ring)?,
             meshed,
+            spent,
             nat_shared,
             lost,
             logger,
@@ -428,8 +436,13 @@ impl Tracer {
     }
 
     /// Forgets a namespace that is gone (its entry would otherwise hold a
-    /// place in MESHED_NETNS for ever).
+    /// place in MESHED_NETNS for ever, and one in NETNS_SPENT until it is
+    /// the least recently used).
     pub fn unmark_meshed(&mut self, netns_cookie: u64) -> anyhow::Result<()> {
+        match self.spent.remove(&netns_cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing from NETNS_SPENT"),
+        }
         match self.meshed.remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context("removing from MESHED_NETNS"),

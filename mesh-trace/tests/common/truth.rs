@@ -15,6 +15,33 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
 pub const CLIENT: &str = "loadgen-v1";
 pub const REVIEWS: [&str; 3] = ["reviews-v1", "reviews-v2", "reviews-v3"];
 
+/// A span back from the JSON line `mesh-trace spans` prints (an agent's
+/// feed): what judging it needs.
+pub fn span_from_json(v: &serde_json::Value) -> Span {
+    let text = |k: &str| v[k].as_str().map(str::to_string);
+    let mut moments = [None; 12];
+    for (i, m) in moments.iter_mut().enumerate() {
+        *m = v["moments_ns"][i].as_u64();
+    }
+    Span {
+        request_id: text("request_id"),
+        method: text("method").unwrap_or_default(),
+        path: text("path").unwrap_or_default(),
+        status: v["status"].as_u64().unwrap_or(0) as u16,
+        source_workload: text("source_workload").unwrap_or_default(),
+        source_namespace: text("source_namespace"),
+        destination_service: text("destination_service").unwrap_or_default(),
+        destination_namespace: text("destination_namespace"),
+        destination_pod: text("destination_pod"),
+        moments,
+        retries: v["retries"].as_u64().unwrap_or(0) as u32,
+        local_reply: None,
+        trace_id: text("trace_id"),
+        mesh_leg_id: None,
+        parent_span_id: text("parent_span_id"),
+    }
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
