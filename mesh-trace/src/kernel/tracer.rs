@@ -439,9 +439,10 @@ impl Tracer {
     /// place in MESHED_NETNS for ever, and one in NETNS_SPENT until it is
     /// the least recently used).
     pub fn unmark_meshed(&mut self, netns_cookie: u64) -> anyhow::Result<()> {
-        match self.spent.remove(&netns_cookie) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing from NETNS_SPENT"),
+        // Absent unless a budget is set (and then the LRU bounds it): a
+        // failure here is no reason to keep the namespace meshed.
+        if let Err(e) = self.spent.remove(&netns_cookie) {
+            tracing::trace!("NETNS_SPENT: {e}");
         }
         match self.meshed.remove(&netns_cookie) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),

@@ -262,6 +262,11 @@ impl Proxies {
             None
         };
         queue.push_back(f);
+        if dropped.is_some() {
+            // Its write may yet come: nothing counted until the side is
+            // empty again.
+            self.distrust(side);
+        }
         dropped
     }
 
@@ -270,6 +275,7 @@ impl Proxies {
     /// new request with the same identity.
     pub(super) fn forget_gone(&mut self, side: ProxySide, in_flight: impl Fn(SpanId) -> bool) {
         let mut gone = Vec::new();
+        let mut empty = true;
         if let Some(queue) = self.forwardable.get_mut(&side) {
             queue.retain(|f| {
                 let keep = in_flight(f.span);
@@ -278,12 +284,28 @@ impl Proxies {
                 }
                 keep
             });
-            if queue.is_empty() {
-                self.untrusted.remove(&side);
-            }
+            empty = queue.is_empty();
+        }
+        if empty {
+            self.untrusted.remove(&side);
+            self.groups.remove(&side);
+            return;
         }
         // A request whose response came back went upstream: one of its
-        // group's writes was its own.
+        // group's writes was its own. One in no group left unmatched
+        // (evicted, timed out, or written with an uncounted write): a
+        // write of its may yet come, so the side counts nothing until it
+        // holds no request (as when nothing is held, such a write then
+        // matches nothing or, as it would without counting, a request read
+        // after it).
+        let grouped = |span: SpanId, groups: &HashMap<ProxySide, Vec<Group>>| {
+            groups
+                .get(&side)
+                .is_some_and(|gs| gs.iter().any(|g| g.spans.contains(&span)))
+        };
+        if gone.iter().any(|&span| !grouped(span, &self.groups)) {
+            self.distrust(side);
+        }
         for span in gone {
             self.left_group(side, span, true);
         }
@@ -846,6 +868,18 @@ mod tests {
         // Once it holds nothing, the side counts again.
         p.forget_gone(INBOUND, never);
         assert_eq!(run(&mut p), matched(3, None));
+        // A held request leaving unmatched and in no group (evicted, or
+        // written with an uncounted write) may still have a write to come:
+        // nothing is counted until the side holds nothing.
+        let mut p = Proxies::new();
+        p.hold(INBOUND, encrypted(7));
+        p.hold(INBOUND, encrypted(1));
+        p.forget_gone(INBOUND, |id| id != 7);
+        p.hold(INBOUND, encrypted(2));
+        for _ in 0..2 {
+            p.forward(INBOUND, &write(20, request("/r", None)), never, &none());
+        }
+        assert_eq!(p.held(), 2);
         // A request answered while its group waits went upstream: the
         // group's one write was its own, and the other is still held.
         let mut p = Proxies::new();
