@@ -1,7 +1,7 @@
 //! The agent killed (SIGKILL) and stopped (SIGTERM) again and again while
 //! traffic runs through the lab's sidecars: no request fails, a stopped
-//! agent exits cleanly, every tenth agent exports spans again within
-//! seconds of starting, each judged against its own request's truth, and
+//! agent exits cleanly, every agent exports spans again within seconds of
+//! starting, each judged against its own request's truth, and
 //! nothing stays behind in the kernel (BPF links, programs, maps and pins)
 //! or the mount table. Needs root.
 mod common;
@@ -107,18 +107,19 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
         let t = Instant::now();
         let mut agent = AgentProcess::start(&["--lab", &lab_dir], &[]);
         up += t.elapsed();
+        // Tracing again: the spans of requests that start after it,
+        // judged once the load is over (more of them every tenth time).
+        let n = if i % 10 == 9 { 30 } else { 10 };
+        let spans = spans_from(&agent, n);
+        assert_eq!(
+            spans.len(),
+            n,
+            "restart {i}: {} spans in 10 s\n{}",
+            spans.len(),
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        );
+        after_restarts.push((i, spans));
         if i % 10 == 9 {
-            // Tracing again: the spans of requests that start after it,
-            // judged once the load is over.
-            let spans = spans_from(&agent, 30);
-            assert_eq!(
-                spans.len(),
-                30,
-                "restart {i}: {} spans in 10 s\n{}",
-                spans.len(),
-                std::fs::read_to_string(&agent.log).unwrap_or_default()
-            );
-            after_restarts.push((i, spans));
             // The counts below see this agent's programs and maps.
             let (programs, maps, _) = kernel_objects();
             assert!(
@@ -127,8 +128,8 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
                 kernel_objects()
             );
         } else {
-            // Up for a while, capturing: 100 to 300 ms.
-            std::thread::sleep(Duration::from_millis(100 + (i as u64 * 37) % 200));
+            // Up a while longer, capturing: 0 to 200 ms more.
+            std::thread::sleep(Duration::from_millis((i as u64 * 37) % 200));
         }
         let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
         if i % 2 == 0 {
@@ -149,41 +150,41 @@ fn a_hundred_restarts_under_load_fail_no_request_and_leave_nothing_behind() {
     let client: Vec<ClientRecord> = read_records(&records).unwrap();
     let failed: Vec<&ClientRecord> = client.iter().filter(|c| c.status != 200).collect();
     eprintln!(
-        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average; {} of them checked to export spans) during {} requests; {} failed",
+        "{RESTARTS} restarts in {:.1} s (ready in {:.0} ms on average; each exporting spans again) during {} requests; {} failed",
         restarting.as_secs_f64(),
         up.as_secs_f64() * 1e3 / RESTARTS as f64,
-        after_restarts.len(),
         client.len(),
         failed.len()
     );
-    // Each checked agent's spans, request by request: exact again.
+    // Each agent's spans, request by request: exact again.
     let truth = truths(&lab, &client);
+    let (mut total, mut exact) = (0, 0);
     for (i, spans) in &after_restarts {
         let judged = judge(spans, &truth);
-        eprintln!(
-            "after restart {i}: {} spans, {} joined to their truth, {} exact to 0.5 ms, {} wrong",
-            spans.len(),
-            judged.compared,
-            judged.exact,
-            judged.wrong.len()
-        );
+        total += judged.compared;
+        exact += judged.exact;
         assert!(
             judged.wrong.is_empty(),
             "after restart {i}: spans off their truth: {:?}",
             &judged.wrong[..judged.wrong.len().min(3)]
         );
         assert!(
-            judged.compared >= 29,
-            "after restart {i}: {} joined",
-            judged.compared
+            judged.compared + 1 >= spans.len(),
+            "after restart {i}: {} of {} joined",
+            judged.compared,
+            spans.len()
         );
         assert!(
-            judged.exact as f64 >= 0.8 * judged.compared as f64,
+            judged.exact as f64 >= 0.7 * judged.compared as f64,
             "after restart {i}: {} of {} exact",
             judged.exact,
             judged.compared
         );
     }
+    eprintln!(
+        "after {} restarts: {total} spans joined to their truth, {exact} exact to 0.5 ms, none wrong",
+        after_restarts.len()
+    );
     assert!(client.len() >= 5_000, "{} requests", client.len());
     assert!(
         failed.is_empty(),

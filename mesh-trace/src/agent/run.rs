@@ -370,6 +370,8 @@ pub async fn agent_with_spans(
     let mut loss_poll = tokio::time::interval(LOSS_POLL);
     let mut flow_tick = tokio::time::interval(FLOW_TICK);
     let mut netns_tick = tokio::time::interval(NETNS_SCAN);
+    netns_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     // The first tick is now: what start-up freed goes back at once.
     let mut heap_trim = tokio::time::interval(HEAP_TRIM);
     let mut loss = LossTracker::default();
@@ -415,11 +417,17 @@ pub async fn agent_with_spans(
                     state.metrics.flows_relearned.inc_by(relearned as u64);
                 }
             }
-            _ = netns_tick.tick() => {
-                let watched = netns.as_ref().map(|w| w.watched()).unwrap_or_default();
+            _ = netns_tick.tick(), if refreshing.is_none() => {
                 // Pods that appeared since: their namespaces, and whether
-                // they have a sidecar, come from the metadata source.
-                metadata.refresh(&settings.netns_dir);
+                // they have a sidecar, come from the metadata source, which
+                // enters new namespaces and may read /proc: on a blocking
+                // thread.
+                let (source, dir) = (metadata.clone(), settings.netns_dir.clone());
+                refreshing = Some(tokio::task::spawn_blocking(move || source.refresh(&dir)));
+            }
+            _ = async { refreshing.as_mut().expect("guarded by the condition").await }, if refreshing.is_some() => {
+                refreshing = None;
+                let watched = netns.as_ref().map(|w| w.watched()).unwrap_or_default();
                 let sidecars = metadata.meshed_netns();
                 for &cookie in &sidecars {
                     if meshed.insert(cookie) {
