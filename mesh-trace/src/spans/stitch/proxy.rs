@@ -18,10 +18,12 @@
 //! answered, is a retry. Thread and arrival order are never used: proxies
 //! forward on other threads and out of order.
 //!
-//! Writes that could each be one of a set of held requests are counted
-//! against that set: once as many plaintext requests were written as the
-//! set holds, every one of them went upstream (each write is one request),
-//! and none is held any more, though which write was which stays unknown.
+//! Writes that could each be any request a side holds are counted against
+//! them: once as many plaintext requests were written as the set holds,
+//! every one of them went upstream (each write is one request), and none
+//! is held any more, though which write was which stays unknown. A write
+//! that some held request does not fit is not counted: that request may
+//! be the one written, rewritten past recognition.
 //! So one crowded moment contests only the requests it held, not every
 //! request after them for as long as those wait for their responses. After
 //! a lost event or I/O the node could not follow, a sidecar side counts
@@ -415,11 +417,15 @@ impl Proxies {
             }
             (many, retry) => {
                 // They stay held, what the request shows further on (the
-                // inbound sidecar's plaintext, its id) may still tell;
-                // a request's plaintext write counts against them. Not
+                // inbound sidecar's plaintext, its id) may still tell. A
+                // request's plaintext write counts against them only when
+                // every request held fits it: then the one written is
+                // surely among them, whatever the sidecar rewrote. Not
                 // against orphans, which later evidence settles one by one.
+                let every_held = many.len() == queue.len();
                 let mut spans: Vec<SpanId> = many.iter().map(|&i| queue[i].span).collect();
-                if retry.is_none() && spans.iter().all(|s| !could_be.contains_key(s)) {
+                if retry.is_none() && every_held && spans.iter().all(|s| !could_be.contains_key(s))
+                {
                     self.count_write(side, &spans);
                 }
                 spans.extend(retry);
@@ -880,6 +886,19 @@ mod tests {
             p.forward(INBOUND, &write(20, request("/r", None)), never, &none());
         }
         assert_eq!(p.held(), 2);
+        // A held request the write does not fit (its path rewritten by the
+        // sidecar, say) may be the one written: nothing is counted.
+        let mut p = Proxies::new();
+        p.hold(INBOUND, read(1, 10, &request("/a", None)));
+        p.hold(INBOUND, read(2, 10, &request("/b", None)));
+        p.hold(INBOUND, read(3, 10, &request("/b", None)));
+        for _ in 0..2 {
+            assert_eq!(
+                p.forward(INBOUND, &write(20, request("/b", None)), never, &none()),
+                Forwarded::Ambiguous(vec![2, 3])
+            );
+        }
+        assert_eq!(p.held(), 3);
         // A request answered while its group waits went upstream: the
         // group's one write was its own, and the other is still held.
         let mut p = Proxies::new();
