@@ -1,7 +1,7 @@
 //! `mesh-trace flows`: legs as JSON lines as they open and close, like
 //! `hubble observe`: a running agent's (`--agent`), or from probes it loads
 //! itself.
-use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -75,18 +75,10 @@ pub fn main(args: FlowsArgs) -> Result<(), Failure> {
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let stop = stop_on(duration, done_rx)?;
-        let mut printed = 0u64;
-        let stdout = std::io::stdout();
+        let mut printer = super::LinePrinter::new(args.count, done_tx);
         agent(settings, Arc::new(AgentState::new()), stop, |rec| {
-            if args.count.is_some_and(|c| printed >= c) || !filter.matches(rec) {
-                return;
-            }
-            let mut out = stdout.lock();
-            let _ = writeln!(out, "{}", serde_json::to_string(rec).unwrap_or_default());
-            let _ = out.flush();
-            printed += 1;
-            if args.count.is_some_and(|c| printed >= c) {
-                let _ = done_tx.send(true);
+            if filter.matches(rec) {
+                printer.print(serde_json::to_string(rec).unwrap_or_default());
             }
         })
         .await

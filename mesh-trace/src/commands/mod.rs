@@ -14,6 +14,42 @@ pub mod run;
 pub mod spans;
 pub mod top;
 
+/// JSON lines to stdout, each flushed, up to an optional count; reaching it
+/// sets `done`, which ends the command.
+struct LinePrinter {
+    limit: Option<u64>,
+    printed: u64,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl LinePrinter {
+    fn new(limit: Option<u64>, done: tokio::sync::watch::Sender<bool>) -> LinePrinter {
+        LinePrinter {
+            limit,
+            printed: 0,
+            done,
+        }
+    }
+
+    /// Prints `line` unless the count was reached; false once it is.
+    fn print(&mut self, line: impl std::fmt::Display) -> bool {
+        use std::io::Write as _;
+        let full = |p: &LinePrinter| p.limit.is_some_and(|c| p.printed >= c);
+        if full(self) {
+            return false;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+        self.printed += 1;
+        if full(self) {
+            let _ = self.done.send(true);
+            return false;
+        }
+        true
+    }
+}
+
 /// `spans --agent` and `flows --agent`: prints the lines of an agent's
 /// feed at `api` (filtered by `query`) until `count` lines, `duration`, a
 /// signal, or the agent ends it. Lines the reader fell behind on are said
@@ -25,8 +61,6 @@ fn follow_agent_feed(
     count: Option<u64>,
     duration: Option<std::time::Duration>,
 ) -> Result<(), crate::error::Failure> {
-    use std::io::Write as _;
-
     use anyhow::Context as _;
 
     use crate::{agent::client, agent::feed::skipped, error::Failure};
@@ -42,22 +76,13 @@ fn follow_agent_feed(
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let stop = crate::shutdown::stop_on(duration, done_rx)?;
-        let mut printed = 0u64;
-        let stdout = std::io::stdout();
+        let mut printer = LinePrinter::new(count, done_tx);
         let follow = client::follow_lines(&url, &path, |line| {
             if let Some(n) = skipped(line) {
                 tracing::warn!("{n} items skipped: this reader fell behind the agent's feed");
                 return true;
             }
-            let mut out = stdout.lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
-            printed += 1;
-            if count.is_some_and(|c| printed >= c) {
-                let _ = done_tx.send(true);
-                return false;
-            }
-            true
+            printer.print(line)
         });
         tokio::select! {
             r = follow => r.with_context(|| format!("following {url}{api}")).map_err(Failure::from),

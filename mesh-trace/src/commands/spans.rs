@@ -1,7 +1,7 @@
 //! `mesh-trace spans`: every stitched request as a JSON line, with its
 //! twelve moments and its hops: a running agent's (`--agent`), or from
 //! probes it loads itself.
-use std::{io::Write as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use clap::Args;
@@ -60,23 +60,15 @@ pub fn main(args: SpansArgs) -> Result<(), Failure> {
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let stop = stop_on(duration, done_rx)?;
-        let mut printed = 0u64;
-        let stdout = std::io::stdout();
+        let mut printer = super::LinePrinter::new(args.count, done_tx);
         agent_with_spans(
             settings,
             Arc::new(AgentState::new()),
             stop,
             |_| {},
             |span| {
-                if !filter.matches(span) || args.count.is_some_and(|c| printed >= c) {
-                    return;
-                }
-                let mut out = stdout.lock();
-                let _ = writeln!(out, "{}", span.to_json());
-                let _ = out.flush();
-                printed += 1;
-                if args.count.is_some_and(|c| printed >= c) {
-                    let _ = done_tx.send(true);
+                if filter.matches(span) {
+                    printer.print(span.to_json());
                 }
             },
         )
