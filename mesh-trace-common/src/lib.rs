@@ -36,6 +36,12 @@ pub mod names {
     pub const PREFIX_LEN: &str = "PREFIX_LEN";
     pub const BATCH: &str = "BATCH";
     pub const FLUSH: &str = "mt_flush";
+    pub const SSL_WRITE: &str = "mt_ssl_write";
+    pub const SSL_WRITE_EX: &str = "mt_ssl_write_ex";
+    pub const SSL_READ: &str = "mt_ssl_read";
+    pub const SSL_READ_EX: &str = "mt_ssl_read_ex";
+    pub const SSL_RETURN: &str = "mt_ssl_return";
+    pub const TLS_PROBES: &str = "TLS_PROBES";
 }
 
 /// Discriminants of the events in the ring buffer. Never reuse a value.
@@ -293,6 +299,47 @@ pub const DATA_PREFIX_MAX: usize = 256;
 /// [`DataEvent::direction`] values.
 pub const DIR_SEND: u32 = 0;
 pub const DIR_RECV: u32 = 1;
+/// Flag on [`DataEvent::direction`]: the plaintext a TLS library call
+/// (`SSL_write`/`SSL_read`) took or returned, not bytes on the wire.
+/// `offset` is the TCP sequence number of the first byte of the call's last
+/// send or receive on the socket (a call that also finishes the handshake
+/// moves the handshake's records first), `opposite_seq` that of the call's
+/// first send or receive, `len` the plaintext bytes.
+pub const DIR_TLS_PLAINTEXT: u32 = 0x10;
+/// With [`DIR_TLS_PLAINTEXT`]: the call moved nothing on the network (it
+/// returned bytes the library had read before); `offset` means nothing.
+pub const DIR_TLS_NO_SEQ: u32 = 0x20;
+
+/// A TLS library call in progress on a thread (`TLS_CALLS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsCall {
+    /// The `SSL *` the call is on.
+    pub ssl: u64,
+    /// The caller's plaintext buffer.
+    pub buf: u64,
+    /// `_ex` forms: where the library writes the byte count.
+    pub count_ptr: u64,
+    /// The socket of the call's last I/O in its direction.
+    pub cookie: u64,
+    /// TCP sequence number of that I/O's first byte.
+    pub seq: u32,
+    /// `DIR_SEND` (`SSL_write`) or `DIR_RECV` (`SSL_read`).
+    pub direction: u32,
+    /// 1 once the call moved bytes on a meshed socket.
+    pub seen_io: u32,
+    /// 1 for `SSL_write_ex`/`SSL_read_ex`.
+    pub ex: u32,
+    /// TCP sequence number of the first byte of the call's first I/O in
+    /// its direction (where a response read by the call starts).
+    pub first_seq: u32,
+    pub _pad: u32,
+}
+
+/// Threads inside a TLS call at once (LRU).
+pub const TLS_CALLS_MAX: u32 = 16_384;
+/// TLS sessions whose socket is remembered (LRU).
+pub const TLS_SESSIONS_MAX: u32 = 65_536;
 
 /// [`EventKind::Data`]: one send or receive on a socket in a meshed
 /// namespace, from `sock_send_length`/`sock_recv_length` in the context of

@@ -34,7 +34,16 @@ enum Ids {
 
 #[test]
 fn spans_through_haproxy_sidecars_are_each_their_own_requests() {
-    spans_through_haproxy(Ids::FromClient);
+    spans_through_haproxy(Ids::FromClient, false);
+}
+
+/// Mutual TLS between the HAProxy sidecars (OpenSSL): the bytes between
+/// them show nothing, so what each sidecar matches on comes from the
+/// plaintext of its `SSL_write`/`SSL_read` calls (the TLS probes). As
+/// exact as plaintext.
+#[test]
+fn spans_through_haproxy_sidecars_over_mutual_tls_are_exact_from_their_plaintext() {
+    spans_through_haproxy(Ids::FromClient, true);
 }
 
 /// Envoy adds `x-request-id` upstream when the app sent none. Identical
@@ -44,10 +53,10 @@ fn spans_through_haproxy_sidecars_are_each_their_own_requests() {
 /// though its client request had none, and be its own request's.
 #[test]
 fn an_id_added_by_the_outbound_sidecar_is_on_its_span_or_the_request_is_counted() {
-    spans_through_haproxy(Ids::AddedUpstream);
+    spans_through_haproxy(Ids::AddedUpstream, false);
 }
 
-fn spans_through_haproxy(ids: Ids) {
+fn spans_through_haproxy(ids: Ids, mtls: bool) {
     assert!(
         nix::unistd::geteuid().is_root(),
         "span tests load eBPF programs and build a lab: run them as root"
@@ -61,6 +70,7 @@ fn spans_through_haproxy(ids: Ids) {
         },
         threads: 2,
     };
+    opts.mtls = mtls;
     let id_flag: &[&str] = match ids {
         Ids::FromClient => &[],
         Ids::AddedUpstream => &["--no-request-id"],
@@ -196,6 +206,27 @@ fn spans_through_haproxy(ids: Ids) {
         "{} of {wanted} requests yield a span; unstitched: {unstitched:?}",
         spans.len()
     );
+    if mtls {
+        // The evidence behind mutual TLS: request heads from the sidecars'
+        // SSL_write/SSL_read, joined to their records on the wire.
+        let m = &traced.state.metrics;
+        let tls = |result| {
+            m.tls_plaintext
+                .get_or_create(&mesh_trace::agent::metrics::ResultLabel { result })
+                .get()
+        };
+        eprintln!(
+            "TLS plaintext: {} files probed, {} request heads joined, {} not",
+            m.tls_files_probed.get(),
+            tls("joined"),
+            tls("unjoined")
+        );
+        assert!(
+            m.tls_files_probed.get() >= 1,
+            "HAProxy's libssl was not probed"
+        );
+        assert!(tls("joined") >= 2 * n, "{} heads joined", tls("joined"));
+    }
 
     // Each request at most one span; at least 99.9% of them one; the rest
     // counted.

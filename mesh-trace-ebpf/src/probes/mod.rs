@@ -39,3 +39,4 @@ pub mod connect;
 pub mod sock_ops;
 pub mod socket_io;
 pub mod tcp_issues;
+pub mod tls;

@@ -39,7 +39,12 @@ use crate::maps::{
 
 /// Payload bytes to copy per event, set by the agent (at most DATA_PREFIX_MAX).
 #[no_mangle]
-static PREFIX_LEN: u32 = 128;
+pub(crate) static PREFIX_LEN: u32 = 128;
+
+/// 1 when the agent loaded the TLS plaintext probes: I/O inside a TLS
+/// call is then noted for them (a hash lookup per call).
+#[no_mangle]
+static TLS_PROBES: u32 = 0;
 
 /// Offsets of `tcp_sock.write_seq` (the sequence number after the last byte
 /// queued for sending) and `tcp_sock.copied_seq` (after the last byte read
@@ -125,6 +130,9 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let (seq, opposite) = sequence_numbers(sk, direction, ret as u32);
+    if unsafe { core::ptr::read_volatile(&TLS_PROBES) } != 0 {
+        super::tls::note_io(bpf_get_current_pid_tgid(), cookie, direction, seq);
+    }
     // The data event first, as soon as the call returned: a peer's event
     // for the same bytes should not be reserved before it.
     let ts_ns = capture(cookie, direction, u64::from(seq), len, opposite);

@@ -38,6 +38,9 @@ pub struct ConfigFile {
     /// Data events one pod's network namespace may send per CPU per
     /// second (0: no limit).
     pub netns_events_per_s: Option<u32>,
+    /// Read the plaintext of TLS calls in traced processes (uprobes on
+    /// `SSL_write`/`SSL_read`); default true.
+    pub tls_plaintext: Option<bool>,
     /// Send request traces over OTLP to this collector.
     pub otlp_endpoint: Option<String>,
     /// `grpc` or `http/protobuf` (the default).

@@ -26,6 +26,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
 }
@@ -191,6 +196,8 @@ pub struct Metrics {
     pub min_rtt: Family<LegSideLabels, Histogram>,
     pub flows_evicted: Counter,
     pub flows_relearned: Counter,
+    pub tls_files_probed: Counter,
+    pub tls_plaintext: Family<ResultLabel, Counter>,
     pub flows_tracked: Gauge,
     pub meshed_netns: Gauge,
     pub nat_watched_netns: Gauge,
@@ -353,6 +360,21 @@ impl Metrics {
             "The kernel's windowed minimum TCP round-trip time of traced connections (the path, without delayed ACKs), sampled at open and about once a second while busy",
             Unit::Seconds,
             min_rtt.clone(),
+        );
+        let tls_files_probed = Counter::default();
+        registry.register(
+            "tls_files_probed",
+            "Files (TLS libraries, executables with TLS linked in) of traced processes whose SSL_write/SSL_read carry the TLS plaintext probes",
+            tls_files_probed.clone(),
+        );
+        let tls_plaintext = Family::<ResultLabel, Counter>::default();
+        for result in ["joined", "unjoined"] {
+            let _ = tls_plaintext.get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            "tls_plaintext_requests",
+            "Request heads read from TLS calls' plaintext: joined to the encrypted request on the wire, or not (its request unknown here)",
+            tls_plaintext.clone(),
         );
         let flows_evicted = Counter::default();
         let flows_relearned = Counter::default();
@@ -520,6 +542,8 @@ impl Metrics {
             min_rtt,
             flows_evicted,
             flows_relearned,
+            tls_files_probed,
+            tls_plaintext,
             flows_tracked,
             meshed_netns,
             nat_watched_netns,

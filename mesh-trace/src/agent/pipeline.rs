@@ -32,6 +32,7 @@ pub struct Pipeline {
     pub unknown_sockets: std::collections::HashSet<u64>,
     spans: Vec<Span>,
     reported_unstitched: std::collections::HashMap<Unstitched, u64>,
+    reported_tls: [u64; 2],
     metrics: Arc<crate::agent::http::AgentState>,
     reported: TableStats,
     legs: Vec<LegRecord>,
@@ -62,6 +63,7 @@ impl Pipeline {
             unknown_sockets: std::collections::HashSet::new(),
             spans: Vec::new(),
             reported_unstitched: Default::default(),
+            reported_tls: [0; 2],
             metrics: state,
             reported: TableStats::default(),
             legs: Vec::new(),
@@ -170,6 +172,13 @@ impl Pipeline {
                     reason: reason.label(),
                 })
                 .inc_by(n - before);
+        }
+        for (i, result) in ["joined", "unjoined"].into_iter().enumerate() {
+            let n = self.stitcher.tls_plaintext[i];
+            m.tls_plaintext
+                .get_or_create(&crate::agent::metrics::ResultLabel { result })
+                .inc_by(n - self.reported_tls[i]);
+            self.reported_tls[i] = n;
         }
         let mut info = self.metrics.info.lock().unwrap_or_else(|p| p.into_inner());
         info.flows_tracked = self.table.len();

@@ -311,6 +311,7 @@ pub async fn agent_with_spans(
         noop: settings.noop,
         batch_events: settings.batch_events,
         netns_events_per_s: settings.netns_events_per_s,
+        tls_plaintext: settings.tls_plaintext,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;
     tracer.spawn_kernel_log_forwarder()?;
@@ -383,6 +384,17 @@ pub async fn agent_with_spans(
     // whose opening is still on its way is left to its own event.
     let mut relist: Option<tokio::task::JoinHandle<Vec<NetnsSockets>>> = None;
     let mut batch = Vec::with_capacity(1024);
+    // Processes that did I/O on a meshed socket: their TLS libraries get
+    // the plaintext probes. Looked at on a blocking thread (it reads
+    // /proc and ELF symbol tables), attached here (the programs are the
+    // tracer's).
+    let tls_on = tracer.tls_probes();
+    let mut tls_seen = Some(crate::kernel::tls::Seen::default());
+    let mut tls_new: Vec<u32> = Vec::new();
+    let mut tls_last_tgid = 0u32;
+    let mut tls_scan: Option<
+        tokio::task::JoinHandle<(crate::kernel::tls::Seen, Vec<crate::kernel::tls::TlsFile>)>,
+    > = None;
     let stdout = std::io::stdout();
     let result: anyhow::Result<()> = loop {
         tokio::select! {
@@ -407,6 +419,21 @@ pub async fn agent_with_spans(
                 if !pipeline.unknown_sockets.is_empty() && relist.is_none() {
                     let dir = settings.netns_dir.clone();
                     relist = Some(tokio::task::spawn_blocking(move || list_sockets(&dir)));
+                }
+            }
+            scanned = async { tls_scan.as_mut().expect("guarded by the condition").await }, if tls_scan.is_some() => {
+                tls_scan = None;
+                if let Ok((seen, files)) = scanned {
+                    tls_seen = Some(seen);
+                    for file in files {
+                        match tracer.attach_tls(&file) {
+                            Ok(symbols) => {
+                                tracing::info!("TLS plaintext probes on {} ({})", file.shown, symbols.join(", "));
+                                state.metrics.tls_files_probed.inc();
+                            }
+                            Err(e) => tracing::warn!("{e:#}"),
+                        }
+                    }
                 }
             }
             listed = async { relist.as_mut().expect("guarded by the condition").await }, if relist.is_some() => {
@@ -483,6 +510,17 @@ pub async fn agent_with_spans(
                                     }
                                 }
                             }
+                            if let events::Event::Data(d) = &ev {
+                                let tgid = (d.pid_tgid >> 32) as u32;
+                                if tls_on && tgid != tls_last_tgid && tls_new.len() < 4096 {
+                                    tls_last_tgid = tgid;
+                                    if let Some(seen) = tls_seen.as_mut() {
+                                        if seen.new_process(tgid) {
+                                            tls_new.push(tgid);
+                                        }
+                                    }
+                                }
+                            }
                             pipeline.handle(&ev, &mut legs, &mut spans);
                             legs.drain(..).for_each(|l| on_leg(&l));
                             for s in spans.drain(..) {
@@ -502,6 +540,16 @@ pub async fn agent_with_spans(
                     }
                 }
                 let _ = out.flush();
+                let tls_pending = tls_seen.as_ref().is_some_and(|s| s.pending());
+                if (!tls_new.is_empty() || tls_pending) && tls_scan.is_none() {
+                    if let Some(mut seen) = tls_seen.take() {
+                        let pids = std::mem::take(&mut tls_new);
+                        tls_scan = Some(tokio::task::spawn_blocking(move || {
+                            let files = crate::kernel::tls::scan(&mut seen, &pids);
+                            (seen, files)
+                        }));
+                    }
+                }
             }
         }
     };

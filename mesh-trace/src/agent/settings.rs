@@ -43,6 +43,9 @@ pub struct Settings {
     /// Data events one network namespace may send per CPU per second
     /// (0: no limit).
     pub netns_events_per_s: u32,
+    /// Uprobes on the TLS libraries of traced processes, for the plaintext
+    /// of requests behind mutual TLS.
+    pub tls_plaintext: bool,
     /// Who may read the per-request detail of `/api/v1/stats`.
     pub stats_access: StatsAccess,
     /// Where request traces go over OTLP/HTTP, if anywhere.
@@ -69,6 +72,7 @@ impl Settings {
             noop: false,
             batch_events: true,
             netns_events_per_s: crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S,
+            tls_plaintext: true,
             stats_access: StatsAccess::LoopbackOnly,
             otlp_endpoint: None,
         })

@@ -72,6 +72,13 @@ pub struct RunArgs {
     /// limit [default: 100000].
     #[arg(long, value_name = "N")]
     pub netns_events_per_s: Option<u32>,
+    /// Set no uprobes on the TLS libraries of traced processes. Without
+    /// them, requests behind mutual TLS are matched inside sidecars without
+    /// their plaintext, and more are counted ambiguous; with them, every
+    /// process mapping a probed library (libssl, or an executable with TLS
+    /// linked in) pays a trap per SSL_write/SSL_read.
+    #[arg(long)]
+    pub no_tls_plaintext: bool,
     /// Serve /api/v1/stats, which names request paths and x-request-ids, to
     /// any client; by default only loopback clients get it (mesh-trace top
     /// on the node, kubectl port-forward).
@@ -158,6 +165,7 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
             .netns_events_per_s
             .or(file.netns_events_per_s)
             .unwrap_or(crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S),
+        tls_plaintext: !args.no_tls_plaintext && file.tls_plaintext != Some(false),
         stats_access: if args.stats_from_anywhere || file.stats_from_anywhere == Some(true) {
             StatsAccess::Anyone
         } else {

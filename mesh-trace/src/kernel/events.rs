@@ -310,7 +310,9 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "ts_ns": d.header.ts_ns,
             "sock_cookie": d.sock_cookie,
             "tid": d.pid_tgid as u32,
-            "direction": if d.direction == mesh_trace_common::DIR_SEND { "send" } else { "recv" },
+            "direction": if d.direction & mesh_trace_common::DIR_RECV == 0 { "send" } else { "recv" },
+            // The plaintext of a TLS call, not bytes on the wire.
+            "tls_plaintext": d.direction & mesh_trace_common::DIR_TLS_PLAINTEXT != 0,
             "offset": d.offset,
             "len": d.len,
             "prefix_len": d.prefix_len,

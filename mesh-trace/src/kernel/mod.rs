@@ -11,6 +11,7 @@ pub mod objects;
 pub mod preflight;
 pub mod sockdiag;
 pub mod sysfs;
+pub mod tls;
 pub mod tracer;
 
 /// Shortens an error that carries a verifier log to its first line and the

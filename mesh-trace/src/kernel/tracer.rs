@@ -9,7 +9,9 @@ use std::{
 use anyhow::{bail, Context as _};
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Iter, SockOps},
+    programs::{
+        uprobe::UProbeScope, BtfTracePoint, CgroupAttachMode, CgroupSockAddr, Iter, SockOps, UProbe,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use aya_log::EbpfLogger;
@@ -47,6 +49,9 @@ pub struct TracerOptions {
     /// Data events each network namespace may send per CPU per second;
     /// past it they are counted (`netns_budget`) and dropped. 0: no limit.
     pub netns_events_per_s: u32,
+    /// Load the TLS plaintext probes (uprobes on `SSL_write`/`SSL_read`,
+    /// attached to the libraries of traced processes as they are found).
+    pub tls_plaintext: bool,
 }
 
 /// Default per-namespace budget: far above what one pod's sidecar traffic
@@ -72,6 +77,7 @@ impl TracerOptions {
             wakeup_bytes: u64::from(DEFAULT_RING_BUFFER_BYTES / 8),
             batch_events: true,
             netns_events_per_s: DEFAULT_NETNS_EVENTS_PER_S,
+            tls_plaintext: true,
         }
     }
 }
@@ -108,6 +114,8 @@ pub struct Tracer {
     pub skipped: Vec<Skipped>,
     /// Whether the `iter/tcp` program that adopts open sockets loaded.
     can_adopt: bool,
+    /// Whether the TLS plaintext probes loaded (attached per file later).
+    tls_probes: bool,
     /// Per-CPU batches of data events, when on.
     batching: Option<batch::Batching>,
     // Last: dropped after the maps so the links go last.
@@ -164,6 +172,11 @@ impl Tracer {
                 true,
             )
             .override_global("HOST_NETNS", &host_netns_cookie(), true)
+            .override_global(
+                names::TLS_PROBES,
+                &u32::from(opts.tls_plaintext && !opts.noop),
+                true,
+            )
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .load(obj)
             .context("loading the tracer's eBPF object")?;
@@ -275,6 +288,23 @@ impl Tracer {
         })
         .is_ok();
 
+        let tls_probes = opts.tls_plaintext && !opts.noop && {
+            match load_tls_probes(&mut ebpf) {
+                Ok(()) => true,
+                Err(e) => {
+                    let reason = format!("{:#}", summarize(e));
+                    tracing::warn!("TLS plaintext probes not loaded: {reason}");
+                    skipped.push(Skipped {
+                        program: names::SSL_WRITE,
+                        reason,
+                        consequence: "requests behind mutual TLS are matched inside sidecars \
+                                      without their plaintext (more of them ambiguous)",
+                    });
+                    false
+                }
+            }
+        };
+
         let nat_shared = nat_shared(&ebpf, opts.noop, &kernel_btf)
             .map_err(|e| tracing::warn!("REDIRECTs will not be observed at the NAT step: {e:#}"))
             .ok()
@@ -298,6 +328,7 @@ impl Tracer {
             logger,
             attached,
             skipped,
+            tls_probes,
             can_adopt,
             batching,
             _ebpf: ebpf,
@@ -360,6 +391,38 @@ impl Tracer {
 
     /// A watch that observes the NAT step of network namespaces with this
     /// tracer's maps; None when the netfilter programs cannot be generated.
+    /// Whether TLS plaintext probes can be attached.
+    pub fn tls_probes(&self) -> bool {
+        self.tls_probes
+    }
+
+    /// Attaches the TLS plaintext probes to the functions `file` defines;
+    /// the names attached, or why none could be.
+    pub fn attach_tls(&mut self, file: &super::tls::TlsFile) -> anyhow::Result<Vec<&'static str>> {
+        anyhow::ensure!(self.tls_probes, "the TLS plaintext probes are not loaded");
+        let mut attached = Vec::new();
+        let mut first_error = None;
+        for (symbol, name) in super::tls::SYMBOLS {
+            let entry: &mut UProbe = program(&mut self._ebpf, name)?.try_into()?;
+            if let Err(e) = entry.attach(symbol, &file.path, UProbeScope::AllProcesses) {
+                first_error.get_or_insert(e);
+                continue;
+            }
+            // The entry alone would leave calls in TLS_CALLS until they age
+            // out: a missing return probe is an error for the file.
+            let ret: &mut UProbe = program(&mut self._ebpf, names::SSL_RETURN)?.try_into()?;
+            ret.attach(symbol, &file.path, UProbeScope::AllProcesses)
+                .with_context(|| format!("return probe on {symbol} in {}", file.shown))?;
+            attached.push(symbol);
+        }
+        match first_error {
+            Some(e) if attached.is_empty() => {
+                Err(anyhow::Error::new(e).context(format!("no TLS functions in {}", file.shown)))
+            }
+            _ => Ok(attached),
+        }
+    }
+
     pub fn nat_watch(&self) -> Option<nat::NatWatch> {
         self.nat_shared.clone().map(nat::NatWatch::new)
     }
@@ -621,6 +684,19 @@ fn host_netns_cookie() -> u64 {
             tracing::warn!("host network namespace unknown, its sockets are tracked too: {e:#}");
             0
         })
+}
+
+/// Loads the TLS plaintext programs; they attach per file
+/// ([`Tracer::attach_tls`]).
+fn load_tls_probes(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for (_, name) in super::tls::SYMBOLS {
+        let prog: &mut UProbe = program(ebpf, name)?.try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+    }
+    let prog: &mut UProbe = program(ebpf, names::SSL_RETURN)?.try_into()?;
+    prog.load()
+        .with_context(|| format!("loading {}", names::SSL_RETURN))?;
+    Ok(())
 }
 
 fn load_adopt(ebpf: &mut Ebpf, btf: &Btf) -> anyhow::Result<()> {

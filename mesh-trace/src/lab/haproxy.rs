@@ -4,11 +4,15 @@
 //! reuse, no `x-request-id` of its own unless asked, and replies of its own
 //! (403 for denied paths).
 //!
+//! With mutual TLS (`--mtls`), sidecars talk TLS to each other through
+//! OpenSSL (Debian's libssl), which is how the TLS plaintext probes are
+//! tested on a proxy no one here wrote.
+//!
 //! Per pod: 15001 routes by `Host` to the service's endpoints (pod IPs,
 //! round robin), 15006 hands requests to the local app from 127.0.0.6, as
 //! Istio's inbound cluster does. HAProxy runs as uid 1337 like any sidecar,
 //! so the pod's istio-iptables rules leave its own connections alone.
-use std::fmt::Write as _;
+use std::{fmt::Write as _, path::PathBuf};
 
 use super::config::{LabTopology, PodSpec};
 
@@ -30,8 +34,37 @@ pub enum RequestIds {
     AddedUpstream,
 }
 
+/// Mutual TLS between HAProxy sidecars (OpenSSL, from Debian's
+/// packages): each presents its pod's certificate and trusts only the
+/// mesh CA, like the lab's own sidecars.
+#[derive(Clone, Debug)]
+pub struct SidecarTls {
+    /// The pod's certificate followed by its key, as HAProxy's `crt` wants.
+    pub bundle: PathBuf,
+    /// The mesh CA certificate.
+    pub ca: PathBuf,
+}
+
+impl SidecarTls {
+    fn options(&self) -> String {
+        format!(
+            "ssl crt {} ca-file {} verify required",
+            self.bundle.display(),
+            self.ca.display()
+        )
+    }
+}
+
 /// The configuration of `pod`'s sidecar.
-pub fn config(topology: &LabTopology, pod: &PodSpec, ids: RequestIds, threads: u32) -> String {
+pub fn config(
+    topology: &LabTopology,
+    pod: &PodSpec,
+    ids: RequestIds,
+    threads: u32,
+    tls: Option<&SidecarTls>,
+) -> String {
+    // Between sidecars only: passthrough and the local app stay plaintext.
+    let mesh_tls = tls.map(|t| format!(" {}", t.options())).unwrap_or_default();
     let mut c = String::new();
     let _ = writeln!(
         c,
@@ -66,7 +99,7 @@ pub fn config(topology: &LabTopology, pod: &PodSpec, ids: RequestIds, threads: u
             .iter()
             .filter(|p| p.app == s.app && p.port != 0)
         {
-            let _ = writeln!(c, "    server {} {}:{}", p.name, p.ip, p.port);
+            let _ = writeln!(c, "    server {} {}:{}{mesh_tls}", p.name, p.ip, p.port);
         }
         let _ = writeln!(c);
     }
@@ -75,7 +108,7 @@ pub fn config(topology: &LabTopology, pod: &PodSpec, ids: RequestIds, threads: u
     let _ = writeln!(c, "backend passthrough\n    server original 0.0.0.0\n");
     let _ = writeln!(
         c,
-        "frontend inbound\n    bind 0.0.0.0:15006\n    default_backend local_app\n"
+        "frontend inbound\n    bind 0.0.0.0:15006{mesh_tls}\n    default_backend local_app\n"
     );
     if pod.port != 0 {
         let _ = writeln!(
@@ -101,7 +134,7 @@ mod tests {
     fn routes_each_service_to_its_pods_and_delivers_from_127_0_0_6() {
         let topo = LabTopology::parse(BOOKINFO_TOPOLOGY).unwrap();
         let reviews = topo.pod("reviews-v2").unwrap();
-        let c = config(&topo, reviews, RequestIds::Untouched, 2);
+        let c = config(&topo, reviews, RequestIds::Untouched, 2, None);
         assert!(c.contains("nbthread 2"));
         assert!(c.contains("bind 0.0.0.0:15001") && c.contains("bind 0.0.0.0:15006"));
         assert!(c.contains("use_backend svc_reviews if { req.hdr(host),field(1,:) -i reviews }"));
@@ -112,7 +145,28 @@ mod tests {
         assert!(c.contains("server app 127.0.0.1:9080 source 127.0.0.6"));
         assert!(c.contains("deny_status 403 if { path_beg /denied }"));
         assert!(!c.contains("x-request-id"));
-        let with_ids = config(&topo, reviews, RequestIds::AddedUpstream, 2);
+        let with_ids = config(&topo, reviews, RequestIds::AddedUpstream, 2, None);
         assert!(with_ids.contains("set-header x-request-id %[uuid()] unless"));
+        assert!(!c.contains("ssl"));
+        let tls = SidecarTls {
+            bundle: "/lab/reviews-v2.bundle.pem".into(),
+            ca: "/lab/ca.pem".into(),
+        };
+        let mtls = config(&topo, reviews, RequestIds::Untouched, 2, Some(&tls));
+        let opts = "ssl crt /lab/reviews-v2.bundle.pem ca-file /lab/ca.pem verify required";
+        assert!(
+            mtls.contains(&format!("bind 0.0.0.0:15006 {opts}")),
+            "{mtls}"
+        );
+        let ip = topo.pod("reviews-v1").unwrap().ip;
+        assert!(
+            mtls.contains(&format!("server reviews-v1 {ip}:9080 {opts}")),
+            "{mtls}"
+        );
+        assert!(mtls.contains("bind 0.0.0.0:15001\n"), "{mtls}");
+        assert!(
+            mtls.contains("server app 127.0.0.1:9080 source 127.0.0.6\n"),
+            "{mtls}"
+        );
     }
 }

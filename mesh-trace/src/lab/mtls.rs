@@ -134,6 +134,11 @@ impl MeshCa {
     }
 }
 
+/// Writes a key (or a file holding one) readable by its owner only.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_file(path, bytes, 0o600)
+}
+
 /// Writes `bytes` to `path` with `mode`, which applies from creation on so a
 /// key is never readable by others, not even for a moment.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {

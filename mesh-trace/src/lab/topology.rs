@@ -168,10 +168,6 @@ impl Lab {
     pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
         if let Sidecar::Haproxy { .. } = opts.sidecar {
             anyhow::ensure!(
-                !opts.mtls,
-                "mutual TLS needs the lab's own sidecars (HAProxy sidecars speak plaintext)"
-            );
-            anyhow::ensure!(
                 Path::new(haproxy::HAPROXY).exists(),
                 "HAProxy sidecars need {} (Debian package haproxy; `cargo xtask setup` installs it)",
                 haproxy::HAPROXY
@@ -406,6 +402,22 @@ impl Lab {
         Ok(())
     }
 
+    /// HAProxy's certificate bundle (the pod's certificate, then its key,
+    /// readable by the sidecar's user only) and the mesh CA.
+    fn haproxy_tls(&self, pod: &str) -> anyhow::Result<haproxy::SidecarTls> {
+        let cert = fs::read_to_string(self.dir.join(mtls::cert_file(pod)))?;
+        let key = fs::read_to_string(self.dir.join(mtls::key_file(pod)))?;
+        let bundle = self.dir.join(format!("{pod}.bundle.pem"));
+        mtls::write_private(&bundle, format!("{cert}{key}").as_bytes())?;
+        let owner = Some(nix::unistd::Uid::from_raw(PROXY_UID));
+        nix::unistd::chown(&bundle, owner, Some(nix::unistd::Gid::from_raw(PROXY_UID)))
+            .with_context(|| format!("chown {}", bundle.display()))?;
+        Ok(haproxy::SidecarTls {
+            bundle,
+            ca: self.dir.join(mtls::CA_FILE),
+        })
+    }
+
     /// Writes `lab.json`, the metadata the agent reads with `--lab DIR`.
     fn write_manifest(&self) -> anyhow::Result<()> {
         let manifest = crate::flows::metadata::LabManifest {
@@ -442,8 +454,14 @@ impl Lab {
         for i in 0..self.pods.len() {
             let spec = self.pods[i].spec.clone();
             if let (true, Sidecar::Haproxy { ids, threads }) = (spec.sidecar, opts.sidecar) {
+                let tls = if opts.mtls {
+                    Some(self.haproxy_tls(&spec.name)?)
+                } else {
+                    None
+                };
                 let cfg = self.dir.join(format!("{}.haproxy.cfg", spec.name));
-                fs::write(&cfg, haproxy::config(&self.topology, &spec, ids, threads))?;
+                let text = haproxy::config(&self.topology, &spec, ids, threads, tls.as_ref());
+                fs::write(&cfg, text)?;
                 let mut c = Command::new(haproxy::HAPROXY);
                 // -db: in the foreground, logging to stderr (the pod's log).
                 c.arg("-db").arg("-f").arg(&cfg);

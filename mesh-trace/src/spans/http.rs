@@ -488,6 +488,15 @@ fn truncate(s: &mut String, max: usize) {
     s.truncate(cut);
 }
 
+/// The request or response head `bytes` start with, if any (a TLS
+/// call's plaintext).
+pub fn http_head(bytes: &[u8]) -> Option<Head> {
+    match parse_head(bytes).head {
+        head @ (Head::Request { .. } | Head::Response { .. }) => Some(head),
+        _ => None,
+    }
+}
+
 fn parse_head(bytes: &[u8]) -> Parsed {
     if is_tls_record(bytes) {
         return Parsed::other(Head::Opaque { tls: true });

@@ -38,7 +38,8 @@ struct Pending {
     identity: Option<Identity>,
     /// A sidecar wrote upstream a request it could not tell from this
     /// one: exported only if later evidence settles which it was.
-    contested: bool,
+    /// Writes it could not be told from, not yet known to be others.
+    contested: u32,
     /// An event that may have been its own was lost.
     lost: bool,
     /// An orphan: started by an unmatched upstream write at this place.
@@ -254,7 +255,7 @@ impl Spans {
                 span: blank(request_id, source, destination),
                 started_ns: msg_ts_ns,
                 identity: Identity::of(head),
-                contested: false,
+                contested: 0,
                 lost: false,
                 orphan_at: None,
                 mesh_leg: None,
@@ -282,7 +283,7 @@ impl Spans {
                 span: blank(None, String::new(), String::new()),
                 started_ns: msg.ts_ns,
                 identity: Identity::of(Some(&msg.head)),
-                contested: false,
+                contested: 0,
                 lost: false,
                 orphan_at: Some(at),
                 mesh_leg: None,
@@ -314,7 +315,7 @@ impl Spans {
                     *mine = theirs;
                 }
             }
-            p.contested = false;
+            p.contested = 0;
             p.lost |= o.lost;
             // The orphan was the write on the mesh leg.
             if o.mesh_leg.is_some() {
@@ -440,7 +441,16 @@ impl Spans {
     pub(super) fn contest(&mut self, id: SpanId) {
         let id = self.alias(id);
         if let Some(p) = self.spans.peek_mut(&id) {
-            p.contested = true;
+            p.contested += 1;
+        }
+    }
+
+    /// A write span `id` was contested by turned out to be another
+    /// request's.
+    pub(super) fn uncontest(&mut self, id: SpanId) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.contested = p.contested.saturating_sub(1);
         }
     }
 
@@ -545,7 +555,7 @@ impl Spans {
         };
         done.span.settle_leg_skew();
         self.aliases.retain(|_, to| *to != id);
-        if done.contested {
+        if done.contested > 0 {
             Err(Unstitched::Ambiguous)
         } else if done.lost {
             Err(Unstitched::LostEvent)

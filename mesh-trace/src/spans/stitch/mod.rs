@@ -29,6 +29,8 @@ mod leg;
 mod place;
 mod proxy;
 
+use std::collections::VecDeque;
+
 use foldhash::{HashMap, HashMapExt as _};
 
 use self::{
@@ -116,7 +118,19 @@ struct SockState {
     /// Bytes went by unseen in the direction responses take since the
     /// last response began.
     unseen_reply: bool,
+    /// Per direction (send, receive): encrypted requests framed here whose
+    /// plaintext the TLS probes have not reported yet, oldest first: where
+    /// each starts, its span and when it moved.
+    tls: [VecDeque<(u64, SpanId, u64)>; 2],
+    /// The last encrypted reads on a sidecar's upstream socket whose
+    /// responses come from the TLS plaintext: where each starts and ends,
+    /// and when.
+    tls_reads: VecDeque<(u64, u64, u64)>,
 }
+
+/// Encrypted requests per socket and direction waiting for their plaintext:
+/// HTTP/1.1 has one in flight per connection, so a few cover reordering.
+const MAX_TLS_WAITING: usize = 8;
 
 impl SockState {
     /// The 64-bit position of `len` bytes at sequence number `seq` in
@@ -137,6 +151,44 @@ impl SockState {
 
     /// The 64-bit position of sequence number `seq` in the direction
     /// opposite `dir`, widened as [`SockState::position`] widens.
+    /// The 64-bit position of sequence number `seq` in `dir`, without
+    /// moving on.
+    fn peek_position(&self, dir: Dir, seq: u32) -> u64 {
+        match self.next[usize::from(dir == Dir::Recv)] {
+            None => (1 << 32) | u64::from(seq),
+            Some(next) => next.wrapping_add_signed(i64::from(seq.wrapping_sub(next as u32) as i32)),
+        }
+    }
+
+    /// An encrypted request that started at `offset` in `dir` as span `id`:
+    /// its plaintext may follow.
+    fn await_plaintext(&mut self, dir: Dir, offset: u64, id: SpanId, ts_ns: u64) {
+        let queue = &mut self.tls[usize::from(dir == Dir::Recv)];
+        if queue.len() == MAX_TLS_WAITING {
+            queue.pop_front();
+        }
+        queue.push_back((offset, id, ts_ns));
+    }
+
+    /// The encrypted request a TLS call's plaintext belongs to: the last
+    /// one that started at or before the call's last I/O on the wire
+    /// (`at`), or, for a read served from bytes read before, the last one.
+    /// Those before it will get none.
+    fn plaintext_of(&mut self, dir: Dir, at: Option<u32>) -> Option<(SpanId, u64)> {
+        let pos = at.map(|seq| self.peek_position(dir, seq));
+        let queue = &mut self.tls[usize::from(dir == Dir::Recv)];
+        let i = match pos {
+            Some(pos) => queue.iter().rposition(|&(offset, _, _)| offset <= pos)?,
+            None if dir == Dir::Recv => queue.len().checked_sub(1)?,
+            // A write the library makes only later (e.g. through a buffer
+            // of its own): which record carries it is unknown.
+            None => return None,
+        };
+        let (_, id, ts_ns) = queue.remove(i)?;
+        queue.drain(..i);
+        Some((id, ts_ns))
+    }
+
     fn opposite_position(&self, dir: Dir, seq: u32) -> u64 {
         match self.next[usize::from(dir != Dir::Recv)] {
             None => (1 << 32) | u64::from(seq),
@@ -184,7 +236,18 @@ pub struct Stitcher {
     /// such a request may be reported after the sidecar's forward of it.
     unmatched: HashMap<ProxySide, std::collections::VecDeque<(SpanId, u64, Identity)>>,
     pub unstitched: HashMap<Unstitched, u64>,
+    /// TLS plaintext request heads joined to their encrypted request, and
+    /// those that found none (for metrics).
+    pub tls_plaintext: [u64; 2],
+    /// Processes whose TLS calls the probes report: their encrypted
+    /// responses upstream are taken from the plaintext, which a TLS session
+    /// ticket or other post-handshake record never shows.
+    tls_processes: foldhash::HashSet<u32>,
 }
+
+/// Processes remembered as reporting TLS plaintext; past it the set starts
+/// over (their responses are then framed on the wire until their next call).
+const MAX_TLS_PROCESSES: usize = 4096;
 
 /// Unmatched upstream writes remembered per sidecar side.
 const MAX_UNMATCHED: usize = 64;
@@ -199,6 +262,8 @@ impl Stitcher {
             delivered: Vec::new(),
             unmatched: HashMap::new(),
             unstitched: HashMap::new(),
+            tls_plaintext: [0; 2],
+            tls_processes: foldhash::HashSet::default(),
             cfg,
         }
     }
@@ -228,6 +293,10 @@ impl Stitcher {
         out: &mut Vec<Span>,
     ) {
         let prefix = &ev.prefix[..(ev.prefix_len as usize).min(ev.prefix.len())];
+        if ev.direction & mesh_trace_common::DIR_TLS_PLAINTEXT != 0 {
+            self.plaintext(flows, ev, prefix, out);
+            return;
+        }
         let Some(sock) = flows.socket(ev.sock_cookie) else {
             // Its connection was never reported, or the table dropped it.
             if super::http::starts_http(prefix) {
@@ -254,10 +323,15 @@ impl Stitcher {
                 outstanding: Outstanding::default(),
                 next: [None; 2],
                 unseen_reply: false,
+                tls: Default::default(),
+                tls_reads: VecDeque::new(),
             });
         let (offset, gap) = state.position(dir, ev.offset as u32, ev.len);
         // Where the response to a request in these bytes would start.
         let anchor = state.opposite_position(dir, ev.opposite_seq);
+        // A read on a socket whose every byte written so far was seen: it
+        // cannot answer a request written unseen.
+        let writes_seen = dir == Dir::Recv && state.next[0] == Some(anchor);
         let reply_dir = if place.sends_requests() {
             Dir::Recv
         } else {
@@ -299,6 +373,26 @@ impl Stitcher {
             self.receive(flows, arrival, msg.is_some() && !handshake);
             return;
         }
+        if place == Place::OutboundUp
+            && dir == Dir::Recv
+            && self.tls_processes.contains(&tgid)
+            && (msg.is_some() || !state.tls_reads.is_empty())
+        {
+            // Its responses come from the plaintext (`plaintext`), where
+            // they start: here only when each read was.
+            if state.tls_reads.len() == MAX_TLS_WAITING {
+                state.tls_reads.pop_front();
+            }
+            state
+                .tls_reads
+                .push_back((offset, offset + u64::from(ev.len), ev.header.ts_ns));
+            if msg
+                .as_ref()
+                .is_some_and(|m| matches!(m.head, Head::Opaque { tls: true }))
+            {
+                return;
+            }
+        }
         // Connection set-up is neither a request nor a response.
         let Some(msg) = msg.filter(|_| !handshake) else {
             return;
@@ -306,7 +400,7 @@ impl Stitcher {
         if place.sends_requests() && msg.dir == Dir::Send {
             self.send(flows, ev.sock_cookie, place, tgid, &msg, anchor);
         } else {
-            self.response(flows, ev.sock_cookie, place, tgid, &msg, out);
+            self.response(flows, ev.sock_cookie, place, tgid, &msg, writes_seen, out);
         }
     }
 
@@ -343,6 +437,9 @@ impl Stitcher {
         }
         if let Some(s) = self.sockets.get_mut(&cookie) {
             s.outstanding.push(id, anchor);
+            if matches!(msg.head, Head::Opaque { tls: true }) {
+                s.await_plaintext(Dir::Send, msg.offset, id, msg.ts_ns);
+            }
         }
         if place == Place::OutboundUp {
             // The attempt that went out last names the trace.
@@ -423,7 +520,146 @@ impl Stitcher {
         }
         if let Some(s) = self.sockets.get_mut(&a.cookie) {
             s.outstanding.push(id, a.anchor);
+            // Encrypted, or inside a read that continued an encrypted
+            // message (the handshake's last record and the request read by
+            // one call).
+            if matches!(a.head, Some(Head::Opaque { tls: true }) | None) {
+                s.await_plaintext(Dir::Recv, a.offset, id, a.ts_ns);
+            }
         }
+    }
+
+    /// A response a sidecar read from upstream through its TLS library: it
+    /// started on the wire where the call's first read did, at that read's
+    /// time. Records read before it that the library returned nothing of
+    /// (session tickets) were no response.
+    fn plaintext_response(
+        &mut self,
+        flows: &FlowTable,
+        ev: &mesh_trace_common::DataEvent,
+        head: Head,
+        out: &mut Vec<Span>,
+    ) {
+        let cookie = ev.sock_cookie;
+        let (Some(sock), Some(state)) = (flows.socket(cookie), self.sockets.get_mut(&cookie))
+        else {
+            return;
+        };
+        if Place::of(sock, flows.leg_info(cookie).map(|l| l.0)) != Some(Place::OutboundUp)
+            || ev.direction & mesh_trace_common::DIR_TLS_NO_SEQ != 0
+        {
+            return;
+        }
+        let start = state.peek_position(Dir::Recv, ev.opposite_seq);
+        let found = state
+            .tls_reads
+            .iter()
+            .find(|&&(from, to, _)| from <= start && start < to);
+        let ts_ns = match found {
+            Some(&(_, _, ts_ns)) => ts_ns,
+            None => {
+                // Its read was not seen, or left the window: when the
+                // response began is unknown, so whatever it answers is
+                // counted, not exported.
+                let waiting: Vec<SpanId> = state.outstanding.iter().collect();
+                for id in waiting {
+                    self.spans.mark_lost(id);
+                }
+                ev.header.ts_ns
+            }
+        };
+        state.tls_reads.retain(|&(from, _, _)| from > start);
+        let msg = Message {
+            dir: Dir::Recv,
+            ts_ns,
+            tid: ev.pid_tgid as u32,
+            offset: start,
+            head,
+        };
+        let tgid = (ev.pid_tgid >> 32) as u32;
+        self.response(flows, cookie, Place::OutboundUp, tgid, &msg, true, out);
+    }
+
+    /// The plaintext of a TLS call on a traced socket (the TLS probes):
+    /// a request head says what the encrypted request it belongs to was.
+    /// Written upstream by a sidecar, it settles which request it held
+    /// that write was; read by a sidecar, it is what the sidecar holds.
+    fn plaintext(
+        &mut self,
+        flows: &FlowTable,
+        ev: &mesh_trace_common::DataEvent,
+        prefix: &[u8],
+        out: &mut Vec<Span>,
+    ) {
+        let Some(head) = super::http::http_head(prefix) else {
+            // Bodies: the wire's framing has them.
+            return;
+        };
+        let dir = if ev.direction & mesh_trace_common::DIR_RECV != 0 {
+            Dir::Recv
+        } else {
+            Dir::Send
+        };
+        let tgid = (ev.pid_tgid >> 32) as u32;
+        if self.tls_processes.len() >= MAX_TLS_PROCESSES {
+            self.tls_processes.clear();
+        }
+        self.tls_processes.insert(tgid);
+        if let Head::Response { .. } = head {
+            if dir == Dir::Recv {
+                self.plaintext_response(flows, ev, head, out);
+            }
+            return;
+        }
+        let at =
+            (ev.direction & mesh_trace_common::DIR_TLS_NO_SEQ == 0).then_some(ev.offset as u32);
+        let (Some(sock), Some(state)) = (
+            flows.socket(ev.sock_cookie),
+            self.sockets.get_mut(&ev.sock_cookie),
+        ) else {
+            self.tls_plaintext[1] += 1;
+            return;
+        };
+        let Some((id, ts_ns)) = state.plaintext_of(dir, at) else {
+            self.tls_plaintext[1] += 1;
+            return;
+        };
+        let Some(identity) = Identity::of(Some(&head)) else {
+            return;
+        };
+        self.tls_plaintext[0] += 1;
+        let place = Place::of(sock, flows.leg_info(ev.sock_cookie).map(|l| l.0));
+        let request_id = identity.request_id().map(str::to_owned);
+        match (place, dir) {
+            (Some(Place::OutboundUp | Place::InboundUp), Dir::Send) => {
+                if self.spans.candidates(id).is_some() {
+                    self.settle(id, &identity);
+                } else if self.spans.is_unsettled_orphan(id) {
+                    // Written when the sidecar held nothing it could be: a
+                    // request whose read is reported later may claim it.
+                    let side = ProxySide {
+                        tgid,
+                        inbound: place == Some(Place::InboundUp),
+                    };
+                    let queue = self.unmatched.entry(side).or_default();
+                    if queue.len() == MAX_UNMATCHED {
+                        queue.pop_front();
+                    }
+                    queue.push_back((id, ts_ns, identity));
+                }
+            }
+            (Some(Place::OutboundDown | Place::InboundDown), Dir::Recv) => {
+                let side = ProxySide {
+                    tgid,
+                    inbound: place == Some(Place::InboundDown),
+                };
+                self.settle(id, &identity);
+                self.proxies.identify(side, id, identity);
+            }
+            _ => {}
+        }
+        // After settling: an orphan settled now stands for its request.
+        self.spans.note_request_id(id, request_id.as_deref());
     }
 
     /// A new span from the app's request.
@@ -548,7 +784,8 @@ impl Stitcher {
             return;
         };
         let fitting: Vec<SpanId> = candidates
-            .into_iter()
+            .iter()
+            .copied()
             .filter(|&c| self.proxies.holds(side, c))
             .filter(|&c| self.spans.identity(c).is_none_or(|i| i.fits(seen)))
             .collect();
@@ -557,6 +794,10 @@ impl Stitcher {
             // again can only keep the others held longer.
             self.proxies.take(side, only, true);
             self.spans.settle(id, only);
+            // The others were contested by this write, which is not theirs.
+            for other in candidates.into_iter().filter(|&c| c != only) {
+                self.spans.uncontest(other);
+            }
         }
     }
 
@@ -624,6 +865,7 @@ impl Stitcher {
         id
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn response(
         &mut self,
         flows: &FlowTable,
@@ -631,6 +873,7 @@ impl Stitcher {
         place: Place,
         tgid: u32,
         msg: &Message,
+        writes_seen: bool,
         out: &mut Vec<Span>,
     ) {
         let peer_here = place.sends_requests() && flows.peer(cookie).is_some();
@@ -671,10 +914,13 @@ impl Stitcher {
                 return;
             }
             self.count(Unstitched::NoRequest);
-            if matches!(place, Place::OutboundUp | Place::InboundUp) {
+            if matches!(place, Place::OutboundUp | Place::InboundUp) && !writes_seen {
                 // A response upstream to no request seen: the sidecar
                 // wrote one unseen, which may be any request it holds
-                // (and none of them is a local reply for sure).
+                // (and none of them is a local reply for sure). Not when
+                // every byte it wrote on this socket was seen: then it is
+                // no response (a TLS session ticket after the handshake, a
+                // server closing an idle connection with a 408).
                 self.unseen_proxy_io(tgid, Some(place == Place::InboundUp));
             }
             return;
@@ -891,6 +1137,57 @@ mod tests {
             self.table.apply(&Event::Data(Box::new(d)), &mut Vec::new());
             self.ts_ns
         }
+
+        /// Where socket `cookie`'s next bytes in `dir` start.
+        fn next_offset(&self, cookie: u64, dir: u32) -> u64 {
+            self.offsets.get(&(cookie, dir)).copied().unwrap_or(0)
+        }
+
+        /// The TLS probes report the plaintext an `SSL_read` returned on
+        /// socket `cookie` whose reads on the wire began at `at`.
+        fn plaintext_read(&mut self, cookie: u64, tgid: u32, at: u64, text: &[u8]) {
+            let last = self.next_offset(cookie, DIR_RECV) - 1;
+            let mut d = DataEvent::default();
+            self.ts_ns += 1_000;
+            d.header.kind = EventKind::Data as u32;
+            d.header.ts_ns = self.ts_ns;
+            d.sock_cookie = cookie;
+            d.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
+            d.direction = DIR_RECV | mesh_trace_common::DIR_TLS_PLAINTEXT;
+            d.offset = last;
+            d.opposite_seq = at as u32;
+            d.len = text.len() as u32;
+            let n = text.len().min(d.prefix.len());
+            d.prefix_len = n as u32;
+            d.prefix[..n].copy_from_slice(&text[..n]);
+            self.stitcher.data(&self.table, &d, &mut self.spans);
+        }
+
+        /// The TLS probes report the plaintext of a call on socket
+        /// `cookie` whose first byte on the wire was at `at` (None: the
+        /// call moved nothing on the wire).
+        fn plaintext(&mut self, cookie: u64, tgid: u32, dir: u32, at: Option<u64>, text: &[u8]) {
+            self.ts_ns += 1_000;
+            let mut d = DataEvent::default();
+            d.header.kind = EventKind::Data as u32;
+            d.header.ts_ns = self.ts_ns;
+            d.sock_cookie = cookie;
+            d.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
+            d.direction = dir
+                | mesh_trace_common::DIR_TLS_PLAINTEXT
+                | if at.is_none() {
+                    mesh_trace_common::DIR_TLS_NO_SEQ
+                } else {
+                    0
+                };
+            d.offset = at.unwrap_or(0);
+            d.opposite_seq = at.unwrap_or(0) as u32;
+            d.len = text.len() as u32;
+            let n = text.len().min(d.prefix.len());
+            d.prefix_len = n as u32;
+            d.prefix[..n].copy_from_slice(&text[..n]);
+            self.stitcher.data(&self.table, &d, &mut self.spans);
+        }
     }
 
     /// A request for `target` without x-request-id, as an app sends it.
@@ -1104,6 +1401,160 @@ mod tests {
             );
             assert_eq!(node.stitcher.pending(), 0);
         }
+    }
+
+    /// Two connections from another node's sidecar to this one's 15006,
+    /// each with its own connection from 127.0.0.6 to the app.
+    fn server_node_two_connections() -> Node {
+        let mut events = Vec::new();
+        for k in [0u8, 1] {
+            let c = |i: u64| 10 * u64::from(k) + i;
+            let port = |p: u16| p + u16::from(k);
+            events.extend([
+                established(
+                    c(4),
+                    2,
+                    ep([10, 244, 0, 9], 15006),
+                    ep([10, 244, 1, 5], port(50000)),
+                    false,
+                ),
+                connect(c(5), 2, 1337, INBOUND, ep([10, 244, 0, 9], 9080)),
+                established(
+                    c(5),
+                    2,
+                    ep([127, 0, 0, 6], port(41000)),
+                    ep([10, 244, 0, 9], 9080),
+                    true,
+                ),
+                established(
+                    c(6),
+                    2,
+                    ep([10, 244, 0, 9], 9080),
+                    ep([127, 0, 0, 6], port(41000)),
+                    false,
+                ),
+            ]);
+        }
+        Node::new(&events).0
+    }
+
+    /// Behind mutual TLS the inbound sidecar's reads show nothing: two
+    /// requests it holds at once can only be told apart by the plaintext
+    /// its TLS library returned. Without it they are counted; with it each
+    /// is exact, whatever order they go on to the app in.
+    #[test]
+    fn requests_read_behind_tls_are_told_apart_by_their_plaintext() {
+        for with_plaintext in [false, true] {
+            let mut node = server_node_two_connections();
+            let ids = ["tls-a", "tls-b"];
+            let mut t = [[0u64; 6]; 2];
+            for (i, down) in [(0, 4), (1, 14)] {
+                let at = node.next_offset(down, DIR_RECV);
+                t[i][0] = node.io(down, INBOUND, DIR_RECV, ENCRYPTED);
+                if with_plaintext {
+                    node.plaintext(down, INBOUND, DIR_RECV, Some(at), &forwarded(ids[i]));
+                }
+            }
+            // b goes on to the app first, on the first connection to it.
+            for (i, up) in [(1, 5), (0, 15)] {
+                let fwd = forwarded(ids[i]);
+                t[i][1] = node.io(up, INBOUND, DIR_SEND, &fwd);
+                t[i][2] = node.io(up + 1, SERVER, DIR_RECV, &fwd);
+                t[i][3] = node.io(up + 1, SERVER, DIR_SEND, RESPONSE);
+                t[i][4] = node.io(up, INBOUND, DIR_RECV, RESPONSE);
+            }
+            for (i, down) in [(0, 4), (1, 14)] {
+                t[i][5] = node.io(down, INBOUND, DIR_SEND, ENCRYPTED);
+            }
+            let spans = std::mem::take(&mut node.spans);
+            if !with_plaintext {
+                assert!(spans.is_empty(), "{spans:?}");
+                assert_eq!(
+                    node.stitcher.unstitched.get(&Unstitched::Ambiguous),
+                    Some(&2),
+                    "{:?}",
+                    node.stitcher.unstitched
+                );
+                continue;
+            }
+            assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
+            for (i, id) in ids.into_iter().enumerate() {
+                let span = spans
+                    .iter()
+                    .find(|s| s.request_id.as_deref() == Some(id))
+                    .expect("a span per request");
+                let mut want = [None; 12];
+                for (k, ts) in t[i].into_iter().enumerate() {
+                    want[3 + k] = Some(ts);
+                }
+                assert_eq!(span.moments, want, "{id}");
+            }
+            assert!(
+                node.stitcher.unstitched.is_empty(),
+                "{:?}",
+                node.stitcher.unstitched
+            );
+            assert_eq!(node.stitcher.tls_plaintext, [2, 0]);
+        }
+    }
+
+    /// The client's node behind mutual TLS: two requests the outbound
+    /// sidecar holds go upstream encrypted, the second first; the
+    /// plaintext of each `SSL_write` says which it was (its first record
+    /// on the wire at the write's sequence number).
+    #[test]
+    fn encrypted_upstream_writes_are_settled_by_their_plaintext() {
+        let mut events = chain(0)[..5].to_vec();
+        events.extend_from_slice(&chain(1)[..5]);
+        let (mut node, _) = Node::new(&events);
+        let (a, b) = (plain("/a?x=1"), plain("/b?x=2"));
+        let mut t = [[0u64; 6]; 2];
+        t[0][0] = node.io(1, APP, DIR_SEND, &a);
+        t[1][0] = node.io(11, APP, DIR_SEND, &b);
+        t[0][1] = node.io(2, OUTBOUND, DIR_RECV, &a);
+        t[1][1] = node.io(12, OUTBOUND, DIR_RECV, &b);
+        for (i, up, text) in [
+            (1, 3, plain_forwarded("/b?x=2", "sidecar-b")),
+            (0, 13, plain_forwarded("/a?x=1", "sidecar-a")),
+        ] {
+            let at = node.next_offset(up, DIR_SEND);
+            t[i][2] = node.io(up, OUTBOUND, DIR_SEND, ENCRYPTED);
+            node.plaintext(up, OUTBOUND, DIR_SEND, Some(at), &text);
+        }
+        // A session ticket on the first connection before the response:
+        // the library returns nothing of it, so it answers nothing.
+        node.io(3, OUTBOUND, DIR_RECV, ENCRYPTED);
+        for (i, up) in [(1, 3), (0, 13)] {
+            let at = node.next_offset(up, DIR_RECV);
+            t[i][3] = node.io(up, OUTBOUND, DIR_RECV, ENCRYPTED);
+            node.plaintext_read(up, OUTBOUND, at, RESPONSE);
+        }
+        for (i, down) in [(0, 2), (1, 12)] {
+            t[i][4] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
+            t[i][5] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
+        }
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
+        for (i, (path, id)) in [("/a", "sidecar-a"), ("/b", "sidecar-b")]
+            .into_iter()
+            .enumerate()
+        {
+            let span = spans
+                .iter()
+                .find(|s| s.path == path)
+                .expect("a span per request");
+            // The id the sidecar added upstream, seen only in plaintext.
+            assert_eq!(span.request_id.as_deref(), Some(id));
+            let want = [0, 1, 2, 9, 10, 11];
+            for (k, m) in want.into_iter().enumerate() {
+                assert_eq!(span.moments[m], Some(t[i][k]), "{path} moment {m}");
+            }
+        }
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
     }
 
     /// On loopback the app can read its response before the sidecar's

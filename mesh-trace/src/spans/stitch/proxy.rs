@@ -434,6 +434,19 @@ impl Proxies {
         }
     }
 
+    /// What request `span`, held by `side`, is: its plaintext as the
+    /// sidecar read it (behind TLS), which replaces what the client's
+    /// request showed.
+    pub(super) fn identify(&mut self, side: ProxySide, span: SpanId, identity: Identity) {
+        if let Some(f) = self
+            .forwardable
+            .get_mut(&side)
+            .and_then(|q| q.iter_mut().find(|f| f.span == span))
+        {
+            f.identity = Some(identity);
+        }
+    }
+
     /// The requests `side` holds that show no identity of their own.
     pub(super) fn held_unknown(&self, side: ProxySide) -> Vec<SpanId> {
         self.forwardable

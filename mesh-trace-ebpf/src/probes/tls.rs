@@ -1,0 +1,203 @@
+//! uprobes on a TLS library's `SSL_write`/`SSL_read` (and their `_ex`
+//! forms): the plaintext a process hands to TLS or gets back from it,
+//! joined to the socket whose bytes the call moved.
+//!
+//! Behind mutual TLS a sidecar's network bytes show nothing of the request;
+//! its plaintext does. Entry saves the call (buffer, `SSL *`) per thread;
+//! the socket programs note in it the last send or receive that the call
+//! made on a meshed socket (`note_io`); the return emits the plaintext's
+//! first bytes as a data event flagged `DIR_TLS_PLAINTEXT`, carrying the
+//! TCP sequence number of that I/O, so the agent knows which record (and so
+//! which request) it was. A call that moved nothing on the network (a read
+//! served from bytes the library had already read) names its socket from
+//! the `SSL *` seen before, flagged `DIR_TLS_NO_SEQ`.
+//!
+//! Straight to the ring buffer, never into the per-CPU batch: uprobe
+//! programs run with preemption on, so another task's socket call could
+//! interleave with the append. The agent orders events by time, and the
+//! return comes after the I/O the call did.
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user},
+    macros::{map, uprobe, uretprobe},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use mesh_trace_common::{
+    DataEvent, EventKind, LossReason, TlsCall, DATA_PREFIX_MAX, DIR_RECV, DIR_SEND, DIR_TLS_NO_SEQ,
+    DIR_TLS_PLAINTEXT, TLS_CALLS_MAX, TLS_SESSIONS_MAX,
+};
+
+use super::socket_io::PREFIX_LEN;
+use crate::maps::{count_loss, header_at, wakeup_flags, EVENTS};
+
+/// The TLS call each thread is in, by `pid_tgid` (LRU: a thread that died
+/// inside a call leaves an entry that ages out).
+#[map(name = "TLS_CALLS")]
+pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(TLS_CALLS_MAX, 0);
+
+/// The socket a TLS session (`SSL *`) last moved bytes on.
+#[map(name = "TLS_SESSIONS")]
+pub static TLS_SESSIONS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(TLS_SESSIONS_MAX, 0);
+
+#[uprobe]
+pub fn mt_ssl_write(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_SEND, false);
+    0
+}
+
+#[uprobe]
+pub fn mt_ssl_write_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_SEND, true);
+    0
+}
+
+#[uprobe]
+pub fn mt_ssl_read(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_RECV, false);
+    0
+}
+
+#[uprobe]
+pub fn mt_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    enter(&ctx, DIR_RECV, true);
+    0
+}
+
+#[uretprobe]
+pub fn mt_ssl_return(ctx: RetProbeContext) -> u32 {
+    leave(&ctx);
+    0
+}
+
+/// `SSL_write(ssl, buf, num)`, `SSL_read(ssl, buf, num)`; the `_ex` forms
+/// add `size_t *written` / `*readbytes` and return 1 on success.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
+    let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
+        return;
+    };
+    let count_ptr = if ex {
+        ctx.arg::<u64>(3).unwrap_or(0)
+    } else {
+        0
+    };
+    let call = TlsCall {
+        ssl,
+        buf,
+        count_ptr,
+        cookie: 0,
+        seq: 0,
+        direction,
+        seen_io: 0,
+        ex: u32::from(ex),
+        first_seq: 0,
+        _pad: 0,
+    };
+    if TLS_CALLS
+        .insert(&bpf_get_current_pid_tgid(), &call, 0)
+        .is_err()
+    {
+        count_loss(LossReason::MapFull);
+    }
+}
+
+/// Called by the socket programs for I/O on a meshed socket: inside a TLS
+/// call in the same direction, it names the call's socket and where on the
+/// wire its record went. The last such I/O: a call that also finishes the
+/// handshake moves the handshake's records first, the plaintext's after.
+#[inline(always)]
+pub fn note_io(pid_tgid: u64, cookie: u64, direction: u32, seq: u32) {
+    let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
+        return;
+    };
+    // SAFETY: this thread's entry; only this thread writes it.
+    let call = unsafe { &mut *call };
+    if call.direction == direction {
+        if call.seen_io == 0 {
+            call.first_seq = seq;
+        }
+        call.seen_io = 1;
+        call.cookie = cookie;
+        call.seq = seq;
+    }
+}
+
+#[inline(always)]
+fn leave(ctx: &RetProbeContext) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a copy of this thread's entry, removed right after.
+    let Some(call) = (unsafe { TLS_CALLS.get(&pid_tgid) }).copied() else {
+        return;
+    };
+    let _ = TLS_CALLS.remove(&pid_tgid);
+    let ret: i64 = ctx.ret();
+    let moved = if call.ex != 0 {
+        if ret != 1 || call.count_ptr == 0 {
+            return;
+        }
+        let mut n: u64 = 0;
+        // SAFETY: a bounded read of the caller's size_t.
+        if unsafe {
+            bpf_probe_read_user(
+                &mut n as *mut u64 as *mut c_void,
+                8,
+                call.count_ptr as *const c_void,
+            )
+        } != 0
+        {
+            return;
+        }
+        n
+    } else if ret > 0 {
+        ret as u64
+    } else {
+        return;
+    };
+    if moved == 0 {
+        return;
+    }
+    let (cookie, flags) = if call.seen_io != 0 {
+        let _ = TLS_SESSIONS.insert(&call.ssl, &call.cookie, 0);
+        (call.cookie, DIR_TLS_PLAINTEXT)
+    } else {
+        // SAFETY: a copy of a plain u64 value.
+        match unsafe { TLS_SESSIONS.get(&call.ssl) } {
+            Some(&cookie) => (cookie, DIR_TLS_PLAINTEXT | DIR_TLS_NO_SEQ),
+            // A session never seen on a meshed socket: not ours to report.
+            None => return,
+        }
+    };
+    let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
+        count_loss(LossReason::RingBufFull);
+        return;
+    };
+    let ev = slot.as_mut_ptr();
+    // SAFETY: reserved ring buffer memory of DataEvent's size.
+    unsafe {
+        (*ev).header = header_at(EventKind::Data, bpf_ktime_get_ns());
+        (*ev).sock_cookie = cookie;
+        (*ev).pid_tgid = pid_tgid;
+        (*ev).offset = u64::from(call.seq);
+        (*ev).len = moved as u32;
+        (*ev).direction = call.direction | flags;
+        (*ev).opposite_seq = call.first_seq;
+        (*ev).prefix_len = 0;
+        let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
+        let mut n = if moved < want { moved } else { want };
+        if n > DATA_PREFIX_MAX as u64 {
+            n = DATA_PREFIX_MAX as u64;
+        }
+        if n > 0
+            && bpf_probe_read_user(
+                (*ev).prefix.as_mut_ptr() as *mut c_void,
+                n as u32,
+                call.buf as *const c_void,
+            ) == 0
+        {
+            (*ev).prefix_len = n as u32;
+        }
+    }
+    slot.submit(wakeup_flags());
+}

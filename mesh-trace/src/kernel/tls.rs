@@ -1,0 +1,246 @@
+//! Where the traced processes' TLS code lives, for the plaintext probes
+//! (`mesh-trace-ebpf/src/probes/tls.rs`): the OpenSSL-compatible libraries
+//! they map (`libssl.so*`: OpenSSL, and BoringSSL built as a shared
+//! library) and their executable, for a TLS library linked in statically
+//! (Envoy's BoringSSL) when its symbols are there.
+//!
+//! A uprobe is set on a file, not a process: every process that maps the
+//! file pays a trap per `SSL_write`/`SSL_read`, traced or not. So only the
+//! files of processes that did I/O on a meshed socket are probed, each once
+//! (by device and inode, whatever path or mount namespace it is seen
+//! through).
+use std::{
+    collections::HashSet,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// The functions probed: entry programs by symbol; every one also gets the
+/// return program.
+pub const SYMBOLS: [(&str, &str); 4] = [
+    ("SSL_write", mesh_trace_common::names::SSL_WRITE),
+    ("SSL_write_ex", mesh_trace_common::names::SSL_WRITE_EX),
+    ("SSL_read", mesh_trace_common::names::SSL_READ),
+    ("SSL_read_ex", mesh_trace_common::names::SSL_READ_EX),
+];
+
+/// Files remembered as probed or tried; past it the memory is cleared (a
+/// file probed twice fails the second time, harmlessly).
+const MAX_FILES: usize = 4096;
+
+/// A file a process maps, as the agent can open it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFile {
+    /// Device and inode: one file whatever it is called.
+    pub key: (u64, u64),
+    /// A path the agent can open: through the process's root, so a
+    /// container's own library is found.
+    pub path: PathBuf,
+    /// The path as the process sees it, for logs.
+    pub shown: String,
+    /// A mapped library (else the executable).
+    pub library: bool,
+}
+
+/// The files of a process that may hold TLS code: mapped `libssl` and the
+/// executable. Empty when the process is gone.
+pub fn files_of(pid: u32) -> Vec<TlsFile> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let mut out = Vec::new();
+    if let Ok(maps) = fs::read_to_string(proc.join("maps")) {
+        for (key, path) in ssl_libraries(&maps) {
+            if out.iter().any(|f: &TlsFile| f.key == key) {
+                continue;
+            }
+            out.push(TlsFile {
+                key,
+                path: proc.join("root").join(path.trim_start_matches('/')),
+                shown: path.to_string(),
+                library: true,
+            });
+        }
+    }
+    if !out.is_empty() {
+        // Its TLS is in the library.
+        return out;
+    }
+    let exe = proc.join("exe");
+    if let (Ok(meta), Ok(shown)) = (fs::metadata(&exe), fs::read_link(&exe)) {
+        let key = (meta.dev(), meta.ino());
+        if !out.iter().any(|f| f.key == key) {
+            out.push(TlsFile {
+                key,
+                path: exe,
+                shown: shown.display().to_string(),
+                library: false,
+            });
+        }
+    }
+    out
+}
+
+/// Mapped files named `libssl*.so*` in a `/proc/PID/maps` text, with
+/// their device and inode.
+fn ssl_libraries(maps: &str) -> Vec<((u64, u64), &str)> {
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let mut fields = line.split_whitespace();
+        let (Some(_), Some(_), Some(_), Some(dev), Some(inode), Some(path)) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            continue;
+        };
+        let name = path.rsplit('/').next().unwrap_or(path);
+        if !(name.starts_with("libssl") && name.contains(".so")) {
+            continue;
+        }
+        let (Some(dev), Ok(inode)) = (parse_dev(dev), inode.parse::<u64>()) else {
+            continue;
+        };
+        if inode != 0 && !out.iter().any(|(k, _)| *k == (dev, inode)) {
+            out.push(((dev, inode), path));
+        }
+    }
+    out
+}
+
+/// `major:minor` in hex, as `stat`'s `st_dev` encodes it (glibc's
+/// `makedev`).
+fn parse_dev(s: &str) -> Option<u64> {
+    let (major, minor) = s.split_once(':')?;
+    let major = u64::from_str_radix(major, 16).ok()?;
+    let minor = u64::from_str_radix(minor, 16).ok()?;
+    Some(
+        ((major & 0xffff_f000) << 32)
+            | ((major & 0xfff) << 8)
+            | ((minor & 0xffff_ff00) << 12)
+            | (minor & 0xff),
+    )
+}
+
+/// Whether `path` defines any probed function: an ELF file read through a
+/// cache (its headers and symbol tables only, not a large executable's
+/// code).
+pub fn defines_tls_functions(path: &Path) -> bool {
+    use object::{Object as _, ObjectSymbol as _};
+    let Ok(file) = fs::File::open(path) else {
+        return false;
+    };
+    let cache = object::ReadCache::new(file);
+    let Ok(obj) = object::File::parse(&cache) else {
+        return false;
+    };
+    obj.dynamic_symbols()
+        .chain(obj.symbols())
+        .any(|s| s.is_definition() && s.name().is_ok_and(|n| SYMBOLS.iter().any(|(f, _)| *f == n)))
+}
+
+/// The files of `pids` not looked at before that define TLS functions.
+/// Libraries first: when any is found it is returned at once, and the
+/// executables (a large one takes a second to read) wait for the next
+/// call, so that a sidecar's libssl is probed without that delay.
+pub fn scan(seen: &mut Seen, pids: &[u32]) -> Vec<TlsFile> {
+    let mut libraries = Vec::new();
+    for &pid in pids {
+        for file in files_of(pid) {
+            if !seen.new_file(&file) {
+                continue;
+            }
+            if !file.library {
+                seen.executables.push(file);
+            } else if defines_tls_functions(&file.path) {
+                libraries.push(file);
+            }
+        }
+    }
+    if !libraries.is_empty() {
+        return libraries;
+    }
+    std::mem::take(&mut seen.executables)
+        .into_iter()
+        .filter(|f| defines_tls_functions(&f.path))
+        .collect()
+}
+
+/// Files already probed or tried, so each is handled once.
+#[derive(Default)]
+pub struct Seen {
+    files: HashSet<(u64, u64)>,
+    pids: HashSet<u32>,
+    /// Executables still to look at.
+    executables: Vec<TlsFile>,
+}
+
+impl Seen {
+    /// Whether `pid` is new (its files not looked at yet).
+    pub fn new_process(&mut self, pid: u32) -> bool {
+        if self.pids.len() >= MAX_FILES {
+            self.pids.clear();
+        }
+        self.pids.insert(pid)
+    }
+
+    /// Whether executables wait to be looked at.
+    pub fn pending(&self) -> bool {
+        !self.executables.is_empty()
+    }
+
+    /// Whether `file` is new.
+    pub fn new_file(&mut self, file: &TlsFile) -> bool {
+        if self.files.len() >= MAX_FILES {
+            self.files.clear();
+        }
+        self.files.insert(file.key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_mapped_libssl_once_with_its_device_and_inode() {
+        let maps = "\
+7f1c2a000000-7f1c2a01f000 r--p 00000000 fd:01 393460 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f1c2a01f000-7f1c2a07f000 r-xp 0001f000 fd:01 393460 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f1c2b000000-7f1c2b001000 r-xp 00000000 fd:01 393999 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f1c2c000000-7f1c2c001000 rw-p 00000000 00:00 0 
+7ffd1000000-7ffd1021000 rw-p 00000000 00:00 0 [stack]
+";
+        let libs = ssl_libraries(maps);
+        assert_eq!(libs.len(), 1, "{libs:?}");
+        assert_eq!(libs[0].1, "/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        assert_eq!(libs[0].0, (parse_dev("fd:01").unwrap(), 393460));
+    }
+
+    #[test]
+    fn devices_are_encoded_as_stat_reports_them() {
+        // makedev(253, 1) and makedev(8, 17) as glibc encodes them.
+        assert_eq!(parse_dev("fd:01"), Some(0xfd01));
+        assert_eq!(parse_dev("08:11"), Some(0x811));
+        assert_eq!(parse_dev("103:02"), Some((0x103 & 0xfff) << 8 | 2));
+        assert_eq!(parse_dev("zz"), None);
+    }
+
+    #[test]
+    fn the_system_libssl_defines_the_probed_functions_and_this_binary_does_not() {
+        let libssl = format!("/usr/lib/{}-linux-gnu/libssl.so.3", std::env::consts::ARCH);
+        let libssl = Path::new(&libssl);
+        assert!(libssl.exists(), "libssl3 is a prerequisite of the tests");
+        assert!(defines_tls_functions(libssl));
+        assert!(!defines_tls_functions(Path::new("/proc/self/exe")));
+    }
+
+    #[test]
+    fn a_process_lists_its_own_executable() {
+        let files = files_of(std::process::id());
+        assert!(files.iter().any(|f| f.path.ends_with("exe")), "{files:?}");
+    }
+}
