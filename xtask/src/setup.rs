@@ -28,6 +28,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "bpftool",
     // A third-party sidecar for the span tests (lab::haproxy).
     "haproxy",
+    // The lab's sidecars speak mutual TLS through OpenSSL (lab::mtls).
+    "libssl-dev",
+    "pkg-config",
 ];
 
 /// What only the benchmarks use: a peer tracer that no one here wrote.

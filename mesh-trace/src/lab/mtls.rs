@@ -18,15 +18,14 @@ use std::{
 };
 
 use anyhow::Context as _;
+use openssl::{
+    pkey::PKey,
+    ssl::{SslAcceptor, SslConnector, SslConnectorBuilder, SslMethod, SslVerifyMode, SslVersion},
+    x509::{store::X509StoreBuilder, X509},
+};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
-};
-use rustls::{
-    crypto::CryptoProvider,
-    pki_types::{pem::PemObject as _, CertificateDer, PrivateKeyDer},
-    server::WebPkiClientVerifier,
-    ClientConfig, RootCertStore, ServerConfig,
 };
 
 /// The mesh CA certificate in the certificate directory.
@@ -156,11 +155,13 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     write().with_context(|| format!("writing {}", path.display()))
 }
 
-/// One sidecar's TLS settings: the client side for mesh upstreams, the server
-/// side for the inbound listener. Both demand a peer certificate from the mesh CA.
+/// One sidecar's TLS settings (OpenSSL): the client side for mesh
+/// upstreams, the server side for the inbound listener. Both demand a peer
+/// certificate from the mesh CA; TLS 1.3 only, as Istio's sidecars
+/// negotiate between themselves.
 pub struct SidecarTls {
-    pub client: ClientConfig,
-    pub server: Arc<ServerConfig>,
+    pub client: SslConnectorBuilder,
+    pub server: Arc<SslAcceptor>,
 }
 
 impl SidecarTls {
@@ -182,73 +183,56 @@ impl SidecarTls {
     /// From PEM text: the CA certificate(s) to trust, this pod's certificate
     /// chain and its private key.
     pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> anyhow::Result<SidecarTls> {
-        let roots = Arc::new(roots(ca)?);
+        let roots = certificates(ca).context("the CA file")?;
         let chain = certificates(cert)?;
-        let key = PrivateKeyDer::from_pem_slice(key).context("reading the private key")?;
-        // Explicitly ring: the process-wide default would be ambiguous (panic)
-        // if some other crate ever enabled a second provider.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PKey::private_key_from_pem(key).context("reading the private key")?;
+        let trust = || -> anyhow::Result<_> {
+            let mut store = X509StoreBuilder::new()?;
+            for c in &roots {
+                store.add_cert(c.clone()).context("adding the mesh CA")?;
+            }
+            Ok(store.build())
+        };
+
+        let mut client = SslConnector::builder(SslMethod::tls_client())?;
+        client.set_min_proto_version(Some(SslVersion::TLS1_3))?;
+        client.set_cert_store(trust()?);
+        client.set_certificate(&chain[0])?;
+        for c in &chain[1..] {
+            client.add_extra_chain_cert(c.clone())?;
+        }
+        client.set_private_key(&key)?;
+        client
+            .check_private_key()
+            .context("the client certificate and key")?;
+
+        let mut server = SslAcceptor::mozilla_modern_v5(SslMethod::tls_server())?;
+        server.set_cert_store(trust()?);
+        server.set_certificate(&chain[0])?;
+        for c in &chain[1..] {
+            server.add_extra_chain_cert(c.clone())?;
+        }
+        server.set_private_key(&key)?;
+        server
+            .check_private_key()
+            .context("the server certificate and key")?;
+        // Mandatory client certificates: the "mutual" in mTLS.
+        server.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+        // Sidecar connections are long-lived and pooled: resumption buys
+        // nothing. (A tracer with the TLS probes tells tickets from
+        // responses; one without them could not.)
+        server.set_num_tickets(0)?;
         Ok(SidecarTls {
-            client: client_config(
-                &provider,
-                Arc::clone(&roots),
-                chain.clone(),
-                key.clone_key(),
-            )?,
-            server: Arc::new(server_config(&provider, roots, chain, key)?),
+            client,
+            server: Arc::new(server.build()),
         })
     }
 }
 
-fn certificates(pem: &[u8]) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .context("reading PEM certificates")?;
+fn certificates(pem: &[u8]) -> anyhow::Result<Vec<X509>> {
+    let certs = X509::stack_from_pem(pem).context("reading PEM certificates")?;
     anyhow::ensure!(!certs.is_empty(), "no certificate in the PEM text");
     Ok(certs)
-}
-
-fn roots(ca_pem: &[u8]) -> anyhow::Result<RootCertStore> {
-    let mut roots = RootCertStore::empty();
-    for cert in certificates(ca_pem).context("the CA file")? {
-        roots.add(cert).context("adding the mesh CA")?;
-    }
-    Ok(roots)
-}
-
-fn client_config(
-    provider: &Arc<CryptoProvider>,
-    roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> anyhow::Result<ClientConfig> {
-    ClientConfig::builder_with_provider(Arc::clone(provider))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .context("the client certificate and key")
-}
-
-fn server_config(
-    provider: &Arc<CryptoProvider>,
-    roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-) -> anyhow::Result<ServerConfig> {
-    // Mandatory client certificates: the "mutual" in mTLS.
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(provider))
-        .build()
-        .context("the client certificate verifier")?;
-    let mut config = ServerConfig::builder_with_provider(Arc::clone(provider))
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .context("the server certificate and key")?;
-    // Sidecar connections are long-lived and pooled: resumption buys
-    // nothing, and unsolicited ticket records would look like responses to a
-    // tracer framing the encrypted stream (see README, Limitations).
-    config.send_tls13_tickets = 0;
-    Ok(config)
 }
 
 #[cfg(test)]
@@ -288,9 +272,11 @@ mod tests {
         let issued = ca
             .issue(&workload("reviews-v1", "10.244.0.21"))
             .expect("issue");
-        let der = certificates(issued.cert_pem.as_bytes()).expect("pem");
+        let der = certificates(issued.cert_pem.as_bytes()).expect("pem")[0]
+            .to_der()
+            .expect("der");
         // In DER a SAN is its tag, its length and its bytes: [6] URI, [7] IP address.
-        let raw = der[0].as_ref();
+        let raw = der.as_slice();
         let has = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
         let uri = b"spiffe://cluster.local/ns/bookinfo/sa/reviews";
         assert!(has(&[&[0x86, uri.len() as u8][..], uri].concat()));

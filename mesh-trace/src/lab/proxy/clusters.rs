@@ -15,7 +15,7 @@ use hyper::{
     http::request::Parts,
     Request, Response, StatusCode, Uri,
 };
-use hyper_rustls::HttpsConnector;
+use hyper_openssl::client::legacy::HttpsConnector;
 use hyper_util::{
     client::legacy::{
         connect::{Connect, HttpConnector, HttpInfo},
@@ -44,8 +44,8 @@ pub(super) type PlainClient = Client<TimedConnector, Full<Bytes>>;
 pub(super) type MeshClient = Client<HttpsConnector<TimedConnector>, Full<Bytes>>;
 
 /// The pooled client for mesh endpoints.
-pub(super) fn mesh_client(tls: rustls::ClientConfig) -> MeshClient {
-    pooled(tls::https_only(tls, http_connector(None)))
+pub(super) fn mesh_client(tls: openssl::ssl::SslConnectorBuilder) -> anyhow::Result<MeshClient> {
+    Ok(pooled(tls::https(tls, http_connector(None))?))
 }
 
 /// The pooled client one request's attempts go through.

@@ -3,6 +3,7 @@
 //! and serving it as HTTP, after the PERMISSIVE TLS sniff on 15006 when mTLS
 //! is on, or, on outbound ports without a listener, as TCP passed through or
 //! dropped. At shutdown they stop accepting and drain.
+use openssl::ssl::SslAcceptor;
 use std::{
     convert::Infallible,
     future::Future,
@@ -24,7 +25,6 @@ use tokio::{
     sync::watch,
     task::JoinSet,
 };
-use tokio_rustls::TlsAcceptor;
 
 use super::{Proxy, CONNECT_TIMEOUT};
 use crate::lab::{
@@ -203,7 +203,7 @@ impl Proxy {
     /// handshake, plaintext otherwise, then HTTP as for any connection.
     async fn inbound_permissive(
         self: Arc<Self>,
-        acceptor: TlsAcceptor,
+        acceptor: Arc<SslAcceptor>,
         mut conn: Conn,
         stream: TcpStream,
         watcher: Watcher,
@@ -232,7 +232,7 @@ impl Proxy {
 /// TLS, and the clock of the TCP socket's reads and writes (under TLS, so
 /// the times are the socket's, as for plaintext).
 async fn open_permissive(
-    acceptor: &TlsAcceptor,
+    acceptor: &SslAcceptor,
     stream: TcpStream,
 ) -> io::Result<(Box<dyn DownstreamIo>, bool, Arc<IoClock>)> {
     let mut first = [0u8; 1];
@@ -241,7 +241,12 @@ async fn open_permissive(
     if n == 0 || first[0] != TLS_HANDSHAKE {
         return Ok((Box::new(stream), false, clock));
     }
-    let tls = acceptor.accept(stream).await?;
+    let ssl = openssl::ssl::Ssl::new(acceptor.context()).map_err(io::Error::other)?;
+    let mut tls = tokio_openssl::SslStream::new(ssl, stream).map_err(io::Error::other)?;
+    std::pin::Pin::new(&mut tls)
+        .accept()
+        .await
+        .map_err(io::Error::other)?;
     Ok((Box::new(tls), true, clock))
 }
 

@@ -35,7 +35,6 @@ use hyper::{
     HeaderMap, Response, StatusCode,
 };
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
 use super::{
     config::{OutboundTrafficPolicy, ProxyConfig},
@@ -156,7 +155,7 @@ struct Proxy {
     /// Connections bound to 127.0.0.6, so the app's replies skip redirection.
     inbound_client: PlainClient,
     /// Accepts TLS on 15006 when mTLS is on.
-    inbound_tls: Option<TlsAcceptor>,
+    inbound_tls: Option<Arc<openssl::ssl::SslAcceptor>>,
     delay_outbound: Duration,
     delay_inbound: Duration,
     original_dst: DstLookup,
@@ -186,10 +185,8 @@ impl Proxy {
             records,
             outbound_client: pooled(http_connector(None)),
             inbound_client: pooled(http_connector(Some(INBOUND_PASSTHROUGH_SOURCE.into()))),
-            inbound_tls: tls
-                .as_ref()
-                .map(|t| TlsAcceptor::from(Arc::clone(&t.server))),
-            mesh_client: tls.map(|t| mesh_client(t.client)),
+            inbound_tls: tls.as_ref().map(|t| Arc::clone(&t.server)),
+            mesh_client: tls.map(|t| mesh_client(t.client)).transpose()?,
             delay_outbound: delay(opts.delay_outbound_ms).context("--delay-outbound-ms")?,
             delay_inbound: delay(opts.delay_inbound_ms).context("--delay-inbound-ms")?,
             original_dst,
