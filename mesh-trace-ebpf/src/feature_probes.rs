@@ -7,7 +7,7 @@
 use aya_ebpf::{
     macros::{
         btf_tracepoint, cgroup_sock_addr, cgroup_sockopt, fentry, kprobe, raw_tracepoint, sock_ops,
-        tracepoint,
+        tracepoint, uprobe,
     },
     programs::{
         BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, SockAddrContext,
@@ -53,6 +53,11 @@ pub fn feature_cgroup_sock_addr(_ctx: SockAddrContext) -> i32 {
 #[cgroup_sockopt(getsockopt)]
 pub fn feature_cgroup_sockopt(_ctx: SockoptContext) -> i32 {
     1
+}
+
+#[uprobe]
+pub fn feature_uprobe(_ctx: ProbeContext) -> u32 {
+    0
 }
 
 #[cfg(not(test))]

@@ -143,6 +143,7 @@ fn check_reports_this_kernel() {
         "cgroup_sock_addr",
         "cgroup_sockopt",
         "netfilter_link",
+        "uprobe",
     ] {
         assert!(hook(available), "{available} should load here: {report}");
     }

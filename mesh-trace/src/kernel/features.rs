@@ -10,8 +10,8 @@ use std::{
 use anyhow::Context as _;
 use aya::{
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, FEntry, KProbe,
-        RawTracePoint, SockOps, TracePoint,
+        uprobe::UProbeScope, BtfTracePoint, CgroupAttachMode, CgroupSockAddr, CgroupSockopt,
+        FEntry, KProbe, RawTracePoint, SockOps, TracePoint, UProbe,
     },
     Btf, Ebpf,
 };
@@ -32,10 +32,11 @@ pub enum Hook {
     CgroupSockAddr,
     CgroupSockopt,
     NetfilterLink,
+    Uprobe,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 9] = [
+    pub const ALL: [Hook; 10] = [
         Hook::Kprobe,
         Hook::Fentry,
         Hook::Tracepoint,
@@ -45,6 +46,7 @@ impl Hook {
         Hook::CgroupSockAddr,
         Hook::CgroupSockopt,
         Hook::NetfilterLink,
+        Hook::Uprobe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Hook {
             Hook::CgroupSockAddr => "cgroup_sock_addr",
             Hook::CgroupSockopt => "cgroup_sockopt",
             Hook::NetfilterLink => "netfilter_link",
+            Hook::Uprobe => "uprobe",
         }
     }
 
@@ -73,6 +76,7 @@ impl Hook {
             Hook::RawTracepoint => ("flushing per-CPU event batches", Need::Optional),
             Hook::CgroupSockopt => ("not needed (the NAT step is observed)", Need::Optional),
             Hook::NetfilterLink => ("counting NAT REDIRECTs", Need::Optional),
+            Hook::Uprobe => ("TLS plaintext behind mutual TLS", Need::Optional),
         }
     }
 }
@@ -93,6 +97,11 @@ impl Hook {
             Hook::NetfilterLink => {
                 "REDIRECTs are counted from the sidecars' accepted sockets instead of at the NAT \
                  step"
+            }
+            Hook::Uprobe => {
+                "requests behind mutual TLS are matched without their plaintext: requests a \
+                 sidecar held together are counted ambiguous, and a client's node cannot tell \
+                 TLS session tickets from responses"
             }
             Hook::Kprobe | Hook::Fentry | Hook::Tracepoint | Hook::CgroupSockopt => {
                 "nothing: not used"
@@ -258,6 +267,14 @@ fn probe(
             p.attach(cgroup()?, CgroupAttachMode::Single)
                 .context("attach to a cgroup")?;
             Ok("getsockopt attached to a scratch cgroup".into())
+        }
+        Hook::Uprobe => {
+            // Any function of a file will do: this program's own `main`.
+            let p: &mut UProbe = prog.try_into()?;
+            p.load().context("load")?;
+            p.attach("main", "/proc/self/exe", UProbeScope::CallingProcess)
+                .context("attach to this program's main")?;
+            Ok("attached to this program's main".into())
         }
         Hook::NetfilterLink => unreachable!("probed without aya"),
     }
