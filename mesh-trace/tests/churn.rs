@@ -41,14 +41,22 @@ fn pod_churn_leaves_nothing_behind_and_spares_the_surviving_pods() {
     let lab = Lab::up(&opts).unwrap();
     let traced = Traced::start_spans_only(&lab, |_| {});
     let m = &traced.state.metrics;
+    let records = lab.dir.join("client.jsonl");
+    let mut load = spawn_reviews_load(&lab, &records);
+    // The lab's processes map libssl (its sidecars speak TLS through
+    // OpenSSL): once they move data the agent probes it, for as long as it
+    // runs. Those links are not the churn's.
+    wait_for(
+        "the lab's TLS library probed",
+        Duration::from_secs(10),
+        || m.tls_files_probed.get() >= 1,
+    );
     // The lab's own namespaces, observed and meshed, before any churn.
     std::thread::sleep(Duration::from_millis(1500));
     let (meshed_before, watched_before, links_before) =
         (m.meshed_netns.get(), m.nat_watched_netns.get(), bpf_links());
     let rss_before = peak_rss_mib();
 
-    let records = lab.dir.join("client.jsonl");
-    let mut load = spawn_reviews_load(&lab, &records);
     let churn = Churn::start(&format!("mt-churn-{}", std::process::id()), CHURN);
     let (mut max_meshed, mut max_watched) = (0, 0);
     let mut last_report = Instant::now();

@@ -22,6 +22,7 @@ use std::{
 mod churn;
 mod kernel;
 mod soak;
+mod tls;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
@@ -56,7 +57,8 @@ pub struct BenchArgs {
     pub connections: usize,
     /// Measure only one section and print it, for quick work on one part:
     /// `kernel` (cost per program, NAT, the bpftrace peer), `agent` (agent
-    /// CPU and memory at fixed rates) or `pipeline` (capacity on one core).
+    /// CPU and memory at fixed rates), `pipeline` (capacity on one core) or
+    /// `tls` (the TLS plaintext probes' cost under mutual TLS).
     #[arg(long, value_enum)]
     pub only: Option<Section>,
     /// How long the soak runs (`--only soak`), in seconds.
@@ -82,6 +84,9 @@ pub enum Section {
     /// `--churn-pods` pods created and deleted under short connections,
     /// beside the lab's steady traffic.
     Churn,
+    /// The TLS plaintext probes' cost: the lab with mutual TLS, without an
+    /// agent, with the agent and `--no-tls-plaintext`, and with the probes.
+    Tls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -251,6 +256,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut opts = LabOptions::bookinfo()?;
     opts.exe = exe.clone();
+    opts.mtls = args.only == Some(Section::Tls);
     eprintln!("==> lab up");
     let lab = Lab::up(&opts)?;
     let load = |name: &str, extra: &[&str]| -> anyhow::Result<Summary> {
@@ -263,6 +269,10 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     // Warm the lab's connections and caches once.
     load("warmup", &["--connections", &conns])?;
 
+    if args.only == Some(Section::Tls) {
+        print!("{}", tls::measure(&exe, &lab, &load, &conns, args.rounds)?);
+        return Ok(());
+    }
     if args.only == Some(Section::Kernel) {
         let kernel = kernel::measure(&exe, &lab, &load, &conns, args.rounds)?;
         print!("{}", kernel::render(&kernel, args.rounds));
