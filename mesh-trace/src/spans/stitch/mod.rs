@@ -149,8 +149,6 @@ impl SockState {
         (pos, gap)
     }
 
-    /// The 64-bit position of sequence number `seq` in the direction
-    /// opposite `dir`, widened as [`SockState::position`] widens.
     /// The 64-bit position of sequence number `seq` in `dir`, without
     /// moving on.
     fn peek_position(&self, dir: Dir, seq: u32) -> u64 {
@@ -189,6 +187,8 @@ impl SockState {
         Some((id, ts_ns))
     }
 
+    /// The 64-bit position of sequence number `seq` in the direction
+    /// opposite `dir`, widened as [`SockState::position`] widens.
     fn opposite_position(&self, dir: Dir, seq: u32) -> u64 {
         match self.next[usize::from(dir != Dir::Recv)] {
             None => (1 << 32) | u64::from(seq),
