@@ -520,7 +520,8 @@ pub fn is_tls_handshake(bytes: &[u8]) -> bool {
     matches!(bytes, [0x14 | 0x16, 0x03, ..])
 }
 
-fn is_tls_record(bytes: &[u8]) -> bool {
+/// Whether bytes start a TLS record (any content type).
+pub fn is_tls_record(bytes: &[u8]) -> bool {
     matches!(bytes, [0x14..=0x17, 0x03, ..])
 }
 

@@ -122,10 +122,12 @@ struct SockState {
     /// plaintext the TLS probes have not reported yet, oldest first: where
     /// each starts, its span and when it moved.
     tls: [VecDeque<(u64, SpanId, u64)>; 2],
-    /// The last encrypted reads on a sidecar's upstream socket whose
-    /// responses come from the TLS plaintext: where each starts and ends,
-    /// and when.
+    /// The last reads of an encrypted socket: where each starts and ends,
+    /// and when. A TLS call's plaintext says which read its record began
+    /// in.
     tls_reads: VecDeque<(u64, u64, u64)>,
+    /// TLS records went by on this socket.
+    encrypted: bool,
 }
 
 /// Encrypted requests per socket and direction waiting for their plaintext:
@@ -158,6 +160,23 @@ impl SockState {
         }
     }
 
+    /// A read of `len` bytes at `offset`, at `ts_ns`, on an encrypted socket.
+    fn read(&mut self, offset: u64, len: u32, ts_ns: u64) {
+        if self.tls_reads.len() == MAX_TLS_WAITING {
+            self.tls_reads.pop_front();
+        }
+        self.tls_reads
+            .push_back((offset, offset + u64::from(len), ts_ns));
+    }
+
+    /// When the read that moved the byte at `pos` was, if still known.
+    fn read_at(&self, pos: u64) -> Option<u64> {
+        self.tls_reads
+            .iter()
+            .find(|&&(from, to, _)| from <= pos && pos < to)
+            .map(|&(_, _, ts_ns)| ts_ns)
+    }
+
     /// An encrypted request that started at `offset` in `dir` as span `id`:
     /// its plaintext may follow.
     fn await_plaintext(&mut self, dir: Dir, offset: u64, id: SpanId, ts_ns: u64) {
@@ -172,7 +191,7 @@ impl SockState {
     /// one that started at or before the call's last I/O on the wire
     /// (`at`), or, for a read served from bytes read before, the last one.
     /// Those before it will get none.
-    fn plaintext_of(&mut self, dir: Dir, at: Option<u32>) -> Option<(SpanId, u64)> {
+    fn plaintext_of(&mut self, dir: Dir, at: Option<u32>) -> Option<(u64, SpanId, u64)> {
         let pos = at.map(|seq| self.peek_position(dir, seq));
         let queue = &mut self.tls[usize::from(dir == Dir::Recv)];
         let i = match pos {
@@ -182,9 +201,9 @@ impl SockState {
             // of its own): which record carries it is unknown.
             None => return None,
         };
-        let (_, id, ts_ns) = queue.remove(i)?;
+        let found = queue.remove(i)?;
         queue.drain(..i);
-        Some((id, ts_ns))
+        Some(found)
     }
 
     /// The 64-bit position of sequence number `seq` in the direction
@@ -325,6 +344,7 @@ impl Stitcher {
                 unseen_reply: false,
                 tls: Default::default(),
                 tls_reads: VecDeque::new(),
+                encrypted: false,
             });
         let (offset, gap) = state.position(dir, ev.offset as u32, ev.len);
         // Where the response to a request in these bytes would start.
@@ -348,6 +368,10 @@ impl Stitcher {
         };
         let msg = state.framer.push(&chunk);
         let tgid = (ev.pid_tgid >> 32) as u32;
+        state.encrypted |= super::http::is_tls_record(prefix);
+        if dir == Dir::Recv && state.encrypted {
+            state.read(offset, ev.len, ev.header.ts_ns);
+        }
         if gap {
             // Bytes went by unseen: whatever waits on this socket may have
             // lost its request or response.
@@ -376,22 +400,13 @@ impl Stitcher {
         if place == Place::OutboundUp
             && dir == Dir::Recv
             && self.tls_processes.contains(&tgid)
-            && (msg.is_some() || !state.tls_reads.is_empty())
-        {
-            // Its responses come from the plaintext (`plaintext`), where
-            // they start: here only when each read was.
-            if state.tls_reads.len() == MAX_TLS_WAITING {
-                state.tls_reads.pop_front();
-            }
-            state
-                .tls_reads
-                .push_back((offset, offset + u64::from(ev.len), ev.header.ts_ns));
-            if msg
+            && msg
                 .as_ref()
                 .is_some_and(|m| matches!(m.head, Head::Opaque { tls: true }))
-            {
-                return;
-            }
+        {
+            // Its responses come from the plaintext (`plaintext_response`),
+            // where they start.
+            return;
         }
         // Connection set-up is neither a request nor a response.
         let Some(msg) = msg.filter(|_| !handshake) else {
@@ -551,12 +566,8 @@ impl Stitcher {
             return;
         }
         let start = state.peek_position(Dir::Recv, ev.opposite_seq);
-        let found = state
-            .tls_reads
-            .iter()
-            .find(|&&(from, to, _)| from <= start && start < to);
-        let ts_ns = match found {
-            Some(&(_, _, ts_ns)) => ts_ns,
+        let ts_ns = match state.read_at(start) {
+            Some(ts_ns) => ts_ns,
             None => {
                 // Its read was not seen, or left the window: when the
                 // response began is unknown, so whatever it answers is
@@ -578,6 +589,35 @@ impl Stitcher {
         };
         let tgid = (ev.pid_tgid >> 32) as u32;
         self.response(flows, cookie, Place::OutboundUp, tgid, &msg, true, out);
+    }
+
+    /// Request `id`, read by a sidecar at `place`, began at `first` on the
+    /// wire (its TLS call's first read), later than the read it was taken
+    /// from, which was the handshake's: its moment is that read's (counted
+    /// `lost_event` when it is no longer known), and on the mesh leg its
+    /// trace is named by the request's own sequence number.
+    fn restart_at(
+        &mut self,
+        sock: &crate::flows::socket::Socket,
+        place: Place,
+        id: SpanId,
+        first: u64,
+        read: Option<u64>,
+    ) {
+        match read {
+            Some(ts_ns) => {
+                let _ = self.spans.request(id, place.moments().0, ts_ns, None);
+            }
+            None => self.spans.mark_lost(id),
+        }
+        if place == Place::InboundDown {
+            let leg = trace_id::MeshLeg {
+                client: sock.remote,
+                server: sock.local.ip(),
+                seq: first as u32,
+            };
+            self.spans.note_mesh_leg(id, leg, true);
+        }
     }
 
     /// The plaintext of a TLS call on a traced socket (the TLS probes):
@@ -620,10 +660,17 @@ impl Stitcher {
             self.tls_plaintext[1] += 1;
             return;
         };
-        let Some((id, ts_ns)) = state.plaintext_of(dir, at) else {
+        let Some((offset, id, ts_ns)) = state.plaintext_of(dir, at) else {
             self.tls_plaintext[1] += 1;
             return;
         };
+        // A read that began before the call's first one was a record of the
+        // handshake's (the client's Finished): the request began at the
+        // call's first read, then.
+        let first = (dir == Dir::Recv && at.is_some())
+            .then(|| state.peek_position(Dir::Recv, ev.opposite_seq))
+            .filter(|&first| first > offset);
+        let restart = first.map(|first| (first, state.read_at(first)));
         let Some(identity) = Identity::of(Some(&head)) else {
             return;
         };
@@ -648,11 +695,14 @@ impl Stitcher {
                     queue.push_back((id, ts_ns, identity));
                 }
             }
-            (Some(Place::OutboundDown | Place::InboundDown), Dir::Recv) => {
+            (Some(p @ (Place::OutboundDown | Place::InboundDown)), Dir::Recv) => {
                 let side = ProxySide {
                     tgid,
-                    inbound: place == Some(Place::InboundDown),
+                    inbound: p == Place::InboundDown,
                 };
+                if let Some((first, read)) = restart {
+                    self.restart_at(sock, p, id, first, read);
+                }
                 self.settle(id, &identity);
                 self.proxies.identify(side, id, identity);
             }
@@ -1496,6 +1546,53 @@ mod tests {
             );
             assert_eq!(node.stitcher.tls_plaintext, [2, 0]);
         }
+    }
+
+    /// A new connection from another node's sidecar: its handshake ends
+    /// with the client's Finished, an encrypted record read on its own,
+    /// which starts a message like a request would; the request's record
+    /// follows in the same direction long after. The plaintext's first read
+    /// says where the request began: its moment and its trace are that
+    /// read's, not the handshake's.
+    #[test]
+    fn a_request_read_behind_the_handshakes_last_record_starts_at_its_own_read() {
+        let mut node = server_node();
+        node.io(4, INBOUND, DIR_RECV, b"\x16\x03\x01\x00\x40 client hello");
+        node.io(
+            4,
+            INBOUND,
+            DIR_SEND,
+            b"\x16\x03\x03\x00\x40 server hello..finished",
+        );
+        node.io(4, INBOUND, DIR_RECV, b"\x14\x03\x03\x00\x01\x01");
+        let finished = node.io(
+            4,
+            INBOUND,
+            DIR_RECV,
+            b"\x17\x03\x03\x00\x35 client finished",
+        );
+        let at = node.next_offset(4, DIR_RECV);
+        let fwd = forwarded("late-1");
+        let t3 = node.io(4, INBOUND, DIR_RECV, ENCRYPTED);
+        node.plaintext(4, INBOUND, DIR_RECV, Some(at), &fwd);
+        let t4 = node.io(5, INBOUND, DIR_SEND, &fwd);
+        node.io(6, SERVER, DIR_RECV, &fwd);
+        node.io(6, SERVER, DIR_SEND, RESPONSE);
+        node.io(5, INBOUND, DIR_RECV, RESPONSE);
+        node.io(4, INBOUND, DIR_SEND, ENCRYPTED);
+        let span = node.spans.pop().expect("a span");
+        assert!(finished < t3);
+        assert_eq!(span.moments[3], Some(t3), "{span:?}");
+        assert_eq!(
+            span.hop_ns(Hop::InboundProxy).map(|h| h >= t4 - t3),
+            Some(true)
+        );
+        assert_eq!(span.request_id.as_deref(), Some("late-1"));
+        // Named by the request's own sequence number on the mesh leg.
+        let client = "10.244.1.5:50000".parse().unwrap();
+        let server = "10.244.0.9".parse().unwrap();
+        let want = trace_id::from_mesh_leg(client, server, at as u32);
+        assert_eq!(span.trace_id.as_deref(), Some(want.as_str()));
     }
 
     /// The client's node behind mutual TLS: two requests the outbound
