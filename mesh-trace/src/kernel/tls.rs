@@ -44,11 +44,18 @@ pub struct TlsFile {
 }
 
 /// The files of a process that may hold TLS code: mapped `libssl` and the
-/// executable. Empty when the process is gone.
-pub fn files_of(pid: u32) -> Vec<TlsFile> {
+/// executable. Empty when the process is gone; an error when its maps may
+/// not be read (a security module or ptrace rules denying this agent).
+pub fn files_of(pid: u32) -> std::io::Result<Vec<TlsFile>> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let mut out = Vec::new();
-    if let Ok(maps) = fs::read_to_string(proc.join("maps")) {
+    let maps = match fs::read_to_string(proc.join("maps")) {
+        Ok(maps) => Some(maps),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Err(e),
+        // Gone.
+        Err(_) => None,
+    };
+    if let Some(maps) = maps {
         for (key, path) in ssl_libraries(&maps) {
             if out.iter().any(|f: &TlsFile| f.key == key) {
                 continue;
@@ -63,7 +70,7 @@ pub fn files_of(pid: u32) -> Vec<TlsFile> {
     }
     if !out.is_empty() {
         // Its TLS is in the library.
-        return out;
+        return Ok(out);
     }
     let exe = proc.join("exe");
     if let (Ok(meta), Ok(shown)) = (fs::metadata(&exe), fs::read_link(&exe)) {
@@ -77,7 +84,7 @@ pub fn files_of(pid: u32) -> Vec<TlsFile> {
             });
         }
     }
-    out
+    Ok(out)
 }
 
 /// Mapped files named `libssl*.so*` in a `/proc/PID/maps` text, with
@@ -149,7 +156,20 @@ pub fn defines_tls_functions(path: &Path) -> bool {
 pub fn scan(seen: &mut Seen, pids: &[u32]) -> Vec<TlsFile> {
     let mut libraries = Vec::new();
     for &pid in pids {
-        for file in files_of(pid) {
+        let files = match files_of(pid) {
+            Ok(files) => files,
+            Err(e) => {
+                seen.denied += 1;
+                if seen.denied == 1 {
+                    tracing::warn!(
+                        "TLS plaintext probes: cannot read /proc/{pid}/maps ({e}): the TLS \
+                         library of a process this agent may not inspect is not probed"
+                    );
+                }
+                continue;
+            }
+        };
+        for file in files {
             if !seen.new_file(&file) {
                 continue;
             }
@@ -176,6 +196,8 @@ pub struct Seen {
     pids: HashSet<u32>,
     /// Executables still to look at.
     executables: Vec<TlsFile>,
+    /// Processes whose maps could not be read.
+    pub denied: u64,
 }
 
 impl Seen {
@@ -240,7 +262,7 @@ mod tests {
 
     #[test]
     fn a_process_lists_its_libssl_or_else_its_executable() {
-        let files = files_of(std::process::id());
+        let files = files_of(std::process::id()).unwrap();
         let maps = fs::read_to_string("/proc/self/maps").unwrap();
         if maps.contains("libssl") {
             // The lab links OpenSSL: its TLS is there, not in the executable.
