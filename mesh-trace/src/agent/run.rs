@@ -423,17 +423,22 @@ pub async fn agent_with_spans(
             }
             scanned = async { tls_scan.as_mut().expect("guarded by the condition").await }, if tls_scan.is_some() => {
                 tls_scan = None;
-                if let Ok((seen, files)) = scanned {
-                    tls_seen = Some(seen);
-                    for file in files {
-                        match tracer.attach_tls(&file) {
-                            Ok(symbols) => {
-                                tracing::info!("TLS plaintext probes on {} ({})", file.shown, symbols.join(", "));
-                                state.metrics.tls_files_probed.inc();
+                match scanned {
+                    Ok((seen, files)) => {
+                        tls_seen = Some(seen);
+                        for file in files {
+                            match tracer.attach_tls(&file) {
+                                Ok(symbols) => {
+                                    tracing::info!("TLS plaintext probes on {} ({})", file.shown, symbols.join(", "));
+                                    state.metrics.tls_files_probed.inc();
+                                }
+                                Err(e) => tracing::warn!("{e:#}"),
                             }
-                            Err(e) => tracing::warn!("{e:#}"),
                         }
                     }
+                    // Which files it had probed is lost with it: probing
+                    // one again would report each of its calls twice.
+                    Err(e) => tracing::warn!("TLS library scan failed ({e}): no further files are probed"),
                 }
             }
             listed = async { relist.as_mut().expect("guarded by the condition").await }, if relist.is_some() => {

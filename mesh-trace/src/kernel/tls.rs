@@ -25,8 +25,10 @@ pub const SYMBOLS: [(&str, &str); 4] = [
     ("SSL_read_ex", mesh_trace_common::names::SSL_READ_EX),
 ];
 
-/// Files remembered as probed or tried; past it the memory is cleared (a
-/// file probed twice fails the second time, harmlessly).
+/// Files looked at (probed or not), and processes remembered as looked at.
+/// Files are never forgotten: a file probed twice would report each call
+/// twice. Past the bound, new files are not probed (said once); the
+/// processes start over.
 const MAX_FILES: usize = 4096;
 
 /// A file a process maps, as the agent can open it.
@@ -198,6 +200,8 @@ pub struct Seen {
     executables: Vec<TlsFile>,
     /// Processes whose maps could not be read.
     pub denied: u64,
+    /// No room is left for new files (said once).
+    full: bool,
 }
 
 impl Seen {
@@ -214,10 +218,21 @@ impl Seen {
         !self.executables.is_empty()
     }
 
-    /// Whether `file` is new.
+    /// Whether `file` is new (and there is room to remember it).
     pub fn new_file(&mut self, file: &TlsFile) -> bool {
+        if self.files.contains(&file.key) {
+            return false;
+        }
         if self.files.len() >= MAX_FILES {
-            self.files.clear();
+            if !self.full {
+                self.full = true;
+                tracing::warn!(
+                    "TLS plaintext probes: {MAX_FILES} files looked at; {} and later ones are \
+                     not probed",
+                    file.shown
+                );
+            }
+            return false;
         }
         self.files.insert(file.key)
     }

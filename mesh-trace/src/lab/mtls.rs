@@ -20,7 +20,10 @@ use std::{
 use anyhow::Context as _;
 use openssl::{
     pkey::PKey,
-    ssl::{SslAcceptor, SslConnector, SslConnectorBuilder, SslMethod, SslVerifyMode, SslVersion},
+    ssl::{
+        SslAcceptor, SslConnector, SslConnectorBuilder, SslContextBuilder, SslMethod,
+        SslVerifyMode, SslVersion,
+    },
     x509::{store::X509StoreBuilder, X509},
 };
 use rcgen::{
@@ -186,36 +189,28 @@ impl SidecarTls {
         let roots = certificates(ca).context("the CA file")?;
         let chain = certificates(cert)?;
         let key = PKey::private_key_from_pem(key).context("reading the private key")?;
-        let trust = || -> anyhow::Result<_> {
+        // Both sides trust the mesh CA alone and present this pod's chain.
+        let identify = |ctx: &mut SslContextBuilder, side: &str| -> anyhow::Result<()> {
             let mut store = X509StoreBuilder::new()?;
             for c in &roots {
                 store.add_cert(c.clone()).context("adding the mesh CA")?;
             }
-            Ok(store.build())
+            ctx.set_cert_store(store.build());
+            ctx.set_certificate(&chain[0])?;
+            for c in &chain[1..] {
+                ctx.add_extra_chain_cert(c.clone())?;
+            }
+            ctx.set_private_key(&key)?;
+            ctx.check_private_key()
+                .with_context(|| format!("the {side} certificate and key"))
         };
 
         let mut client = SslConnector::builder(SslMethod::tls_client())?;
         client.set_min_proto_version(Some(SslVersion::TLS1_3))?;
-        client.set_cert_store(trust()?);
-        client.set_certificate(&chain[0])?;
-        for c in &chain[1..] {
-            client.add_extra_chain_cert(c.clone())?;
-        }
-        client.set_private_key(&key)?;
-        client
-            .check_private_key()
-            .context("the client certificate and key")?;
+        identify(&mut client, "client")?;
 
         let mut server = SslAcceptor::mozilla_modern_v5(SslMethod::tls_server())?;
-        server.set_cert_store(trust()?);
-        server.set_certificate(&chain[0])?;
-        for c in &chain[1..] {
-            server.add_extra_chain_cert(c.clone())?;
-        }
-        server.set_private_key(&key)?;
-        server
-            .check_private_key()
-            .context("the server certificate and key")?;
+        identify(&mut server, "server")?;
         // Mandatory client certificates: the "mutual" in mTLS.
         server.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
         // Sidecar connections are long-lived and pooled: resumption buys

@@ -1161,26 +1161,32 @@ mod tests {
             Node::new(&events).0
         }
 
-        /// Socket `cookie` of process `tgid` moves `payload` in `dir`;
-        /// returns when.
-        fn io(&mut self, cookie: u64, tgid: u32, dir: u32, payload: &[u8]) -> u64 {
+        /// A data event of process `tgid` on socket `cookie`, a microsecond
+        /// after the last one, carrying `payload` as its prefix.
+        fn event(&mut self, cookie: u64, tgid: u32, direction: u32, payload: &[u8]) -> DataEvent {
             self.ts_ns += 1_000;
-            // As the kernel reports it: how far the other direction had got.
-            let other = if dir == DIR_SEND { DIR_RECV } else { DIR_SEND };
-            let opposite = self.offsets.get(&(cookie, other)).copied().unwrap_or(0);
-            let offset = self.offsets.entry((cookie, dir)).or_default();
             let mut d = DataEvent::default();
             d.header.kind = EventKind::Data as u32;
             d.header.ts_ns = self.ts_ns;
             d.sock_cookie = cookie;
             d.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
-            d.direction = dir;
-            d.offset = *offset;
+            d.direction = direction;
             d.len = payload.len() as u32;
-            d.opposite_seq = opposite as u32;
             let n = payload.len().min(d.prefix.len());
             d.prefix_len = n as u32;
             d.prefix[..n].copy_from_slice(&payload[..n]);
+            d
+        }
+
+        /// Socket `cookie` of process `tgid` moves `payload` in `dir`;
+        /// returns when.
+        fn io(&mut self, cookie: u64, tgid: u32, dir: u32, payload: &[u8]) -> u64 {
+            let mut d = self.event(cookie, tgid, dir, payload);
+            // As the kernel reports it: how far the other direction had got.
+            let other = if dir == DIR_SEND { DIR_RECV } else { DIR_SEND };
+            d.opposite_seq = self.next_offset(cookie, other) as u32;
+            let offset = self.offsets.entry((cookie, dir)).or_default();
+            d.offset = *offset;
             *offset += payload.len() as u64;
             // Data first: the table forgets a socket at its close.
             self.stitcher.data(&self.table, &d, &mut self.spans);
@@ -1193,50 +1199,31 @@ mod tests {
             self.offsets.get(&(cookie, dir)).copied().unwrap_or(0)
         }
 
-        /// The TLS probes report the plaintext an `SSL_read` returned on
-        /// socket `cookie` whose reads on the wire began at `at`.
-        fn plaintext_read(&mut self, cookie: u64, tgid: u32, at: u64, text: &[u8]) {
-            let last = self.next_offset(cookie, DIR_RECV) - 1;
-            let mut d = DataEvent::default();
-            self.ts_ns += 1_000;
-            d.header.kind = EventKind::Data as u32;
-            d.header.ts_ns = self.ts_ns;
-            d.sock_cookie = cookie;
-            d.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
-            d.direction = DIR_RECV | mesh_trace_common::DIR_TLS_PLAINTEXT;
+        /// The TLS probes report the plaintext of a call on socket
+        /// `cookie` whose I/O on the wire began at `first` and whose last
+        /// I/O began at `last` (None: the call moved nothing on the wire).
+        fn tls_call(
+            &mut self,
+            cookie: u64,
+            tgid: u32,
+            dir: u32,
+            wire: Option<(u64, u64)>,
+            text: &[u8],
+        ) {
+            let flags = match wire {
+                Some(_) => mesh_trace_common::DIR_TLS_PLAINTEXT,
+                None => mesh_trace_common::DIR_TLS_PLAINTEXT | mesh_trace_common::DIR_TLS_NO_SEQ,
+            };
+            let mut d = self.event(cookie, tgid, dir | flags, text);
+            let (first, last) = wire.unwrap_or_default();
             d.offset = last;
-            d.opposite_seq = at as u32;
-            d.len = text.len() as u32;
-            let n = text.len().min(d.prefix.len());
-            d.prefix_len = n as u32;
-            d.prefix[..n].copy_from_slice(&text[..n]);
+            d.opposite_seq = first as u32;
             self.stitcher.data(&self.table, &d, &mut self.spans);
         }
 
-        /// The TLS probes report the plaintext of a call on socket
-        /// `cookie` whose first byte on the wire was at `at` (None: the
-        /// call moved nothing on the wire).
-        fn plaintext(&mut self, cookie: u64, tgid: u32, dir: u32, at: Option<u64>, text: &[u8]) {
-            self.ts_ns += 1_000;
-            let mut d = DataEvent::default();
-            d.header.kind = EventKind::Data as u32;
-            d.header.ts_ns = self.ts_ns;
-            d.sock_cookie = cookie;
-            d.pid_tgid = u64::from(tgid) << 32 | u64::from(tgid);
-            d.direction = dir
-                | mesh_trace_common::DIR_TLS_PLAINTEXT
-                | if at.is_none() {
-                    mesh_trace_common::DIR_TLS_NO_SEQ
-                } else {
-                    0
-                };
-            d.offset = at.unwrap_or(0);
-            d.opposite_seq = at.unwrap_or(0) as u32;
-            d.len = text.len() as u32;
-            let n = text.len().min(d.prefix.len());
-            d.prefix_len = n as u32;
-            d.prefix[..n].copy_from_slice(&text[..n]);
-            self.stitcher.data(&self.table, &d, &mut self.spans);
+        /// The plaintext of a call whose one I/O on the wire began at `at`.
+        fn plaintext(&mut self, cookie: u64, tgid: u32, dir: u32, at: u64, text: &[u8]) {
+            self.tls_call(cookie, tgid, dir, Some((at, at)), text);
         }
     }
 
@@ -1501,8 +1488,12 @@ mod tests {
             for (i, down) in [(0, 4), (1, 14)] {
                 let at = node.next_offset(down, DIR_RECV);
                 t[i][0] = node.io(down, INBOUND, DIR_RECV, ENCRYPTED);
-                if with_plaintext {
-                    node.plaintext(down, INBOUND, DIR_RECV, Some(at), &forwarded(ids[i]));
+                if with_plaintext && i == 0 {
+                    node.plaintext(down, INBOUND, DIR_RECV, at, &forwarded(ids[i]));
+                } else if with_plaintext {
+                    // Returned from bytes the library had read before: no
+                    // I/O on the wire names the record, the socket does.
+                    node.tls_call(down, INBOUND, DIR_RECV, None, &forwarded(ids[i]));
                 }
             }
             // b goes on to the app first, on the first connection to it.
@@ -1574,7 +1565,7 @@ mod tests {
         let at = node.next_offset(4, DIR_RECV);
         let fwd = forwarded("late-1");
         let t3 = node.io(4, INBOUND, DIR_RECV, ENCRYPTED);
-        node.plaintext(4, INBOUND, DIR_RECV, Some(at), &fwd);
+        node.plaintext(4, INBOUND, DIR_RECV, at, &fwd);
         let t4 = node.io(5, INBOUND, DIR_SEND, &fwd);
         node.io(6, SERVER, DIR_RECV, &fwd);
         node.io(6, SERVER, DIR_SEND, RESPONSE);
@@ -1616,7 +1607,7 @@ mod tests {
         ] {
             let at = node.next_offset(up, DIR_SEND);
             t[i][2] = node.io(up, OUTBOUND, DIR_SEND, ENCRYPTED);
-            node.plaintext(up, OUTBOUND, DIR_SEND, Some(at), &text);
+            node.plaintext(up, OUTBOUND, DIR_SEND, at, &text);
         }
         // A session ticket on the first connection before the response:
         // the library returns nothing of it, so it answers nothing.
@@ -1624,7 +1615,10 @@ mod tests {
         for (i, up) in [(1, 3), (0, 13)] {
             let at = node.next_offset(up, DIR_RECV);
             t[i][3] = node.io(up, OUTBOUND, DIR_RECV, ENCRYPTED);
-            node.plaintext_read(up, OUTBOUND, at, RESPONSE);
+            // An SSL_read: its first read (the record's header) is where
+            // the response starts.
+            let last = node.next_offset(up, DIR_RECV) - 1;
+            node.tls_call(up, OUTBOUND, DIR_RECV, Some((at, last)), RESPONSE);
         }
         for (i, down) in [(0, 2), (1, 12)] {
             t[i][4] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
