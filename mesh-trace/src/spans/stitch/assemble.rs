@@ -303,6 +303,28 @@ impl Spans {
             .and_then(|p| p.candidates.clone())
     }
 
+    /// What orphan `id`'s write was, shown later (its TLS plaintext).
+    pub(super) fn identify_orphan(&mut self, id: SpanId, identity: &Identity) {
+        if let Some(p) = self.spans.peek_mut(&id) {
+            if p.orphan_at.is_some() && p.identity.is_none() {
+                p.identity = Some(identity.clone());
+            }
+        }
+    }
+
+    /// Request `span`, read by `side` and reported only now, may be what
+    /// orphan `id`'s write was.
+    pub(super) fn add_candidate(&mut self, id: SpanId, side: ProxySide, span: SpanId) {
+        if let Some(p) = self.spans.peek_mut(&id) {
+            if p.orphan_at.is_some() {
+                let (_, candidates) = p.candidates.get_or_insert_with(|| (side, Vec::new()));
+                if !candidates.contains(&span) {
+                    candidates.push(span);
+                }
+            }
+        }
+    }
+
     /// Orphan `orphan` is request `span`: its moments so far join the
     /// span's, and from now on it stands for it.
     pub(super) fn settle(&mut self, orphan: SpanId, span: SpanId) {

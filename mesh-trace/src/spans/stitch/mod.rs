@@ -120,8 +120,8 @@ struct SockState {
     unseen_reply: bool,
     /// Per direction (send, receive): encrypted requests framed here whose
     /// plaintext the TLS probes have not reported yet, oldest first: where
-    /// each starts, its span and when it moved.
-    tls: [VecDeque<(u64, SpanId, u64)>; 2],
+    /// each starts and its span.
+    tls: [VecDeque<(u64, SpanId)>; 2],
     /// The last reads of an encrypted socket: where each starts and ends,
     /// and when. A TLS call's plaintext says which read its record began
     /// in.
@@ -179,23 +179,23 @@ impl SockState {
 
     /// An encrypted request that started at `offset` in `dir` as span `id`:
     /// its plaintext may follow.
-    fn await_plaintext(&mut self, dir: Dir, offset: u64, id: SpanId, ts_ns: u64) {
+    fn await_plaintext(&mut self, dir: Dir, offset: u64, id: SpanId) {
         let queue = &mut self.tls[usize::from(dir == Dir::Recv)];
         if queue.len() == MAX_TLS_WAITING {
             queue.pop_front();
         }
-        queue.push_back((offset, id, ts_ns));
+        queue.push_back((offset, id));
     }
 
     /// The encrypted request a TLS call's plaintext belongs to: the last
     /// one that started at or before the call's last I/O on the wire
     /// (`at`), or, for a read served from bytes read before, the last one.
     /// Those before it will get none.
-    fn plaintext_of(&mut self, dir: Dir, at: Option<u32>) -> Option<(u64, SpanId, u64)> {
+    fn plaintext_of(&mut self, dir: Dir, at: Option<u32>) -> Option<(u64, SpanId)> {
         let pos = at.map(|seq| self.peek_position(dir, seq));
         let queue = &mut self.tls[usize::from(dir == Dir::Recv)];
         let i = match pos {
-            Some(pos) => queue.iter().rposition(|&(offset, _, _)| offset <= pos)?,
+            Some(pos) => queue.iter().rposition(|&(offset, _)| offset <= pos)?,
             None if dir == Dir::Recv => queue.len().checked_sub(1)?,
             // A write the library makes only later (e.g. through a buffer
             // of its own): which record carries it is unknown.
@@ -250,10 +250,15 @@ pub struct Stitcher {
     proxies: Proxies,
     /// The requests one read delivered, kept to reuse the allocation.
     delivered: Vec<(Arrival, SpanId)>,
-    /// Per sidecar side, recent upstream writes that matched no request it
-    /// held (orphans): when, and what they showed. The client's write of
-    /// such a request may be reported after the sidecar's forward of it.
-    unmatched: HashMap<ProxySide, std::collections::VecDeque<(SpanId, u64, Identity)>>,
+    /// Per sidecar side, recent upstream writes that no request it held
+    /// could be told to be (orphans) and when each was made. The client's
+    /// write of a request may be reported after the sidecar's forward of
+    /// it (the app's thread ran its tracepoint late): such a request may
+    /// be any of those made after its read.
+    recent_orphans: HashMap<ProxySide, VecDeque<(SpanId, u64)>>,
+    /// Per sidecar side, when the last still unsettled orphan dropped from
+    /// `recent_orphans` was written.
+    orphans_forgotten_upto: HashMap<ProxySide, u64>,
     pub unstitched: HashMap<Unstitched, u64>,
     /// TLS plaintext request heads joined to their encrypted request, and
     /// those that found none (for metrics).
@@ -268,8 +273,9 @@ pub struct Stitcher {
 /// over (their responses are then framed on the wire until their next call).
 const MAX_TLS_PROCESSES: usize = 4096;
 
-/// Unmatched upstream writes remembered per sidecar side.
-const MAX_UNMATCHED: usize = 64;
+/// Orphan upstream writes remembered per sidecar side (behind mutual TLS
+/// each write is one until its plaintext is reported, just after it).
+const MAX_RECENT_ORPHANS: usize = 256;
 
 impl Stitcher {
     pub fn new(cfg: StitchConfig) -> Stitcher {
@@ -279,7 +285,8 @@ impl Stitcher {
             legs: Legs::new(),
             proxies: Proxies::new(),
             delivered: Vec::new(),
-            unmatched: HashMap::new(),
+            recent_orphans: HashMap::new(),
+            orphans_forgotten_upto: HashMap::new(),
             unstitched: HashMap::new(),
             tls_plaintext: [0; 2],
             tls_processes: foldhash::HashSet::default(),
@@ -453,7 +460,7 @@ impl Stitcher {
         if let Some(s) = self.sockets.get_mut(&cookie) {
             s.outstanding.push(id, anchor);
             if matches!(msg.head, Head::Opaque { tls: true }) {
-                s.await_plaintext(Dir::Send, msg.offset, id, msg.ts_ns);
+                s.await_plaintext(Dir::Send, msg.offset, id);
             }
         }
         if place == Place::OutboundUp {
@@ -539,7 +546,7 @@ impl Stitcher {
             // message (the handshake's last record and the request read by
             // one call).
             if matches!(a.head, Some(Head::Opaque { tls: true }) | None) {
-                s.await_plaintext(Dir::Recv, a.offset, id, a.ts_ns);
+                s.await_plaintext(Dir::Recv, a.offset, id);
             }
         }
     }
@@ -660,7 +667,7 @@ impl Stitcher {
             self.tls_plaintext[1] += 1;
             return;
         };
-        let Some((offset, id, ts_ns)) = state.plaintext_of(dir, at) else {
+        let Some((offset, id)) = state.plaintext_of(dir, at) else {
             self.tls_plaintext[1] += 1;
             return;
         };
@@ -679,21 +686,9 @@ impl Stitcher {
         let request_id = identity.request_id().map(str::to_owned);
         match (place, dir) {
             (Some(Place::OutboundUp | Place::InboundUp), Dir::Send) => {
-                if self.spans.candidates(id).is_some() {
-                    self.settle(id, &identity);
-                } else if self.spans.is_unsettled_orphan(id) {
-                    // Written when the sidecar held nothing it could be: a
-                    // request whose read is reported later may claim it.
-                    let side = ProxySide {
-                        tgid,
-                        inbound: place == Some(Place::InboundUp),
-                    };
-                    let queue = self.unmatched.entry(side).or_default();
-                    if queue.len() == MAX_UNMATCHED {
-                        queue.pop_front();
-                    }
-                    queue.push_back((id, ts_ns, identity));
-                }
+                // What a request whose read is reported later compares.
+                self.spans.identify_orphan(id, &identity);
+                self.settle(id, &identity);
             }
             (Some(p @ (Place::OutboundDown | Place::InboundDown)), Dir::Recv) => {
                 let side = ProxySide {
@@ -751,7 +746,7 @@ impl Stitcher {
         let identity = read.or_else(|| self.spans.identity(id));
         self.spans
             .note_request_id(id, identity.as_ref().and_then(Identity::request_id));
-        if self.claim_unmatched(side, id, a.ts_ns, identity.as_ref()) {
+        if self.join_earlier_writes(side, id, a.ts_ns, identity.as_ref()) {
             return;
         }
         if let Some(dropped) = self
@@ -767,43 +762,65 @@ impl Stitcher {
     /// A request read by a sidecar whose read is learnt only now, when the
     /// client's write of it is (the two ends of a leg may be reported in
     /// either order): the sidecar may have forwarded it already, as an
-    /// upstream write that matched nothing it held then. The one such
-    /// write made after this read, showing the same request with the same
-    /// `x-request-id`, is it: its moments join this request's, which is
-    /// then no longer held. Any other fitting write leaves the request
-    /// contested (it may be that one): never a local reply by mistake.
-    fn claim_unmatched(
+    /// upstream write that became an orphan. The one such write made after
+    /// this read, showing the same request with the same `x-request-id`
+    /// and no other request it could be, is it: its moments join this
+    /// request's, which is then no longer held. Otherwise every write made
+    /// after the read that could be it (an encrypted one whose plaintext
+    /// is still to come, a fitting one) counts it among its candidates, and
+    /// the request is contested until what the write shows further on
+    /// settles it: never a local reply by mistake.
+    fn join_earlier_writes(
         &mut self,
         side: ProxySide,
         id: SpanId,
         read_ns: u64,
         read: Option<&Identity>,
     ) -> bool {
-        let Some(queue) = self.unmatched.get_mut(&side) else {
+        if self
+            .orphans_forgotten_upto
+            .get(&side)
+            .is_some_and(|&upto| upto >= read_ns)
+        {
+            // A write forgotten for room may have been this request.
+            self.spans.contest(id);
+        }
+        let Some(queue) = self.recent_orphans.get_mut(&side) else {
             return false;
         };
         let spans = &self.spans;
-        queue.retain(|(orphan, _, _)| spans.is_unsettled_orphan(*orphan));
-        let fitting: Vec<usize> = queue
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, written_ns, written))| {
-                *written_ns >= read_ns && read.is_none_or(|r| r.fits(written))
-            })
-            .map(|(i, _)| i)
-            .collect();
-        match fitting[..] {
-            [] => false,
-            [i] if read
-                .and_then(Identity::request_id)
-                .is_some_and(|rid| queue[i].2.request_id() == Some(rid)) =>
+        queue.retain(|&(orphan, _)| spans.is_unsettled_orphan(orphan));
+        let mut could_be = Vec::new();
+        let mut shown = Vec::new();
+        for &(orphan, _) in queue.iter().filter(|&&(_, w)| w >= read_ns) {
+            match spans.identity(orphan) {
+                Some(written) if read.is_none_or(|r| r.fits(&written)) => {
+                    shown.push((orphan, written));
+                    could_be.push(orphan);
+                }
+                Some(_) => {}
+                None => could_be.push(orphan),
+            }
+        }
+        let same_request_id = |written: &Identity| {
+            read.and_then(Identity::request_id)
+                .is_some_and(|rid| written.request_id() == Some(rid))
+        };
+        match (&could_be[..], &shown[..]) {
+            ([], _) => false,
+            ([only], [(_, written)])
+                if same_request_id(written) && spans.candidates(*only).is_none() =>
             {
-                let (orphan, _, _) = queue.remove(i).expect("index from the queue");
-                self.spans.settle(orphan, id);
+                let only = *only;
+                queue.retain(|&(orphan, _)| orphan != only);
+                self.spans.settle(only, id);
                 true
             }
             _ => {
-                self.spans.contest(id);
+                for &orphan in &could_be {
+                    self.spans.add_candidate(orphan, side, id);
+                    self.spans.contest(id);
+                }
                 false
             }
         }
@@ -886,19 +903,10 @@ impl Stitcher {
                 for id in held {
                     self.spans.contest(id);
                 }
-                let orphan = self.orphan(place, side, Vec::new(), msg);
-                // Counted when seen (a counter never goes back): a late
-                // client write that claims it below yields a span too.
+                // Counted when seen (a counter never goes back): a request
+                // whose read is reported later may still claim it.
                 self.count(Unstitched::NoDownstream);
-                // Or a request whose read is reported later.
-                if let Some(written) = Identity::of(Some(&msg.head)) {
-                    let queue = self.unmatched.entry(side).or_default();
-                    if queue.len() == MAX_UNMATCHED {
-                        queue.pop_front();
-                    }
-                    queue.push_back((orphan, msg.ts_ns, written));
-                }
-                orphan
+                self.orphan(place, side, Vec::new(), msg)
             }
         }
     }
@@ -912,6 +920,20 @@ impl Stitcher {
     ) -> SpanId {
         let (id, evicted) = self.spans.orphan(place, side, candidates, msg);
         self.count_n(Unstitched::Evicted, evicted);
+        let spans = &self.spans;
+        let queue = self.recent_orphans.entry(side).or_default();
+        if queue.len() == MAX_RECENT_ORPHANS {
+            queue.retain(|&(orphan, _)| spans.is_unsettled_orphan(orphan));
+        }
+        if queue.len() == MAX_RECENT_ORPHANS {
+            if let Some((_, written_ns)) = queue.pop_front() {
+                // A request read before it and reported later cannot be
+                // told from it any more.
+                let forgotten = self.orphans_forgotten_upto.entry(side).or_default();
+                *forgotten = (*forgotten).max(written_ns);
+            }
+        }
+        queue.push_back((id, msg.ts_ns));
         id
     }
 
@@ -1031,19 +1053,23 @@ impl Stitcher {
     pub fn expire(&mut self, now_ns: u64) {
         let expired = self.spans.expire(now_ns, self.cfg.timeout_ns);
         self.count_n(Unstitched::Timeout, expired);
-        self.drop_done_unmatched();
+        self.drop_settled_orphans(now_ns);
         crate::shrink::shrink_sparse(&mut self.sockets);
         self.legs.shrink();
     }
 
-    /// Forgets the unmatched upstream writes whose orphan completed or was
+    /// Forgets the recent orphan writes that completed, were settled or
     /// dropped, and the sides left with none.
-    fn drop_done_unmatched(&mut self) {
+    fn drop_settled_orphans(&mut self, now_ns: u64) {
         let spans = &self.spans;
-        self.unmatched.retain(|_, queue| {
-            queue.retain(|(orphan, _, _)| spans.is_unsettled_orphan(*orphan));
+        self.recent_orphans.retain(|_, queue| {
+            queue.retain(|&(orphan, _)| spans.is_unsettled_orphan(orphan));
             !queue.is_empty()
         });
+        // A request read before a forgotten write has timed out by now.
+        let timeout_ns = self.cfg.timeout_ns;
+        self.orphans_forgotten_upto
+            .retain(|_, &mut upto| now_ns.saturating_sub(upto) < timeout_ns);
     }
 
     /// Requests in flight.
@@ -1763,6 +1789,65 @@ mod tests {
         want[3..].copy_from_slice(&rest);
         assert_eq!(s.moments, want.map(Some));
         assert!(s.is_consistent());
+    }
+
+    /// The same behind mutual TLS: the sidecar's encrypted write of the
+    /// request is reported before the app's send, with another request
+    /// held or none, and its plaintext before or after that send. The
+    /// late request joins the write's candidates, and the plaintext
+    /// settles it: never held on as if its sidecar had answered it itself.
+    #[test]
+    fn a_client_write_reported_after_the_sidecar_encrypted_it_is_still_one_span() {
+        for (other_held, plaintext_first) in
+            [(false, false), (false, true), (true, false), (true, true)]
+        {
+            let case = format!("other held: {other_held}, plaintext first: {plaintext_first}");
+            let mut events = chain(0);
+            events.extend(chain(1));
+            let (mut node, _) = Node::new(&events);
+            let (req, fwd) = (request("late-1"), forwarded("late-1"));
+            if other_held {
+                // Another request, read on the other app connection and
+                // still held when the late one's write goes upstream.
+                let other = plain("/other");
+                node.io(11, APP, DIR_SEND, &other);
+                node.io(12, OUTBOUND, DIR_RECV, &other);
+            }
+            let t1 = node.io(2, OUTBOUND, DIR_RECV, &req);
+            let at = node.next_offset(3, DIR_SEND);
+            let t2 = node.io(3, OUTBOUND, DIR_SEND, ENCRYPTED);
+            if plaintext_first {
+                node.plaintext(3, OUTBOUND, DIR_SEND, at, &fwd);
+            }
+            let _late_t0 = node.io(1, APP, DIR_SEND, &req);
+            if !plaintext_first {
+                node.plaintext(3, OUTBOUND, DIR_SEND, at, &fwd);
+            }
+            let mut rest = vec![];
+            let at = node.next_offset(4, DIR_RECV);
+            rest.push(node.io(4, INBOUND, DIR_RECV, ENCRYPTED));
+            node.plaintext(4, INBOUND, DIR_RECV, at, &fwd);
+            rest.push(node.io(5, INBOUND, DIR_SEND, &fwd));
+            rest.push(node.io(6, SERVER, DIR_RECV, &fwd));
+            rest.push(node.io(6, SERVER, DIR_SEND, RESPONSE));
+            rest.push(node.io(5, INBOUND, DIR_RECV, RESPONSE));
+            let at = node.next_offset(4, DIR_SEND);
+            rest.push(node.io(4, INBOUND, DIR_SEND, ENCRYPTED));
+            node.plaintext(4, INBOUND, DIR_SEND, at, RESPONSE);
+            let at = node.next_offset(3, DIR_RECV);
+            rest.push(node.io(3, OUTBOUND, DIR_RECV, ENCRYPTED));
+            node.plaintext(3, OUTBOUND, DIR_RECV, at, RESPONSE);
+            rest.push(node.io(2, OUTBOUND, DIR_SEND, RESPONSE));
+            rest.push(node.io(1, APP, DIR_RECV, RESPONSE));
+            let spans = std::mem::take(&mut node.spans);
+            assert_eq!(spans.len(), 1, "{case}: {:?}", node.stitcher.unstitched);
+            let s = &spans[0];
+            assert_eq!(s.local_reply, None, "{case}");
+            assert_eq!(s.request_id.as_deref(), Some("late-1"), "{case}");
+            let mut want = [t1, t1, t2, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            want[3..].copy_from_slice(&rest);
+            assert_eq!(s.moments, want.map(Some), "{case}");
+        }
     }
 
     #[test]
