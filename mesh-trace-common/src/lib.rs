@@ -70,6 +70,10 @@ pub enum EventKind {
     /// Data events of one CPU sent to the ring buffer together (see
     /// [`DataBatch`]): the header, then [`BatchEntry`] records.
     Batch = 9,
+    /// An HTTP/2 frame on a socket in a meshed namespace that matters to a
+    /// request (see [`H2FrameEvent`]), found by walking the frames of each
+    /// send and receive of a connection that began with HTTP/2.
+    H2Frame = 10,
 }
 
 impl EventKind {
@@ -84,6 +88,7 @@ impl EventKind {
             7 => Some(Self::Data),
             8 => Some(Self::SynAckRetransmit),
             9 => Some(Self::Batch),
+            10 => Some(Self::H2Frame),
             _ => None,
         }
     }
@@ -390,6 +395,100 @@ pub const TRACKED_OWNER_SEEN: u32 = 1;
 /// lookup (a namespace stays meshed while it has sockets; only one that is
 /// gone leaves the map).
 pub const TRACKED_MESHED: u32 = 2;
+/// The data path saw the socket's first send (`TRACKED_SEEN_SEND`) or
+/// receive (`TRACKED_SEEN_RECV`): where HTTP/2 is told from its first bytes.
+/// Adopted sockets start with both, as their first bytes went by unseen.
+pub const TRACKED_SEEN_SEND: u32 = 4;
+pub const TRACKED_SEEN_RECV: u32 = 8;
+/// The socket's connection began with HTTP/2 in at least one direction: its
+/// calls are walked frame by frame (`H2_SOCKS`).
+pub const TRACKED_H2: u32 = 16;
+
+/// The client connection preface that opens every HTTP/2 connection.
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Most header block bytes one [`H2FrameEvent`] carries (the payload of a
+/// HEADERS, CONTINUATION or PUSH_PROMISE frame). A frame with a longer
+/// payload is reported with what fits: its connection's header compression
+/// state is lost in that direction.
+pub const H2_BLOCK_MAX: usize = 4096;
+/// Frames walked per send or receive; past it the direction is lost.
+pub const H2_FRAMES_PER_IO: usize = 2048;
+/// Buffers of one vectored send or receive walked (writev, sendmsg, ...);
+/// bytes in later ones lose the direction.
+pub const H2_IOVECS_MAX: usize = 8;
+
+/// [`H2FrameEvent::what`]: the frame itself, from its 9-byte header (and
+/// its payload's bytes that this send or receive moved).
+pub const H2_WHAT_FRAME: u8 = 1;
+/// More payload bytes of a header frame begun in an earlier send or receive.
+pub const H2_WHAT_CONTINUED: u8 = 2;
+/// The walk lost the frame boundaries in this direction (bytes went by
+/// unwalked, more frames or buffers than the bounds): nothing more is
+/// reported for it.
+pub const H2_WHAT_LOST: u8 = 3;
+
+/// Kernel state of one direction of an HTTP/2 connection (`H2_SOCKS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Dir {
+    /// Sequence number where the next frame header begins.
+    pub next_frame: u32,
+    /// Sequence number up to which the payload of a header frame begun
+    /// earlier goes on (captured first in the next send or receive).
+    pub capture_until: u32,
+    /// `H2_DIR_*`.
+    pub state: u32,
+    /// Bytes of a frame header cut by the end of a send or receive.
+    pub hdr_have: u32,
+    pub hdr: [u8; 16],
+}
+
+/// [`H2Dir::state`]: the direction's first bytes are still to come.
+pub const H2_DIR_UNKNOWN: u32 = 0;
+/// Frames are walked.
+pub const H2_DIR_WALKING: u32 = 1;
+/// The frame boundaries were lost: nothing more is walked.
+pub const H2_DIR_LOST: u32 = 2;
+
+/// Value of the `H2_SOCKS` socket storage: per direction (send, receive).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Sock {
+    pub dirs: [H2Dir; 2],
+}
+
+/// [`EventKind::H2Frame`]: a frame a request is made of (HEADERS,
+/// CONTINUATION, PUSH_PROMISE with their header block; DATA that ends a
+/// stream; RST_STREAM; GOAWAY), more bytes of one (`H2_WHAT_CONTINUED`), or
+/// the walk's loss (`H2_WHAT_LOST`). Sent at the time of the data event of
+/// the send or receive that moved it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2FrameEvent {
+    pub header: EventHeader,
+    pub sock_cookie: u64,
+    /// `DIR_SEND` or `DIR_RECV`.
+    pub direction: u32,
+    /// Sequence number of the frame's first byte (its header), or of the
+    /// first byte carried for `H2_WHAT_CONTINUED`.
+    pub seq: u32,
+    /// The frame's payload length (24 bits).
+    pub length: u32,
+    pub stream_id: u32,
+    pub frame_type: u8,
+    pub flags: u8,
+    /// `H2_WHAT_*`.
+    pub what: u8,
+    pub _pad: u8,
+    /// Payload bytes carried in `payload`.
+    pub captured: u32,
+    /// Twice the bound so that the verifier sees every copy inside it; at
+    /// most [`H2_BLOCK_MAX`] bytes are sent.
+    pub payload: [u8; 2 * H2_BLOCK_MAX],
+}
+
+/// Bytes of an [`H2FrameEvent`] before its payload.
+pub const H2_FIXED_LEN: usize = core::mem::offset_of!(H2FrameEvent, payload);
 
 /// Size of the `ADOPT` map: sockets found open when the agent starts,
 /// adopted one network namespace at a time.

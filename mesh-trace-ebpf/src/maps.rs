@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{HashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use mesh_trace_common::{
-    BudgetWindow, DataBatch, EventHeader, EventKind, LossReason, TrackedSock, ADOPT_MAX,
+    BudgetWindow, DataBatch, EventHeader, EventKind, H2Sock, LossReason, TrackedSock, ADOPT_MAX,
     BUDGET_WINDOW_NS, MESHED_NETNS_MAX,
 };
 
@@ -143,6 +143,11 @@ impl<V> SockStorage<V> {
 /// programs care about, with their stream offsets.
 #[btf_map(name = "SOCKS")]
 pub static SOCKS: SockStorage<TrackedSock> = SockStorage::new();
+
+/// HTTP/2 framing state of sockets whose connection began with HTTP/2
+/// (created at its first bytes; other sockets have none).
+#[btf_map(name = "H2_SOCKS")]
+pub static H2_SOCKS: SockStorage<H2Sock> = SockStorage::new();
 
 /// Sockets that were established before the programs were attached, by
 /// cookie, written by the agent from sock_diag; the `iter/tcp` program moves

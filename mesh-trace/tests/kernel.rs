@@ -131,7 +131,8 @@ async fn connection_in_a_namespace_is_seen_with_its_addresses() {
         | Event::TcpIssue(_)
         | Event::Redirect(_)
         | Event::Data(_)
-        | Event::SynAckRetransmit(_) => false,
+        | Event::SynAckRetransmit(_)
+        | Event::H2Frame(_) => false,
     };
     let events = collect_until(&mut tracer, Duration::from_secs(5), |seen| {
         seen.iter().filter(mine).count() >= 5

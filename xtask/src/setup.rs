@@ -31,6 +31,10 @@ const TOOL_PACKAGES: &[&str] = &[
     // The lab's sidecars speak mutual TLS through OpenSSL (lab::mtls).
     "libssl-dev",
     "pkg-config",
+    // HTTP/2 peers no one here wrote, for the HTTP/2 tests: nghttpd
+    // (server), nghttp and h2load (clients).
+    "nghttp2-client",
+    "nghttp2-server",
 ];
 
 /// What only the benchmarks use: a peer tracer that no one here wrote.

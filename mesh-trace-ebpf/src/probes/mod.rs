@@ -36,6 +36,7 @@ pub(crate) fn read_kernel<T: Default>(base: *const u8, off: usize) -> T {
 
 pub mod adopt;
 pub mod connect;
+pub mod h2;
 pub mod sock_ops;
 pub mod socket_io;
 pub mod tcp_issues;

@@ -28,10 +28,11 @@ use mesh_trace_common::{
     syscall_abi::{self, BufferArg, SyscallAbi, IOVEC_SIZE, MSGHDR_MSG_IOV},
     BatchEntry, DataBatch, DataEvent, EventHeader, EventKind, LossReason, OwnerEvent, TaskInfo,
     TcpIssueEvent, BATCH_BUF, BATCH_ENTRY_MAX, BATCH_MAX, DATA_FIXED_LEN, DATA_PREFIX_MAX,
-    DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_MESHED, TRACKED_OWNER_SEEN,
+    DIR_RECV, DIR_SEND, ISSUE_RTT_SAMPLE, TRACKED_H2, TRACKED_MESHED, TRACKED_OWNER_SEEN,
+    TRACKED_SEEN_RECV, TRACKED_SEEN_SEND,
 };
 
-use super::{offset, read_kernel};
+use super::{h2, offset, read_kernel, tcp_issues::OFF_SK_STATE};
 use crate::maps::{
     count_loss, count_losses, emit, header, header_at, noop, wakeup_flags, within_budget, BATCH,
     EVENTS, MESHED_NETNS, SOCKS,
@@ -53,6 +54,15 @@ static TLS_PROBES: u32 = 0;
 static OFF_WRITE_SEQ: u32 = 0;
 #[no_mangle]
 static OFF_COPIED_SEQ: u32 = 0;
+/// Offset of `tcp_sock.rcv_nxt` (after the last byte received, and the
+/// peer's FIN once it came).
+#[no_mangle]
+static OFF_RCV_NXT: u32 = 0;
+
+/// TCP states after the peer's FIN came (`sock_common.skc_state`).
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LAST_ACK: u8 = 9;
+const TCP_CLOSING: u8 = 11;
 /// Offsets of `tcp_sock.srtt_us` (smoothed RTT in 1/8 microseconds) and of
 /// the current value of `tcp_sock.rtt_min` (its first sample's `v`).
 #[no_mangle]
@@ -115,6 +125,15 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let len = ret as u64;
+    // Whether these are the first bytes in this direction (HTTP/2 is told
+    // from them), noted before anything can return.
+    let seen = if direction == DIR_SEND {
+        TRACKED_SEEN_SEND
+    } else {
+        TRACKED_SEEN_RECV
+    };
+    let first_bytes = tracked.flags & seen == 0;
+    tracked.flags |= seen;
     // The namespace lookup is a hash; a socket found meshed once keeps a
     // flag instead.
     if tracked.flags & TRACKED_MESHED == 0 {
@@ -136,6 +155,21 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     // The data event first, as soon as the call returned: a peer's event
     // for the same bytes should not be reserved before it.
     let ts_ns = capture(cookie, direction, u64::from(seq), len, opposite);
+    if first_bytes || tracked.flags & TRACKED_H2 != 0 {
+        if let Some(s) = syscall_args().and_then(|(kind, a1, a2)| h2::scratch(kind, a1, a2)) {
+            if first_bytes && h2::first_bytes(sk, direction, seq, s) {
+                tracked.flags |= TRACKED_H2;
+            }
+            if tracked.flags & TRACKED_H2 != 0 {
+                let ts = if ts_ns != 0 {
+                    ts_ns
+                } else {
+                    unsafe { bpf_ktime_get_ns() }
+                };
+                h2::walk(sk, cookie, direction, seq, ret as u32, ts, s);
+            }
+        }
+    }
     // Long-lived connections (a sidecar's pool) report their RTT about once
     // a second while they carry traffic, not only at open and close; the
     // data event's clock serves both.
@@ -172,10 +206,21 @@ fn sequence_numbers(sk: *mut c_void, direction: u32, len: u32) -> (u32, u32) {
     } else {
         (copied, write)
     };
-    (
-        read_kernel::<u32>(sk as *const u8, this as usize).wrapping_sub(len),
-        read_kernel::<u32>(sk as *const u8, other as usize),
-    )
+    let after = read_kernel::<u32>(sk as *const u8, this as usize);
+    let mut first = after.wrapping_sub(len);
+    if direction == DIR_RECV {
+        // A receive that read up to the peer's FIN moved `copied_seq` past
+        // it too (the FIN takes a sequence number): the bytes began one
+        // earlier. Only a call that returned data and left nothing unread
+        // before a FIN that came can have.
+        let state = read_kernel::<u8>(sk as *const u8, offset(&OFF_SK_STATE));
+        if matches!(state, TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING)
+            && read_kernel::<u32>(sk as *const u8, offset(&OFF_RCV_NXT)) == after
+        {
+            first = first.wrapping_sub(1);
+        }
+    }
+    (first, read_kernel::<u32>(sk as *const u8, other as usize))
 }
 
 /// Writes the data event, into this CPU's batch when the agent turned
@@ -349,30 +394,10 @@ unsafe fn fill(
 /// iovec of readv/writev/sendmsg/recvmsg. (0, 0) for anything else.
 #[inline(always)]
 fn user_buffer() -> (u64, u64) {
-    // SAFETY: helpers valid in tp_btf programs; the result is a trusted
-    // pointer to the task's `struct pt_regs`.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
-    if regs.is_null() {
+    let Some((kind, arg1, arg2)) = syscall_args() else {
         return (0, 0);
-    }
-    // SAFETY: fields of pt_regs at the offsets of this architecture's
-    // table, each read with its own width; volatile keeps `regs + off` in
-    // the load instruction, as the verifier wants for a BTF pointer.
-    let (nr, arg1, arg2) = unsafe {
-        let nr = if ABI.nr_size == 4 {
-            i64::from(core::ptr::read_volatile(
-                regs.add(ABI.nr_offset) as *const i32
-            ))
-        } else {
-            core::ptr::read_volatile(regs.add(ABI.nr_offset) as *const i64)
-        };
-        (
-            nr,
-            core::ptr::read_volatile(regs.add(ABI.arg1_offset) as *const u64),
-            core::ptr::read_volatile(regs.add(ABI.arg2_offset) as *const u64),
-        )
     };
-    match ABI.buffer_arg(nr) {
+    match kind {
         BufferArg::Direct => (arg1, arg2),
         BufferArg::Iovec => first_iovec(arg1),
         BufferArg::Msghdr => {
@@ -392,6 +417,35 @@ fn user_buffer() -> (u64, u64) {
         }
         BufferArg::None => (0, 0),
     }
+}
+
+/// How the current syscall passes its buffer, and its arguments 1 and 2.
+#[inline(always)]
+fn syscall_args() -> Option<(BufferArg, u64, u64)> {
+    // SAFETY: helpers valid in tp_btf programs; the result is a trusted
+    // pointer to the task's `struct pt_regs`.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: fields of pt_regs at the offsets of this architecture's
+    // table, each read with its own width; volatile keeps `regs + off` in
+    // the load instruction, as the verifier wants for a BTF pointer.
+    let (nr, arg1, arg2) = unsafe {
+        let nr = if ABI.nr_size == 4 {
+            i64::from(core::ptr::read_volatile(
+                regs.add(ABI.nr_offset) as *const i32
+            ))
+        } else {
+            core::ptr::read_volatile(regs.add(ABI.nr_offset) as *const i64)
+        };
+        (
+            nr,
+            core::ptr::read_volatile(regs.add(ABI.arg1_offset) as *const u64),
+            core::ptr::read_volatile(regs.add(ABI.arg2_offset) as *const u64),
+        )
+    };
+    Some((ABI.buffer_arg(nr), arg1, arg2))
 }
 
 #[inline(always)]

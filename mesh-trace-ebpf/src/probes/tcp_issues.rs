@@ -49,7 +49,7 @@ static SEND_RESET_HAS_REASON: u32 = 0;
 #[no_mangle]
 static OFF_SKB_CB: u32 = 0;
 #[no_mangle]
-static OFF_SK_STATE: u32 = 0;
+pub(crate) static OFF_SK_STATE: u32 = 0;
 /// Offsets in `struct sock_common` (a request socket starts with one too)
 /// and of `net.net_cookie`, set by the agent from the kernel's BTF.
 #[no_mangle]

@@ -211,6 +211,9 @@ impl FlowTable {
             }
             // Counted by the pipeline; the joins use the sockets themselves.
             Event::Redirect(_) => {}
+            // Decoded by the stitcher; a data event for the same call
+            // keeps the socket young.
+            Event::H2Frame(_) => {}
             // Keeps busy sockets at the young end of the LRU.
             Event::Data(d) => {
                 if let Some(e) = self.entries.get_mut(&d.sock_cookie) {

@@ -2,9 +2,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use mesh_trace_common::{
-    BatchEntry, ConnectEvent, DataEvent, Endpoint, EventHeader, EventKind, OwnerEvent,
-    RedirectEvent, SockEvent, TcpIssueEvent, AF_INET6, DATA_FIXED_LEN, ISSUE_RESET_RECEIVED,
-    ISSUE_RESET_SENT, ISSUE_RETRANSMIT, ISSUE_RTT_SAMPLE,
+    BatchEntry, ConnectEvent, DataEvent, Endpoint, EventHeader, EventKind, H2FrameEvent,
+    OwnerEvent, RedirectEvent, SockEvent, TcpIssueEvent, AF_INET6, DATA_FIXED_LEN, H2_BLOCK_MAX,
+    H2_FIXED_LEN, ISSUE_RESET_RECEIVED, ISSUE_RESET_SENT, ISSUE_RETRANSMIT, ISSUE_RTT_SAMPLE,
 };
 
 /// One decoded kernel event.
@@ -19,6 +19,27 @@ pub enum Event {
     /// Boxed: much larger than the others.
     Data(Box<DataEvent>),
     SynAckRetransmit(SockEvent),
+    H2Frame(Box<H2Frame>),
+}
+
+/// An HTTP/2 frame a request is made of, as the kernel walked it (see
+/// [`H2FrameEvent`]), with the payload bytes it carried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct H2Frame {
+    pub ts_ns: u64,
+    pub sock_cookie: u64,
+    /// `DIR_SEND` or `DIR_RECV`.
+    pub direction: u32,
+    /// TCP sequence number of the frame's header (or, for continued bytes,
+    /// of the first byte carried).
+    pub seq: u32,
+    pub length: u32,
+    pub stream_id: u32,
+    pub frame_type: u8,
+    pub flags: u8,
+    /// `H2_WHAT_*`.
+    pub what: u8,
+    pub payload: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -122,6 +143,7 @@ impl Event {
             EventKind::Data => Event::Data(Box::new(read(bytes, kind)?)),
             EventKind::SynAckRetransmit => Event::SynAckRetransmit(read(bytes, kind)?),
             EventKind::Batch => return Err(DecodeError::Batch),
+            EventKind::H2Frame => Event::H2Frame(Box::new(decode_h2_frame(bytes)?)),
         })
     }
 
@@ -135,6 +157,7 @@ impl Event {
             Event::Redirect(_) => EventKind::Redirect,
             Event::Data(_) => EventKind::Data,
             Event::SynAckRetransmit(_) => EventKind::SynAckRetransmit,
+            Event::H2Frame(_) => EventKind::H2Frame,
         }
     }
 
@@ -146,6 +169,7 @@ impl Event {
             Event::TcpIssue(e) => e.sock_cookie,
             Event::Redirect(_) | Event::SynAckRetransmit(_) => 0,
             Event::Data(e) => e.sock_cookie,
+            Event::H2Frame(e) => e.sock_cookie,
         }
     }
 
@@ -158,6 +182,7 @@ impl Event {
             Event::Redirect(e) => e.header.ts_ns,
             Event::Data(e) => e.header.ts_ns,
             Event::SynAckRetransmit(e) => e.header.ts_ns,
+            Event::H2Frame(e) => e.ts_ns,
         }
     }
 }
@@ -174,10 +199,41 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::Data => "data",
         EventKind::SynAckRetransmit => "synack_retransmit",
         EventKind::Batch => "batch",
+        EventKind::H2Frame => "h2_frame",
     }
 }
 
-pub const ALL_KINDS: [EventKind; 8] = [
+/// An HTTP/2 frame event: sent cut after the payload it carries.
+fn decode_h2_frame(bytes: &[u8]) -> Result<H2Frame, DecodeError> {
+    let wrong = || DecodeError::WrongSize {
+        kind: EventKind::H2Frame,
+        len: bytes.len(),
+        want: H2_FIXED_LEN,
+    };
+    if bytes.len() < H2_FIXED_LEN || bytes.len() > H2_FIXED_LEN + H2_BLOCK_MAX {
+        return Err(wrong());
+    }
+    let mut fixed = [0u8; size_of::<H2FrameEvent>()];
+    fixed[..H2_FIXED_LEN].copy_from_slice(&bytes[..H2_FIXED_LEN]);
+    let ev: H2FrameEvent = read(&fixed, EventKind::H2Frame)?;
+    let payload = bytes[H2_FIXED_LEN..]
+        .get(..ev.captured as usize)
+        .ok_or_else(wrong)?;
+    Ok(H2Frame {
+        ts_ns: ev.header.ts_ns,
+        sock_cookie: ev.sock_cookie,
+        direction: ev.direction,
+        seq: ev.seq,
+        length: ev.length,
+        stream_id: ev.stream_id,
+        frame_type: ev.frame_type,
+        flags: ev.flags,
+        what: ev.what,
+        payload: payload.to_vec(),
+    })
+}
+
+pub const ALL_KINDS: [EventKind; 9] = [
     EventKind::Connect,
     EventKind::Established,
     EventKind::Closed,
@@ -186,6 +242,7 @@ pub const ALL_KINDS: [EventKind; 8] = [
     EventKind::Redirect,
     EventKind::Data,
     EventKind::SynAckRetransmit,
+    EventKind::H2Frame,
 ];
 
 /// Label for a [`TcpIssueEvent`]'s issue.
@@ -317,6 +374,23 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "len": d.len,
             "prefix_len": d.prefix_len,
             "prefix": String::from_utf8_lossy(&d.prefix[..(d.prefix_len as usize).min(48)]),
+        }),
+        Event::H2Frame(f) => json!({
+            "kind": "h2_frame",
+            "ts_ns": f.ts_ns,
+            "sock_cookie": f.sock_cookie,
+            "direction": if f.direction & mesh_trace_common::DIR_RECV == 0 { "send" } else { "recv" },
+            "what": match f.what {
+                mesh_trace_common::H2_WHAT_FRAME => "frame",
+                mesh_trace_common::H2_WHAT_CONTINUED => "continued",
+                _ => "lost",
+            },
+            "seq": f.seq,
+            "frame_type": f.frame_type,
+            "flags": f.flags,
+            "stream_id": f.stream_id,
+            "length": f.length,
+            "captured": f.payload.len(),
         }),
         Event::TcpIssue(t) => json!({
             "kind": "tcp_issue",

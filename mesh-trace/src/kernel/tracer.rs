@@ -149,6 +149,7 @@ impl Tracer {
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
             .override_global("OFF_WRITE_SEQ", &tcp.write_seq, true)
             .override_global("OFF_COPIED_SEQ", &tcp.copied_seq, true)
+            .override_global("OFF_RCV_NXT", &tcp.rcv_nxt, true)
             .override_global("OFF_SRTT_US", &tcp.srtt_us, true)
             .override_global("OFF_RTT_MIN", &tcp.rtt_min, true)
             .override_global("OFF_SKB_CB", &tcp.skb_cb, true)
@@ -453,6 +454,9 @@ impl Tracer {
                 let value = mesh_trace_common::TrackedSock {
                     cookie,
                     netns_cookie,
+                    // Its first bytes went by before: never taken for them.
+                    flags: mesh_trace_common::TRACKED_SEEN_SEND
+                        | mesh_trace_common::TRACKED_SEEN_RECV,
                     ..Default::default()
                 };
                 adopt.insert(cookie, value, 0).context("writing ADOPT")?;
@@ -576,6 +580,7 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
 struct TcpSockOffsets {
     write_seq: u32,
     copied_seq: u32,
+    rcv_nxt: u32,
     srtt_us: u32,
     rtt_min: u32,
     skb_cb: u32,
@@ -611,6 +616,7 @@ impl TcpSockOffsets {
         Ok(TcpSockOffsets {
             write_seq: btf.member_offset("tcp_sock", "write_seq")?,
             copied_seq: btf.member_offset("tcp_sock", "copied_seq")?,
+            rcv_nxt: btf.member_offset("tcp_sock", "rcv_nxt")?,
             srtt_us: btf.member_offset("tcp_sock", "srtt_us")?,
             // struct minmax { struct minmax_sample { u32 t; u32 v; } s[3]; }:
             // s[0].v is the current minimum.
