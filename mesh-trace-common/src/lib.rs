@@ -467,6 +467,8 @@ pub struct H2Sock {
 pub struct H2FrameEvent {
     pub header: EventHeader,
     pub sock_cookie: u64,
+    /// The thread whose send or receive moved it.
+    pub pid_tgid: u64,
     /// `DIR_SEND` or `DIR_RECV`.
     pub direction: u32,
     /// Sequence number of the frame's first byte (its header), or of the

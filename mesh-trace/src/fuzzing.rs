@@ -21,8 +21,9 @@ pub type Target = fn(&[u8]);
 
 /// The targets, as named in `mesh-trace/fuzz/fuzz_targets/` and in the
 /// regression directories.
-pub const TARGETS: [(&str, Target); 4] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("event_records", event_records),
+    ("h2_frames", h2_frames),
     ("http_framing", http_framing),
     ("tls_and_templates", tls_and_templates),
     ("btf", btf),
@@ -54,6 +55,95 @@ pub fn event_records(data: &[u8]) {
         let _ = (ev.sock_cookie(), ev.ts_ns());
         let _ = to_json(ev);
     }
+}
+
+/// HTTP/2 frame events of a few connections, as the kernel's walk reports
+/// them, through the agent's header decoding. The input is a sequence of
+/// events, each `[control, type, flags, stream, n, n bytes of payload]`
+/// (a short last one takes what is left). Control bits 0-1: the socket (of
+/// four); bit 2: the direction; bits 3-4: what it is (frame, continued
+/// bytes, the walk's loss, frame again); bits 5-7: where it starts (0-5
+/// where its direction left off, 6 a byte further, 7 far off). The payload
+/// is often a real header block: bit 0 of `stream` set, `n` picks how many
+/// of a few encoded heads are glued before the bytes.
+pub fn h2_frames(data: &[u8]) {
+    use mesh_trace_common::{H2_BLOCK_MAX, H2_WHAT_CONTINUED, H2_WHAT_FRAME, H2_WHAT_LOST};
+
+    use crate::spans::h2::{H2Decoder, H2Message, MAX_BLOCK};
+
+    let mut decoder = H2Decoder::new(2);
+    let mut encoder = loona_hpack::Encoder::new();
+    let mut next = [0u32; 8];
+    let mut rest = data;
+    let mut frames = 0usize;
+    let mut out = Vec::new();
+    while let [control, kind, flags, stream, n, tail @ ..] = rest {
+        let (raw, after) = tail.split_at(usize::from(*n).min(tail.len()));
+        rest = after;
+        frames += 1;
+        let side = usize::from(control & 7);
+        let mut payload = Vec::new();
+        if stream & 1 == 1 {
+            for i in 0..(n % 4) {
+                let path = format!("/svc.Method/{i}");
+                payload.extend(encoder.encode([
+                    (&b":method"[..], &b"POST"[..]),
+                    (b":path", path.as_bytes()),
+                    (b"content-type", b"application/grpc"),
+                ]));
+            }
+        }
+        payload.extend_from_slice(raw);
+        let seq = match control >> 5 {
+            0..=5 => next[side],
+            6 => next[side].wrapping_add(1),
+            _ => next[side].wrapping_add(1 << 30),
+        };
+        let what = match (control >> 3) & 3 {
+            1 => H2_WHAT_CONTINUED,
+            2 => H2_WHAT_LOST,
+            _ => H2_WHAT_FRAME,
+        };
+        next[side] = seq.wrapping_add(9 + payload.len() as u32);
+        let f = crate::kernel::events::H2Frame {
+            ts_ns: frames as u64,
+            sock_cookie: u64::from(control & 3),
+            pid_tgid: 0,
+            direction: u32::from((control >> 2) & 1),
+            seq,
+            length: payload.len() as u32 + u32::from(*flags & 0x40) * 64,
+            stream_id: u32::from(*stream >> 1),
+            frame_type: *kind % 11,
+            flags: *flags,
+            what,
+            payload: payload[..payload.len().min(H2_BLOCK_MAX)].to_vec(),
+        };
+        decoder.frame(&f, &mut out);
+    }
+    // Bounded: at most one message per event; connections as many as the
+    // decoder holds; every head's values cut to their bound.
+    assert!(
+        out.len() <= frames,
+        "{} messages of {frames} events",
+        out.len()
+    );
+    assert!(decoder.len() <= 4, "{} directions held", decoder.len());
+    for m in &out {
+        if let H2Message::Headers { fields, .. } = m {
+            for v in [
+                &fields.method,
+                &fields.path,
+                &fields.authority,
+                &fields.request_id,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                assert!(v.len() <= 3 * 256, "{v:?}");
+            }
+        }
+    }
+    let _ = MAX_BLOCK;
 }
 
 /// A connection's chunks, both directions, as the data path reports them.

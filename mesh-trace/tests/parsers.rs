@@ -1,8 +1,9 @@
 //! Every parser fed from the kernel, given bytes chosen at random within a
 //! bounded number of cases (the README test command's fuzzing; each case
 //! is reproducible from the seed proptest prints on failure): ring buffer
-//! records, HTTP/1.1 framing of captured prefixes, TLS record sniffing,
-//! path templating and the kernel's BTF. None may panic, and what they
+//! records, HTTP/1.1 framing of captured prefixes, HTTP/2 frames and their
+//! header blocks (HPACK), TLS record sniffing, path templating and the
+//! kernel's BTF. None may panic, and what they
 //! return stays within its stated bounds.
 //!
 //! Then every input under `tests/fixtures/fuzz-regressions/<target>/`
@@ -132,6 +133,15 @@ proptest! {
                 }
             }
         }
+    }
+
+    #[test]
+    fn http2_frames_and_header_blocks_take_any_sequence(
+        bytes in proptest::collection::vec(any::<u8>(), 0..4096)
+    ) {
+        // Real header blocks glued to random bytes, cut, continued, lost
+        // and out of place (see the entry point): no panic, bounded.
+        mesh_trace::fuzzing::h2_frames(&bytes);
     }
 
     #[test]

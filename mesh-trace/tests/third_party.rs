@@ -34,7 +34,16 @@ enum Ids {
 
 #[test]
 fn spans_through_haproxy_sidecars_are_each_their_own_requests() {
-    spans_through_haproxy(Ids::FromClient, false);
+    spans_through_haproxy(Ids::FromClient, false, false);
+}
+
+/// HTTP/1.1 apps, HTTP/2 between the HAProxy sidecars (Istio's
+/// `h2UpgradePolicy: UPGRADE`): requests multiplexed as streams on the
+/// sidecars' pooled connections, their heads decoded from the frames the
+/// kernel walks (HPACK), answered in any order. As exact as HTTP/1.1.
+#[test]
+fn spans_through_haproxy_sidecars_upgrading_to_http2_are_exact() {
+    spans_through_haproxy(Ids::FromClient, false, true);
 }
 
 /// Mutual TLS between the HAProxy sidecars (OpenSSL): the bytes between
@@ -43,7 +52,7 @@ fn spans_through_haproxy_sidecars_are_each_their_own_requests() {
 /// exact as plaintext.
 #[test]
 fn spans_through_haproxy_sidecars_over_mutual_tls_are_exact_from_their_plaintext() {
-    spans_through_haproxy(Ids::FromClient, true);
+    spans_through_haproxy(Ids::FromClient, true, false);
 }
 
 /// Envoy adds `x-request-id` upstream when the app sent none. Identical
@@ -53,10 +62,10 @@ fn spans_through_haproxy_sidecars_over_mutual_tls_are_exact_from_their_plaintext
 /// though its client request had none, and be its own request's.
 #[test]
 fn an_id_added_by_the_outbound_sidecar_is_on_its_span_or_the_request_is_counted() {
-    spans_through_haproxy(Ids::AddedUpstream, false);
+    spans_through_haproxy(Ids::AddedUpstream, false, false);
 }
 
-fn spans_through_haproxy(ids: Ids, mtls: bool) {
+fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
     assert!(
         nix::unistd::geteuid().is_root(),
         "span tests load eBPF programs and build a lab: run them as root"
@@ -69,6 +78,7 @@ fn spans_through_haproxy(ids: Ids, mtls: bool) {
             Ids::AddedUpstream => RequestIds::AddedUpstream,
         },
         threads: 2,
+        h2,
     };
     opts.mtls = mtls;
     let id_flag: &[&str] = match ids {
@@ -226,6 +236,24 @@ fn spans_through_haproxy(ids: Ids, mtls: bool) {
             "HAProxy's libssl was not probed"
         );
         assert!(tls("joined") >= 2 * n, "{} heads joined", tls("joined"));
+    }
+    if h2 {
+        // The sidecars spoke HTTP/2: each request's head and response's
+        // head decoded where the outbound sidecar wrote and read them and
+        // where the inbound one read and wrote them.
+        let m = &traced.state.metrics;
+        let blocks = |result| {
+            m.h2_header_blocks
+                .get_or_create(&mesh_trace::agent::metrics::ResultLabel { result })
+                .get()
+        };
+        eprintln!(
+            "HTTP/2 header blocks: {} decoded, {} undecodable",
+            blocks("decoded"),
+            blocks("undecodable")
+        );
+        assert!(blocks("decoded") >= 4 * n, "{} blocks", blocks("decoded"));
+        assert_eq!(blocks("undecodable"), 0);
     }
 
     // Each request at most one span; at least 99.9% of them one; the rest

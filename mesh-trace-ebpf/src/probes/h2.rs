@@ -16,7 +16,10 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_loop, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_loop, bpf_probe_read_user},
+    },
     macros::map,
     maps::PerCpuArray,
 };
@@ -497,6 +500,7 @@ impl Scratch {
         } = self;
         ev.header = header_at(EventKind::H2Frame, call.ts_ns);
         ev.sock_cookie = call.cookie;
+        ev.pid_tgid = bpf_get_current_pid_tgid();
         ev.direction = call.direction;
         ev.seq = seq;
         ev.length = f.length;

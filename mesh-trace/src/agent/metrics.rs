@@ -198,6 +198,8 @@ pub struct Metrics {
     pub flows_relearned: Counter,
     pub tls_files_probed: Counter,
     pub tls_plaintext: Family<ResultLabel, Counter>,
+    pub h2_header_state_lost: Family<ReasonLabel, Counter>,
+    pub h2_header_blocks: Family<ResultLabel, Counter>,
     pub flows_tracked: Gauge,
     pub meshed_netns: Gauge,
     pub nat_watched_netns: Gauge,
@@ -376,6 +378,26 @@ impl Metrics {
             "Request heads read from TLS calls' plaintext: joined to the encrypted request on the wire, or not (its request unknown here)",
             tls_plaintext.clone(),
         );
+        let h2_header_state_lost = Family::<ReasonLabel, Counter>::default();
+        for why in crate::spans::h2::LostBecause::ALL {
+            let _ = h2_header_state_lost.get_or_create(&ReasonLabel {
+                reason: why.label(),
+            });
+        }
+        registry.register(
+            "h2_header_state_lost",
+            "Directions of HTTP/2 connections whose header compression (HPACK) state was lost, by why: walk (the kernel lost the frame boundaries, or events were lost), too_long (a header block past the capture), gap (header bytes missing), refused (a block that would not decode). Their later requests count as unstitched hpack_lost",
+            h2_header_state_lost.clone(),
+        );
+        let h2_header_blocks = Family::<ResultLabel, Counter>::default();
+        for result in ["decoded", "undecodable"] {
+            let _ = h2_header_blocks.get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            "h2_header_blocks",
+            "HTTP/2 header blocks (request and response heads, trailers) from the frames the kernel walks: decoded, or undecodable (their connection direction's header state was lost)",
+            h2_header_blocks.clone(),
+        );
         let flows_evicted = Counter::default();
         let flows_relearned = Counter::default();
         registry.register(
@@ -544,6 +566,8 @@ impl Metrics {
             flows_relearned,
             tls_files_probed,
             tls_plaintext,
+            h2_header_state_lost,
+            h2_header_blocks,
             flows_tracked,
             meshed_netns,
             nat_watched_netns,

@@ -460,6 +460,7 @@ mod tests {
             trace_id: Some(trace.into()),
             mesh_leg_id: Some(trace.into()),
             parent_span_id: None,
+            grpc_status: None,
         }
     }
 

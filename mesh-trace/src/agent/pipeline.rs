@@ -33,6 +33,9 @@ pub struct Pipeline {
     spans: Vec<Span>,
     reported_unstitched: std::collections::HashMap<Unstitched, u64>,
     reported_tls: [u64; 2],
+    reported_h2_blocks: [u64; 2],
+    /// HTTP/2 header states lost, by why, as last reported.
+    reported_h2_lost: std::collections::HashMap<crate::spans::h2::LostBecause, u64>,
     metrics: Arc<crate::agent::http::AgentState>,
     reported: TableStats,
     legs: Vec<LegRecord>,
@@ -64,6 +67,8 @@ impl Pipeline {
             spans: Vec::new(),
             reported_unstitched: Default::default(),
             reported_tls: [0; 2],
+            reported_h2_blocks: [0; 2],
+            reported_h2_lost: std::collections::HashMap::new(),
             metrics: state,
             reported: TableStats::default(),
             legs: Vec::new(),
@@ -110,13 +115,19 @@ impl Pipeline {
         }
         match ev {
             // Data first: the table forgets a socket at its close.
-            Event::Data(d) => {
-                if self.table.socket(d.sock_cookie).is_none()
-                    && self.unknown_sockets.len() < UNKNOWN_MAX
-                {
-                    self.unknown_sockets.insert(d.sock_cookie);
+            Event::Data(_) | Event::H2Frame(_) => {
+                match ev {
+                    Event::Data(d) => {
+                        if self.table.socket(d.sock_cookie).is_none()
+                            && self.unknown_sockets.len() < UNKNOWN_MAX
+                        {
+                            self.unknown_sockets.insert(d.sock_cookie);
+                        }
+                        self.stitcher.data(&self.table, d, &mut self.spans);
+                    }
+                    Event::H2Frame(f) => self.stitcher.h2_frame(&self.table, f, &mut self.spans),
+                    _ => {}
                 }
-                self.stitcher.data(&self.table, d, &mut self.spans);
                 if !self.spans.is_empty() {
                     let now = crate::clock::mono_ns();
                     let mut live = self.metrics.live.lock().unwrap_or_else(|p| p.into_inner());
@@ -179,6 +190,21 @@ impl Pipeline {
                 .get_or_create(&crate::agent::metrics::ResultLabel { result })
                 .inc_by(n - self.reported_tls[i]);
             self.reported_tls[i] = n;
+        }
+        for (why, &n) in &self.stitcher.h2.lost {
+            let before = self.reported_h2_lost.insert(*why, n).unwrap_or(0);
+            m.h2_header_state_lost
+                .get_or_create(&crate::agent::metrics::ReasonLabel {
+                    reason: why.label(),
+                })
+                .inc_by(n - before);
+        }
+        for (i, result) in ["decoded", "undecodable"].into_iter().enumerate() {
+            let n = self.stitcher.h2.blocks[i];
+            m.h2_header_blocks
+                .get_or_create(&crate::agent::metrics::ResultLabel { result })
+                .inc_by(n - self.reported_h2_blocks[i]);
+            self.reported_h2_blocks[i] = n;
         }
         let mut info = self.metrics.info.lock().unwrap_or_else(|p| p.into_inner());
         info.flows_tracked = self.table.len();

@@ -753,8 +753,10 @@ pub fn run_pipeline(events: &[Vec<u8>]) {
     let (mut legs, mut spans) = (Vec::new(), Vec::new());
     for raw in events {
         let Ok(ev) = Event::decode(raw) else { continue };
-        if let Event::Data(d) = &ev {
-            stitcher.data(&table, d, &mut spans);
+        match &ev {
+            Event::Data(d) => stitcher.data(&table, d, &mut spans),
+            Event::H2Frame(f) => stitcher.h2_frame(&table, f, &mut spans),
+            _ => {}
         }
         table.apply(&ev, &mut legs);
         legs.clear();

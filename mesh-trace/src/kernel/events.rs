@@ -28,6 +28,7 @@ pub enum Event {
 pub struct H2Frame {
     pub ts_ns: u64,
     pub sock_cookie: u64,
+    pub pid_tgid: u64,
     /// `DIR_SEND` or `DIR_RECV`.
     pub direction: u32,
     /// TCP sequence number of the frame's header (or, for continued bytes,
@@ -222,6 +223,7 @@ fn decode_h2_frame(bytes: &[u8]) -> Result<H2Frame, DecodeError> {
     Ok(H2Frame {
         ts_ns: ev.header.ts_ns,
         sock_cookie: ev.sock_cookie,
+        pid_tgid: ev.pid_tgid,
         direction: ev.direction,
         seq: ev.seq,
         length: ev.length,
@@ -379,6 +381,7 @@ pub fn to_json(ev: &Event) -> serde_json::Value {
             "kind": "h2_frame",
             "ts_ns": f.ts_ns,
             "sock_cookie": f.sock_cookie,
+            "tid": f.pid_tgid as u32,
             "direction": if f.direction & mesh_trace_common::DIR_RECV == 0 { "send" } else { "recv" },
             "what": match f.what {
                 mesh_trace_common::H2_WHAT_FRAME => "frame",

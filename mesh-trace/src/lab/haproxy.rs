@@ -4,6 +4,10 @@
 //! reuse, no `x-request-id` of its own unless asked, and replies of its own
 //! (403 for denied paths).
 //!
+//! With `h2`, sidecars talk HTTP/2 to each other (cleartext, prior
+//! knowledge; ALPN under TLS) while the apps speak HTTP/1.1, as Istio's
+//! `h2UpgradePolicy: UPGRADE` has Envoy do.
+//!
 //! With mutual TLS (`--mtls`), sidecars talk TLS to each other through
 //! OpenSSL (Debian's libssl), which is how the TLS plaintext probes are
 //! tested on a proxy no one here wrote.
@@ -62,9 +66,18 @@ pub fn config(
     ids: RequestIds,
     threads: u32,
     tls: Option<&SidecarTls>,
+    h2: bool,
 ) -> String {
-    // Between sidecars only: passthrough and the local app stay plaintext.
-    let mesh_tls = tls.map(|t| format!(" {}", t.options())).unwrap_or_default();
+    // Between sidecars only: passthrough and the local app stay plaintext
+    // HTTP/1.1.
+    let mut mesh_tls = tls.map(|t| format!(" {}", t.options())).unwrap_or_default();
+    if h2 {
+        mesh_tls.push_str(if tls.is_some() {
+            " alpn h2"
+        } else {
+            " proto h2"
+        });
+    }
     let mut c = String::new();
     let _ = writeln!(
         c,
@@ -134,7 +147,7 @@ mod tests {
     fn routes_each_service_to_its_pods_and_delivers_from_127_0_0_6() {
         let topo = LabTopology::parse(BOOKINFO_TOPOLOGY).unwrap();
         let reviews = topo.pod("reviews-v2").unwrap();
-        let c = config(&topo, reviews, RequestIds::Untouched, 2, None);
+        let c = config(&topo, reviews, RequestIds::Untouched, 2, None, false);
         assert!(c.contains("nbthread 2"));
         assert!(c.contains("bind 0.0.0.0:15001") && c.contains("bind 0.0.0.0:15006"));
         assert!(c.contains("use_backend svc_reviews if { req.hdr(host),field(1,:) -i reviews }"));
@@ -145,14 +158,14 @@ mod tests {
         assert!(c.contains("server app 127.0.0.1:9080 source 127.0.0.6"));
         assert!(c.contains("deny_status 403 if { path_beg /denied }"));
         assert!(!c.contains("x-request-id"));
-        let with_ids = config(&topo, reviews, RequestIds::AddedUpstream, 2, None);
+        let with_ids = config(&topo, reviews, RequestIds::AddedUpstream, 2, None, false);
         assert!(with_ids.contains("set-header x-request-id %[uuid()] unless"));
         assert!(!c.contains("ssl"));
         let tls = SidecarTls {
             bundle: "/lab/reviews-v2.bundle.pem".into(),
             ca: "/lab/ca.pem".into(),
         };
-        let mtls = config(&topo, reviews, RequestIds::Untouched, 2, Some(&tls));
+        let mtls = config(&topo, reviews, RequestIds::Untouched, 2, Some(&tls), false);
         let opts = "ssl crt /lab/reviews-v2.bundle.pem ca-file /lab/ca.pem verify required";
         assert!(
             mtls.contains(&format!("bind 0.0.0.0:15006 {opts}")),
@@ -164,6 +177,20 @@ mod tests {
             "{mtls}"
         );
         assert!(mtls.contains("bind 0.0.0.0:15001\n"), "{mtls}");
+        // HTTP/2 between sidecars only: by prior knowledge in cleartext,
+        // by ALPN under TLS; the apps' side stays HTTP/1.1.
+        let h2 = config(&topo, reviews, RequestIds::Untouched, 2, None, true);
+        assert!(h2.contains("bind 0.0.0.0:15006 proto h2\n"), "{h2}");
+        assert!(
+            h2.contains(&format!("server reviews-v1 {ip}:9080 proto h2")),
+            "{h2}"
+        );
+        assert!(h2.contains("bind 0.0.0.0:15001\n") && h2.contains("source 127.0.0.6\n"));
+        let h2_tls = config(&topo, reviews, RequestIds::Untouched, 2, Some(&tls), true);
+        assert!(
+            h2_tls.contains(&format!("bind 0.0.0.0:15006 {opts} alpn h2")),
+            "{h2_tls}"
+        );
         assert!(
             mtls.contains("server app 127.0.0.1:9080 source 127.0.0.6\n"),
             "{mtls}"

@@ -73,6 +73,7 @@ impl LabShape {
             SidecarKind::Haproxy => Sidecar::Haproxy {
                 ids: RequestIds::Untouched,
                 threads: 2,
+                h2: false,
             },
         };
         for (pod, loss) in parse_pod_values(&self.packet_loss)? {

@@ -103,8 +103,12 @@ pub enum Sidecar {
     #[default]
     Lab,
     /// HAProxy from Debian's packages (`lab::haproxy`), with this many
-    /// worker threads.
-    Haproxy { ids: RequestIds, threads: u32 },
+    /// worker threads; `h2`: HTTP/2 between sidecars.
+    Haproxy {
+        ids: RequestIds,
+        threads: u32,
+        h2: bool,
+    },
 }
 
 impl LabOptions {
@@ -453,14 +457,14 @@ impl Lab {
         let resolve = self.resolve_args();
         for i in 0..self.pods.len() {
             let spec = self.pods[i].spec.clone();
-            if let (true, Sidecar::Haproxy { ids, threads }) = (spec.sidecar, opts.sidecar) {
+            if let (true, Sidecar::Haproxy { ids, threads, h2 }) = (spec.sidecar, opts.sidecar) {
                 let tls = if opts.mtls {
                     Some(self.haproxy_tls(&spec.name)?)
                 } else {
                     None
                 };
                 let cfg = self.dir.join(format!("{}.haproxy.cfg", spec.name));
-                let text = haproxy::config(&self.topology, &spec, ids, threads, tls.as_ref());
+                let text = haproxy::config(&self.topology, &spec, ids, threads, tls.as_ref(), h2);
                 fs::write(&cfg, text)?;
                 let mut c = Command::new(haproxy::HAPROXY);
                 // -db: in the foreground, logging to stderr (the pod's log).

@@ -67,6 +67,8 @@ impl H2Fields {
             b":method" => self.method = Some(text()),
             b":path" => self.path = Some(text()),
             b":authority" => self.authority = Some(text()),
+            // A proxy converting HTTP/1.1 may keep `Host` instead.
+            b"host" if self.authority.is_none() => self.authority = Some(text()),
             b":status" => self.status = number().and_then(|n: u64| u16::try_from(n).ok()),
             b"content-type" => self.content_type = Some(text()),
             b"content-length" => self.content_length = number(),
@@ -205,6 +207,9 @@ pub struct H2Decoder {
     conns: LruCache<(u64, bool), Direction>,
     /// Directions lost, by why.
     pub lost: std::collections::HashMap<LostBecause, u64>,
+    /// Header blocks decoded, and those that could not be (their
+    /// direction's state was lost).
+    pub blocks: [u64; 2],
 }
 
 impl Default for H2Decoder {
@@ -220,6 +225,7 @@ impl H2Decoder {
                 std::num::NonZeroUsize::new(2 * max_connections.max(1)).expect("non-zero"),
             ),
             lost: std::collections::HashMap::new(),
+            blocks: [0; 2],
         }
     }
 
@@ -255,7 +261,16 @@ impl H2Decoder {
     pub fn frame(&mut self, f: &H2Frame, out: &mut Vec<H2Message>) {
         let key = (f.sock_cookie, f.direction & DIR_RECV != 0);
         let d = self.conns.get_or_insert_mut(key, Direction::new);
-        let lost = match step(d, f, out) {
+        let before = out.len();
+        let result = step(d, f, out);
+        for m in &out[before..] {
+            match m {
+                H2Message::Headers { .. } => self.blocks[0] += 1,
+                H2Message::Undecodable { .. } => self.blocks[1] += 1,
+                _ => {}
+            }
+        }
+        let lost = match result {
             Ok(()) => return,
             Err(why) => why,
         };
@@ -266,6 +281,7 @@ impl H2Decoder {
         // A block begun when it was lost is reported undecodable, once.
         if let Some(b) = d.block.take() {
             if !b.push {
+                self.blocks[1] += 1;
                 out.push(H2Message::Undecodable {
                     stream_id: b.stream_id,
                     seq: b.seq,
@@ -471,6 +487,7 @@ mod tests {
             let f = H2Frame {
                 ts_ns: self.ts_ns,
                 sock_cookie: 7,
+                pid_tgid: 0,
                 direction: DIR_SEND,
                 seq: self.seq,
                 length: payload.len() as u32,

@@ -525,7 +525,21 @@ pub fn is_tls_record(bytes: &[u8]) -> bool {
     matches!(bytes, [0x14..=0x17, 0x03, ..])
 }
 
-/// The method, if `bytes` start with a known one and a space.
+/// Whether a connection's first bytes in a direction open HTTP/2, as the
+/// kernel tells it: the client's preface, or a SETTINGS frame on stream 0.
+pub fn starts_h2(bytes: &[u8]) -> bool {
+    if bytes.starts_with(mesh_trace_common::H2_PREFACE) {
+        return true;
+    }
+    match bytes.get(..9) {
+        Some(h) => {
+            let length = u32::from(h[0]) << 16 | u32::from(h[1]) << 8 | u32::from(h[2]);
+            h[3] == 4 && h[4] & !1 == 0 && h[5..9] == [0; 4] && length % 6 == 0 && length <= 96
+        }
+        None => false,
+    }
+}
+
 /// Whether bytes start an HTTP/1.1 request or response.
 pub fn starts_http(bytes: &[u8]) -> bool {
     bytes.starts_with(b"HTTP/1.") || request_method(bytes).is_some()

@@ -633,6 +633,7 @@ mod tests {
             trace_id: None,
             mesh_leg_id: None,
             parent_span_id: None,
+            grpc_status: None,
         }
     }
 

@@ -154,6 +154,8 @@ pub struct Span {
     /// The client app's own span, from the trace context of the request it
     /// wrote (the client's half only).
     pub parent_span_id: Option<String>,
+    /// The gRPC status its response's trailers carried (HTTP/2 only).
+    pub grpc_status: Option<u32>,
 }
 
 impl Span {
@@ -282,6 +284,7 @@ impl Span {
             "half": self.half(),
             "trace_id": self.trace_id,
             "parent_span_id": self.parent_span_id,
+            "grpc_status": self.grpc_status,
             "total_ms": ms(self.total_ns()),
             "hops_ms": hops,
             "moments_ns": self.moments,
@@ -321,6 +324,7 @@ mod tests {
             trace_id: None,
             mesh_leg_id: None,
             parent_span_id: None,
+            grpc_status: None,
         }
     }
 

@@ -39,6 +39,7 @@ pub fn span_from_json(v: &serde_json::Value) -> Span {
         trace_id: text("trace_id"),
         mesh_leg_id: None,
         parent_span_id: text("parent_span_id"),
+        grpc_status: v["grpc_status"].as_u64().map(|c| c as u32),
     }
 }
 

@@ -80,6 +80,7 @@ fn blank(request_id: Option<String>, source: String, destination: String) -> Spa
         trace_id: None,
         mesh_leg_id: None,
         parent_span_id: None,
+        grpc_status: None,
     }
 }
 
@@ -449,6 +450,14 @@ impl Spans {
         self.spans
             .peek(&self.alias(id))
             .is_some_and(|p| p.span.moments[9].is_some())
+    }
+
+    /// The gRPC status (from trailers) of span `id`'s response.
+    pub(super) fn note_grpc_status(&mut self, id: SpanId, code: u32) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.span.grpc_status = Some(code);
+        }
     }
 
     /// Another upstream attempt of span `id`.

@@ -48,6 +48,9 @@ pub(super) struct Arrival {
     /// Where, in the other direction, the response to a request read here
     /// would start (`Outstanding`).
     pub(super) anchor: u64,
+    /// The HTTP/2 stream the request is, on an HTTP/2 connection (its
+    /// response is found by stream, not by order).
+    pub(super) stream: Option<u32>,
 }
 
 /// What became of a request written by the client end of a leg.
@@ -197,6 +200,7 @@ mod tests {
             offset,
             end,
             anchor: 0,
+            stream: None,
         }
     }
 

@@ -40,11 +40,12 @@ use self::{
     proxy::{Forwardable, Forwarded, Identity, Proxies, ProxySide},
 };
 use super::{
+    h2::{H2Decoder, H2Fields, H2Message},
     http::{Chunk, Dir, Framer, Head, Message},
     span::{LocalReply, Span},
     trace_id,
 };
-use crate::flows::table::FlowTable;
+use crate::{flows::table::FlowTable, kernel::events::H2Frame};
 
 /// Why a request produced no span. Label values of
 /// `mesh_trace_requests_unstitched_total`.
@@ -73,10 +74,15 @@ pub enum Unstitched {
     Inconsistent,
     /// A request or response on a socket the flow table does not know.
     UnknownSocket,
+    /// An HTTP/2 request or response whose header block could not be
+    /// decoded: its connection's header compression state was lost.
+    HpackLost,
+    /// An HTTP/2 stream reset (RST_STREAM) before its response ended.
+    StreamReset,
 }
 
 impl Unstitched {
-    pub const ALL: [Unstitched; 10] = [
+    pub const ALL: [Unstitched; 12] = [
         Unstitched::NoSender,
         Unstitched::NoDownstream,
         Unstitched::NoRequest,
@@ -87,6 +93,8 @@ impl Unstitched {
         Unstitched::LostEvent,
         Unstitched::Inconsistent,
         Unstitched::UnknownSocket,
+        Unstitched::HpackLost,
+        Unstitched::StreamReset,
     ];
 
     pub fn label(self) -> &'static str {
@@ -101,6 +109,8 @@ impl Unstitched {
             Unstitched::LostEvent => "lost_event",
             Unstitched::Inconsistent => "inconsistent",
             Unstitched::UnknownSocket => "unknown_socket",
+            Unstitched::HpackLost => "hpack_lost",
+            Unstitched::StreamReset => "stream_reset",
         }
     }
 }
@@ -128,13 +138,56 @@ struct SockState {
     tls_reads: VecDeque<(u64, u64, u64)>,
     /// TLS records went by on this socket.
     encrypted: bool,
+    /// The connection speaks HTTP/2: its requests are streams, from the
+    /// frames the kernel walks ([`Stitcher::h2_frame`]), and its bytes are
+    /// not framed as HTTP/1.1.
+    h2: bool,
+    /// Per HTTP/2 stream still open on this socket: its request's span and
+    /// what its response showed so far.
+    streams: Option<Box<lru::LruCache<u32, H2Stream>>>,
 }
+
+/// An HTTP/2 stream in flight on a socket.
+#[derive(Clone, Copy, Debug)]
+struct H2Stream {
+    span: SpanId,
+    /// From the response's head (`:status`), once read or written.
+    status: u16,
+    grpc_status: Option<u32>,
+}
+
+/// Open streams remembered per HTTP/2 connection (a peer's usual
+/// SETTINGS_MAX_CONCURRENT_STREAMS is 100 to 1,000).
+const MAX_STREAMS: usize = 4096;
 
 /// Encrypted requests per socket and direction waiting for their plaintext:
 /// HTTP/1.1 has one in flight per connection, so a few cover reordering.
 const MAX_TLS_WAITING: usize = 8;
 
 impl SockState {
+    fn new() -> SockState {
+        SockState {
+            framer: Framer::new(),
+            outstanding: Outstanding::default(),
+            next: [None; 2],
+            unseen_reply: false,
+            tls: Default::default(),
+            tls_reads: VecDeque::new(),
+            encrypted: false,
+            h2: false,
+            streams: None,
+        }
+    }
+
+    /// The streams of an HTTP/2 connection.
+    fn streams(&mut self) -> &mut lru::LruCache<u32, H2Stream> {
+        self.streams.get_or_insert_with(|| {
+            Box::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(MAX_STREAMS).expect("non-zero"),
+            ))
+        })
+    }
+
     /// The 64-bit position of `len` bytes at sequence number `seq` in
     /// `dir`, and whether bytes before them went by unseen (a lost event).
     fn position(&mut self, dir: Dir, seq: u32, len: u32) -> (u64, bool) {
@@ -267,6 +320,10 @@ pub struct Stitcher {
     /// responses upstream are taken from the plaintext, which a TLS session
     /// ticket or other post-handshake record never shows.
     tls_processes: foldhash::HashSet<u32>,
+    /// Header decoding of every HTTP/2 connection.
+    pub h2: H2Decoder,
+    /// The messages one frame completed, kept to reuse the allocation.
+    h2_messages: Vec<H2Message>,
 }
 
 /// Processes remembered as reporting TLS plaintext; past it the set starts
@@ -290,6 +347,8 @@ impl Stitcher {
             unstitched: HashMap::new(),
             tls_plaintext: [0; 2],
             tls_processes: foldhash::HashSet::default(),
+            h2: H2Decoder::default(),
+            h2_messages: Vec::new(),
             cfg,
         }
     }
@@ -309,6 +368,8 @@ impl Stitcher {
     pub fn events_lost(&mut self) {
         self.spans.mark_all_lost();
         self.proxies.distrust_all();
+        // Any connection's frames may have been among them.
+        self.h2.lose_all();
     }
 
     /// Feeds one data event; completed spans go to `out`.
@@ -344,16 +405,29 @@ impl Stitcher {
         let state = self
             .sockets
             .entry(ev.sock_cookie)
-            .or_insert_with(|| SockState {
-                framer: Framer::new(),
-                outstanding: Outstanding::default(),
-                next: [None; 2],
-                unseen_reply: false,
-                tls: Default::default(),
-                tls_reads: VecDeque::new(),
-                encrypted: false,
-            });
+            .or_insert_with(SockState::new);
+        let first_bytes = state.next[usize::from(dir == Dir::Recv)].is_none();
         let (offset, gap) = state.position(dir, ev.offset as u32, ev.len);
+        // HTTP/2 is told from a connection's first bytes, as the kernel
+        // tells it (the frames come as their own events).
+        if first_bytes && super::http::starts_h2(prefix) {
+            state.h2 = true;
+        }
+        if state.h2 {
+            if gap {
+                // Bytes went by unseen: so did frames of what waits here.
+                let mut touched: Vec<SpanId> = state
+                    .streams
+                    .iter()
+                    .flat_map(|s| s.iter().map(|(_, st)| st.span))
+                    .collect();
+                touched.extend(self.legs.unread(ev.sock_cookie));
+                for id in touched {
+                    self.spans.mark_lost(id);
+                }
+            }
+            return;
+        }
         // Where the response to a request in these bytes would start.
         let anchor = state.opposite_position(dir, ev.opposite_seq);
         // A read on a socket whose every byte written so far was seen: it
@@ -400,6 +474,7 @@ impl Stitcher {
                 offset: chunk.offset,
                 end: chunk.offset.saturating_add(u64::from(chunk.len)),
                 anchor,
+                stream: None,
             };
             self.receive(flows, arrival, msg.is_some() && !handshake);
             return;
@@ -541,6 +616,17 @@ impl Stitcher {
             self.hold_for_forwarding(side, id, &a);
         }
         if let Some(s) = self.sockets.get_mut(&a.cookie) {
+            if let Some(stream_id) = a.stream {
+                s.streams().put(
+                    stream_id,
+                    H2Stream {
+                        span: id,
+                        status: 0,
+                        grpc_status: None,
+                    },
+                );
+                return;
+            }
             s.outstanding.push(id, a.anchor);
             // Encrypted, or inside a read that continued an encrypted
             // message (the handshake's last record and the request read by
@@ -705,6 +791,242 @@ impl Stitcher {
         }
         // After settling: an orphan settled now stands for its request.
         self.spans.note_request_id(id, request_id.as_deref());
+    }
+
+    /// An HTTP/2 frame the kernel walked out of a connection: what it
+    /// completes (a request's head, a response's end) joins the spans as
+    /// an HTTP/1.1 message at the same place would, a request found by its
+    /// stream instead of by order.
+    pub fn h2_frame(&mut self, flows: &FlowTable, f: &H2Frame, out: &mut Vec<Span>) {
+        let mut messages = std::mem::take(&mut self.h2_messages);
+        self.h2.frame(f, &mut messages);
+        let dir = if f.direction & mesh_trace_common::DIR_RECV != 0 {
+            Dir::Recv
+        } else {
+            Dir::Send
+        };
+        let tgid = (f.pid_tgid >> 32) as u32;
+        for m in messages.drain(..) {
+            self.h2_message(flows, f.sock_cookie, tgid, dir, m, out);
+        }
+        self.h2_messages = messages;
+    }
+
+    fn h2_message(
+        &mut self,
+        flows: &FlowTable,
+        cookie: u64,
+        tgid: u32,
+        dir: Dir,
+        m: H2Message,
+        out: &mut Vec<Span>,
+    ) {
+        let Some(sock) = flows.socket(cookie) else {
+            if matches!(m, H2Message::Headers { .. }) {
+                self.count(Unstitched::UnknownSocket);
+            }
+            return;
+        };
+        let Some(place) = Place::of(sock, flows.leg_info(cookie).map(|l| l.0)) else {
+            return;
+        };
+        let requests = if place.sends_requests() {
+            Dir::Send
+        } else {
+            Dir::Recv
+        };
+        let state = self.sockets.entry(cookie).or_insert_with(SockState::new);
+        state.h2 = true;
+        match m {
+            H2Message::Headers {
+                stream_id,
+                seq,
+                ts_ns,
+                fields,
+                ..
+            } if dir == requests => {
+                if !fields.is_request() {
+                    // Request trailers.
+                    return;
+                }
+                let offset = state.peek_position(dir, seq);
+                let msg = Message {
+                    dir,
+                    ts_ns,
+                    tid: 0,
+                    offset,
+                    head: h2_request_head(&fields),
+                };
+                self.h2_request(flows, cookie, place, tgid, stream_id, msg);
+            }
+            H2Message::Headers {
+                stream_id,
+                seq,
+                ts_ns,
+                end_stream,
+                fields,
+            } => {
+                let Some(stream) = state.streams().get_mut(&stream_id) else {
+                    if fields.status.is_some() {
+                        self.count(Unstitched::NoRequest);
+                    }
+                    return;
+                };
+                if let Some(status) = fields.status {
+                    stream.status = status;
+                }
+                stream.grpc_status = fields.grpc_status.or(stream.grpc_status);
+                if end_stream {
+                    self.h2_response_end(place, tgid, cookie, dir, stream_id, seq, ts_ns, out);
+                }
+            }
+            H2Message::EndStream {
+                stream_id,
+                seq,
+                ts_ns,
+            } => {
+                if dir != requests {
+                    self.h2_response_end(place, tgid, cookie, dir, stream_id, seq, ts_ns, out);
+                }
+            }
+            H2Message::Reset { stream_id, .. } => {
+                if let Some(stream) = state.streams().pop(&stream_id) {
+                    if self.spans.abandon(stream.span) {
+                        self.count(Unstitched::StreamReset);
+                    }
+                }
+            }
+            H2Message::GoAway { .. } => {}
+            H2Message::Undecodable { stream_id, .. } => {
+                if let Some(stream) = state.streams().pop(&stream_id) {
+                    self.spans.abandon(stream.span);
+                }
+                self.count(Unstitched::HpackLost);
+                if matches!(
+                    place,
+                    Place::OutboundDown | Place::InboundDown | Place::OutboundUp | Place::InboundUp
+                ) {
+                    // A sidecar moved a request or response this node
+                    // cannot read: any request it holds may be that one.
+                    let inbound = matches!(place, Place::InboundDown | Place::InboundUp);
+                    self.unseen_proxy_io(tgid, Some(inbound));
+                }
+            }
+        }
+    }
+
+    /// A request's head as an HTTP/2 stream on a socket at `place`: written
+    /// by the client end (a new span, or a sidecar's forward), or read by
+    /// the server end.
+    fn h2_request(
+        &mut self,
+        flows: &FlowTable,
+        cookie: u64,
+        place: Place,
+        tgid: u32,
+        stream_id: u32,
+        msg: Message,
+    ) {
+        if !place.sends_requests() {
+            let arrival = Arrival {
+                cookie,
+                place,
+                tgid,
+                ts_ns: msg.ts_ns,
+                tid: 0,
+                head: Some(msg.head),
+                offset: msg.offset,
+                // The frame's own sequence number: both ends see it.
+                end: msg.offset + 1,
+                anchor: 0,
+                stream: Some(stream_id),
+            };
+            self.receive(flows, arrival, true);
+            return;
+        }
+        let id = match place {
+            Place::AppClient => self.start(flows, cookie, &msg),
+            _ => {
+                let side = ProxySide {
+                    tgid,
+                    inbound: place == Place::InboundUp,
+                };
+                self.forward(side, place, &msg)
+            }
+        };
+        if self
+            .spans
+            .request(id, place.moments().0, msg.ts_ns, Some(&msg.head))
+            .is_none()
+        {
+            return;
+        }
+        if let Some(s) = self.sockets.get_mut(&cookie) {
+            s.streams().put(
+                stream_id,
+                H2Stream {
+                    span: id,
+                    status: 0,
+                    grpc_status: None,
+                },
+            );
+        }
+        if place == Place::OutboundUp {
+            if let Some(sock) = flows.socket(cookie) {
+                let leg = trace_id::MeshLeg {
+                    client: sock.local,
+                    server: sock.remote.ip(),
+                    seq: msg.offset as u32,
+                };
+                self.spans.note_mesh_leg(id, leg, true);
+            }
+        }
+        match self.legs.written(cookie, msg.offset, id) {
+            Write::Read(a) => self.arrived(flows, *a, id),
+            Write::Queued(dropped) => {
+                if let Some(why) = dropped {
+                    self.count(why);
+                }
+            }
+        }
+    }
+
+    /// The frame that ends stream `stream_id`'s response on a socket at
+    /// `place`: the response's moment there (for a stream of several
+    /// messages, its last).
+    #[allow(clippy::too_many_arguments)]
+    fn h2_response_end(
+        &mut self,
+        place: Place,
+        tgid: u32,
+        cookie: u64,
+        dir: Dir,
+        stream_id: u32,
+        seq: u32,
+        ts_ns: u64,
+        out: &mut Vec<Span>,
+    ) {
+        let Some(state) = self.sockets.get_mut(&cookie) else {
+            return;
+        };
+        let Some(stream) = state.streams().pop(&stream_id) else {
+            self.count(Unstitched::NoRequest);
+            return;
+        };
+        let msg = Message {
+            dir,
+            ts_ns,
+            tid: 0,
+            offset: state.peek_position(dir, seq),
+            head: Head::Response {
+                status: stream.status,
+                request_id: None,
+            },
+        };
+        if let Some(code) = stream.grpc_status {
+            self.spans.note_grpc_status(stream.span, code);
+        }
+        self.answered(place, tgid, stream.span, &msg, out);
     }
 
     /// A new span from the app's request.
@@ -997,6 +1319,18 @@ impl Stitcher {
             }
             return;
         };
+        self.answered(place, tgid, id, msg, out);
+    }
+
+    /// The response to span `id` on a socket at `place` of process `tgid`.
+    fn answered(
+        &mut self,
+        place: Place,
+        tgid: u32,
+        id: SpanId,
+        msg: &Message,
+        out: &mut Vec<Span>,
+    ) {
         // A sidecar answering downstream a request it still holds never
         // forwarded it: a local reply, and no longer one to match.
         if matches!(place, Place::OutboundDown | Place::InboundDown) {
@@ -1038,6 +1372,7 @@ impl Stitcher {
 
     /// Forgets a closed socket.
     pub fn closed(&mut self, cookie: u64) {
+        self.h2.closed(cookie);
         if let Some(state) = self.sockets.remove(&cookie) {
             // Encrypted records a server's half began with that never went
             // on to the app were no request: a TLS alert (close_notify).
@@ -1080,6 +1415,22 @@ impl Stitcher {
     /// Framing counters summed over open sockets (for metrics).
     pub fn open_sockets(&self) -> usize {
         self.sockets.len()
+    }
+}
+
+/// An HTTP/2 request's head as the HTTP/1.1 head the matching compares:
+/// `:path` is the target, `:authority` the host.
+fn h2_request_head(f: &H2Fields) -> Head {
+    let target = f.path.clone().unwrap_or_default();
+    let path = target.split('?').next().unwrap_or_default();
+    Head::Request {
+        method: f.method.clone().unwrap_or_default(),
+        path: path.chars().take(128).collect(),
+        target: target.chars().take(256).collect(),
+        host: f.authority.clone(),
+        request_id: f.request_id.clone(),
+        content_length: f.content_length,
+        trace_context: None,
     }
 }
 
@@ -1848,6 +2199,148 @@ mod tests {
             want[3..].copy_from_slice(&rest);
             assert_eq!(s.moments, want.map(Some), "{case}");
         }
+    }
+
+    /// HTTP/2 frames a connection's send or receive carries: a frame header
+    /// and payload each.
+    fn h2_bytes(frames: &[(u8, u8, u32, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (kind, flags, stream, payload) in frames {
+            let n = payload.len() as u32;
+            out.extend_from_slice(&n.to_be_bytes()[1..]);
+            out.extend_from_slice(&[*kind, *flags]);
+            out.extend_from_slice(&stream.to_be_bytes());
+            out.extend_from_slice(payload);
+        }
+        out
+    }
+
+    impl Node {
+        /// Socket `cookie` moves HTTP/2 `frames` in `dir` (after the
+        /// client's preface when `preface`): the data event, then a frame
+        /// event per frame the kernel reports. Returns when.
+        fn h2(
+            &mut self,
+            cookie: u64,
+            tgid: u32,
+            dir: u32,
+            preface: bool,
+            frames: &[(u8, u8, u32, Vec<u8>)],
+        ) -> u64 {
+            let mut bytes = Vec::new();
+            if preface {
+                bytes.extend_from_slice(mesh_trace_common::H2_PREFACE);
+            }
+            let start = bytes.len() as u64;
+            bytes.extend_from_slice(&h2_bytes(frames));
+            let at = self.next_offset(cookie, dir);
+            let ts = self.io(cookie, tgid, dir, &bytes);
+            let mut seq = at + start;
+            for (kind, flags, stream, payload) in frames {
+                let reported = matches!(kind, 1 | 3 | 7 | 9) || (*kind == 0 && flags & 1 != 0);
+                if reported {
+                    let captured = if *kind == 0 {
+                        Vec::new()
+                    } else {
+                        payload.clone()
+                    };
+                    let f = H2Frame {
+                        ts_ns: ts,
+                        sock_cookie: cookie,
+                        pid_tgid: u64::from(tgid) << 32 | u64::from(tgid),
+                        direction: dir,
+                        seq: seq as u32,
+                        length: payload.len() as u32,
+                        stream_id: *stream,
+                        frame_type: *kind,
+                        flags: *flags,
+                        what: mesh_trace_common::H2_WHAT_FRAME,
+                        payload: captured,
+                    };
+                    self.stitcher.h2_frame(&self.table, &f, &mut self.spans);
+                }
+                seq += 9 + payload.len() as u64;
+            }
+            ts
+        }
+    }
+
+    /// HTTP/1.1 apps, HTTP/2 between the sidecars (Istio's upgrade): two
+    /// requests multiplexed on one pooled upstream connection, answered
+    /// out of order. Each span is its own request's, its response moments
+    /// where its stream ended.
+    #[test]
+    fn requests_upgraded_to_http2_between_the_sidecars_are_each_exact() {
+        let mut events = chain(0);
+        // A second app connection to the outbound sidecar, and a second
+        // connection from the inbound sidecar to the app.
+        let mut second = chain(1);
+        second.retain(
+            |e| !matches!(e, Event::Connect(c) if c.sock_cookie == 13 || c.sock_cookie == 14),
+        );
+        events.extend(second.into_iter().filter(
+            |e| !matches!(e, Event::Established(s) if s.sock_cookie == 13 || s.sock_cookie == 14),
+        ));
+        let (mut node, _) = Node::new(&events);
+        let mut enc = loona_hpack::Encoder::new();
+        let mut head = |path: &str| {
+            enc.encode([
+                (&b":method"[..], &b"GET"[..]),
+                (b":scheme", b"http"),
+                (b":path", path.as_bytes()),
+                (b":authority", b"reviews:9080"),
+            ])
+        };
+        let (a, b) = (plain("/a?x=1"), plain("/b?x=2"));
+        let mut t = [[0u64; 12]; 2];
+        t[0][0] = node.io(1, APP, DIR_SEND, &a);
+        t[1][0] = node.io(11, APP, DIR_SEND, &b);
+        t[0][1] = node.io(2, OUTBOUND, DIR_RECV, &a);
+        t[1][1] = node.io(12, OUTBOUND, DIR_RECV, &b);
+        // Both go out on socket 3, on streams 1 and 3, in one write.
+        let (ha, hb) = (head("/a?x=1"), head("/b?x=2"));
+        let upstream = [(4u8, 0u8, 0u32, vec![]), (1, 0x5, 1, ha), (1, 0x5, 3, hb)];
+        let w = node.h2(3, OUTBOUND, DIR_SEND, true, &upstream);
+        t[0][2] = w;
+        t[1][2] = w;
+        let r = node.h2(4, INBOUND, DIR_RECV, true, &upstream);
+        t[0][3] = r;
+        t[1][3] = r;
+        // The inbound sidecar delivers b first, on the second connection.
+        for (i, (to, req)) in [(1usize, (15u64, &b)), (0, (5, &a))] {
+            t[i][4] = node.io(to, INBOUND, DIR_SEND, req);
+            t[i][5] = node.io(to + 1, SERVER, DIR_RECV, req);
+        }
+        let mut enc = loona_hpack::Encoder::new();
+        let status = enc.encode([(&b":status"[..], &b"200"[..])]);
+        for (i, (to, stream)) in [(1usize, (15u64, 3u32)), (0, (5, 1))] {
+            t[i][6] = node.io(to + 1, SERVER, DIR_SEND, RESPONSE);
+            t[i][7] = node.io(to, INBOUND, DIR_RECV, RESPONSE);
+            // Head and body, the body ending the stream.
+            let frames = [
+                (1u8, 0x4u8, stream, status.clone()),
+                (0, 0x1, stream, b"ok".to_vec()),
+            ];
+            t[i][8] = node.h2(4, INBOUND, DIR_SEND, false, &frames);
+            t[i][9] = node.h2(3, OUTBOUND, DIR_RECV, false, &frames);
+        }
+        for (i, down) in [(1usize, 12u64), (0, 2)] {
+            t[i][10] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
+            t[i][11] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
+        }
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
+        for (i, path) in ["/a", "/b"].into_iter().enumerate() {
+            let span = spans.iter().find(|s| s.path == path).expect("a span each");
+            assert_eq!(span.moments, t[i].map(Some), "{path}");
+            assert_eq!(span.status, 200);
+            assert!(span.is_consistent());
+        }
+        assert!(
+            node.stitcher.unstitched.is_empty(),
+            "{:?}",
+            node.stitcher.unstitched
+        );
     }
 
     #[test]
