@@ -339,7 +339,31 @@ pub struct TlsCall {
     /// its direction (where a response read by the call starts).
     pub first_seq: u32,
     pub _pad: u32,
+    /// When the call's first and last I/O in its direction happened.
+    pub first_ts: u64,
+    pub last_ts: u64,
 }
+
+/// HTTP/2 inside a TLS session (`TLS_H2`, by `SSL *`): per direction, the
+/// plaintext bytes so far (the position both ends of the session count
+/// alike from its first application byte), whether its first call was
+/// seen, and the frame walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsH2 {
+    /// The socket the session was last seen on: another is another session
+    /// at a freed one's address.
+    pub cookie: u64,
+    pub pos: [u32; 2],
+    pub seen: [u32; 2],
+    /// When a call of the session last moved bytes on the network, per
+    /// direction: when bytes a read takes from the library's buffer came.
+    pub last_io_ts: [u64; 2],
+    pub dirs: [H2Dir; 2],
+}
+
+/// TLS sessions whose HTTP/2 state is kept (LRU).
+pub const TLS_H2_MAX: u32 = 16_384;
 
 /// Threads inside a TLS call at once (LRU).
 pub const TLS_CALLS_MAX: u32 = 16_384;
@@ -416,6 +440,10 @@ pub const H2_FRAMES_PER_IO: usize = 2048;
 /// Buffers of one vectored send or receive walked (writev, sendmsg, ...);
 /// bytes in later ones lose the direction.
 pub const H2_IOVECS_MAX: usize = 8;
+
+/// Flag on [`H2FrameEvent::direction`]: walked in a TLS session's
+/// plaintext; `seq` is the position in it, not a TCP sequence number.
+pub const H2_IN_TLS: u32 = 0x10;
 
 /// [`H2FrameEvent::what`]: the frame itself, from its 9-byte header (and
 /// its payload's bytes that this send or receive moved).

@@ -52,6 +52,12 @@ mod tempfile_dir {
 
 impl Served {
     fn start(tag: &str) -> Served {
+        Served::start_with(tag, false)
+    }
+
+    /// nghttpd over TLS (ALPN h2, OpenSSL's libssl), its libssl carrying
+    /// the TLS plaintext probes before any connection.
+    fn start_with(tag: &str, tls: bool) -> Served {
         require_root();
         for tool in ["nghttpd", "h2load", "nghttp"] {
             assert!(
@@ -77,10 +83,30 @@ impl Served {
         let docs = std::env::temp_dir().join(format!("mt-h2-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&docs).unwrap();
         std::fs::write(docs.join("index.html"), "hello from nghttpd\n").unwrap();
-        let server = Command::new("ip")
-            .args(["netns", "exec", ns.name(), "nghttpd", "--no-tls", "-d"])
-            .arg(&docs)
-            .arg("18080")
+        let mut server = Command::new("ip");
+        server
+            .args(["netns", "exec", ns.name(), "nghttpd", "-d"])
+            .arg(&docs);
+        if tls {
+            let (key, cert) = (docs.join("key.pem"), docs.join("cert.pem"));
+            let made = Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                ])
+                .args(["-subj", "/CN=localhost", "-keyout"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(made.success(), "openssl req");
+            server.arg("18080").arg(&key).arg(&cert);
+        } else {
+            server.args(["--no-tls", "18080"]);
+        }
+        let server = server
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -92,6 +118,22 @@ impl Served {
         {
             assert!(Instant::now() < deadline, "nghttpd did not listen");
             std::thread::sleep(Duration::from_millis(50));
+        }
+        if tls {
+            // nghttpd runs under `ip netns exec`: its own pid is a child's.
+            let probed = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "nghttpd")
+                })
+                .flat_map(|pid| mesh_trace::kernel::tls::files_of(pid).unwrap_or_default())
+                .filter(|f| f.library)
+                .map(|f| tracer.attach_tls(&f).expect("probing nghttpd's libssl"))
+                .count();
+            assert!(probed >= 1, "nghttpd maps no libssl");
         }
         Served {
             ns,
@@ -181,6 +223,39 @@ fn heads(messages: &[((u64, bool), H2Message)]) -> HashMap<(u64, bool), (usize, 
         }
     }
     per
+}
+
+/// The same over TLS (ALPN h2): the frames are walked in the plaintext of
+/// each side's `SSL_write`/`SSL_read` (h2load and nghttpd both use
+/// OpenSSL's libssl), and every head decodes on both ends.
+#[tokio::test]
+async fn multiplexed_streams_inside_tls_decode_on_both_ends() {
+    let mut served = Served::start_with("tls", true);
+    let (decoder, messages) = served
+        .run(&[
+            "h2load",
+            "-n",
+            "400",
+            "-c",
+            "2",
+            "-m",
+            "8",
+            "https://127.0.0.1:18080/index.html",
+        ])
+        .await;
+    assert!(decoder.lost.is_empty(), "lost: {:?}", decoder.lost);
+    let per = heads(&messages);
+    let sum = |recv: bool, i: usize| -> usize {
+        per.iter()
+            .filter(|(k, _)| k.1 == recv)
+            .map(|(_, v)| [v.0, v.1, v.2][i])
+            .sum()
+    };
+    assert_eq!(
+        (sum(false, 0), sum(true, 0), sum(false, 1), sum(true, 1)),
+        (400, 400, 400, 400),
+        "request heads sent and received, response heads sent and read"
+    );
 }
 
 /// h2load: 4 connections, 16 streams in flight on each, 2,000 requests.

@@ -46,6 +46,14 @@ fn spans_through_haproxy_sidecars_upgrading_to_http2_are_exact() {
     spans_through_haproxy(Ids::FromClient, false, true);
 }
 
+/// The same with mutual TLS between the sidecars (ALPN h2): the frames
+/// are walked in the plaintext of their `SSL_write`/`SSL_read` calls,
+/// numbered by position in the session's plaintext, the same at both ends.
+#[test]
+fn spans_through_haproxy_sidecars_upgrading_to_http2_over_mutual_tls_are_exact() {
+    spans_through_haproxy(Ids::FromClient, true, true);
+}
+
 /// Mutual TLS between the HAProxy sidecars (OpenSSL): the bytes between
 /// them show nothing, so what each sidecar matches on comes from the
 /// plaintext of its `SSL_write`/`SSL_read` calls (the TLS probes). As
@@ -91,6 +99,15 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
     }
     let lab = Lab::up(&opts).unwrap();
     let traced = Traced::start(&lab);
+    if mtls {
+        // The agent probes the pods' TLS libraries when it starts, before
+        // the sidecars open their connections: HTTP/2 inside TLS is
+        // decoded only from a session's first bytes.
+        let m = &traced.state.metrics;
+        common::wait_for("HAProxy's libssl probed", Duration::from_secs(30), || {
+            m.tls_files_probed.get() >= 1
+        });
+    }
     let warmup = lab.dir.join("warmup.jsonl");
     let args = |more: &[&'static str]| -> Vec<&'static str> { [more, id_flag].concat() };
     lab.load_with(
@@ -235,7 +252,10 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
             m.tls_files_probed.get() >= 1,
             "HAProxy's libssl was not probed"
         );
-        assert!(tls("joined") >= 2 * n, "{} heads joined", tls("joined"));
+        if !h2 {
+            // HTTP/1.1 heads in the plaintext (HTTP/2's are frames).
+            assert!(tls("joined") >= 2 * n, "{} heads joined", tls("joined"));
+        }
     }
     if h2 {
         // The sidecars spoke HTTP/2: each request's head and response's

@@ -58,20 +58,46 @@ pub struct Scratch {
     /// The direction being walked (a copy of the socket's) and the call.
     dir: H2Dir,
     call: Call,
+    /// 1 while a walk uses it (the TLS programs' scratch only).
+    busy: u32,
 }
 
-/// This CPU's scratch (tracepoints do not nest on a CPU).
+/// This CPU's scratch for the socket programs (tracepoints run with
+/// preemption off: they do not nest on a CPU).
 #[map(name = "H2_SCRATCH")]
 static H2_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
-/// This CPU's scratch with the current call's buffers, or None when the
-/// call's buffers cannot be read.
+/// This CPU's scratch for the TLS programs: uprobes run preemptible, so
+/// another task's may start on this CPU while one walks; it finds the
+/// scratch busy and leaves (its direction is then lost, and said so).
+#[map(name = "H2_TLS_SCRATCH")]
+static H2_TLS_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch (the TLS programs' when `tls`) with the current
+/// call's buffers, or None when they cannot be read or (TLS) another walk
+/// holds it.
 #[inline(always)]
-pub fn scratch(kind: BufferArg, arg1: u64, arg2: u64) -> Option<&'static mut Scratch> {
-    let s = H2_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's value, used by one program run at a time.
+pub fn scratch(kind: BufferArg, arg1: u64, arg2: u64, tls: bool) -> Option<&'static mut Scratch> {
+    let s = if tls {
+        H2_TLS_SCRATCH.get_ptr_mut(0)?
+    } else {
+        H2_SCRATCH.get_ptr_mut(0)?
+    };
+    // SAFETY: this CPU's value; see the maps.
     let s = unsafe { &mut *s };
+    if tls && unsafe { core::ptr::read_volatile(&s.busy) } != 0 {
+        return None;
+    }
     s.bufs.fill(kind, arg1, arg2).then_some(s)
+}
+
+/// Direction `d` lost its frames outside a walk (its scratch was busy):
+/// said at its next walk.
+#[inline(always)]
+pub fn lose_later(d: &mut H2Dir) {
+    if d.state == H2_DIR_WALKING {
+        d.state = LOST_UNREPORTED;
+    }
 }
 
 /// The user buffers of the current send or receive, in order.
@@ -141,14 +167,16 @@ impl Buffers {
     /// `dst`, whose room is twice `MASK + 1` (so the verifier sees every
     /// piece land inside it); returns how many.
     #[inline(always)]
-    fn read<const MASK: usize>(&mut self, off: u32, dst: *mut u8, n: u32) -> u32 {
+    /// `N`: the buffers looked at (1 for a TLS call's one buffer: fewer
+    /// paths for the verifier).
+    fn read<const MASK: usize, const N: usize>(&mut self, off: u32, dst: *mut u8, n: u32) -> u32 {
         // The count lives in the map value, not a register: the verifier
         // then knows nothing of it at each piece but its bounds, and the
         // pieces' many outcomes converge instead of multiplying.
         // SAFETY (all volatile accesses): fields of this CPU's scratch.
         unsafe { core::ptr::write_volatile(&mut self.done, 0) };
         let mut start: u64 = 0;
-        for i in 0..H2_IOVECS_MAX {
+        for i in 0..N {
             let done = unsafe { core::ptr::read_volatile(&self.done) };
             if i >= self.count || done >= n {
                 break;
@@ -239,11 +267,20 @@ fn frames_start(head: &[u8; 64], n: u32) -> Option<u32> {
         .then_some(0)
 }
 
+/// As [`frames_start`], for a TLS session whose first call may have been
+/// missed: only the preface or a first SETTINGS (not an acknowledgement).
+#[inline(always)]
+pub fn frames_start_strict(s: &mut Scratch) -> Option<u32> {
+    let n = s.bufs.read::<31, 1>(0, s.head.as_mut_ptr(), 24);
+    let start = frames_start(&s.head, n)?;
+    (start == 24 || s.head[4] == 0).then_some(start)
+}
+
 /// At the first bytes of a direction of socket `sk`: starts walking it if
 /// they open HTTP/2; whether they did.
 #[inline(always)]
 pub fn first_bytes(sk: *mut c_void, direction: u32, seq: u32, s: &mut Scratch) -> bool {
-    let n = s.bufs.read::<31>(0, s.head.as_mut_ptr(), 24);
+    let n = s.bufs.read::<31, H2_IOVECS_MAX>(0, s.head.as_mut_ptr(), 24);
     let Some(start) = frames_start(&s.head, n) else {
         return false;
     };
@@ -275,7 +312,63 @@ pub fn walk(
     let Some(h2) = H2_SOCKS.get(sk, None) else {
         return;
     };
-    let d = &mut h2.dirs[direction as usize & 1];
+    walk_dir(
+        &mut h2.dirs[direction as usize & 1],
+        cookie,
+        direction,
+        seq,
+        len,
+        ts_ns,
+        s,
+    );
+}
+
+/// Walks the frames of `len` bytes at position `seq` of direction `d`
+/// (a socket's, or a TLS session's plaintext; `direction` as events carry
+/// it).
+#[inline(always)]
+pub fn walk_dir(
+    d: &mut H2Dir,
+    cookie: u64,
+    direction: u32,
+    seq: u32,
+    len: u32,
+    ts_ns: u64,
+    s: &mut Scratch,
+) {
+    walk_with::<H2_IOVECS_MAX>(d, cookie, direction, seq, len, ts_ns, s, false);
+}
+
+/// [`walk_dir`] for the TLS programs, on their scratch.
+#[inline(always)]
+pub fn walk_tls(
+    d: &mut H2Dir,
+    cookie: u64,
+    direction: u32,
+    seq: u32,
+    len: u32,
+    ts_ns: u64,
+    s: &mut Scratch,
+) {
+    // SAFETY: volatile, so the flag brackets the walk as a preempting
+    // program sees it.
+    unsafe { core::ptr::write_volatile(&mut s.busy, 1) };
+    walk_with::<1>(d, cookie, direction, seq, len, ts_ns, s, true);
+    unsafe { core::ptr::write_volatile(&mut s.busy, 0) };
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn walk_with<const N: usize>(
+    d: &mut H2Dir,
+    cookie: u64,
+    direction: u32,
+    seq: u32,
+    len: u32,
+    ts_ns: u64,
+    s: &mut Scratch,
+    tls: bool,
+) {
     if d.state != H2_DIR_WALKING && d.state != LOST_UNREPORTED {
         return;
     }
@@ -290,27 +383,30 @@ pub fn walk(
         ts_ns,
         off: 0,
         outcome: RUNNING,
+        why: 0,
     };
-    if s.dir.state == H2_DIR_WALKING && s.start().is_ok() && s.call.outcome == RUNNING {
-        // SAFETY: `frame_step` is a BPF callback of bpf_loop's type; it
+    if s.dir.state == H2_DIR_WALKING && s.start::<N>().is_ok() && s.call.outcome == RUNNING {
+        let step = if tls {
+            frame_step_tls as *mut c_void
+        } else {
+            frame_step as *mut c_void
+        };
+        // SAFETY: both steps are BPF callbacks of bpf_loop's type; each
         // finds what it needs in this CPU's scratch.
         unsafe {
-            bpf_loop(
-                H2_FRAMES_PER_IO as u32,
-                frame_step as *mut c_void,
-                core::ptr::null_mut(),
-                0,
-            );
+            bpf_loop(H2_FRAMES_PER_IO as u32, step, core::ptr::null_mut(), 0);
         }
         if s.call.outcome == RUNNING {
             // More frames than the bound in one call.
             s.call.outcome = LOST;
+            s.call.why = 8;
         }
     } else if s.dir.state == H2_DIR_WALKING && s.call.outcome == RUNNING {
         s.call.outcome = LOST;
+        s.call.why = 9;
     }
     if s.dir.state == LOST_UNREPORTED || s.call.outcome == LOST {
-        s.lose();
+        s.lose::<N>();
     }
     *d = s.dir;
 }
@@ -334,18 +430,36 @@ struct Call {
     /// while a header cut by the last call is completed).
     off: i64,
     outcome: u32,
+    /// Where the walk lost the boundaries (said in the loss event's flags:
+    /// 1-3 at the call's start, 4-5 at a frame header, 6-7 sending, 8 too
+    /// many frames, 9 a start that failed).
+    why: u32,
 }
 
 /// One frame of the call, as bpf_loop's callback (verified once, not once
 /// per frame): 1 stops the loop.
 #[inline(never)]
 extern "C" fn frame_step(_index: u64, _ctx: *mut c_void) -> i64 {
-    let Some(s) = H2_SCRATCH.get_ptr_mut(0) else {
-        return 1;
-    };
-    // SAFETY: this CPU's scratch, filled by `walk` before the loop.
-    let s = unsafe { &mut *s };
-    match s.next_frame() {
+    match H2_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch, filled by the walk before the loop.
+        Some(s) => step::<H2_IOVECS_MAX>(unsafe { &mut *s }),
+        None => 1,
+    }
+}
+
+/// [`frame_step`] on the TLS programs' scratch.
+#[inline(never)]
+extern "C" fn frame_step_tls(_index: u64, _ctx: *mut c_void) -> i64 {
+    match H2_TLS_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: as above.
+        Some(s) => step::<1>(unsafe { &mut *s }),
+        None => 1,
+    }
+}
+
+#[inline(always)]
+fn step<const N: usize>(s: &mut Scratch) -> i64 {
+    match s.next_frame::<N>() {
         Ok(true) => 0,
         Ok(false) => {
             s.call.outcome = DONE;
@@ -365,12 +479,12 @@ impl Scratch {
     /// Before the frames: more of a header frame's payload begun in an
     /// earlier call, and a frame header that call cut.
     #[inline(always)]
-    fn start(&mut self) -> Result<(), Lost> {
+    fn start<const N: usize>(&mut self) -> Result<(), Lost> {
         let (seq, len) = (self.call.seq, self.call.len);
         let cont = self.dir.capture_until.wrapping_sub(seq) as i32;
         if cont > 0 {
             let n = if cont as u32 > len { len } else { cont as u32 };
-            self.send(H2_WHAT_CONTINUED, seq, &Frame::none(), 0, n)?;
+            self.send::<N>(H2_WHAT_CONTINUED, seq, &Frame::none(), 0, n)?;
             self.dir.capture_until = seq.wrapping_add(n);
         }
         let mut off = self.dir.next_frame.wrapping_sub(seq) as i32 as i64;
@@ -379,10 +493,12 @@ impl Scratch {
             // starts this one.
             let have = self.dir.hdr_have & 15;
             if off + i64::from(have) != 0 {
+                self.call.why = 1;
                 return Err(Lost);
             }
             let want = FRAME_HEADER - have;
-            if self.bufs.read::<31>(0, self.rest.as_mut_ptr(), want) != want {
+            if self.bufs.read::<31, N>(0, self.rest.as_mut_ptr(), want) != want {
+                self.call.why = 2;
                 return Err(Lost);
             }
             for i in 0..FRAME_HEADER as usize {
@@ -394,9 +510,10 @@ impl Scratch {
             }
             self.dir.hdr_have = 0;
             let f = Frame::parse(&self.head);
-            off = self.frame(off, &f)?;
+            off = self.frame::<N>(off, &f)?;
         } else if off < 0 {
             // Bytes went by that were never walked.
+            self.call.why = 3;
             return Err(Lost);
         }
         self.call.off = off;
@@ -415,7 +532,7 @@ impl Scratch {
 
     /// The frame at the call's offset; false when there is none left.
     #[inline(always)]
-    fn next_frame(&mut self) -> Result<bool, Lost> {
+    fn next_frame<const N: usize>(&mut self) -> Result<bool, Lost> {
         let (off, len) = (self.call.off, i64::from(self.call.len));
         if off >= len || off < 0 {
             self.dir.next_frame = self.call.seq.wrapping_add(off as u32);
@@ -423,10 +540,11 @@ impl Scratch {
         }
         let got = self
             .bufs
-            .read::<31>(off as u32, self.head.as_mut_ptr(), FRAME_HEADER);
+            .read::<31, N>(off as u32, self.head.as_mut_ptr(), FRAME_HEADER);
         if off + i64::from(FRAME_HEADER) > len {
             // The header goes on in the next call.
             if i64::from(got) != len - off {
+                self.call.why = 4;
                 return Err(Lost);
             }
             for i in 0..FRAME_HEADER as usize {
@@ -437,10 +555,11 @@ impl Scratch {
             return Ok(false);
         }
         if got != FRAME_HEADER {
+            self.call.why = 5 | (got & 15) << 4;
             return Err(Lost);
         }
         let f = Frame::parse(&self.head);
-        self.call.off = self.frame(off, &f)?;
+        self.call.off = self.frame::<N>(off, &f)?;
         if self.call.off >= len {
             self.dir.next_frame = self.call.seq.wrapping_add(self.call.off as u32);
             return Ok(false);
@@ -451,7 +570,7 @@ impl Scratch {
     /// Reports frame `f`, whose header starts at `off` in this call (below
     /// 0 when the call began inside it); returns where the next starts.
     #[inline(always)]
-    fn frame(&mut self, off: i64, f: &Frame) -> Result<i64, Lost> {
+    fn frame<const N: usize>(&mut self, off: i64, f: &Frame) -> Result<i64, Lost> {
         let payload = off + i64::from(FRAME_HEADER);
         let end = payload + i64::from(f.length);
         let len = i64::from(self.call.len);
@@ -480,7 +599,7 @@ impl Scratch {
         };
         if report {
             let take = if in_call > want { want } else { in_call };
-            self.send(H2_WHAT_FRAME, frame_seq, f, payload as u32, take)?;
+            self.send::<N>(H2_WHAT_FRAME, frame_seq, f, payload as u32, take)?;
             if take < want && matches!(f.kind, HEADERS | CONTINUATION | PUSH_PROMISE) {
                 self.dir.capture_until = seq.wrapping_add(payload as u32).wrapping_add(want);
             }
@@ -491,7 +610,14 @@ impl Scratch {
     /// Sends an event for frame `f` at `seq` with `take` payload bytes read
     /// from offset `from` of the call.
     #[inline(always)]
-    fn send(&mut self, what: u8, seq: u32, f: &Frame, from: u32, take: u32) -> Result<(), Lost> {
+    fn send<const N: usize>(
+        &mut self,
+        what: u8,
+        seq: u32,
+        f: &Frame,
+        from: u32,
+        take: u32,
+    ) -> Result<(), Lost> {
         let Scratch {
             event: ev,
             bufs,
@@ -515,11 +641,12 @@ impl Scratch {
             take
         };
         let got = if take > 0 {
-            bufs.read::<{ H2_BLOCK_MAX - 1 }>(from, ev.payload.as_mut_ptr(), take)
+            bufs.read::<{ H2_BLOCK_MAX - 1 }, N>(from, ev.payload.as_mut_ptr(), take)
         } else {
             0
         };
         if got != take {
+            self.call.why = 6;
             return Err(Lost);
         }
         ev.captured = got;
@@ -529,6 +656,7 @@ impl Scratch {
         let bytes = unsafe { core::slice::from_raw_parts(&*ev as *const _ as *const u8, size) };
         if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_err() {
             count_loss(LossReason::RingBufFull);
+            self.call.why = 7;
             return Err(Lost);
         }
         Ok(())
@@ -537,9 +665,13 @@ impl Scratch {
     /// The direction's boundaries are lost: says so (or will, when the ring
     /// has room) and walks it no more.
     #[inline(always)]
-    fn lose(&mut self) {
+    fn lose<const N: usize>(&mut self) {
         let seq = self.call.seq;
-        self.dir.state = if self.send(H2_WHAT_LOST, seq, &Frame::none(), 0, 0).is_ok() {
+        let why = Frame {
+            flags: self.call.why as u8,
+            ..Frame::none()
+        };
+        self.dir.state = if self.send::<N>(H2_WHAT_LOST, seq, &why, 0, 0).is_ok() {
             H2_DIR_LOST
         } else {
             LOST_UNREPORTED

@@ -156,7 +156,8 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
     // for the same bytes should not be reserved before it.
     let ts_ns = capture(cookie, direction, u64::from(seq), len, opposite);
     if first_bytes || tracked.flags & TRACKED_H2 != 0 {
-        if let Some(s) = syscall_args().and_then(|(kind, a1, a2)| h2::scratch(kind, a1, a2)) {
+        if let Some(s) = syscall_args().and_then(|(kind, a1, a2)| h2::scratch(kind, a1, a2, false))
+        {
             if first_bytes && h2::first_bytes(sk, direction, seq, s) {
                 tracked.flags |= TRACKED_H2;
             }

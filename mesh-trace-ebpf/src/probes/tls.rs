@@ -25,8 +25,9 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use mesh_trace_common::{
-    DataEvent, EventKind, LossReason, TlsCall, DATA_PREFIX_MAX, DIR_RECV, DIR_SEND, DIR_TLS_NO_SEQ,
-    DIR_TLS_PLAINTEXT, TLS_CALLS_MAX, TLS_SESSIONS_MAX,
+    syscall_abi::BufferArg, DataEvent, EventKind, LossReason, TlsCall, TlsH2, DATA_PREFIX_MAX,
+    DIR_RECV, DIR_SEND, DIR_TLS_NO_SEQ, DIR_TLS_PLAINTEXT, H2_DIR_WALKING, H2_IN_TLS,
+    TLS_CALLS_MAX, TLS_H2_MAX, TLS_SESSIONS_MAX,
 };
 
 use super::socket_io::PREFIX_LEN;
@@ -36,6 +37,10 @@ use crate::maps::{count_loss, header_at, wakeup_flags, EVENTS};
 /// inside a call leaves an entry that ages out).
 #[map(name = "TLS_CALLS")]
 pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(TLS_CALLS_MAX, 0);
+
+/// HTTP/2 inside TLS sessions, by `SSL *` (see [`TlsH2`]).
+#[map(name = "TLS_H2")]
+static TLS_H2: LruHashMap<u64, TlsH2> = LruHashMap::with_max_entries(TLS_H2_MAX, 0);
 
 /// The socket a TLS session (`SSL *`) last moved bytes on.
 #[map(name = "TLS_SESSIONS")]
@@ -94,6 +99,8 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
         ex: u32::from(ex),
         first_seq: 0,
         _pad: 0,
+        first_ts: 0,
+        last_ts: 0,
     };
     if TLS_CALLS
         .insert(&bpf_get_current_pid_tgid(), &call, 0)
@@ -115,9 +122,12 @@ pub fn note_io(pid_tgid: u64, cookie: u64, direction: u32, seq: u32) {
     // SAFETY: this thread's entry; only this thread writes it.
     let call = unsafe { &mut *call };
     if call.direction == direction {
+        let now = unsafe { bpf_ktime_get_ns() };
         if call.seen_io == 0 {
             call.first_seq = seq;
+            call.first_ts = now;
         }
+        call.last_ts = now;
         call.seen_io = 1;
         call.cookie = cookie;
         call.seq = seq;
@@ -150,8 +160,10 @@ fn leave(ctx: &RetProbeContext) {
             return;
         }
         n
-    } else if ret > 0 {
-        ret as u64
+    } else if ret as i32 > 0 {
+        // `int SSL_read`/`SSL_write`: the register's upper half is not
+        // the sign (-1 comes back as 0xffffffff).
+        ret as i32 as u64
     } else {
         return;
     };
@@ -169,6 +181,7 @@ fn leave(ctx: &RetProbeContext) {
             None => return,
         }
     };
+    h2_in_tls(&call, cookie, moved as u32);
     let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
         count_loss(LossReason::RingBufFull);
         return;
@@ -200,4 +213,85 @@ fn leave(ctx: &RetProbeContext) {
         }
     }
     slot.submit(wakeup_flags());
+}
+
+/// The plaintext of a TLS call on a session that began with HTTP/2 (ALPN
+/// h2 between sidecars): its frames are walked as the socket programs walk
+/// cleartext HTTP/2, numbered by their position in the session's plaintext
+/// (the same at both ends), timed at the call's I/O (a write's last, a
+/// read's first; a read served from the library's buffer at the session's
+/// last read on the network, which brought its bytes).
+#[inline(always)]
+fn h2_in_tls(call: &TlsCall, cookie: u64, moved: u32) {
+    let d = (call.direction & 1) as usize;
+    let session = match TLS_H2.get_ptr_mut(&call.ssl) {
+        Some(p) => p,
+        None => {
+            if TLS_H2.insert(&call.ssl, &TlsH2::default(), 0).is_err() {
+                count_loss(LossReason::MapFull);
+                return;
+            }
+            match TLS_H2.get_ptr_mut(&call.ssl) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: this session's entry; a session's calls do not run at once
+    // in one direction (the library forbids it).
+    let session = unsafe { &mut *session };
+    if session.cookie != cookie {
+        // The address of a freed session, taken by a new one.
+        *session = TlsH2 {
+            cookie,
+            ..TlsH2::default()
+        };
+    }
+    let seq = session.pos[d];
+    session.pos[d] = seq.wrapping_add(moved);
+    if call.seen_io != 0 {
+        session.last_io_ts[d] = call.last_ts;
+    }
+    let first = session.seen[d] == 0;
+    session.seen[d] = 1;
+    if !first && session.dirs[d].state == 0 {
+        return;
+    }
+    let Some(s) = super::h2::scratch(BufferArg::Direct, call.buf, u64::from(moved), true) else {
+        super::h2::lose_later(&mut session.dirs[d]);
+        return;
+    };
+    if first {
+        // Mid-session (probes attached late) a call may start with a
+        // SETTINGS acknowledgement: only a first SETTINGS (flags 0) or the
+        // preface opens HTTP/2 here.
+        match super::h2::frames_start_strict(s) {
+            Some(start) => {
+                let dir = &mut session.dirs[d];
+                dir.state = H2_DIR_WALKING;
+                dir.next_frame = seq.wrapping_add(start);
+                dir.capture_until = seq;
+                dir.hdr_have = 0;
+            }
+            None => return,
+        }
+    }
+    let ts = if call.direction == DIR_SEND && call.seen_io != 0 {
+        call.last_ts
+    } else if call.seen_io != 0 {
+        call.first_ts
+    } else if session.last_io_ts[d] != 0 {
+        session.last_io_ts[d]
+    } else {
+        unsafe { bpf_ktime_get_ns() }
+    };
+    super::h2::walk_tls(
+        &mut session.dirs[d],
+        cookie,
+        call.direction | H2_IN_TLS,
+        seq,
+        moved,
+        ts,
+        s,
+    );
 }

@@ -395,6 +395,18 @@ pub async fn agent_with_spans(
     let mut tls_scan: Option<
         tokio::task::JoinHandle<(crate::kernel::tls::Seen, Vec<crate::kernel::tls::TlsFile>)>,
     > = None;
+    if tls_on {
+        // The pods' processes now, before they open the connections this
+        // agent will trace: their libraries are probed from the start.
+        let dir = settings.netns_dir.clone();
+        let pids =
+            tokio::task::spawn_blocking(move || crate::kernel::tls::pids_in_namespaces(&dir, 4096))
+                .await
+                .unwrap_or_default();
+        if let Some(seen) = tls_seen.as_mut() {
+            tls_new.extend(pids.into_iter().filter(|&pid| seen.new_process(pid)));
+        }
+    }
     let stdout = std::io::stdout();
     let result: anyhow::Result<()> = loop {
         tokio::select! {

@@ -151,6 +151,37 @@ pub fn defines_tls_functions(path: &Path) -> bool {
         .any(|s| s.is_definition() && s.name().is_ok_and(|n| SYMBOLS.iter().any(|(f, _)| *f == n)))
 }
 
+/// The processes whose network namespace is one of the namespaces in
+/// `netns_dir` (the pods'), at most `max`: their TLS libraries are probed
+/// when the agent starts, before they open the connections it will see
+/// (HTTP/2 inside TLS is decoded only from a session's first bytes).
+pub fn pids_in_namespaces(netns_dir: &Path, max: usize) -> Vec<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(entries) = std::fs::read_dir(netns_dir) else {
+        return Vec::new();
+    };
+    let pods: HashSet<(u64, u64)> = entries
+        .flatten()
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    if pods.is_empty() {
+        return Vec::new();
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| pods.contains(&(m.dev(), m.ino())))
+        })
+        .take(max)
+        .collect()
+}
+
 /// The files of `pids` not looked at before that define TLS functions.
 /// Libraries first: when any is found it is returned at once, and the
 /// executables (a large one takes a second to read) wait for the next

@@ -51,6 +51,9 @@ pub(super) struct Arrival {
     /// The HTTP/2 stream the request is, on an HTTP/2 connection (its
     /// response is found by stream, not by order).
     pub(super) stream: Option<u32>,
+    /// Its position is in a TLS session's plaintext (HTTP/2 inside TLS),
+    /// not a TCP sequence number: joined among such positions only.
+    pub(super) in_tls: bool,
 }
 
 /// What became of a request written by the client end of a leg.
@@ -201,6 +204,7 @@ mod tests {
             end,
             anchor: 0,
             stream: None,
+            in_tls: false,
         }
     }
 

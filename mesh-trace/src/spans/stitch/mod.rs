@@ -475,6 +475,7 @@ impl Stitcher {
                 end: chunk.offset.saturating_add(u64::from(chunk.len)),
                 anchor,
                 stream: None,
+                in_tls: false,
             };
             self.receive(flows, arrival, msg.is_some() && !handshake);
             return;
@@ -574,7 +575,8 @@ impl Stitcher {
             return;
         };
         let mut delivered = std::mem::take(&mut self.delivered);
-        let unreported = self.legs.read(peer, a, starts_message, &mut delivered);
+        let key = legs_key(peer, a.in_tls);
+        let unreported = self.legs.read(key, a, starts_message, &mut delivered);
         self.count_n(Unstitched::NoSender, unreported);
         for (arrival, id) in delivered.drain(..) {
             self.arrived(flows, arrival, id);
@@ -806,18 +808,24 @@ impl Stitcher {
             Dir::Send
         };
         let tgid = (f.pid_tgid >> 32) as u32;
+        let in_tls = f.direction & mesh_trace_common::H2_IN_TLS != 0;
+        if in_tls && !messages.is_empty() {
+            self.h2_inside_tls(f.sock_cookie, tgid);
+        }
         for m in messages.drain(..) {
-            self.h2_message(flows, f.sock_cookie, tgid, dir, m, out);
+            self.h2_message(flows, f.sock_cookie, tgid, dir, in_tls, m, out);
         }
         self.h2_messages = messages;
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn h2_message(
         &mut self,
         flows: &FlowTable,
         cookie: u64,
         tgid: u32,
         dir: Dir,
+        in_tls: bool,
         m: H2Message,
         out: &mut Vec<Span>,
     ) {
@@ -849,7 +857,7 @@ impl Stitcher {
                     // Request trailers.
                     return;
                 }
-                let offset = state.peek_position(dir, seq);
+                let offset = h2_position(state, dir, seq, in_tls);
                 let msg = Message {
                     dir,
                     ts_ns,
@@ -857,7 +865,7 @@ impl Stitcher {
                     offset,
                     head: h2_request_head(&fields),
                 };
-                self.h2_request(flows, cookie, place, tgid, stream_id, msg);
+                self.h2_request(flows, cookie, place, tgid, stream_id, in_tls, msg);
             }
             H2Message::Headers {
                 stream_id,
@@ -877,7 +885,8 @@ impl Stitcher {
                 }
                 stream.grpc_status = fields.grpc_status.or(stream.grpc_status);
                 if end_stream {
-                    self.h2_response_end(place, tgid, cookie, dir, stream_id, seq, ts_ns, out);
+                    let at = (seq, in_tls);
+                    self.h2_response_end(place, tgid, cookie, dir, stream_id, at, ts_ns, out);
                 }
             }
             H2Message::EndStream {
@@ -886,7 +895,8 @@ impl Stitcher {
                 ts_ns,
             } => {
                 if dir != requests {
-                    self.h2_response_end(place, tgid, cookie, dir, stream_id, seq, ts_ns, out);
+                    let at = (seq, in_tls);
+                    self.h2_response_end(place, tgid, cookie, dir, stream_id, at, ts_ns, out);
                 }
             }
             H2Message::Reset { stream_id, .. } => {
@@ -915,9 +925,46 @@ impl Stitcher {
         }
     }
 
+    /// A TLS socket found to carry HTTP/2 (frames walked in its plaintext):
+    /// its encrypted records were framed as HTTP/1.1 messages until now,
+    /// each an orphan write or a read held as a request of its own. They
+    /// were no requests: the frames are. Those still waiting for their
+    /// plaintext leave the spans and the sidecar's queue, and stop
+    /// contesting the requests they stood beside.
+    fn h2_inside_tls(&mut self, cookie: u64, tgid: u32) {
+        let Some(state) = self.sockets.get_mut(&cookie) else {
+            return;
+        };
+        if state.h2 {
+            return;
+        }
+        state.h2 = true;
+        let writes: Vec<SpanId> = state.tls[0].drain(..).map(|(_, id)| id).collect();
+        let reads: Vec<SpanId> = state.tls[1].drain(..).map(|(_, id)| id).collect();
+        let answered = state.outstanding.iter().count();
+        state.outstanding.drop_front(answered);
+        for orphan in writes {
+            if let Some((_, candidates)) = self.spans.candidates(orphan) {
+                for c in candidates {
+                    self.spans.uncontest(c);
+                }
+            }
+            if self.spans.is_unsettled_orphan(orphan) {
+                self.spans.abandon(orphan);
+            }
+        }
+        for id in reads {
+            for inbound in [false, true] {
+                self.proxies.take(ProxySide { tgid, inbound }, id, false);
+            }
+            self.spans.abandon(id);
+        }
+    }
+
     /// A request's head as an HTTP/2 stream on a socket at `place`: written
     /// by the client end (a new span, or a sidecar's forward), or read by
     /// the server end.
+    #[allow(clippy::too_many_arguments)]
     fn h2_request(
         &mut self,
         flows: &FlowTable,
@@ -925,6 +972,7 @@ impl Stitcher {
         place: Place,
         tgid: u32,
         stream_id: u32,
+        in_tls: bool,
         msg: Message,
     ) {
         if !place.sends_requests() {
@@ -940,6 +988,7 @@ impl Stitcher {
                 end: msg.offset + 1,
                 anchor: 0,
                 stream: Some(stream_id),
+                in_tls,
             };
             self.receive(flows, arrival, true);
             return;
@@ -981,7 +1030,7 @@ impl Stitcher {
                 self.spans.note_mesh_leg(id, leg, true);
             }
         }
-        match self.legs.written(cookie, msg.offset, id) {
+        match self.legs.written(legs_key(cookie, in_tls), msg.offset, id) {
             Write::Read(a) => self.arrived(flows, *a, id),
             Write::Queued(dropped) => {
                 if let Some(why) = dropped {
@@ -1002,7 +1051,7 @@ impl Stitcher {
         cookie: u64,
         dir: Dir,
         stream_id: u32,
-        seq: u32,
+        (seq, in_tls): (u32, bool),
         ts_ns: u64,
         out: &mut Vec<Span>,
     ) {
@@ -1017,7 +1066,7 @@ impl Stitcher {
             dir,
             ts_ns,
             tid: 0,
-            offset: state.peek_position(dir, seq),
+            offset: h2_position(state, dir, seq, in_tls),
             head: Head::Response {
                 status: stream.status,
                 request_id: None,
@@ -1381,6 +1430,7 @@ impl Stitcher {
             }
         }
         self.legs.closed(cookie);
+        self.legs.closed(legs_key(cookie, true));
     }
 
     /// Drops requests older than the timeout; tables left sparse after a
@@ -1415,6 +1465,28 @@ impl Stitcher {
     /// Framing counters summed over open sockets (for metrics).
     pub fn open_sockets(&self) -> usize {
         self.sockets.len()
+    }
+}
+
+/// Joins across a leg are kept by sending socket; positions in a TLS
+/// session's plaintext under a key of their own, never compared with TCP
+/// sequence numbers.
+fn legs_key(sender: u64, in_tls: bool) -> u64 {
+    if in_tls {
+        sender | 1 << 63
+    } else {
+        sender
+    }
+}
+
+/// Where an HTTP/2 frame at `seq` starts on a socket: its TCP sequence
+/// number widened as the socket's data widens them, or (inside TLS) its
+/// position in the session's plaintext, which both ends count alike.
+fn h2_position(state: &SockState, dir: Dir, seq: u32, in_tls: bool) -> u64 {
+    if in_tls {
+        (1 << 32) | u64::from(seq)
+    } else {
+        state.peek_position(dir, seq)
     }
 }
 
@@ -2341,6 +2413,122 @@ mod tests {
             "{:?}",
             node.stitcher.unstitched
         );
+    }
+
+    impl Node {
+        /// As [`Node::h2`], inside TLS: an encrypted record on the wire
+        /// (before the frames when `record_first`, as a late plaintext
+        /// event would leave it), the frames numbered by position in the
+        /// session's plaintext.
+        fn h2_tls(
+            &mut self,
+            cookie: u64,
+            tgid: u32,
+            dir: u32,
+            preface: bool,
+            frames: &[(u8, u8, u32, Vec<u8>)],
+            record_first: bool,
+        ) -> u64 {
+            let plain_key = (cookie, dir | 0x100);
+            let mut at = self.offsets.get(&plain_key).copied().unwrap_or(0);
+            if preface {
+                at += mesh_trace_common::H2_PREFACE.len() as u64;
+            }
+            self.ts_ns += 1_000;
+            let ts = self.ts_ns;
+            let mut events = Vec::new();
+            for (kind, flags, stream, payload) in frames {
+                if matches!(kind, 1 | 3 | 7 | 9) || (*kind == 0 && flags & 1 != 0) {
+                    events.push(H2Frame {
+                        ts_ns: ts,
+                        sock_cookie: cookie,
+                        pid_tgid: u64::from(tgid) << 32 | u64::from(tgid),
+                        direction: dir | mesh_trace_common::H2_IN_TLS,
+                        seq: at as u32,
+                        length: payload.len() as u32,
+                        stream_id: *stream,
+                        frame_type: *kind,
+                        flags: *flags,
+                        what: mesh_trace_common::H2_WHAT_FRAME,
+                        payload: if *kind == 0 {
+                            Vec::new()
+                        } else {
+                            payload.clone()
+                        },
+                    });
+                }
+                at += 9 + payload.len() as u64;
+            }
+            self.offsets.insert(plain_key, at);
+            if record_first {
+                self.io(cookie, tgid, dir, ENCRYPTED);
+            }
+            for f in &events {
+                self.stitcher.h2_frame(&self.table, f, &mut self.spans);
+            }
+            if !record_first {
+                self.io(cookie, tgid, dir, ENCRYPTED);
+            }
+            ts
+        }
+    }
+
+    /// HTTP/2 inside mutual TLS between the sidecars: the frames come from
+    /// the sidecars' TLS calls, numbered by plaintext position (the same at
+    /// both ends); the encrypted records on the wire, whether reported
+    /// before or after the frames, are no requests of their own.
+    #[test]
+    fn http2_inside_tls_between_the_sidecars_is_exact() {
+        for record_first in [false, true] {
+            let mut node = Node::six_sockets();
+            let mut enc = loona_hpack::Encoder::new();
+            let mut status_enc = loona_hpack::Encoder::new();
+            for (k, stream) in [(0u64, 1u32), (1, 3)] {
+                let path = format!("/a?k={k}");
+                let req = plain(&path);
+                let mut t = [0u64; 12];
+                t[0] = node.io(1, APP, DIR_SEND, &req);
+                t[1] = node.io(2, OUTBOUND, DIR_RECV, &req);
+                let head = enc.encode([
+                    (&b":method"[..], &b"GET"[..]),
+                    (b":scheme", b"https"),
+                    (b":path", path.as_bytes()),
+                    (b":authority", b"reviews:9080"),
+                ]);
+                let mut up = vec![(1u8, 0x5u8, stream, head)];
+                if k == 0 {
+                    up.insert(0, (4, 0, 0, vec![]));
+                }
+                t[2] = node.h2_tls(3, OUTBOUND, DIR_SEND, k == 0, &up, record_first);
+                t[3] = node.h2_tls(4, INBOUND, DIR_RECV, k == 0, &up, record_first);
+                t[4] = node.io(5, INBOUND, DIR_SEND, &req);
+                t[5] = node.io(6, SERVER, DIR_RECV, &req);
+                t[6] = node.io(6, SERVER, DIR_SEND, RESPONSE);
+                t[7] = node.io(5, INBOUND, DIR_RECV, RESPONSE);
+                let status = status_enc.encode([(&b":status"[..], &b"200"[..])]);
+                let mut down = vec![
+                    (1u8, 0x4u8, stream, status),
+                    (0, 0x1, stream, b"ok".to_vec()),
+                ];
+                if k == 0 {
+                    down.insert(0, (4, 0, 0, vec![]));
+                }
+                t[8] = node.h2_tls(4, INBOUND, DIR_SEND, false, &down, record_first);
+                t[9] = node.h2_tls(3, OUTBOUND, DIR_RECV, false, &down, record_first);
+                t[10] = node.io(2, OUTBOUND, DIR_SEND, RESPONSE);
+                t[11] = node.io(1, APP, DIR_RECV, RESPONSE);
+                let spans = std::mem::take(&mut node.spans);
+                let case = format!("record first: {record_first}, request {k}");
+                assert_eq!(spans.len(), 1, "{case}: {:?}", node.stitcher.unstitched);
+                assert_eq!(spans[0].moments, t.map(Some), "{case}");
+                assert_eq!(spans[0].local_reply, None, "{case}");
+            }
+            assert!(
+                node.stitcher.unstitched.is_empty(),
+                "record first: {record_first}: {:?}",
+                node.stitcher.unstitched
+            );
+        }
     }
 
     #[test]
