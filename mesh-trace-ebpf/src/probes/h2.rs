@@ -312,21 +312,15 @@ pub fn walk(
     let Some(h2) = H2_SOCKS.get(sk, None) else {
         return;
     };
-    walk_dir(
-        &mut h2.dirs[direction as usize & 1],
-        cookie,
-        direction,
-        seq,
-        len,
-        ts_ns,
-        s,
-    );
+    let d = &mut h2.dirs[direction as usize & 1];
+    walk_dir(d, cookie, direction, seq, len, ts_ns, s, false);
 }
 
 /// Walks the frames of `len` bytes at position `seq` of direction `d`
-/// (a socket's, or a TLS session's plaintext; `direction` as events carry
-/// it).
+/// (a socket's, or with `tls` a TLS session's plaintext, on the TLS
+/// programs' scratch; `direction` as events carry it).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn walk_dir(
     d: &mut H2Dir,
     cookie: u64,
@@ -335,21 +329,12 @@ pub fn walk_dir(
     len: u32,
     ts_ns: u64,
     s: &mut Scratch,
+    tls: bool,
 ) {
-    walk_with::<H2_IOVECS_MAX>(d, cookie, direction, seq, len, ts_ns, s, false);
-}
-
-/// [`walk_dir`] for the TLS programs, on their scratch.
-#[inline(always)]
-pub fn walk_tls(
-    d: &mut H2Dir,
-    cookie: u64,
-    direction: u32,
-    seq: u32,
-    len: u32,
-    ts_ns: u64,
-    s: &mut Scratch,
-) {
+    if !tls {
+        walk_with::<H2_IOVECS_MAX>(d, cookie, direction, seq, len, ts_ns, s, false);
+        return;
+    }
     // SAFETY: volatile, so the flag brackets the walk as a preempting
     // program sees it.
     unsafe { core::ptr::write_volatile(&mut s.busy, 1) };

@@ -285,13 +285,7 @@ fn h2_in_tls(call: &TlsCall, cookie: u64, moved: u32) {
     } else {
         unsafe { bpf_ktime_get_ns() }
     };
-    super::h2::walk_tls(
-        &mut session.dirs[d],
-        cookie,
-        call.direction | H2_IN_TLS,
-        seq,
-        moved,
-        ts,
-        s,
-    );
+    let direction = call.direction | H2_IN_TLS;
+    let dir = &mut session.dirs[d];
+    super::h2::walk_dir(dir, cookie, direction, seq, moved, ts, s, true);
 }

@@ -512,11 +512,34 @@ impl Stitcher {
         msg: &Message,
         anchor: u64,
     ) {
-        let id = match place {
-            Place::AppClient if !matches!(msg.head, Head::Request { .. }) => {
-                self.count(Unstitched::NotHttp);
-                return;
+        if place == Place::AppClient && !matches!(msg.head, Head::Request { .. }) {
+            self.count(Unstitched::NotHttp);
+            return;
+        }
+        let Some(id) = self.written_span(flows, cookie, place, tgid, msg) else {
+            return;
+        };
+        if let Some(s) = self.sockets.get_mut(&cookie) {
+            s.outstanding.push(id, anchor);
+            if matches!(msg.head, Head::Opaque { tls: true }) {
+                s.await_plaintext(Dir::Send, msg.offset, id);
             }
+        }
+        self.written_on_leg(flows, cookie, cookie, place, id, msg.offset);
+    }
+
+    /// The span of a request written by the client end of a leg at
+    /// `place`: a new one from the app, or a sidecar's forward; None when
+    /// it is no longer in flight.
+    fn written_span(
+        &mut self,
+        flows: &FlowTable,
+        cookie: u64,
+        place: Place,
+        tgid: u32,
+        msg: &Message,
+    ) -> Option<SpanId> {
+        let id = match place {
             Place::AppClient => self.start(flows, cookie, msg),
             _ => {
                 let side = ProxySide {
@@ -526,31 +549,35 @@ impl Stitcher {
                 self.forward(side, place, msg)
             }
         };
-        if self
-            .spans
+        self.spans
             .request(id, place.moments().0, msg.ts_ns, Some(&msg.head))
-            .is_none()
-        {
-            return;
-        }
-        if let Some(s) = self.sockets.get_mut(&cookie) {
-            s.outstanding.push(id, anchor);
-            if matches!(msg.head, Head::Opaque { tls: true }) {
-                s.await_plaintext(Dir::Send, msg.offset, id);
-            }
-        }
+            .map(|_| id)
+    }
+
+    /// Request `id` went out at stream `offset` of socket `cookie`, whose
+    /// writes are joined under `key`: on the mesh leg it names the trace,
+    /// and it arrived if the other end's read was reported first.
+    fn written_on_leg(
+        &mut self,
+        flows: &FlowTable,
+        cookie: u64,
+        key: u64,
+        place: Place,
+        id: SpanId,
+        offset: u64,
+    ) {
         if place == Place::OutboundUp {
             // The attempt that went out last names the trace.
             if let Some(sock) = flows.socket(cookie) {
                 let leg = trace_id::MeshLeg {
                     client: sock.local,
                     server: sock.remote.ip(),
-                    seq: msg.offset as u32,
+                    seq: offset as u32,
                 };
                 self.spans.note_mesh_leg(id, leg, true);
             }
         }
-        match self.legs.written(cookie, msg.offset, id) {
+        match self.legs.written(key, offset, id) {
             Write::Read(a) => self.arrived(flows, *a, id),
             Write::Queued(dropped) => {
                 if let Some(why) = dropped {
@@ -993,23 +1020,9 @@ impl Stitcher {
             self.receive(flows, arrival, true);
             return;
         }
-        let id = match place {
-            Place::AppClient => self.start(flows, cookie, &msg),
-            _ => {
-                let side = ProxySide {
-                    tgid,
-                    inbound: place == Place::InboundUp,
-                };
-                self.forward(side, place, &msg)
-            }
-        };
-        if self
-            .spans
-            .request(id, place.moments().0, msg.ts_ns, Some(&msg.head))
-            .is_none()
-        {
+        let Some(id) = self.written_span(flows, cookie, place, tgid, &msg) else {
             return;
-        }
+        };
         if let Some(s) = self.sockets.get_mut(&cookie) {
             s.streams().put(
                 stream_id,
@@ -1020,24 +1033,8 @@ impl Stitcher {
                 },
             );
         }
-        if place == Place::OutboundUp {
-            if let Some(sock) = flows.socket(cookie) {
-                let leg = trace_id::MeshLeg {
-                    client: sock.local,
-                    server: sock.remote.ip(),
-                    seq: msg.offset as u32,
-                };
-                self.spans.note_mesh_leg(id, leg, true);
-            }
-        }
-        match self.legs.written(legs_key(cookie, in_tls), msg.offset, id) {
-            Write::Read(a) => self.arrived(flows, *a, id),
-            Write::Queued(dropped) => {
-                if let Some(why) = dropped {
-                    self.count(why);
-                }
-            }
-        }
+        let key = legs_key(cookie, in_tls);
+        self.written_on_leg(flows, cookie, key, place, id, msg.offset);
     }
 
     /// The frame that ends stream `stream_id`'s response on a socket at
