@@ -69,7 +69,7 @@ pub fn event_records(data: &[u8]) {
 pub fn h2_frames(data: &[u8]) {
     use mesh_trace_common::{H2_BLOCK_MAX, H2_WHAT_CONTINUED, H2_WHAT_FRAME, H2_WHAT_LOST};
 
-    use crate::spans::h2::{H2Decoder, H2Message, MAX_BLOCK};
+    use crate::spans::h2::{H2Decoder, H2Message};
 
     let mut decoder = H2Decoder::new(2);
     let mut encoder = loona_hpack::Encoder::new();
@@ -143,7 +143,6 @@ pub fn h2_frames(data: &[u8]) {
             }
         }
     }
-    let _ = MAX_BLOCK;
 }
 
 /// A connection's chunks, both directions, as the data path reports them.

@@ -461,6 +461,7 @@ mod tests {
             mesh_leg_id: Some(trace.into()),
             parent_span_id: None,
             grpc_status: None,
+            protocol: Default::default(),
         }
     }
 

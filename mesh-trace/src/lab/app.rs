@@ -9,10 +9,11 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{body::Incoming, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use super::{
+    grpc,
     http_client::{self, HttpClient},
     ioclock::{Clocked, IoClock, WRITE_WAIT},
     records::{mono_ns, AppRecord, RecordWriter},
@@ -50,6 +51,10 @@ pub struct AppOptions {
     /// JSON-lines file of AppRecords.
     #[arg(long)]
     pub records: PathBuf,
+    /// Serve HTTP/2 too (by prior knowledge: the preface tells it from
+    /// HTTP/1.1), and the lab's gRPC service (`lab::grpc`) on it.
+    #[arg(long)]
+    pub http2: bool,
 }
 
 struct App {
@@ -81,14 +86,38 @@ pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
         // The records' times are those of this socket's reads and writes.
         let (stream, clock) = Clocked::new(stream);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let (app, clock) = (app.clone(), clock.clone());
-                async move { Ok::<_, Infallible>(app.handle(req, peer, clock).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let served = if app.opts.http2 {
+                let service = hyper::service::service_fn(move |req| {
+                    let (app, clock) = (app.clone(), clock.clone());
+                    // hyper calls this in the order the requests came: the
+                    // clock's next request head over HTTP/2 is this one.
+                    let stream = clock.next_h2_request();
+                    let io = Io {
+                        peer,
+                        clock,
+                        stream,
+                    };
+                    async move { Ok::<_, Infallible>(app.handle_any(req, io).await) }
+                });
+                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+            } else {
+                let service = hyper::service::service_fn(move |req| {
+                    let io = Io {
+                        peer,
+                        clock: clock.clone(),
+                        stream: None,
+                    };
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req, io).await) }
+                });
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                    .map_err(Into::into)
+            };
+            if let Err(e) = served {
                 tracing::debug!("connection from {peer}: {e}");
             }
         });
@@ -96,24 +125,40 @@ pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
 }
 
 impl App {
-    async fn handle(
+    /// HTTP/1.1 or HTTP/2: gRPC calls to the lab's service, other requests
+    /// as over HTTP/1.1.
+    async fn handle_any(
         self: Arc<Self>,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        clock: Arc<IoClock>,
-    ) -> Response<Full<Bytes>> {
-        let entered = mono_ns();
-        // hyper calls us once the head is parsed: its last read completed it.
-        let t_read_ns = clock.last_read_until(entered).unwrap_or(entered);
+        io: Io,
+    ) -> Response<tonic::body::Body> {
+        if !grpc::is_grpc(&req) {
+            return self.handle(req, io).await.map(tonic::body::Body::new);
+        }
+        let call = Arc::new(GrpcCall {
+            t_read_ns: io.read_ns(),
+            path: req.uri().path().to_string(),
+            app: self,
+            io,
+        });
+        grpc::serve(call, req).await
+    }
+
+    fn service_time_ms(&self) -> f64 {
+        match self.opts.service_time_choices_ms.as_slice() {
+            [] => self.opts.service_time_ms,
+            choices => choices[rand::random_range(0..choices.len())],
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, io: Io) -> Response<Full<Bytes>> {
+        let t_read_ns = io.read_ns();
         let request_id = req
             .headers()
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let service_time_ms = match self.opts.service_time_choices_ms.as_slice() {
-            [] => self.opts.service_time_ms,
-            choices => choices[rand::random_range(0..choices.len())],
-        };
+        let service_time_ms = self.service_time_ms();
         if service_time_ms > 0.0 {
             tokio::time::sleep(Duration::from_secs_f64(service_time_ms / 1000.0)).await;
         }
@@ -135,7 +180,7 @@ impl App {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
             .expect("static response parts are valid");
-        let mut record = AppRecord {
+        let record = AppRecord {
             pod: self.opts.pod.clone(),
             request_id,
             method: req.method().to_string(),
@@ -146,7 +191,7 @@ impl App {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
             status: status.as_u16(),
-            peer,
+            peer: io.peer,
             t_read_ns,
             t_write_ns: 0,
         };
@@ -154,14 +199,24 @@ impl App {
         // for that write. Responses on a connection go out in order and
         // the next request is not read before, so the first write from
         // now on is this response's.
-        let answered = mono_ns();
-        let app = Arc::clone(&self);
+        self.record_when_written(record, io, mono_ns());
+        resp
+    }
+
+    /// Writes down `record` once its response is written: over HTTP/2,
+    /// the write that carried its stream's last frame; over HTTP/1.1, the
+    /// connection's first write from `answered_ns` on (responses go out in
+    /// order, and the next request is not read before).
+    fn record_when_written(self: &Arc<Self>, mut record: AppRecord, io: Io, answered_ns: u64) {
+        let app = Arc::clone(self);
         tokio::spawn(async move {
-            let written = clock.wait_write_from(answered, WRITE_WAIT).await;
-            record.t_write_ns = written.unwrap_or(answered);
+            let written = match io.stream {
+                Some((stream, _)) => io.clock.wait_h2_end(stream, WRITE_WAIT).await,
+                None => io.clock.wait_write_from(answered_ns, WRITE_WAIT).await,
+            };
+            record.t_write_ns = written.unwrap_or(answered_ns);
             app.records.write(&record);
         });
-        resp
     }
 
     /// Calls a downstream service, propagating the request id as Bookinfo does.
@@ -187,5 +242,74 @@ impl App {
             }
             Err(e) => serde_json::json!({ "url": url, "error": format!("{e:#}") }),
         }
+    }
+}
+
+/// A request's connection, as the app's records need it.
+#[derive(Clone)]
+struct Io {
+    peer: SocketAddr,
+    clock: Arc<IoClock>,
+    /// Over HTTP/2: the request's stream and the read that completed its
+    /// head.
+    stream: Option<(u32, u64)>,
+}
+
+impl Io {
+    /// When the request's head was read. Over HTTP/1.1, hyper calls the
+    /// service once the head is parsed: the last read so far completed it.
+    fn read_ns(&self) -> u64 {
+        if let Some((_, read_ns)) = self.stream {
+            return read_ns;
+        }
+        let entered = mono_ns();
+        self.clock.last_read_until(entered).unwrap_or(entered)
+    }
+}
+
+/// One gRPC call to the lab's service, as the app serves it.
+struct GrpcCall {
+    app: Arc<App>,
+    io: Io,
+    path: String,
+    t_read_ns: u64,
+}
+
+impl grpc::Handler for GrpcCall {
+    fn reply(
+        &self,
+        _call: &grpc::Call,
+        seq: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = grpc::Reply> + Send>> {
+        let ms = self.app.service_time_ms();
+        let pod = self.app.opts.pod.clone();
+        Box::pin(async move {
+            if ms > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(ms / 1000.0)).await;
+            }
+            grpc::Reply { pod, seq }
+        })
+    }
+
+    fn done(&self, _: &grpc::Call, metadata: &tonic::metadata::MetadataMap, answered_ns: u64) {
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let record = AppRecord {
+            pod: self.app.opts.pod.clone(),
+            request_id: text(REQUEST_ID),
+            method: "POST".into(),
+            path: self.path.clone(),
+            client_id: text(CLIENT_ID),
+            status: 200,
+            peer: self.io.peer,
+            t_read_ns: self.t_read_ns,
+            t_write_ns: 0,
+        };
+        self.app
+            .record_when_written(record, self.io.clone(), answered_ns);
     }
 }

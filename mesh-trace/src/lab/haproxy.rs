@@ -4,9 +4,12 @@
 //! reuse, no `x-request-id` of its own unless asked, and replies of its own
 //! (403 for denied paths).
 //!
-//! With `h2`, sidecars talk HTTP/2 to each other (cleartext, prior
-//! knowledge; ALPN under TLS) while the apps speak HTTP/1.1, as Istio's
-//! `h2UpgradePolicy: UPGRADE` has Envoy do.
+//! With [`Http2::BetweenSidecars`], sidecars talk HTTP/2 to each other
+//! (cleartext, prior knowledge; ALPN under TLS) while the apps speak
+//! HTTP/1.1, as Istio's `h2UpgradePolicy: UPGRADE` has Envoy do. With
+//! [`Http2::EndToEnd`], the inbound sidecar speaks HTTP/2 to its app as well
+//! and the outbound one takes it from its app (detected by the preface), the
+//! path gRPC takes.
 //!
 //! With mutual TLS (`--mtls`), sidecars talk TLS to each other through
 //! OpenSSL (Debian's libssl), which is how the TLS plaintext probes are
@@ -38,6 +41,19 @@ pub enum RequestIds {
     AddedUpstream,
 }
 
+/// Where the sidecars speak HTTP/2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Http2 {
+    /// HTTP/1.1 everywhere.
+    #[default]
+    Off,
+    /// Between sidecars only; the apps' legs stay HTTP/1.1.
+    BetweenSidecars,
+    /// Between sidecars and to the apps (which then serve HTTP/2, gRPC
+    /// among it); apps may send either.
+    EndToEnd,
+}
+
 /// Mutual TLS between HAProxy sidecars (OpenSSL, from Debian's
 /// packages): each presents its pod's certificate and trusts only the
 /// mesh CA, like the lab's own sidecars.
@@ -66,12 +82,12 @@ pub fn config(
     ids: RequestIds,
     threads: u32,
     tls: Option<&SidecarTls>,
-    h2: bool,
+    http2: Http2,
 ) -> String {
     // Between sidecars only: passthrough and the local app stay plaintext
     // HTTP/1.1.
     let mut mesh_tls = tls.map(|t| format!(" {}", t.options())).unwrap_or_default();
-    if h2 {
+    if http2 != Http2::Off {
         mesh_tls.push_str(if tls.is_some() {
             " alpn h2"
         } else {
@@ -124,9 +140,14 @@ pub fn config(
         "frontend inbound\n    bind 0.0.0.0:15006{mesh_tls}\n    default_backend local_app\n"
     );
     if pod.port != 0 {
+        let to_app = if http2 == Http2::EndToEnd {
+            " proto h2"
+        } else {
+            ""
+        };
         let _ = writeln!(
             c,
-            "backend local_app\n    server app 127.0.0.1:{} source 127.0.0.6",
+            "backend local_app\n    server app 127.0.0.1:{} source 127.0.0.6{to_app}",
             pod.port
         );
     } else {
@@ -147,7 +168,7 @@ mod tests {
     fn routes_each_service_to_its_pods_and_delivers_from_127_0_0_6() {
         let topo = LabTopology::parse(BOOKINFO_TOPOLOGY).unwrap();
         let reviews = topo.pod("reviews-v2").unwrap();
-        let c = config(&topo, reviews, RequestIds::Untouched, 2, None, false);
+        let c = config(&topo, reviews, RequestIds::Untouched, 2, None, Http2::Off);
         assert!(c.contains("nbthread 2"));
         assert!(c.contains("bind 0.0.0.0:15001") && c.contains("bind 0.0.0.0:15006"));
         assert!(c.contains("use_backend svc_reviews if { req.hdr(host),field(1,:) -i reviews }"));
@@ -158,14 +179,28 @@ mod tests {
         assert!(c.contains("server app 127.0.0.1:9080 source 127.0.0.6"));
         assert!(c.contains("deny_status 403 if { path_beg /denied }"));
         assert!(!c.contains("x-request-id"));
-        let with_ids = config(&topo, reviews, RequestIds::AddedUpstream, 2, None, false);
+        let with_ids = config(
+            &topo,
+            reviews,
+            RequestIds::AddedUpstream,
+            2,
+            None,
+            Http2::Off,
+        );
         assert!(with_ids.contains("set-header x-request-id %[uuid()] unless"));
         assert!(!c.contains("ssl"));
         let tls = SidecarTls {
             bundle: "/lab/reviews-v2.bundle.pem".into(),
             ca: "/lab/ca.pem".into(),
         };
-        let mtls = config(&topo, reviews, RequestIds::Untouched, 2, Some(&tls), false);
+        let mtls = config(
+            &topo,
+            reviews,
+            RequestIds::Untouched,
+            2,
+            Some(&tls),
+            Http2::Off,
+        );
         let opts = "ssl crt /lab/reviews-v2.bundle.pem ca-file /lab/ca.pem verify required";
         assert!(
             mtls.contains(&format!("bind 0.0.0.0:15006 {opts}")),
@@ -179,14 +214,28 @@ mod tests {
         assert!(mtls.contains("bind 0.0.0.0:15001\n"), "{mtls}");
         // HTTP/2 between sidecars only: by prior knowledge in cleartext,
         // by ALPN under TLS; the apps' side stays HTTP/1.1.
-        let h2 = config(&topo, reviews, RequestIds::Untouched, 2, None, true);
+        let h2 = config(
+            &topo,
+            reviews,
+            RequestIds::Untouched,
+            2,
+            None,
+            Http2::BetweenSidecars,
+        );
         assert!(h2.contains("bind 0.0.0.0:15006 proto h2\n"), "{h2}");
         assert!(
             h2.contains(&format!("server reviews-v1 {ip}:9080 proto h2")),
             "{h2}"
         );
         assert!(h2.contains("bind 0.0.0.0:15001\n") && h2.contains("source 127.0.0.6\n"));
-        let h2_tls = config(&topo, reviews, RequestIds::Untouched, 2, Some(&tls), true);
+        let h2_tls = config(
+            &topo,
+            reviews,
+            RequestIds::Untouched,
+            2,
+            Some(&tls),
+            Http2::BetweenSidecars,
+        );
         assert!(
             h2_tls.contains(&format!("bind 0.0.0.0:15006 {opts} alpn h2")),
             "{h2_tls}"
@@ -195,5 +244,17 @@ mod tests {
             mtls.contains("server app 127.0.0.1:9080 source 127.0.0.6\n"),
             "{mtls}"
         );
+        // End to end: the app's leg too, inbound; outbound, the preface
+        // tells HTTP/2 from HTTP/1.1 on the same port.
+        let e2e = config(
+            &topo,
+            reviews,
+            RequestIds::Untouched,
+            2,
+            None,
+            Http2::EndToEnd,
+        );
+        assert!(e2e.contains("source 127.0.0.6 proto h2\n"), "{e2e}");
+        assert!(e2e.contains("bind 0.0.0.0:15001\n"), "{e2e}");
     }
 }

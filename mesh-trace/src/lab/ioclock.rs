@@ -21,6 +21,12 @@
 //!   response's read. HTTP/1.1 sends one request at a time on a connection,
 //!   so the first write after the request was handed to the client is
 //!   its own.
+//! - HTTP/2 servers: a read or a write carries frames of many streams, so
+//!   the clock follows the frames ([`H2Frames`]): the read that brought
+//!   each request's HEADERS frame (its frame header), in the order they came (hyper hands the
+//!   requests to the service in that order: [`IoClock::next_h2_request`]),
+//!   and the write that carried each stream's last frame
+//!   ([`IoClock::wait_h2_end`]).
 use std::{
     collections::VecDeque,
     future::Future,
@@ -70,6 +76,124 @@ struct Times {
     ready_ns: u64,
     /// The stream was dropped: no more writes will come.
     closed: bool,
+    /// HTTP/2 frames, on a server connection that began with the preface.
+    h2: H2Frames,
+}
+
+/// The client preface that begins an HTTP/2 connection.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Request heads and stream ends kept per HTTP/2 connection: many more
+/// than the streams a peer keeps in flight.
+const H2_KEPT: usize = 1024;
+
+/// A server connection's HTTP/2 frames as they were read and written.
+#[derive(Debug, Default)]
+struct H2Frames {
+    /// Bytes read so far while the preface is being checked; `None` once
+    /// it was (`on` says how it went).
+    preface: Option<Vec<u8>>,
+    checked: bool,
+    on: bool,
+    reads: FrameCursor,
+    writes: FrameCursor,
+    /// Requests' HEADERS frames, in arrival order: (stream, read ns).
+    heads: VecDeque<(u32, u64)>,
+    /// Streams the peer opened so far (the highest id).
+    last_opened: u32,
+    /// Frames that ended a stream on the way out: (stream, write ns).
+    ends: VecDeque<(u32, u64)>,
+}
+
+/// Where a byte stream is among its frames.
+#[derive(Debug, Default)]
+struct FrameCursor {
+    header: [u8; 9],
+    /// Bytes of `header` filled.
+    have: usize,
+    /// Payload bytes left to skip.
+    skip: usize,
+}
+
+impl FrameCursor {
+    /// Feeds `bytes`; `frame(stream, type, flags)` for each frame header
+    /// completed in them.
+    fn feed(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u32, u8, u8)) {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(bytes.len());
+                self.skip -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(bytes.len());
+            self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+            self.have += n;
+            bytes = &bytes[n..];
+            if self.have == 9 {
+                let h = self.header;
+                self.have = 0;
+                self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                frame(stream, h[3], h[4]);
+            }
+        }
+    }
+}
+
+const FRAME_DATA: u8 = 0;
+const FRAME_HEADERS: u8 = 1;
+const FLAG_END_STREAM: u8 = 0x1;
+
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() == H2_KEPT {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+impl H2Frames {
+    fn read(&mut self, t: u64, mut bytes: &[u8]) {
+        if !self.checked {
+            let seen = self.preface.get_or_insert_with(Vec::new);
+            let n = (PREFACE.len() - seen.len()).min(bytes.len());
+            seen.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if !PREFACE.starts_with(seen) {
+                self.checked = true;
+            } else if seen.len() == PREFACE.len() {
+                self.checked = true;
+                self.on = true;
+            }
+            if self.checked {
+                self.preface = None;
+            }
+        }
+        if !self.on {
+            return;
+        }
+        let (heads, last) = (&mut self.heads, &mut self.last_opened);
+        self.reads.feed(bytes, |stream, ty, _| {
+            // A HEADERS frame on a stream newer than any opened is a
+            // request's head (later ones on it are its trailers).
+            if ty == FRAME_HEADERS && stream > *last {
+                *last = stream;
+                push_bounded(heads, (stream, t));
+            }
+        });
+    }
+
+    fn wrote(&mut self, t: u64, bytes: &[u8]) {
+        if !self.on {
+            return;
+        }
+        let ends = &mut self.ends;
+        self.writes.feed(bytes, |stream, ty, flags| {
+            if (ty == FRAME_DATA || ty == FRAME_HEADERS) && flags & FLAG_END_STREAM != 0 {
+                push_bounded(ends, (stream, t));
+            }
+        });
+    }
 }
 
 /// A request's exchange on a client connection.
@@ -104,13 +228,50 @@ impl IoClock {
         self.times.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn note_read(&self, t: u64) {
-        push(&mut self.lock().reads, t);
+    fn note_read(&self, t: u64, bytes: &[u8]) {
+        let mut times = self.lock();
+        push(&mut times.reads, t);
+        times.h2.read(t, bytes);
     }
 
-    fn note_write(&self, t: u64) {
-        push(&mut self.lock().writes, t);
+    fn note_write<'a>(&self, t: u64, bytes: impl IntoIterator<Item = &'a [u8]>) {
+        {
+            let mut times = self.lock();
+            push(&mut times.writes, t);
+            for b in bytes {
+                times.h2.wrote(t, b);
+            }
+        }
         self.wrote.notify_waiters();
+    }
+
+    /// On an HTTP/2 server connection, the next request's stream and the
+    /// read that brought its HEADERS frame: to be taken once per request
+    /// as hyper hands them to the service (in their arrival order). `None`
+    /// on other connections.
+    pub fn next_h2_request(&self) -> Option<(u32, u64)> {
+        self.lock().h2.heads.pop_front()
+    }
+
+    /// The write that carried the last frame of `stream` (its END_STREAM),
+    /// waiting up to `limit` for it.
+    pub async fn wait_h2_end(&self, stream: u32, limit: Duration) -> Option<u64> {
+        let wait = async {
+            loop {
+                let notified = self.wrote.notified();
+                {
+                    let times = self.lock();
+                    if let Some(&(_, t)) = times.h2.ends.iter().find(|(s, _)| *s == stream) {
+                        return Some(t);
+                    }
+                    if times.closed {
+                        return None;
+                    }
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.ok().flatten()
     }
 
     fn close(&self) {
@@ -219,7 +380,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Clocked<T> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         // An empty read is EOF (or an empty buffer), not data arriving.
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.clock.note_read(mono_ns());
+            self.clock.note_read(mono_ns(), &buf.filled()[before..]);
         }
         polled
     }
@@ -233,8 +394,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
     ) -> Poll<io::Result<usize>> {
         let started = WriteStart::now();
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.note_write(started.done());
+        if let Poll::Ready(Ok(n @ 1..)) = polled {
+            self.clock.note_write(started.done(), [&buf[..n]]);
         }
         polled
     }
@@ -248,8 +409,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
     ) -> Poll<io::Result<usize>> {
         let started = WriteStart::now();
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.note_write(started.done());
+        if let Poll::Ready(Ok(n @ 1..)) = polled {
+            // The first n bytes across the buffers.
+            let mut left = n;
+            let written = bufs.iter().map_while(|b| {
+                let take = left.min(b.len());
+                left -= take;
+                (take > 0).then(|| &b[..take])
+            });
+            self.clock.note_write(started.done(), written);
         }
         polled
     }
@@ -448,12 +616,56 @@ mod tests {
         assert!(done + 15_000_000 <= after, "{}", after - done);
     }
 
+    /// A frame header: length, type, flags, stream.
+    fn frame(len: usize, ty: u8, flags: u8, stream: u32) -> Vec<u8> {
+        let mut f = (len as u32).to_be_bytes()[1..].to_vec();
+        f.extend([ty, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(std::iter::repeat_n(0u8, len));
+        f
+    }
+
+    #[tokio::test]
+    async fn http2_request_heads_and_stream_ends_by_stream_whatever_the_cuts() {
+        let clock = IoClock::new();
+        let mut read = PREFACE.to_vec();
+        read.extend(frame(6, 4, 0, 0)); // SETTINGS
+        read.extend(frame(20, FRAME_HEADERS, 0x4, 1));
+        read.extend(frame(5, FRAME_DATA, FLAG_END_STREAM, 1));
+        read.extend(frame(20, FRAME_HEADERS, 0x5, 3));
+        // Cut anywhere: the preface too. A head is stamped with the read
+        // that brought its frame's header, as mesh-trace stamps a frame
+        // with the call where it began.
+        let (first, rest) = read.split_at(30);
+        let (second, third) = rest.split_at(rest.len() - 12);
+        clock.note_read(100, first);
+        clock.note_read(200, second);
+        clock.note_read(300, third);
+        assert_eq!(clock.next_h2_request(), Some((1, 200)));
+        assert_eq!(clock.next_h2_request(), Some((3, 200)));
+        assert_eq!(clock.next_h2_request(), None);
+        // Stream 3 answered first: its trailers end it; stream 1's DATA
+        // ends it, written in two buffers of one writev.
+        let mut out = frame(10, FRAME_HEADERS, 0x4, 3);
+        out.extend(frame(12, FRAME_HEADERS, 0x5, 3));
+        clock.note_write(400, [&out[..]]);
+        let a = frame(10, FRAME_HEADERS, 0x4, 1);
+        let b = frame(3, FRAME_DATA, FLAG_END_STREAM, 1);
+        clock.note_write(500, [&a[..], &b[..]]);
+        assert_eq!(clock.wait_h2_end(3, Duration::ZERO).await, Some(400));
+        assert_eq!(clock.wait_h2_end(1, Duration::ZERO).await, Some(500));
+        // HTTP/1.1 is not followed.
+        let http1 = IoClock::new();
+        http1.note_read(100, b"POST / HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(http1.next_h2_request(), None);
+    }
+
     #[test]
     fn bounded_and_ordered() {
         let clock = IoClock::new();
         for t in 1..=(KEPT as u64 + 10) {
-            clock.note_write(t * 10);
-            clock.note_read(t * 10 + 5);
+            clock.note_write(t * 10, [&b"x"[..]]);
+            clock.note_read(t * 10 + 5, b"x");
         }
         assert_eq!(clock.lock().writes.len(), KEPT);
         assert_eq!(clock.lock().reads.len(), KEPT);

@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use super::{
     app::{CLIENT_ID, REQUEST_ID, SERVED_BY},
+    grpc,
     http_client::{self, HttpClient},
     records::{mono_ns, ClientRecord, RecordWriter},
 };
@@ -56,6 +57,14 @@ pub struct LoadOptions {
     /// instrumented with OpenTelemetry sends.
     #[arg(long, value_name = "SHARE", default_value_t = 0.0)]
     pub traceparent: f64,
+    /// Call the lab's gRPC service (`lab.Reviews`, served by apps started
+    /// with `--http2`) at the URL's authority instead of GET: every call a
+    /// stream on one HTTP/2 connection per service.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub grpc: Option<grpc::CallKind>,
+    /// Replies per server-streaming call (`--grpc server-stream`).
+    #[arg(long, default_value_t = 5, requires = "grpc")]
+    pub messages: u32,
 }
 
 #[derive(Debug, Default, Serialize, serde::Deserialize)]
@@ -77,6 +86,7 @@ struct Shared {
     opts: LoadOptions,
     resolve: BTreeMap<String, SocketAddr>,
     client: HttpClient,
+    grpc: grpc::GrpcClient,
     records: Option<RecordWriter>,
     /// Requests started so far, to spread `--traceparent` evenly.
     started: std::sync::atomic::AtomicU64,
@@ -91,6 +101,10 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
         (0.0..=1.0).contains(&opts.traceparent),
         "--traceparent is a share of requests, from 0 to 1"
     );
+    anyhow::ensure!(
+        !(opts.grpc.is_some() && opts.new_connections),
+        "--grpc calls share one HTTP/2 connection per service: --new-connections does not apply"
+    );
     let records = match &opts.records {
         Some(p) => {
             Some(RecordWriter::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -98,6 +112,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
         None => None,
     };
     let shared = Arc::new(Shared {
+        grpc: grpc::client(&http_client::parse_resolve(&opts.resolve)?),
         resolve: http_client::parse_resolve(&opts.resolve)?,
         client: if opts.new_connections {
             http_client::unpooled_client()
@@ -171,6 +186,9 @@ impl Shared {
         let share = self.opts.traceparent;
         let traceparent = ((k + 1.0) * share).floor() > (k * share).floor();
         let traceparent = traceparent.then(new_traceparent);
+        if let Some(kind) = self.opts.grpc {
+            return self.call_grpc(kind, id, traceparent).await;
+        }
         let t0 = Instant::now();
         let t_start_ns = mono_ns();
         let result = async {
@@ -219,6 +237,70 @@ impl Shared {
                 t_end_ns,
                 t_write_ns: io.map_or(0, |x| x.write_ns),
                 t_read_ns: io.and_then(|x| x.read_ns).unwrap_or(0),
+                traceparent,
+            });
+        }
+        (latency, status, served_by)
+    }
+}
+
+impl Shared {
+    /// One gRPC call: recorded as a request whose status is 200 when the
+    /// call's status was OK.
+    async fn call_grpc(
+        &self,
+        kind: grpc::CallKind,
+        id: String,
+        traceparent: Option<String>,
+    ) -> Outcome {
+        let header = if self.opts.no_request_id {
+            CLIENT_ID
+        } else {
+            REQUEST_ID
+        };
+        let mut metadata = vec![(header, id.as_str())];
+        if let Some(tp) = &traceparent {
+            metadata.push(("traceparent", tp.as_str()));
+        }
+        let t0 = Instant::now();
+        let t_start_ns = mono_ns();
+        let result = grpc::call(
+            &self.grpc,
+            &self.opts.url,
+            kind,
+            self.opts.messages,
+            &id,
+            &metadata,
+        )
+        .await;
+        let t_end_ns = mono_ns();
+        let latency = t0.elapsed();
+        // Calls share the connection: the call's write is the first from
+        // its start; its end is the last read before it returned.
+        let clock = result.as_ref().ok().and_then(|o| o.clock.clone());
+        let t_write_ns = clock
+            .as_ref()
+            .and_then(|c| c.first_write_from(t_start_ns))
+            .unwrap_or(0);
+        let t_read_ns = clock
+            .as_ref()
+            .and_then(|c| c.last_read_until(t_end_ns))
+            .unwrap_or(0);
+        let (status, served_by, error) = match result {
+            Ok(o) => (200, o.served_by, None),
+            Err(e) => (0, None, Some(format!("{e:#}"))),
+        };
+        if let Some(r) = &self.records {
+            r.write(&ClientRecord {
+                request_id: id,
+                url: self.opts.url.clone(),
+                status,
+                error,
+                served_by: served_by.clone(),
+                t_start_ns,
+                t_end_ns,
+                t_write_ns,
+                t_read_ns,
                 traceparent,
             });
         }

@@ -6,6 +6,7 @@
 //! - [`config`]: the topology and the sidecars' Envoy-shaped configuration;
 //! - [`topology`]: bringing a lab up and down;
 //! - [`proxy`], [`app`], [`loadgen`]: the processes that run in the pods;
+//! - [`grpc`]: the gRPC service the apps serve and the load generator calls;
 //! - [`haproxy`]: a third-party sidecar (Debian's HAProxy) in the same layout;
 //! - [`churn`]: pod-like namespaces created and deleted under short connections;
 //! - [`impair`]: packet loss and delay on a pod's interface, for TCP health;
@@ -19,6 +20,7 @@
 pub mod app;
 pub mod churn;
 pub mod config;
+pub mod grpc;
 pub mod haproxy;
 pub mod http_client;
 pub mod impair;

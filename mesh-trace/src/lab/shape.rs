@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{
     config::OutboundTrafficPolicy,
-    haproxy::RequestIds,
+    haproxy::{Http2, RequestIds},
     topology::{Lab, LabOptions, Sidecar},
 };
 
@@ -42,6 +42,11 @@ pub struct LabShape {
     /// The proxy the sidecars run.
     #[arg(long, value_enum, default_value_t = SidecarKind::Lab)]
     pub sidecar: SidecarKind,
+    /// Where the sidecars speak HTTP/2 (HAProxy sidecars only): between
+    /// them (Istio's h2UpgradePolicy UPGRADE), or also to the apps, which
+    /// then serve gRPC (`lab load --grpc`).
+    #[arg(long, value_enum, default_value_t = Http2::Off)]
+    pub http2: Http2,
     /// Share of the packets leaving a pod's eth0 that are dropped, as
     /// POD=RATE (repeatable; an iptables statistic rule).
     #[arg(long, value_name = "POD=RATE")]
@@ -73,9 +78,13 @@ impl LabShape {
             SidecarKind::Haproxy => Sidecar::Haproxy {
                 ids: RequestIds::Untouched,
                 threads: 2,
-                h2: false,
+                http2: self.http2,
             },
         };
+        anyhow::ensure!(
+            self.http2 == Http2::Off || self.sidecar == SidecarKind::Haproxy,
+            "--http2 needs --sidecar haproxy: the lab's own proxy speaks HTTP/1.1 only"
+        );
         for (pod, loss) in parse_pod_values(&self.packet_loss)? {
             opts.impairments.entry(pod).or_default().loss = loss;
         }

@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _};
 
 use super::{
     config::{LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY},
-    haproxy::{self, RequestIds},
+    haproxy::{self, Http2, RequestIds},
     impair::Impairment,
     loadgen::Summary,
     mtls::{self, MeshCa, Workload},
@@ -103,11 +103,11 @@ pub enum Sidecar {
     #[default]
     Lab,
     /// HAProxy from Debian's packages (`lab::haproxy`), with this many
-    /// worker threads; `h2`: HTTP/2 between sidecars.
+    /// worker threads, speaking HTTP/2 where `http2` says.
     Haproxy {
         ids: RequestIds,
         threads: u32,
-        h2: bool,
+        http2: Http2,
     },
 }
 
@@ -457,14 +457,23 @@ impl Lab {
         let resolve = self.resolve_args();
         for i in 0..self.pods.len() {
             let spec = self.pods[i].spec.clone();
-            if let (true, Sidecar::Haproxy { ids, threads, h2 }) = (spec.sidecar, opts.sidecar) {
+            if let (
+                true,
+                Sidecar::Haproxy {
+                    ids,
+                    threads,
+                    http2,
+                },
+            ) = (spec.sidecar, opts.sidecar)
+            {
                 let tls = if opts.mtls {
                     Some(self.haproxy_tls(&spec.name)?)
                 } else {
                     None
                 };
                 let cfg = self.dir.join(format!("{}.haproxy.cfg", spec.name));
-                let text = haproxy::config(&self.topology, &spec, ids, threads, tls.as_ref(), h2);
+                let text =
+                    haproxy::config(&self.topology, &spec, ids, threads, tls.as_ref(), http2);
                 fs::write(&cfg, text)?;
                 let mut c = Command::new(haproxy::HAPROXY);
                 // -db: in the foreground, logging to stderr (the pod's log).
@@ -509,6 +518,14 @@ impl Lab {
                 }
                 for ms in choices.into_iter().flatten() {
                     c.args(["--service-time-choice-ms", &ms.to_string()]);
+                }
+                if let Sidecar::Haproxy {
+                    http2: Http2::EndToEnd,
+                    ..
+                } = opts.sidecar
+                {
+                    // Its sidecar speaks HTTP/2 to it.
+                    c.arg("--http2");
                 }
                 self.spawn_in(i, format!("{}/app", spec.name), c, APP_UID)?;
             }

@@ -119,6 +119,8 @@ pub enum Head {
         /// The caller's trace context (`traceparent`, else B3), when the
         /// prefix holds it.
         trace_context: Option<TraceContext>,
+        /// A gRPC call (`content-type: application/grpc`, HTTP/2 heads).
+        grpc: bool,
     },
     Response {
         /// 0 when the prefix ends before the status code.
@@ -598,6 +600,7 @@ fn request(method: &str, path: &str, fields: Fields, head_len: Option<usize>) ->
             Length::Absent | Length::Invalid => None,
         },
         trace_context: fields.trace_context(),
+        grpc: false,
     };
     Parsed {
         head,
@@ -773,6 +776,7 @@ mod tests {
             request_id: id.map(Into::into),
             content_length: None,
             trace_context: None,
+            grpc: false,
         }
     }
 
@@ -794,6 +798,7 @@ mod tests {
                 request_id,
                 content_length: length,
                 trace_context,
+                grpc: false,
             },
             other => other,
         }

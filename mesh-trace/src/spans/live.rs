@@ -634,6 +634,7 @@ mod tests {
             mesh_leg_id: None,
             parent_span_id: None,
             grpc_status: None,
+            protocol: Default::default(),
         }
     }
 

@@ -114,6 +114,27 @@ impl LocalReply {
     }
 }
 
+/// The request's protocol, as the `request_protocol` label says it (the
+/// values Istio's metrics use).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// HTTP/1.1, or HTTP/2 that is not gRPC.
+    #[default]
+    Http,
+    /// A gRPC call: its request's `content-type` is `application/grpc`.
+    Grpc,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
 /// How far a leg's receiving moment may precede its sending one and still
 /// be the same instant (see [`Span::settle_leg_skew`]).
 pub const LEG_SKEW_NS: u64 = 1_000_000;
@@ -156,6 +177,7 @@ pub struct Span {
     pub parent_span_id: Option<String>,
     /// The gRPC status its response's trailers carried (HTTP/2 only).
     pub grpc_status: Option<u32>,
+    pub protocol: Protocol,
 }
 
 impl Span {
@@ -285,6 +307,7 @@ impl Span {
             "trace_id": self.trace_id,
             "parent_span_id": self.parent_span_id,
             "grpc_status": self.grpc_status,
+            "protocol": self.protocol,
             "total_ms": ms(self.total_ns()),
             "hops_ms": hops,
             "moments_ns": self.moments,
@@ -325,6 +348,7 @@ mod tests {
             mesh_leg_id: None,
             parent_span_id: None,
             grpc_status: None,
+            protocol: Default::default(),
         }
     }
 

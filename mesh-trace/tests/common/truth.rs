@@ -40,6 +40,10 @@ pub fn span_from_json(v: &serde_json::Value) -> Span {
         mesh_leg_id: None,
         parent_span_id: text("parent_span_id"),
         grpc_status: v["grpc_status"].as_u64().map(|c| c as u32),
+        protocol: match v["protocol"].as_str() {
+            Some("grpc") => mesh_trace::spans::span::Protocol::Grpc,
+            _ => mesh_trace::spans::span::Protocol::Http,
+        },
     }
 }
 

@@ -81,6 +81,7 @@ fn blank(request_id: Option<String>, source: String, destination: String) -> Spa
         mesh_leg_id: None,
         parent_span_id: None,
         grpc_status: None,
+        protocol: Default::default(),
     }
 }
 
@@ -367,9 +368,13 @@ impl Spans {
             method,
             path,
             trace_context,
+            grpc,
             ..
         }) = head
         {
+            if *grpc {
+                p.span.protocol = crate::spans::span::Protocol::Grpc;
+            }
             if p.span.method.is_empty() {
                 p.span.method = method.clone();
                 p.span.path = crate::spans::http::template_path(path);
@@ -644,6 +649,7 @@ mod tests {
             request_id: request_id.map(str::to_string),
             content_length: None,
             trace_context: None,
+            grpc: false,
         }
     }
 

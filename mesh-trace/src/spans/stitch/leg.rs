@@ -188,6 +188,7 @@ mod tests {
             request_id: None,
             content_length: None,
             trace_context: None,
+            grpc: false,
         }
     }
 

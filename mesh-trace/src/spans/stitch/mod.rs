@@ -1500,6 +1500,7 @@ fn h2_request_head(f: &H2Fields) -> Head {
         request_id: f.request_id.clone(),
         content_length: f.content_length,
         trace_context: None,
+        grpc: f.is_grpc(),
     }
 }
 

@@ -506,6 +506,7 @@ mod tests {
             request_id: request_id.map(str::to_string),
             content_length: None,
             trace_context: None,
+            grpc: false,
         }
     }
 
@@ -824,6 +825,7 @@ mod tests {
             request_id: Some("i".into()),
             content_length: Some(5),
             trace_context: None,
+            grpc: false,
         }))
         .unwrap();
         let cut = Identity {
