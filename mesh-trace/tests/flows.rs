@@ -567,7 +567,7 @@ fn metrics_stay_valid_under_load() {
         "mesh_trace_request_duration_seconds_count{",
         "mesh_trace_hop_duration_seconds_count{hop=\"outbound_proxy\"",
         "mesh_trace_sidecar_overhead_seconds_count{direction=\"outbound\"",
-        "mesh_trace_requests_total{reporter=\"source\",source_workload=\"loadgen\",destination_service=\"productpage\",status_code=\"200\",source_workload_namespace=\"bookinfo\",destination_service_namespace=\"bookinfo\"}",
+        "mesh_trace_requests_total{reporter=\"source\",source_workload=\"loadgen\",destination_service=\"productpage\",status_code=\"200\",request_protocol=\"http\",grpc_response_status=\"\",source_workload_namespace=\"bookinfo\",destination_service_namespace=\"bookinfo\"}",
         "mesh_trace_connections_opened_total{leg=\"mesh\"",
     ] {
         assert!(after.contains(series), "{series} missing:\n{after}");

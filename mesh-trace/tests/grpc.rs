@@ -56,7 +56,10 @@ fn grpc_lab(mtls: bool) -> (Lab, Traced) {
             .insert(pod.into(), vec![2.0, 40.0]);
     }
     let lab = Lab::up(&opts).unwrap();
-    let traced = Traced::start(&lab);
+    // A lost header block costs its connection's HPACK state for good, and
+    // this agent is the test's unoptimized build sharing two cores with the
+    // lab: a ring of 16 MiB (the default is 1 MiB) rides out its pauses.
+    let traced = Traced::start_with_settings(&lab, |s| s.ring_buffer_bytes = 1 << 24);
     if mtls {
         // HTTP/2 inside TLS is decoded from a session's first bytes: the
         // library is probed before the sidecars' sessions open.
@@ -137,6 +140,10 @@ fn judge(
         assert!(s.moments.iter().all(Option::is_some), "{s:?}");
         let c = client.iter().find(|c| c.request_id == id).unwrap();
         let Some(a) = apps.get(&id) else { continue };
+        assert!(
+            a.t_write_ns != 0,
+            "the app's truth lost its stream's end: {a:?}"
+        );
         j.compared += 1;
         let app = s
             .hop_ns(Hop::App)
@@ -229,10 +236,15 @@ fn grpc_through_haproxy(mtls: bool) {
             .get_or_create(&mesh_trace::agent::metrics::ResultLabel { result })
             .get()
     };
+    let text = m.encode();
+    let lines =
+        |prefix: &str| -> Vec<&str> { text.lines().filter(|l| l.starts_with(prefix)).collect() };
     eprintln!(
-        "HTTP/2 header blocks: {} decoded, {} undecodable",
+        "HTTP/2 header blocks: {} decoded, {} undecodable; {:?}; {:?}",
         blocks("decoded"),
-        blocks("undecodable")
+        blocks("undecodable"),
+        lines("mesh_trace_h2_header_state_lost_total"),
+        lines("mesh_trace_events_lost_total"),
     );
     assert_eq!(blocks("undecodable"), 0);
     assert!(
@@ -258,14 +270,30 @@ fn grpc_through_haproxy(mtls: bool) {
         grpc.exact,
         grpc.compared
     );
+    // The calls in the request metrics: by protocol, with their gRPC status.
+    let text = traced.state.metrics.encode();
+    let counted = |protocol: &str, grpc: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("mesh_trace_requests_total{reporter=\"source\""))
+            .filter(|l| {
+                l.contains(&format!(
+                    "request_protocol=\"{protocol}\",grpc_response_status=\"{grpc}\""
+                ))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(counted("grpc", "0") >= grpc.spans as f64, "{text}");
     if !http1_client.is_empty() {
         let ids: HashSet<&str> = http1_client.iter().map(|c| c.request_id.as_str()).collect();
         let spans = spans_of(&traced, &ids);
         let http1 = judge(&http1_client, &apps, &spans, Protocol::Http);
         eprintln!("HTTP/1.1 beside it: {http1:?}");
+        assert!(counted("http", "") >= http1.spans as f64, "{text}");
         assert!(http1.wrong.is_empty(), "{:?}", http1.wrong);
+        // 400 requests: one without a span (counted) is 0.25%.
         assert!(
-            http1.spans as f64 >= 0.999 * http1.wanted as f64,
+            http1.spans as f64 >= 0.99 * http1.wanted as f64,
             "{http1:?}"
         );
         assert!(

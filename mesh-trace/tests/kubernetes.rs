@@ -649,7 +649,7 @@ fn the_agent_labels_lab_traffic_from_the_api_server() {
     )
     .unwrap();
     // Spans close when the connection's last response is read.
-    let want = "mesh_trace_requests_total{reporter=\"source\",source_workload=\"productpage-v1\",destination_service=\"reviews.bookinfo\",status_code=\"200\",source_workload_namespace=\"bookinfo\",destination_service_namespace=\"bookinfo\"}";
+    let want = "mesh_trace_requests_total{reporter=\"source\",source_workload=\"productpage-v1\",destination_service=\"reviews.bookinfo\",status_code=\"200\",request_protocol=\"http\",grpc_response_status=\"\",source_workload_namespace=\"bookinfo\",destination_service_namespace=\"bookinfo\"}";
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {
         let text = agent.scrape();

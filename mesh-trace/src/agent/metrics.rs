@@ -84,6 +84,8 @@ pub struct RequestLabels {
     pub destination_service: String,
     pub method: &'static str,
     pub status_class: &'static str,
+    /// `http` or `grpc` (Istio's `request_protocol`).
+    pub request_protocol: &'static str,
     /// Kubernetes namespaces, as Istio names them ("unknown" when the
     /// metadata does not say).
     pub source_workload_namespace: String,
@@ -113,6 +115,11 @@ pub struct StatusLabels {
     pub source_workload: String,
     pub destination_service: String,
     pub status_code: String,
+    /// `http` or `grpc` (Istio's `request_protocol`).
+    pub request_protocol: &'static str,
+    /// The gRPC status code from the call's trailers, as Istio's
+    /// `grpc_response_status` (empty for HTTP, bounded to the 17 codes).
+    pub grpc_response_status: &'static str,
     pub source_workload_namespace: String,
     pub destination_service_namespace: String,
 }
@@ -168,6 +175,18 @@ pub fn status_code_label(status: u16) -> String {
     match status {
         0 | 100..=599 => status.to_string(),
         _ => "other".into(),
+    }
+}
+
+/// A gRPC status code as a label value: the 17 codes gRPC defines, "other"
+/// for any beyond them, empty when the call carried none (HTTP).
+pub fn grpc_status_label(code: Option<u32>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match code {
+        None => "",
+        Some(c) => CODES.get(c as usize).copied().unwrap_or("other"),
     }
 }
 
@@ -630,6 +649,7 @@ impl Metrics {
                         destination_service: destination.clone(),
                         method: method_label(&span.method),
                         status_class: span.status_class(),
+                        request_protocol: span.protocol.label(),
                         source_workload_namespace: source_ns.clone(),
                         destination_service_namespace: destination_ns.clone(),
                     })
@@ -641,6 +661,8 @@ impl Metrics {
                     source_workload: source.clone(),
                     destination_service: destination.clone(),
                     status_code: status_code_label(span.status),
+                    request_protocol: span.protocol.label(),
+                    grpc_response_status: grpc_status_label(span.grpc_status),
                     source_workload_namespace: source_ns.clone(),
                     destination_service_namespace: destination_ns.clone(),
                 })
@@ -852,6 +874,15 @@ mod tests {
         let values: std::collections::HashSet<String> =
             (0..=u16::MAX).map(status_code_label).collect();
         assert_eq!(values.len(), 502);
+    }
+
+    #[test]
+    fn grpc_status_labels_are_the_seventeen_codes() {
+        assert_eq!(grpc_status_label(None), "");
+        assert_eq!(grpc_status_label(Some(0)), "0");
+        assert_eq!(grpc_status_label(Some(16)), "16");
+        assert_eq!(grpc_status_label(Some(17)), "other");
+        assert_eq!(grpc_status_label(Some(u32::MAX)), "other");
     }
 
     #[test]

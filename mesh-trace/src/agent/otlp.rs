@@ -26,7 +26,7 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 
 use super::http::AgentState;
-use crate::spans::span::Span as RequestSpan;
+use crate::spans::span::{Protocol as RequestProtocol, Span as RequestSpan};
 
 /// Spans waiting to be sent, at most.
 pub const QUEUE: usize = 16_384;
@@ -328,7 +328,7 @@ pub fn segments(s: &RequestSpan, unix_offset_ns: i64) -> Vec<Span> {
     // The client app's own span, when its request named it.
     let caller = s.parent_span_id.as_deref().and_then(from_hex::<8>);
     let unix = |mono: u64| (mono as i64 + unix_offset_ns).max(0) as u64;
-    let error = s.status == 0 || s.status >= 500;
+    let error = s.is_error();
     SEGMENTS
         .iter()
         .filter_map(|&(name, kind, from, to, parent)| {
@@ -342,6 +342,17 @@ pub fn segments(s: &RequestSpan, unix_offset_ns: i64) -> Vec<Span> {
             ];
             if let Some(pod) = &s.destination_pod {
                 attributes.push(string("k8s.pod.name", pod));
+            }
+            if s.protocol == RequestProtocol::Grpc {
+                attributes.push(string("rpc.system", "grpc"));
+                // `/package.Service/Method`.
+                if let Some((service, method)) = s.path.trim_start_matches('/').split_once('/') {
+                    attributes.push(string("rpc.service", service));
+                    attributes.push(string("rpc.method", method));
+                }
+                if let Some(code) = s.grpc_status {
+                    attributes.push(int("rpc.grpc.status_code", i64::from(code)));
+                }
             }
             if let Some(id) = &s.request_id {
                 attributes.push(string("mesh_trace.request_id", id));
@@ -564,5 +575,43 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A gRPC call's segments say so as OpenTelemetry's RPC conventions
+    /// do; a server error fails them though the HTTP status is 200.
+    #[test]
+    fn grpc_calls_carry_the_rpc_attributes_and_their_status() {
+        let ms = |i: usize| Some(1_000_000 * i as u64);
+        let mut call = span(std::array::from_fn(ms), "0af7651916cd43dd8448eb211c80319c");
+        call.method = "POST".into();
+        call.path = "/lab.Reviews/Get".into();
+        call.protocol = RequestProtocol::Grpc;
+        call.grpc_status = Some(14);
+        let spans = segments(&call, 0);
+        assert!(!spans.is_empty());
+        for s in &spans {
+            let attr = |key: &str| s.attributes.iter().find(|kv| kv.key == key).cloned();
+            let text = |key: &str| match attr(key)?.value?.value? {
+                any_value::Value::StringValue(v) => Some(v),
+                _ => None,
+            };
+            assert_eq!(text("rpc.system").as_deref(), Some("grpc"));
+            assert_eq!(text("rpc.service").as_deref(), Some("lab.Reviews"));
+            assert_eq!(text("rpc.method").as_deref(), Some("Get"));
+            assert!(matches!(
+                attr("rpc.grpc.status_code").and_then(|kv| kv.value?.value),
+                Some(any_value::Value::IntValue(14))
+            ));
+            assert_eq!(s.status.as_ref().unwrap().code, StatusCode::Error as i32);
+        }
+        // HTTP requests carry none of it.
+        let plain = segments(
+            &span(std::array::from_fn(ms), "0af7651916cd43dd8448eb211c80319c"),
+            0,
+        );
+        assert!(plain[0]
+            .attributes
+            .iter()
+            .all(|kv| !kv.key.starts_with("rpc.")));
     }
 }

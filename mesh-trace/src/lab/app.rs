@@ -194,6 +194,7 @@ impl App {
             peer: io.peer,
             t_read_ns,
             t_write_ns: 0,
+            stream: io.stream.map(|(s, _)| s),
         };
         // hyper writes the response after we return it: the record waits
         // for that write. Responses on a connection go out in order and
@@ -210,11 +211,13 @@ impl App {
     fn record_when_written(self: &Arc<Self>, mut record: AppRecord, io: Io, answered_ns: u64) {
         let app = Arc::clone(self);
         tokio::spawn(async move {
-            let written = match io.stream {
-                Some((stream, _)) => io.clock.wait_h2_end(stream, WRITE_WAIT).await,
-                None => io.clock.wait_write_from(answered_ns, WRITE_WAIT).await,
+            record.t_write_ns = match io.stream {
+                // 0: the stream's end was not seen on the connection.
+                Some((stream, _)) => io.clock.wait_h2_end(stream, WRITE_WAIT).await.unwrap_or(0),
+                None => {
+                    (io.clock.wait_write_from(answered_ns, WRITE_WAIT).await).unwrap_or(answered_ns)
+                }
             };
-            record.t_write_ns = written.unwrap_or(answered_ns);
             app.records.write(&record);
         });
     }
@@ -308,6 +311,7 @@ impl grpc::Handler for GrpcCall {
             peer: self.io.peer,
             t_read_ns: self.t_read_ns,
             t_write_ns: 0,
+            stream: self.io.stream.map(|(s, _)| s),
         };
         self.app
             .record_when_written(record, self.io.clone(), answered_ns);

@@ -410,12 +410,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
         let started = WriteStart::now();
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n @ 1..)) = polled {
-            // The first n bytes across the buffers.
-            let mut left = n;
-            let written = bufs.iter().map_while(|b| {
-                let take = left.min(b.len());
-                left -= take;
-                (take > 0).then(|| &b[..take])
+            // The first n bytes across the buffers (empty ones among them).
+            let written = bufs.iter().scan(n, |left, b| {
+                let take = (*left).min(b.len());
+                *left -= take;
+                Some(&b[..take])
             });
             self.clock.note_write(started.done(), written);
         }
@@ -651,7 +650,7 @@ mod tests {
         clock.note_write(400, [&out[..]]);
         let a = frame(10, FRAME_HEADERS, 0x4, 1);
         let b = frame(3, FRAME_DATA, FLAG_END_STREAM, 1);
-        clock.note_write(500, [&a[..], &b[..]]);
+        clock.note_write(500, [&a[..], &[][..], &b[..]]);
         assert_eq!(clock.wait_h2_end(3, Duration::ZERO).await, Some(400));
         assert_eq!(clock.wait_h2_end(1, Duration::ZERO).await, Some(500));
         // HTTP/1.1 is not followed.

@@ -90,8 +90,12 @@ pub struct AppRecord {
     /// The read that completed the request head returned.
     pub t_read_ns: u64,
     /// The first write of the response returned (or, if it never reached
-    /// the socket, when the response was ready).
+    /// the socket, when the response was ready). Over HTTP/2, the write
+    /// that carried the stream's last frame; 0 if none was seen.
     pub t_write_ns: u64,
+    /// Over HTTP/2, the request's stream on its connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<u32>,
 }
 
 /// One request sent by the load generator.

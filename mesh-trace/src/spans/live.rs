@@ -59,7 +59,8 @@ pub struct Row {
     pub requests: u64,
     /// Requests per second over the part of the window that was observed.
     pub rate: f64,
-    /// Responses with status >= 500, or none at all (status 0).
+    /// Failed requests ([`Span::is_error`]): responses with status >= 500,
+    /// none at all (status 0), gRPC server errors.
     pub errors: u64,
     /// errors / requests.
     pub error_rate: f64,
@@ -107,6 +108,12 @@ pub struct SlowRequest {
     pub method: String,
     pub path: String,
     pub status: u16,
+    /// A gRPC call's status code, from its trailers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// Whether it failed ([`Span::is_error`]).
+    #[serde(default)]
+    pub error: bool,
     pub total_ms: f64,
     /// Keyed by `Hop::label()`; only hops observed for this request.
     pub hops_ms: BTreeMap<String, f64>,
@@ -442,7 +449,7 @@ impl Default for RowAcc {
 impl RowAcc {
     fn add(&mut self, span: &Span) {
         self.requests += 1;
-        if is_error(span.status) {
+        if span.is_error() {
             self.errors += 1;
         }
         self.retries += u64::from(span.retries);
@@ -527,6 +534,8 @@ impl Slow {
                 method: span.method.clone(),
                 path: span.path.clone(),
                 status: span.status,
+                grpc_status: span.grpc_status,
+                error: span.is_error(),
                 total_ms: ns_to_ms(total_ns),
                 hops_ms,
                 retries: span.retries,
@@ -549,11 +558,6 @@ fn keep_slowest(list: &mut Vec<Slow>, slow: Slow) {
     let at = list.partition_point(|s| s.total_ns >= slow.total_ns);
     list.insert(at, slow);
     list.truncate(SLOWEST);
-}
-
-/// A status of 0 means no response was seen: the request failed.
-fn is_error(status: u16) -> bool {
-    status == 0 || status >= 500
 }
 
 /// Time in and around both sidecars, when all of it was observed.

@@ -114,6 +114,11 @@ impl LocalReply {
     }
 }
 
+/// The gRPC status codes counted as errors, as a PromQL regex on
+/// `grpc_response_status` (the rules, dashboards and `top --prometheus` use
+/// it too): those gRPC maps to HTTP 5xx.
+pub const GRPC_ERRORS: &str = "2|4|12|13|14|15";
+
 /// The request's protocol, as the `request_protocol` label says it (the
 /// values Istio's metrics use).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
@@ -314,6 +319,18 @@ impl Span {
         })
     }
 
+    /// Whether the request failed as its caller saw it: no response, a 5xx,
+    /// or a gRPC status that gRPC maps to a server error (UNKNOWN,
+    /// DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS),
+    /// as the dashboards and rules count errors ([`GRPC_ERRORS`]).
+    pub fn is_error(&self) -> bool {
+        self.status == 0
+            || self.status >= 500
+            || self
+                .grpc_status
+                .is_some_and(|c| GRPC_ERRORS.split('|').any(|e| e == c.to_string()))
+    }
+
     pub fn status_class(&self) -> &'static str {
         match self.status {
             100..=199 => "1xx",
@@ -435,5 +452,29 @@ mod tests {
         assert_eq!(s.hop_ns(Hop::App), None);
         assert_eq!(s.hop_ns(Hop::InboundToApp), None);
         assert!(s.hop_ns(Hop::Network).is_some());
+    }
+
+    #[test]
+    fn errors_are_5xx_none_or_grpc_server_errors() {
+        let mut s = span([0; 12]);
+        s.status = 200;
+        assert!(!s.is_error());
+        s.status = 0;
+        assert!(s.is_error());
+        s.status = 503;
+        assert!(s.is_error());
+        s.status = 200;
+        s.protocol = Protocol::Grpc;
+        s.grpc_status = Some(0);
+        assert!(!s.is_error());
+        for code in [2, 4, 12, 13, 14, 15] {
+            s.grpc_status = Some(code);
+            assert!(s.is_error(), "{code}");
+        }
+        // The caller's own mistakes, as a 4xx is not counted.
+        for code in [1, 3, 5, 16] {
+            s.grpc_status = Some(code);
+            assert!(!s.is_error(), "{code}");
+        }
     }
 }

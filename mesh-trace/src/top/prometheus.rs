@@ -17,7 +17,10 @@ use serde_json::Value;
 use super::stats::AgentStats;
 use crate::{
     agent::{client, client::AgentUrl, http::AgentInfo},
-    spans::live::{Percentiles, Row},
+    spans::{
+        live::{Percentiles, Row},
+        span::GRPC_ERRORS,
+    },
 };
 
 /// The range each rate is taken over: the agents' own live window.
@@ -48,7 +51,8 @@ pub async fn fetch(url: &AgentUrl) -> anyhow::Result<AgentStats> {
     let errors = query(
         url,
         &format!(
-            "sum by ({pair}, reporter) (increase(mesh_trace_requests_total{{status_code=~\"5..|0\"}}{w}))"
+            "sum by ({pair}, reporter) (increase(mesh_trace_requests_total{{status_code=~\"5..|0\"}}{w}) \
+             or increase(mesh_trace_requests_total{{grpc_response_status=~\"{GRPC_ERRORS}\"}}{w}))"
         ),
     )
     .await?;

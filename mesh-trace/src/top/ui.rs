@@ -434,7 +434,7 @@ fn draw_slowest(frame: &mut Frame, row: &Row, hops: &[usize], area: Rect) {
     let inner_width = block.inner(area).width as usize;
     // Fixed columns: status, retries, total, the hops; the id takes what is
     // left up to its full length, the path anything beyond.
-    let fixed = 6 + 1 + 4 + 1 + 6 + 1 + hops.len() * 7;
+    let fixed = 7 + 1 + 4 + 1 + 6 + 1 + hops.len() * 7;
     let id_width = inner_width.saturating_sub(fixed + 1).clamp(8, 36);
     let mut header = vec![
         Cell::from(Line::styled("request id", HEADER)),
@@ -450,7 +450,7 @@ fn draw_slowest(frame: &mut Frame, row: &Row, hops: &[usize], area: Rect) {
     let rows = row.slowest.iter().map(|s| slow_row(s, hops, id_width));
     let mut widths = vec![
         Constraint::Length(id_width as u16),
-        Constraint::Length(6),
+        Constraint::Length(7),
         Constraint::Length(4),
         Constraint::Length(6),
     ];
@@ -473,14 +473,20 @@ fn slow_row(s: &SlowRequest, hops: &[usize], id_width: usize) -> TableRow<'stati
         .filter_map(|&h| Some((h, *s.hops_ms.get(HOPS[h].0)?)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(h, _)| h);
-    let status_style = if s.status >= 500 || s.status == 0 {
+    let status_style = if s.error || s.status >= 500 || s.status == 0 {
         ALERT
     } else {
         Style::new()
     };
+    // A gRPC call's own status next to its HTTP one, which is 200 whatever
+    // the call's outcome.
+    let status = match s.grpc_status {
+        Some(code) => format!("grpc {code}"),
+        None => s.status.to_string(),
+    };
     let mut cells = vec![
         Cell::from(truncate(s.request_id.as_deref().unwrap_or("-"), id_width)),
-        right(s.status.to_string(), status_style),
+        right(status, status_style),
         right(s.retries.to_string(), Style::new()),
         right(fmt_ms(s.total_ms), HEADER),
     ];
@@ -598,15 +604,30 @@ mod tests {
                 .map(|(h, v)| (h.to_string(), p(*v)))
                 .collect::<BTreeMap<_, _>>(),
             sidecar_share: Some(0.33),
-            slowest: vec![SlowRequest {
-                request_id: Some("0b7e1c9a-5a57-4c2e-9a53-2f0f7c1d0e11".into()),
-                method: "GET".into(),
-                path: "/reviews/{id}".into(),
-                status: 200,
-                total_ms: 48.0,
-                hops_ms: hops.iter().map(|(h, v)| (h.to_string(), *v)).collect(),
-                retries: 1,
-            }],
+            slowest: vec![
+                SlowRequest {
+                    request_id: Some("0b7e1c9a-5a57-4c2e-9a53-2f0f7c1d0e11".into()),
+                    method: "GET".into(),
+                    path: "/reviews/{id}".into(),
+                    status: 200,
+                    grpc_status: None,
+                    error: false,
+                    total_ms: 48.0,
+                    hops_ms: hops.iter().map(|(h, v)| (h.to_string(), *v)).collect(),
+                    retries: 1,
+                },
+                SlowRequest {
+                    request_id: Some("7c0de9f1-0000-4c2e-9a53-2f0f7c1d0e12".into()),
+                    method: "POST".into(),
+                    path: "/lab.Reviews/Get".into(),
+                    status: 200,
+                    grpc_status: Some(14),
+                    error: true,
+                    total_ms: 45.0,
+                    hops_ms: hops.iter().map(|(h, v)| (h.to_string(), *v)).collect(),
+                    retries: 0,
+                },
+            ],
             tcp: BTreeMap::from([(
                 "mesh".to_string(),
                 LegHealth {
@@ -680,6 +701,8 @@ mod tests {
             assert!(text.contains("slowest"), "{text}");
             assert!(text.contains("0b7e1c9a"), "{text}");
             assert!(text.contains("outbound_proxy"), "{text}");
+            // A gRPC call shows its own status, not the HTTP 200 it rode.
+            assert!(text.contains("grpc 14"), "{text}");
             assert!(
                 text.contains("mesh rtt 5.80 (5.30) ms retx 7 rst 1"),
                 "{text}"

@@ -88,6 +88,11 @@ impl Traced {
         Self::start_with(Some(lab.dir.clone()), |_| {})
     }
 
+    /// [`Traced::start`] with settings of the test's own.
+    pub fn start_with_settings(lab: &Lab, tweak: impl FnOnce(&mut Settings)) -> Traced {
+        Self::start_with(Some(lab.dir.clone()), tweak)
+    }
+
     /// [`Traced::start`] with settings of the test's own, keeping spans but
     /// not legs (a test with millions of connections would hold them all).
     pub fn start_spans_only(lab: &Lab, tweak: impl FnOnce(&mut Settings)) -> Traced {
