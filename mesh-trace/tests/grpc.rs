@@ -260,12 +260,11 @@ fn grpc_through_haproxy(mtls: bool) {
     let counted: u64 = unstitched.values().sum();
     assert!(counted >= (n - grpc.spans) as u64, "{unstitched:?}");
     assert!(grpc.compared as f64 >= 0.99 * n as f64, "{grpc:?}");
-    // The truth's own limit: its write stamps come from user space, and a
-    // writer kept off the CPU inside its call (two cores, some twenty busy
-    // threads) is stamped up to a few ms before the kernel's moment: 1 to
-    // 2.5% of calls in runs here. None of them is wrong (above).
+    // The lab's truth is the kernel's own transmit stamps for writes and
+    // user-space stamps for reads: a reader kept off the CPU after its read
+    // returned is stamped late, rarely.
     assert!(
-        grpc.exact as f64 >= 0.95 * grpc.compared as f64,
+        grpc.exact as f64 >= 0.99 * grpc.compared as f64,
         "{} of {} exact",
         grpc.exact,
         grpc.compared
@@ -297,7 +296,7 @@ fn grpc_through_haproxy(mtls: bool) {
             "{http1:?}"
         );
         assert!(
-            http1.exact as f64 >= 0.95 * http1.compared as f64,
+            http1.exact as f64 >= 0.98 * http1.compared as f64,
             "{http1:?}"
         );
     }
@@ -342,7 +341,7 @@ fn a_server_streaming_grpc_call_is_one_span_to_its_last_message() {
         assert!(s.path.ends_with("/lab.Reviews/List"), "{s:?}");
     }
     assert!(
-        streamed.exact as f64 >= 0.95 * streamed.compared as f64,
+        streamed.exact as f64 >= 0.98 * streamed.compared as f64,
         "{streamed:?}"
     );
 }

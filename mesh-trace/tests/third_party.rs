@@ -356,8 +356,7 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
         let total = s.total_ns().unwrap().abs_diff(c.t_read_ns - c.t_write_ns);
         // Another request's moments inside the span show in the app hop
         // (2 ms against 40 ms). The total's ends are the client socket's
-        // own write and read, the truth's from user space: printed, not
-        // judged.
+        // own write (the kernel's transmit stamp) and read.
         if app <= 500_000 && total <= 500_000 {
             exact += 1;
         }
@@ -393,7 +392,7 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
             "{compared} spans compared"
         );
         assert!(
-            exact as f64 >= 0.5 * compared as f64,
+            exact as f64 >= 0.98 * compared as f64,
             "{exact} of {compared} exact"
         );
     }

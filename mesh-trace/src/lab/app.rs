@@ -84,7 +84,7 @@ pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         // The records' times are those of this socket's reads and writes.
-        let (stream, clock) = Clocked::new(stream);
+        let (stream, clock) = Clocked::with_tx_stamps(stream);
         tokio::spawn(async move {
             let served = if app.opts.http2 {
                 let service = hyper::service::service_fn(move |req| {

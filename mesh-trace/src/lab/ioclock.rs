@@ -7,8 +7,10 @@
 //! their times from here instead: [`Clocked`] wraps a connection's byte
 //! stream (a TCP socket, under TLS if any, so the times are the socket's)
 //! and notes `mono_ns()` whenever a read returns data or a write accepts
-//! some (when its work in the kernel ended: see [`Clocked`]), in an
-//! [`IoClock`] shared with whoever writes the record.
+//! some (when its work in the kernel ended: see [`Clocked`]; for a TCP
+//! socket, when the kernel stamped its last byte's packet as it left, see
+//! [`super::txstamp`]), in an [`IoClock`] shared with whoever writes the
+//! record.
 //!
 //! - Servers (apps, the sidecars' downstream side) wrap each accepted
 //!   socket. A request was read by the last read before its handler ran
@@ -47,7 +49,7 @@ use tokio::{
     sync::Notify,
 };
 
-use super::records::mono_ns;
+use super::{records::mono_ns, txstamp::TxStamps};
 
 /// Reads and writes remembered per connection. A lookup happens while its
 /// request is the connection's latest (or next to latest), a handful of
@@ -350,6 +352,8 @@ impl IoClock {
 pub struct Clocked<T> {
     inner: T,
     clock: Arc<IoClock>,
+    /// The kernel's transmit stamps of the writes, when turned on.
+    tx: Option<TxStamps>,
 }
 
 impl<T> Clocked<T> {
@@ -359,8 +363,33 @@ impl<T> Clocked<T> {
         let stream = Clocked {
             inner,
             clock: Arc::clone(&clock),
+            tx: None,
         };
         (stream, clock)
+    }
+
+    /// [`Clocked::new`] for a TCP socket that has sent nothing yet, its
+    /// writes timed by the kernel's transmit stamps ([`TxStamps`]) where
+    /// the packet left within the call (else as [`WriteStart`] says).
+    pub fn with_tx_stamps(inner: T) -> (Clocked<T>, Arc<IoClock>)
+    where
+        T: std::os::fd::AsRawFd,
+    {
+        let tx = TxStamps::enable(inner.as_raw_fd())
+            .inspect_err(|e| tracing::warn!("no kernel transmit stamps for the lab's truth: {e}"))
+            .ok();
+        let (mut stream, clock) = Clocked::new(inner);
+        stream.tx = tx;
+        (stream, clock)
+    }
+
+    /// When a write of `n` bytes, begun at `started`, moved its bytes.
+    fn written_at(&mut self, started: WriteStart, n: usize) -> u64 {
+        let done = started.done();
+        self.tx
+            .as_mut()
+            .and_then(|tx| tx.after_write(n))
+            .unwrap_or(done)
     }
 }
 
@@ -395,7 +424,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
         let started = WriteStart::now();
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n @ 1..)) = polled {
-            self.clock.note_write(started.done(), [&buf[..n]]);
+            let t = self.written_at(started, n);
+            self.clock.note_write(t, [&buf[..n]]);
         }
         polled
     }
@@ -416,7 +446,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Clocked<T> {
                 *left -= take;
                 Some(&b[..take])
             });
-            self.clock.note_write(started.done(), written);
+            let t = self.written_at(started, n);
+            self.clock.note_write(t, written);
         }
         polled
     }
@@ -512,7 +543,7 @@ impl<C, T> tower_service::Service<Uri> for ClockConnector<C>
 where
     C: tower_service::Service<Uri, Response = TokioIo<T>>,
     C::Future: Send + 'static,
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + std::os::fd::AsRawFd + Unpin + Send + 'static,
 {
     type Response = TokioIo<Clocked<T>>;
     type Error = C::Error;
@@ -526,7 +557,7 @@ where
         let connecting = self.inner.call(dst);
         Box::pin(async move {
             let io = connecting.await?;
-            let (stream, _) = Clocked::new(io.into_inner());
+            let (stream, _) = Clocked::with_tx_stamps(io.into_inner());
             Ok(TokioIo::new(stream))
         })
     }

@@ -13,6 +13,7 @@
 //! - [`mtls`]: the mesh CA and the sidecars' certificates (mutual TLS);
 //! - [`records`]: what they write down, the ground truth for tests;
 //! - [`ioclock`]: when connections' reads and writes return, the records' times;
+//! - [`txstamp`]: the kernel's transmit stamps of a socket's writes, for those times;
 //! - [`shape`]: the lab's shape as flags, and a description of a running lab;
 //! - [`summary`]: the demo's text summary, the lab's records next to the kernel's.
 //!
@@ -33,3 +34,4 @@ pub mod records;
 pub mod shape;
 pub mod summary;
 pub mod topology;
+pub mod txstamp;

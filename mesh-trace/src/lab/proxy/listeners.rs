@@ -182,7 +182,7 @@ fn on_accept(
             conns.tasks.spawn(task);
         }
         _ if http => {
-            let (stream, clock) = Clocked::new(stream);
+            let (stream, clock) = Clocked::with_tx_stamps(stream);
             let watched = conns
                 .graceful
                 .watch(http_connection(&proxy, conn, stream, clock));
@@ -237,7 +237,7 @@ async fn open_permissive(
 ) -> io::Result<(Box<dyn DownstreamIo>, bool, Arc<IoClock>)> {
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await?;
-    let (stream, clock) = Clocked::new(stream);
+    let (stream, clock) = Clocked::with_tx_stamps(stream);
     if n == 0 || first[0] != TLS_HANDSHAKE {
         return Ok((Box::new(stream), false, clock));
     }
