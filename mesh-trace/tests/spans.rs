@@ -122,7 +122,7 @@ fn spans_match_the_truth(mtls: bool) {
         judged.wrong
     );
     assert!(
-        judged.exact as f64 >= 0.5 * judged.compared as f64,
+        judged.exact as f64 >= 0.9 * judged.compared as f64,
         "{} of {} spans exact",
         judged.exact,
         judged.compared

@@ -60,6 +60,10 @@ const KEPT: usize = 64;
 /// before it falls back to the moment the handler returned.
 pub const WRITE_WAIT: Duration = Duration::from_secs(1);
 
+/// How far a transmit stamp may follow its call's return and still be
+/// taken inside it: the clocks' conversion is good to a few microseconds.
+const TX_SLACK_NS: u64 = 50_000;
+
 /// When one connection's reads and writes ended, CLOCK_MONOTONIC ns.
 #[derive(Debug, Default)]
 pub struct IoClock {
@@ -383,12 +387,24 @@ impl<T> Clocked<T> {
         (stream, clock)
     }
 
-    /// When a write of `n` bytes, begun at `started`, moved its bytes.
+    /// When a write of `n` bytes, begun at `started`, moved its bytes: the
+    /// kernel's transmit stamp of its last byte when the packet left inside
+    /// the call (a packet held back and sent after the call returned, by
+    /// the congestion window or TCP's small queues, is not the call's
+    /// moment, which is what mesh-trace reports), else as [`WriteStart`]
+    /// says.
     fn written_at(&mut self, started: WriteStart, n: usize) -> u64 {
-        let done = started.done();
+        let returned = mono_ns();
+        let started_wall = started.wall_ns;
+        let done = started.done_by(returned);
+        // Only a stamp inside the call is its moment (the stamp's clock is
+        // converted through CLOCK_REALTIME: a few us of slack). One from
+        // before it is not this write's, whatever its key says: 0.1 to 2 ms
+        // early, a few times in a few thousand writes under load.
         self.tx
             .as_mut()
             .and_then(|tx| tx.after_write(n))
+            .filter(|&t| t + TX_SLACK_NS >= started_wall && t <= returned + TX_SLACK_NS)
             .unwrap_or(done)
     }
 }
@@ -492,9 +508,8 @@ impl WriteStart {
         }
     }
 
-    /// The write returned: when its work in the kernel ended.
-    fn done(self) -> u64 {
-        let returned = mono_ns();
+    /// The write returned at `returned`: when its work in the kernel ended.
+    fn done_by(self, returned: u64) -> u64 {
         match (self.cpu_ns, thread_cpu_ns()) {
             (Some(before), Some(after)) => {
                 let spent = after.saturating_sub(before);
@@ -640,7 +655,7 @@ mod tests {
         let busy = cpu();
         while cpu() < busy + 2_000_000 {}
         std::thread::sleep(Duration::from_millis(20));
-        let done = started.done();
+        let done = started.done_by(mono_ns());
         let after = mono_ns();
         assert!(before + 2_000_000 <= done, "{}", done - before);
         assert!(done + 15_000_000 <= after, "{}", after - done);

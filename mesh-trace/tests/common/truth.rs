@@ -73,9 +73,10 @@ pub fn delayed_lab(mtls: bool) -> LabOptions {
 /// A span held against its own request's truth: `exact` when every hop is
 /// within 0.5 ms of it, `wrong` when any is off by more than 30 ms (it holds
 /// another request's moments: the app's 2 or 40 ms, requests 10 ms apart);
-/// in between, noise in the truth itself, which the lab's processes take
-/// in user space after each read or write returns, late when the two
-/// cores are busy.
+/// in between, noise in the truth itself: the lab's processes take a
+/// write's moment from the kernel's transmit stamp when its packet left
+/// inside the call, else, like every read's, in user space, late when the
+/// two cores are busy.
 pub struct Judged {
     pub exact: usize,
     pub wrong: Vec<String>,
