@@ -28,9 +28,12 @@ const CHURN: ChurnOptions = ChurnOptions {
     // The agent here is a debug build inside the test: at 7,600
     // connections/s its ring overflowed (140,123 events lost), and most of
     // the surviving pods' requests lost their spans with them (counted; see
-    // tests/overflow.rs). At 5,000/s it kept up in every run; the release
-    // agent keeps up at 19,000/s (`cargo xtask bench --only churn`).
-    max_per_s: Some(5_000),
+    // tests/overflow.rs). At 5,000/s it kept up in most runs, not all (0,
+    // 41,269 and 76,002 events lost in three runs of one day, 1 to 2% of
+    // the surviving pods' requests without a span); 4,000/s leaves it room.
+    // The release agent keeps up at 19,000/s (`cargo xtask bench --only
+    // churn`).
+    max_per_s: Some(4_000),
 };
 
 #[test]

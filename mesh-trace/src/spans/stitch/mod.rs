@@ -2413,6 +2413,93 @@ mod tests {
         );
     }
 
+    /// gRPC calls, HTTP/2 on every leg: a call's span says gRPC and carries
+    /// the status from its trailers; a call whose stream the upstream
+    /// resets yields no span and is counted `stream_reset`.
+    #[test]
+    fn grpc_calls_carry_their_status_and_a_reset_stream_is_counted() {
+        let (mut node, _) = Node::new(&chain(0));
+        // A new encoder per connection direction, as HPACK keeps them.
+        let heads = |first: bool| {
+            let mut enc = loona_hpack::Encoder::new();
+            let mut h = |path: &str| {
+                enc.encode([
+                    (&b":method"[..], &b"POST"[..]),
+                    (b":scheme", b"http"),
+                    (b":path", path.as_bytes()),
+                    (b":authority", b"reviews:9080"),
+                    (b"content-type", b"application/grpc"),
+                ])
+            };
+            let a = h("/lab.Reviews/Get");
+            let b = h("/lab.Reviews/List");
+            let mut frames = Vec::new();
+            if first {
+                frames.push((4u8, 0u8, 0u32, vec![]));
+            }
+            frames.push((1, 0x4, 1, a));
+            frames.push((1, 0x4, 3, b));
+            frames
+        };
+        let mut t = [0u64; 12];
+        // Each leg: the request heads of streams 1 and 3, in one write.
+        for (i, (send, recv, from, to)) in [
+            (1u64, 2u64, APP, OUTBOUND),
+            (3, 4, OUTBOUND, INBOUND),
+            (5, 6, INBOUND, SERVER),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            t[2 * i] = node.h2(send, from, DIR_SEND, true, &heads(true));
+            t[2 * i + 1] = node.h2(recv, to, DIR_RECV, true, &heads(true));
+        }
+        // Stream 1's response on each leg back: head, message, trailers
+        // with grpc-status 14 ending it.
+        let response = || {
+            let mut enc = loona_hpack::Encoder::new();
+            let status = enc.encode([
+                (&b":status"[..], &b"200"[..]),
+                (b"content-type", b"application/grpc"),
+            ]);
+            let trailers = enc.encode([(&b"grpc-status"[..], &b"14"[..])]);
+            [
+                (1u8, 0x4u8, 1u32, status),
+                (0, 0x0, 1, b"\0\0\0\0\0".to_vec()),
+                (1, 0x5, 1, trailers),
+            ]
+        };
+        for (i, (send, recv, from, to)) in [
+            (6u64, 5u64, SERVER, INBOUND),
+            (4, 3, INBOUND, OUTBOUND),
+            (2, 1, OUTBOUND, APP),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            t[6 + 2 * i] = node.h2(send, from, DIR_SEND, false, &response());
+            t[7 + 2 * i] = node.h2(recv, to, DIR_RECV, false, &response());
+        }
+        // Stream 3: the server resets it.
+        let reset = [(3u8, 0u8, 3u32, 8u32.to_be_bytes().to_vec())];
+        node.h2(6, SERVER, DIR_SEND, false, &reset);
+        node.h2(5, INBOUND, DIR_RECV, false, &reset);
+        let spans = std::mem::take(&mut node.spans);
+        assert_eq!(spans.len(), 1, "{spans:?} {:?}", node.stitcher.unstitched);
+        let s = &spans[0];
+        assert_eq!(s.path, "/lab.Reviews/Get");
+        assert_eq!(s.moments, t.map(Some));
+        assert_eq!(s.protocol, crate::spans::span::Protocol::Grpc);
+        assert_eq!(s.grpc_status, Some(14));
+        assert!(s.is_error(), "UNAVAILABLE is a server error");
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::StreamReset),
+            Some(&1),
+            "{:?}",
+            node.stitcher.unstitched
+        );
+    }
+
     impl Node {
         /// As [`Node::h2`], inside TLS: an encrypted record on the wire
         /// (before the frames when `record_first`, as a late plaintext
