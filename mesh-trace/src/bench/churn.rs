@@ -45,6 +45,8 @@ pub fn run(
         workers: 2,
         alive_per_worker: 6,
         max_per_s: None,
+        // As fast as it goes: the agent's capacity is what is measured.
+        background: false,
     };
     eprintln!(
         "==> churn: {pods} pods, {} connections, the lab's client at {RATE} requests/s",

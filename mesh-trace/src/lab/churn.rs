@@ -29,6 +29,10 @@ pub struct ChurnOptions {
     pub alive_per_worker: usize,
     /// At most this many connections per second in all, if set.
     pub max_per_s: Option<u32>,
+    /// Workers at the lowest CPU priority (nice 19): load from other pods
+    /// that takes what the traced ones leave, instead of keeping them off
+    /// the CPU for tens of ms.
+    pub background: bool,
 }
 
 /// The churn under way.
@@ -83,6 +87,13 @@ fn worker(
     opts: ChurnOptions,
     connections: &AtomicUsize,
 ) -> anyhow::Result<()> {
+    if opts.background {
+        // This thread only (Linux's nice is per thread).
+        // SAFETY: plain system calls on the calling thread.
+        let failed =
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) } != 0;
+        anyhow::ensure!(!failed, "nice 19: {}", std::io::Error::last_os_error());
+    }
     let mut alive = VecDeque::new();
     let per_pod = opts.connections_per_pod;
     let started = Instant::now();

@@ -67,8 +67,7 @@ impl TxStamps {
 
     /// A write of `n` bytes returned: the kernel's transmit time of its
     /// last byte (CLOCK_MONOTONIC ns), when the packet left within the call
-    /// (else `None`: held back by the congestion window, say). Drains the
-    /// socket's stamps either way.
+    /// (else `None`: held back by the congestion window, say).
     pub fn after_write(&mut self, n: usize) -> Option<u64> {
         if n == 0 {
             return None;
@@ -76,13 +75,12 @@ impl TxStamps {
         self.sent += n as u64;
         // The kernel's key is 32 bits and wraps.
         let last = (self.sent - 1) as u32;
-        let mut found = None;
-        while let Some((key, realtime_ns)) = self.next_stamp() {
-            if key == last {
-                found = Some(realtime_ns);
-            }
-        }
-        found.map(realtime_to_monotonic)
+        // A write makes one stamp: one read per write keeps the queue
+        // short without a second call to find it empty. A stamp that came
+        // late (its packet held back) is read at a later write and matches
+        // nothing.
+        let (key, realtime_ns) = self.next_stamp()?;
+        (key == last).then(|| realtime_to_monotonic(realtime_ns))
     }
 
     /// The next transmit stamp on the error queue: (key, CLOCK_REALTIME ns).
