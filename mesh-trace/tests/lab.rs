@@ -49,6 +49,25 @@ fn proxy_records(lab: &Lab, pod: &str) -> Vec<ProxyRecord> {
     read_records(&lab.proxy_log(pod)).unwrap()
 }
 
+/// The client sidecar's records once at least `n` are written: a TCP
+/// connection's record is written when the sidecar sees it close, which
+/// can be after the load generator has exited.
+fn tcp_records(lab: &Lab, n: usize) -> Vec<ProxyRecord> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let recs = proxy_records(lab, CLIENT);
+        if recs.len() >= n {
+            return recs;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} TCP records after 5 s",
+            recs.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Packet count of the first rule of `chain` in the pod's nat table.
 fn rule_packets(lab: &Lab, pod: &str, chain: &str) -> u64 {
     let out = lab
@@ -237,8 +256,7 @@ fn unregistered_destinations_follow_the_outbound_policy() {
         let lab = Lab::up(&options()).unwrap();
         let (summary, _) = load(&lab, &["--url", external, "--requests", "3"], "pass");
         assert_eq!(summary.ok, 3, "{summary:?}");
-        let recs = proxy_records(&lab, CLIENT);
-        assert!(!recs.is_empty());
+        let recs = tcp_records(&lab, 1);
         for r in &recs {
             assert_eq!(r.kind, "tcp");
             assert_eq!(r.cluster, "PassthroughCluster");
@@ -255,8 +273,7 @@ fn unregistered_destinations_follow_the_outbound_policy() {
         let (summary, _) = load(&lab, &["--url", external, "--requests", "3"], "hole");
         assert_eq!(summary.ok, 0, "{summary:?}");
         assert_eq!(summary.errors, 3, "{summary:?}");
-        let recs = proxy_records(&lab, CLIENT);
-        assert!(!recs.is_empty());
+        let recs = tcp_records(&lab, 1);
         for r in &recs {
             assert_eq!(r.cluster, "BlackHoleCluster");
             assert_eq!(r.upstream_host, None);
