@@ -134,7 +134,10 @@ fn retransmits_are_counted_on_the_leg_that_lost_packets() {
             delay_ms: 0.0,
         },
     );
-    let traced = Traced::start(&lab);
+    // Every retransmit must reach the agent, here the test's unoptimized
+    // build sharing two cores with the lab: a ring of 16 MiB (the default
+    // is 1 MiB) rides out its pauses (a 4 MiB one lost 16,297 events once).
+    let traced = Traced::start_with_settings(&lab, |s| s.ring_buffer_bytes = 1 << 24);
     // Every TCP tracepoint attached, the SYN-ACK one included.
     let programs = traced.state.info.lock().unwrap().programs.join(", ");
     for tp in ["tcp_retransmit_skb", "tcp_retransmit_synack"] {
