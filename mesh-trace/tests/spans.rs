@@ -8,6 +8,7 @@ use std::{collections::HashMap, time::Duration};
 use common::Traced;
 use mesh_trace::{
     lab::{
+        config::Http2,
         records::{read_records, ClientRecord, ProxyRecord},
         topology::{Lab, LabOptions},
     },
@@ -21,19 +22,28 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-/// Runs the acceptance load and compares spans with the truth.
-fn spans_match_the_truth(mtls: bool) {
+/// Runs the acceptance load and compares spans with the truth: 100
+/// requests/s over HTTP/1.1, or, with the sidecars upgrading to HTTP/2
+/// between them, 16 connections as fast as they go, so that requests are
+/// streams multiplexed on the sidecars' connection to each endpoint.
+fn spans_match_the_truth(mtls: bool, http2: Http2) {
     require_root();
-    let lab = Lab::up(&delayed_lab(mtls)).unwrap();
+    let mut opts = delayed_lab(mtls);
+    opts.http2 = http2;
+    let lab = Lab::up(&opts).unwrap();
     let traced = Traced::start(&lab);
-    // 100 requests/s to reviews, written to `records`.
+    let pace: [&str; 2] = match http2 {
+        Http2::Off => ["--rate", "100"],
+        _ => ["--connections", "16"],
+    };
+    // Requests to reviews, written to `records`.
     let load = |requests: u64, records: &std::path::Path| {
         let requests = requests.to_string();
         let args = [
             "--url",
             "http://reviews:9080/reviews/0",
-            "--rate",
-            "100",
+            pace[0],
+            pace[1],
             "--requests",
             &requests,
         ];
@@ -43,7 +53,10 @@ fn spans_match_the_truth(mtls: bool) {
     // steady state.
     load(100, &lab.dir.join("warmup.jsonl")).unwrap();
     let records = lab.dir.join("client.jsonl");
-    let n = 1000u64;
+    let n = match http2 {
+        Http2::Off => 1000u64,
+        _ => 1600,
+    };
     let summary = load(n, &records).unwrap();
     assert_eq!(summary.ok, n, "{summary:?}");
     let client: Vec<ClientRecord> = read_records(&records).unwrap();
@@ -183,12 +196,19 @@ fn spans_match_the_truth(mtls: bool) {
 
 #[test]
 fn hop_latencies_match_the_lab_truth() {
-    spans_match_the_truth(false);
+    spans_match_the_truth(false, Http2::Off);
 }
 
 #[test]
 fn hop_latencies_match_the_lab_truth_with_mutual_tls() {
-    spans_match_the_truth(true);
+    spans_match_the_truth(true, Http2::Off);
+}
+
+/// HTTP/1.1 apps, the lab's own sidecars upgrading to HTTP/2 between them:
+/// the sidecars' records take each stream's moments from its frames.
+#[test]
+fn hop_latencies_match_the_lab_truth_with_sidecars_upgrading_to_http2() {
+    spans_match_the_truth(false, Http2::BetweenSidecars);
 }
 
 #[test]

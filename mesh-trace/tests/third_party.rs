@@ -11,7 +11,8 @@ use std::{collections::HashMap, time::Duration};
 use common::Traced;
 use mesh_trace::{
     lab::{
-        haproxy::{Http2, RequestIds},
+        config::Http2,
+        haproxy::RequestIds,
         records::{read_records, AppRecord, ClientRecord},
         topology::{Lab, LabOptions, Sidecar},
     },
@@ -86,11 +87,11 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
             Ids::AddedUpstream => RequestIds::AddedUpstream,
         },
         threads: 2,
-        http2: if h2 {
-            Http2::BetweenSidecars
-        } else {
-            Http2::Off
-        },
+    };
+    opts.http2 = if h2 {
+        Http2::BetweenSidecars
+    } else {
+        Http2::Off
     };
     opts.mtls = mtls;
     let id_flag: &[&str] = match ids {

@@ -25,6 +25,19 @@ pub enum OutboundTrafficPolicy {
     RegistryOnly,
 }
 
+/// Where the sidecars speak HTTP/2.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Http2 {
+    /// HTTP/1.1 everywhere.
+    #[default]
+    Off,
+    /// Between sidecars only; the apps' legs stay HTTP/1.1.
+    BetweenSidecars,
+    /// Between sidecars and to the apps (which then serve HTTP/2, gRPC
+    /// among it); apps may send either.
+    EndToEnd,
+}
+
 // The topology's types are the agent's too (`--lab DIR` reads them).
 pub use crate::flows::lab_topology::{LabTopology, PodSpec, ServiceSpec};
 

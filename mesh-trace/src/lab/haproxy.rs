@@ -21,7 +21,7 @@
 //! so the pod's istio-iptables rules leave its own connections alone.
 use std::{fmt::Write as _, path::PathBuf};
 
-use super::config::{LabTopology, PodSpec};
+use super::config::{Http2, LabTopology, PodSpec};
 
 /// Where Debian installs it (package `haproxy`).
 pub const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -39,19 +39,6 @@ pub enum RequestIds {
     /// The outbound sidecar adds one upstream when the app sent none, as
     /// Envoy does.
     AddedUpstream,
-}
-
-/// Where the sidecars speak HTTP/2.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum Http2 {
-    /// HTTP/1.1 everywhere.
-    #[default]
-    Off,
-    /// Between sidecars only; the apps' legs stay HTTP/1.1.
-    BetweenSidecars,
-    /// Between sidecars and to the apps (which then serve HTTP/2, gRPC
-    /// among it); apps may send either.
-    EndToEnd,
 }
 
 /// Mutual TLS between HAProxy sidecars (OpenSSL, from Debian's

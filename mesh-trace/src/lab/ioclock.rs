@@ -29,6 +29,10 @@
 //!   requests to the service in that order: [`IoClock::next_h2_request`]),
 //!   and the write that carried each stream's last frame
 //!   ([`IoClock::wait_h2_end`]).
+//! - HTTP/2 clients (a sidecar's upstream side): the write that carried each
+//!   stream's HEADERS frame, whose block is decoded to tell which request it
+//!   was ([`RequestKey`]), and the read that carried its response's last
+//!   frame ([`IoClock::h2_exchange`]).
 use std::{
     collections::VecDeque,
     future::Future,
@@ -93,16 +97,61 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// than the streams a peer keeps in flight.
 const H2_KEPT: usize = 1024;
 
-/// A server connection's HTTP/2 frames as they were read and written.
+/// The largest HPACK table a client's header blocks may use: hyper's
+/// encoder keeps to the peer's SETTINGS, 4 KiB unless raised.
+const HPACK_TABLE: usize = 64 * 1024;
+
+/// A connection's HTTP/2 frames as they were read and written. The preface
+/// tells a server's connection (read first) from a client's (written
+/// first); every frame after it is followed, in both directions.
 #[derive(Debug, Default)]
 struct H2Frames {
-    /// Bytes read so far while the preface is being checked; `None` once
-    /// it was (`on` says how it went).
-    preface: Option<Vec<u8>>,
-    checked: bool,
-    on: bool,
+    read_preface: Preface,
+    write_preface: Preface,
     reads: FrameCursor,
     writes: FrameCursor,
+    server: ServerStreams,
+    client: ClientStreams,
+}
+
+/// Looking for the preface at a byte stream's start.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Preface {
+    /// None of the stream seen yet.
+    #[default]
+    Looking,
+    /// This many of its bytes seen so far.
+    Partly(usize),
+    Found,
+    Absent,
+}
+
+impl Preface {
+    /// Takes the preface's bytes off the front of `bytes`: what is left
+    /// is frames (or, when the preface is absent, whatever the stream is).
+    fn strip<'a>(&mut self, bytes: &'a [u8]) -> &'a [u8] {
+        let seen = match *self {
+            Preface::Found | Preface::Absent => return bytes,
+            Preface::Looking => 0,
+            Preface::Partly(n) => n,
+        };
+        let n = (PREFACE.len() - seen).min(bytes.len());
+        if bytes[..n] != PREFACE[seen..seen + n] {
+            *self = Preface::Absent;
+            return bytes;
+        }
+        *self = if seen + n == PREFACE.len() {
+            Preface::Found
+        } else {
+            Preface::Partly(seen + n)
+        };
+        &bytes[n..]
+    }
+}
+
+/// A server connection: requests read, responses written.
+#[derive(Debug, Default)]
+struct ServerStreams {
     /// Requests' HEADERS frames, in arrival order: (stream, read ns).
     heads: VecDeque<(u32, u64)>,
     /// Streams the peer opened so far (the highest id).
@@ -111,24 +160,99 @@ struct H2Frames {
     ends: VecDeque<(u32, u64)>,
 }
 
+/// A client connection: requests written, responses read. Which request a
+/// stream carries is read from its header block (HPACK-decoded as it is
+/// written, every block in order, as the peer decodes them).
+#[derive(Debug, Default)]
+struct ClientStreams {
+    /// Streams opened, oldest first, at most [`H2_KEPT`].
+    sent: VecDeque<SentStream>,
+    last_opened: u32,
+    /// The header block being written: its stream and bytes so far.
+    block: Option<(u32, Vec<u8>)>,
+    /// The payload of the frame being written, when it carries a block.
+    frame: Vec<u8>,
+    frame_type: u8,
+    frame_flags: u8,
+    hpack: Option<Hpack>,
+    /// A block could not be decoded: the table is lost for good.
+    lost: bool,
+    /// Frames that ended a stream on the way in: (stream, read ns).
+    ends: VecDeque<(u32, u64)>,
+}
+
+struct Hpack(loona_hpack::Decoder<'static>);
+
+impl std::fmt::Debug for Hpack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hpack")
+    }
+}
+
+#[derive(Debug)]
+struct SentStream {
+    stream: u32,
+    /// The write that carried its HEADERS frame's header.
+    head_ns: u64,
+    key: Option<RequestKey>,
+}
+
+/// What names a request on a client connection: its path and the header
+/// lines a sidecar sets on each attempt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestKey {
+    pub path: String,
+    pub request_id: Option<String>,
+    pub attempt: Option<String>,
+}
+
+impl RequestKey {
+    fn note(&mut self, name: &[u8], value: &[u8]) {
+        let value = || Some(String::from_utf8_lossy(value).into_owned());
+        match name {
+            b":path" => self.path = value().unwrap_or_default(),
+            b"x-request-id" => self.request_id = value(),
+            b"x-envoy-attempt-count" => self.attempt = value(),
+            _ => {}
+        }
+    }
+}
+
 /// Where a byte stream is among its frames.
 #[derive(Debug, Default)]
 struct FrameCursor {
     header: [u8; 9],
     /// Bytes of `header` filled.
     have: usize,
-    /// Payload bytes left to skip.
+    /// Payload bytes left to pass over.
     skip: usize,
 }
 
+/// A frame's header.
+#[derive(Clone, Copy, Debug)]
+struct FrameHead {
+    stream: u32,
+    ty: u8,
+    flags: u8,
+}
+
+/// What feeding bytes to a [`FrameCursor`] finds.
+enum Framing<'a> {
+    /// A frame header completed.
+    Head(FrameHead),
+    /// A piece of the current frame's payload, and whether it was the last
+    /// (an empty last one for an empty payload).
+    Payload(&'a [u8], bool),
+}
+
 impl FrameCursor {
-    /// Feeds `bytes`; `frame(stream, type, flags)` for each frame header
-    /// completed in them.
-    fn feed(&mut self, mut bytes: &[u8], mut frame: impl FnMut(u32, u8, u8)) {
+    /// Feeds `bytes`, calling `found` with what they complete.
+    fn feed<'a>(&mut self, mut bytes: &'a [u8], mut found: impl FnMut(Framing<'a>)) {
         while !bytes.is_empty() {
             if self.skip > 0 {
                 let n = self.skip.min(bytes.len());
                 self.skip -= n;
+                found(Framing::Payload(&bytes[..n], self.skip == 0));
                 bytes = &bytes[n..];
                 continue;
             }
@@ -141,7 +265,14 @@ impl FrameCursor {
                 self.have = 0;
                 self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
                 let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-                frame(stream, h[3], h[4]);
+                found(Framing::Head(FrameHead {
+                    stream,
+                    ty: h[3],
+                    flags: h[4],
+                }));
+                if self.skip == 0 {
+                    found(Framing::Payload(&[], true));
+                }
             }
         }
     }
@@ -149,7 +280,9 @@ impl FrameCursor {
 
 const FRAME_DATA: u8 = 0;
 const FRAME_HEADERS: u8 = 1;
+const FRAME_CONTINUATION: u8 = 9;
 const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
 
 fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
     if q.len() == H2_KEPT {
@@ -158,47 +291,114 @@ fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
     q.push_back(item);
 }
 
+fn ends_stream(f: FrameHead) -> bool {
+    (f.ty == FRAME_DATA || f.ty == FRAME_HEADERS) && f.flags & FLAG_END_STREAM != 0
+}
+
 impl H2Frames {
-    fn read(&mut self, t: u64, mut bytes: &[u8]) {
-        if !self.checked {
-            let seen = self.preface.get_or_insert_with(Vec::new);
-            let n = (PREFACE.len() - seen.len()).min(bytes.len());
-            seen.extend_from_slice(&bytes[..n]);
-            bytes = &bytes[n..];
-            if !PREFACE.starts_with(seen) {
-                self.checked = true;
-            } else if seen.len() == PREFACE.len() {
-                self.checked = true;
-                self.on = true;
-            }
-            if self.checked {
-                self.preface = None;
-            }
-        }
-        if !self.on {
+    fn read(&mut self, t: u64, bytes: &[u8]) {
+        let bytes = self.read_preface.strip(bytes);
+        let server = self.read_preface == Preface::Found;
+        let client = self.write_preface == Preface::Found;
+        if !server && !client {
             return;
         }
-        let (heads, last) = (&mut self.heads, &mut self.last_opened);
-        self.reads.feed(bytes, |stream, ty, _| {
+        let (s, c) = (&mut self.server, &mut self.client);
+        self.reads.feed(bytes, |found| {
+            let Framing::Head(f) = found else {
+                return;
+            };
             // A HEADERS frame on a stream newer than any opened is a
             // request's head (later ones on it are its trailers).
-            if ty == FRAME_HEADERS && stream > *last {
-                *last = stream;
-                push_bounded(heads, (stream, t));
+            if server && f.ty == FRAME_HEADERS && f.stream > s.last_opened {
+                s.last_opened = f.stream;
+                push_bounded(&mut s.heads, (f.stream, t));
+            }
+            if client && ends_stream(f) {
+                push_bounded(&mut c.ends, (f.stream, t));
             }
         });
     }
 
     fn wrote(&mut self, t: u64, bytes: &[u8]) {
-        if !self.on {
+        let bytes = self.write_preface.strip(bytes);
+        // A server writes its SETTINGS before it has read the preface, so
+        // its frames are followed from its first write, until its reads
+        // turn out not to begin with the preface (HTTP/1.1).
+        let client = match (self.write_preface, self.read_preface) {
+            (Preface::Found, _) => true,
+            (Preface::Absent, Preface::Absent) => return,
+            (Preface::Absent, _) => false,
+            _ => return,
+        };
+        let (s, c) = (&mut self.server, &mut self.client);
+        self.writes.feed(bytes, |found| match found {
+            Framing::Head(f) if client => c.begin_frame(f, t),
+            Framing::Head(f) if ends_stream(f) => push_bounded(&mut s.ends, (f.stream, t)),
+            Framing::Payload(chunk, last) if client => c.frame_payload(chunk, last),
+            _ => {}
+        });
+    }
+}
+
+impl ClientStreams {
+    fn begin_frame(&mut self, f: FrameHead, t: u64) {
+        self.frame.clear();
+        self.frame_type = f.ty;
+        self.frame_flags = f.flags;
+        if f.ty == FRAME_HEADERS && f.stream > self.last_opened {
+            self.last_opened = f.stream;
+            let sent = SentStream {
+                stream: f.stream,
+                head_ns: t,
+                key: None,
+            };
+            push_bounded(&mut self.sent, sent);
+        }
+        if f.ty == FRAME_HEADERS {
+            self.block = Some((f.stream, Vec::new()));
+        }
+    }
+
+    /// Gathers header blocks; decodes each when its last frame is whole.
+    fn frame_payload(&mut self, chunk: &[u8], last: bool) {
+        if !matches!(self.frame_type, FRAME_HEADERS | FRAME_CONTINUATION) || self.block.is_none() {
             return;
         }
-        let ends = &mut self.ends;
-        self.writes.feed(bytes, |stream, ty, flags| {
-            if (ty == FRAME_DATA || ty == FRAME_HEADERS) && flags & FLAG_END_STREAM != 0 {
-                push_bounded(ends, (stream, t));
-            }
+        self.frame.extend_from_slice(chunk);
+        if !last {
+            return;
+        }
+        let Some(fragment) =
+            crate::spans::h2::fragment(self.frame_type, self.frame_flags, &self.frame)
+        else {
+            self.lost = true;
+            return;
+        };
+        let Some((stream, block)) = self.block.as_mut() else {
+            return;
+        };
+        block.extend_from_slice(fragment);
+        if self.frame_flags & FLAG_END_HEADERS == 0 {
+            return;
+        }
+        let (stream, block) = (*stream, std::mem::take(block));
+        self.block = None;
+        let Hpack(hpack) = self.hpack.get_or_insert_with(|| {
+            let mut d = loona_hpack::Decoder::new();
+            d.set_max_allowed_table_size(HPACK_TABLE);
+            Hpack(d)
         });
+        let mut key = RequestKey::default();
+        let decoded = hpack.decode_with_cb(&block, |name, value| key.note(&name, &value));
+        if decoded.is_err() {
+            self.lost = true;
+            return;
+        }
+        // The stream's first block is its request head; a later one its trailers.
+        if let Some(sent) = self.sent.iter_mut().rev().find(|s| s.stream == stream) {
+            sent.key.get_or_insert(key);
+        }
     }
 }
 
@@ -256,7 +456,7 @@ impl IoClock {
     /// as hyper hands them to the service (in their arrival order). `None`
     /// on other connections.
     pub fn next_h2_request(&self) -> Option<(u32, u64)> {
-        self.lock().h2.heads.pop_front()
+        self.lock().h2.server.heads.pop_front()
     }
 
     /// The write that carried the last frame of `stream` (its END_STREAM),
@@ -267,7 +467,7 @@ impl IoClock {
                 let notified = self.wrote.notified();
                 {
                     let times = self.lock();
-                    if let Some(&(_, t)) = times.h2.ends.iter().find(|(s, _)| *s == stream) {
+                    if let Some(&(_, t)) = times.h2.server.ends.iter().find(|(s, _)| *s == stream) {
                         return Some(t);
                     }
                     if times.closed {
@@ -278,6 +478,33 @@ impl IoClock {
             }
         };
         tokio::time::timeout(limit, wait).await.ok().flatten()
+    }
+
+    /// On an HTTP/2 client connection, the exchange of the one request
+    /// whose head carried `key`: the write that carried its HEADERS frame
+    /// and the read that ended its response (`None` while it has not).
+    /// `None` when no stream, or more than one, carried it, or the
+    /// connection's header blocks could not all be decoded.
+    pub fn h2_exchange(&self, key: &RequestKey) -> Option<Exchange> {
+        let times = self.lock();
+        let c = &times.h2.client;
+        if c.lost {
+            return None;
+        }
+        let mut carried = c.sent.iter().filter(|s| s.key.as_ref() == Some(key));
+        let sent = carried.next()?;
+        if carried.next().is_some() {
+            return None;
+        }
+        let read_ns = c
+            .ends
+            .iter()
+            .find(|(s, _)| *s == sent.stream)
+            .map(|&(_, t)| t);
+        Some(Exchange {
+            write_ns: sent.head_ns,
+            read_ns,
+        })
     }
 
     fn close(&self) {
@@ -703,6 +930,76 @@ mod tests {
         let http1 = IoClock::new();
         http1.note_read(100, b"POST / HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(http1.next_h2_request(), None);
+    }
+
+    /// A client's streams named by their decoded heads: hyper's HTTP/2
+    /// client over a timed stream, calls in flight at once, the HPACK
+    /// table carried from block to block.
+    #[tokio::test]
+    async fn http2_client_streams_are_told_apart_by_their_heads() {
+        use http_body_util::{BodyExt as _, Full};
+        use hyper::{body::Incoming, Request, Response};
+        use hyper_util::rt::TokioExecutor;
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (a, clock) = Clocked::new(a);
+        // The server notes when each request reached it and when it answered.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::clone(&seen);
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let seen = Arc::clone(&served);
+            async move {
+                let came = mono_ns();
+                let path = req.uri().path().to_owned();
+                // The later calls answer first.
+                let wait = 30 - 10 * path.len() as u64 % 3;
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+                seen.lock().unwrap().push((path, came, mono_ns()));
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from(
+                    "ok",
+                ))))
+            }
+        });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(b), service),
+        );
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(a))
+                .await
+                .expect("handshake");
+        tokio::spawn(conn);
+        let key = |path: &str, id: &str| RequestKey {
+            path: path.to_owned(),
+            request_id: Some(id.to_owned()),
+            attempt: Some("1".to_owned()),
+        };
+        let calls = ["/a", "/bb", "/ccc"].map(|path| {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let req = Request::get(format!("http://svc{path}"))
+                    .header("x-request-id", format!("id{path}"))
+                    .header("x-envoy-attempt-count", "1")
+                    .body(Full::new(bytes::Bytes::new()))
+                    .expect("request");
+                let resp = send.send_request(req).await.expect("response");
+                resp.into_body().collect().await.expect("body");
+            })
+        });
+        for call in calls {
+            call.await.expect("call");
+        }
+        for (path, came, answered) in seen.lock().unwrap().iter() {
+            let x = clock
+                .h2_exchange(&key(path, &format!("id{path}")))
+                .expect("its stream");
+            assert!(x.write_ns <= *came, "{path}: written after it came");
+            let read = x.read_ns.expect("its end read");
+            assert!(read >= *answered, "{path}: read before it was answered");
+        }
+        // Another attempt's key, or none of these, names no stream.
+        let mut other = key("/a", "id/a");
+        other.attempt = Some("2".to_owned());
+        assert_eq!(clock.h2_exchange(&other), None);
     }
 
     #[test]

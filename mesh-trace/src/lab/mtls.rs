@@ -217,6 +217,13 @@ impl SidecarTls {
         // nothing. (A tracer with the TLS probes tells tickets from
         // responses; one without them could not.)
         server.set_num_tickets(0)?;
+        // ALPN as Istio's sidecars negotiate it: h2 when the client offers
+        // it (sidecars upgrading to HTTP/2), else HTTP/1.1. The server
+        // tells the two apart by the preface all the same.
+        server.set_alpn_select_callback(|_, offered| {
+            openssl::ssl::select_next_proto(b"\x02h2\x08http/1.1", offered)
+                .ok_or(openssl::ssl::AlpnError::NOACK)
+        });
         Ok(SidecarTls {
             client,
             server: Arc::new(server.build()),

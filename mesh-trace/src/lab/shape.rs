@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use clap::Args;
 
 use super::{
-    config::OutboundTrafficPolicy,
-    haproxy::{Http2, RequestIds},
+    config::{Http2, OutboundTrafficPolicy},
+    haproxy::RequestIds,
     topology::{Lab, LabOptions, Sidecar},
 };
 
@@ -42,9 +42,9 @@ pub struct LabShape {
     /// The proxy the sidecars run.
     #[arg(long, value_enum, default_value_t = SidecarKind::Lab)]
     pub sidecar: SidecarKind,
-    /// Where the sidecars speak HTTP/2 (HAProxy sidecars only): between
-    /// them (Istio's h2UpgradePolicy UPGRADE), or also to the apps, which
-    /// then serve gRPC (`lab load --grpc`).
+    /// Where the sidecars speak HTTP/2: between them (Istio's
+    /// h2UpgradePolicy UPGRADE), or also to the apps, which then serve
+    /// gRPC (`lab load --grpc`).
     #[arg(long, value_enum, default_value_t = Http2::Off)]
     pub http2: Http2,
     /// Share of the packets leaving a pod's eth0 that are dropped, as
@@ -78,13 +78,9 @@ impl LabShape {
             SidecarKind::Haproxy => Sidecar::Haproxy {
                 ids: RequestIds::Untouched,
                 threads: 2,
-                http2: self.http2,
             },
         };
-        anyhow::ensure!(
-            self.http2 == Http2::Off || self.sidecar == SidecarKind::Haproxy,
-            "--http2 needs --sidecar haproxy: the lab's own proxy speaks HTTP/1.1 only"
-        );
+        opts.http2 = self.http2;
         for (pod, loss) in parse_pod_values(&self.packet_loss)? {
             opts.impairments.entry(pod).or_default().loss = loss;
         }

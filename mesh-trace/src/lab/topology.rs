@@ -19,8 +19,10 @@ use std::{
 use anyhow::{bail, Context as _};
 
 use super::{
-    config::{LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY},
-    haproxy::{self, Http2, RequestIds},
+    config::{
+        Http2, LabTopology, OutboundTrafficPolicy, PodSpec, BOOKINFO_PROXY, BOOKINFO_TOPOLOGY,
+    },
+    haproxy::{self, RequestIds},
     impair::Impairment,
     loadgen::Summary,
     mtls::{self, MeshCa, Workload},
@@ -84,6 +86,8 @@ pub struct LabOptions {
     pub mtls: bool,
     /// Which proxy the sidecars run.
     pub sidecar: Sidecar,
+    /// Where the sidecars speak HTTP/2 (the apps too, end to end).
+    pub http2: Http2,
     /// Per pod: service times its app picks from at random for each
     /// request, overriding the fixed one.
     pub service_time_choices_ms: BTreeMap<String, Vec<f64>>,
@@ -103,12 +107,8 @@ pub enum Sidecar {
     #[default]
     Lab,
     /// HAProxy from Debian's packages (`lab::haproxy`), with this many
-    /// worker threads, speaking HTTP/2 where `http2` says.
-    Haproxy {
-        ids: RequestIds,
-        threads: u32,
-        http2: Http2,
-    },
+    /// worker threads.
+    Haproxy { ids: RequestIds, threads: u32 },
 }
 
 impl LabOptions {
@@ -126,6 +126,7 @@ impl LabOptions {
             drain_ms: 300,
             mtls: false,
             sidecar: Sidecar::Lab,
+            http2: Http2::Off,
             service_time_choices_ms: BTreeMap::new(),
             impairments: BTreeMap::new(),
             nodes: 1,
@@ -457,23 +458,21 @@ impl Lab {
         let resolve = self.resolve_args();
         for i in 0..self.pods.len() {
             let spec = self.pods[i].spec.clone();
-            if let (
-                true,
-                Sidecar::Haproxy {
-                    ids,
-                    threads,
-                    http2,
-                },
-            ) = (spec.sidecar, opts.sidecar)
-            {
+            if let (true, Sidecar::Haproxy { ids, threads }) = (spec.sidecar, opts.sidecar) {
                 let tls = if opts.mtls {
                     Some(self.haproxy_tls(&spec.name)?)
                 } else {
                     None
                 };
                 let cfg = self.dir.join(format!("{}.haproxy.cfg", spec.name));
-                let text =
-                    haproxy::config(&self.topology, &spec, ids, threads, tls.as_ref(), http2);
+                let text = haproxy::config(
+                    &self.topology,
+                    &spec,
+                    ids,
+                    threads,
+                    tls.as_ref(),
+                    opts.http2,
+                );
                 fs::write(&cfg, text)?;
                 let mut c = Command::new(haproxy::HAPROXY);
                 // -db: in the foreground, logging to stderr (the pod's log).
@@ -491,6 +490,9 @@ impl Lab {
                     .args(["--drain-ms", &opts.drain_ms.to_string()]);
                 if let Some(p) = opts.policy {
                     c.args(["--outbound-traffic-policy", policy_arg(p)]);
+                }
+                if opts.http2 != Http2::Off {
+                    c.args(["--http2", &http2_arg(opts.http2)]);
                 }
                 if opts.mtls {
                     c.arg("--mtls-dir").arg(&self.dir);
@@ -519,11 +521,7 @@ impl Lab {
                 for ms in choices.into_iter().flatten() {
                     c.args(["--service-time-choice-ms", &ms.to_string()]);
                 }
-                if let Sidecar::Haproxy {
-                    http2: Http2::EndToEnd,
-                    ..
-                } = opts.sidecar
-                {
+                if opts.http2 == Http2::EndToEnd {
                     // Its sidecar speaks HTTP/2 to it.
                     c.arg("--http2");
                 }
@@ -717,6 +715,12 @@ impl Drop for Lab {
 }
 
 use std::fs::File;
+
+fn http2_arg(h: Http2) -> String {
+    clap::ValueEnum::to_possible_value(&h)
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default()
+}
 
 fn policy_arg(p: OutboundTrafficPolicy) -> &'static str {
     match p {

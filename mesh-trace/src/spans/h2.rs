@@ -437,7 +437,7 @@ fn finish_frame(d: &mut Direction, out: &mut Vec<H2Message>) -> Result<(), LostB
 
 /// The header block fragment of a frame's payload: without its padding,
 /// priority fields or promised stream id.
-fn fragment(frame_type: u8, flags: u8, payload: &[u8]) -> Option<&[u8]> {
+pub(crate) fn fragment(frame_type: u8, flags: u8, payload: &[u8]) -> Option<&[u8]> {
     if frame_type == CONTINUATION {
         return Some(payload);
     }

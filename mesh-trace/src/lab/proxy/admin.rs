@@ -6,7 +6,7 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{listeners::Conn, Proxy};
+use super::{clusters::UpstreamStream, listeners::Conn, Proxy};
 use crate::lab::{
     ioclock::{IoClock, WRITE_WAIT},
     records::{mono_ns, ProxyRecord},
@@ -23,6 +23,13 @@ pub(super) fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT: draining"),
         }
     })
+}
+
+/// Where a request's response goes: its connection's clock and, over
+/// HTTP/2, its stream.
+pub(super) struct Downstream {
+    pub(super) clock: Arc<IoClock>,
+    pub(super) stream: Option<u32>,
 }
 
 impl Proxy {
@@ -54,10 +61,16 @@ impl Proxy {
     }
 
     /// Writes `rec` once its response, returned to hyper now, is written
-    /// downstream. Responses on a connection go out in order and the next
-    /// request is not read before, so the first write from now on is this
-    /// response's head.
-    pub(super) fn record_when_written(self: &Arc<Self>, mut rec: ProxyRecord, clock: Arc<IoClock>) {
+    /// downstream. Over HTTP/1.1 responses on a connection go out in order
+    /// and the next request is not read before, so the first write from now
+    /// on is this response's head; over HTTP/2 the write that carried its
+    /// stream's last frame.
+    pub(super) fn record_when_written(
+        self: &Arc<Self>,
+        mut rec: ProxyRecord,
+        downstream: Downstream,
+        upstream: Option<UpstreamStream>,
+    ) {
         let answered = mono_ns();
         let proxy = Arc::clone(self);
         let mut pending = self
@@ -66,8 +79,17 @@ impl Proxy {
             .unwrap_or_else(|p| p.into_inner());
         while pending.try_join_next().is_some() {}
         pending.spawn(async move {
-            let written = clock.wait_write_from(answered, WRITE_WAIT).await;
+            let clock = &downstream.clock;
+            let written = match downstream.stream {
+                Some(stream) => clock.wait_h2_end(stream, WRITE_WAIT).await,
+                None => clock.wait_write_from(answered, WRITE_WAIT).await,
+            };
             rec.t_downstream_write_ns = written.unwrap_or(answered);
+            // The response went out after its last byte came in: the
+            // upstream stream's frames are all there.
+            if let Some(upstream) = upstream {
+                upstream.refine(&mut rec);
+            }
             proxy.records.write(&rec);
         });
     }

@@ -4,6 +4,7 @@
 //! record and the downstream response are made from.
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -25,10 +26,13 @@ use hyper_util::{
 };
 use rand::{rngs::StdRng, Rng, SeedableRng as _};
 
-use super::{local_reply, strip_hop_by_hop, tls, Proxy, ProxyBody, CONNECT_TIMEOUT};
+use super::{
+    h2pool::{H2Failure, H2Pool},
+    local_reply, strip_hop_by_hop, tls, Proxy, ProxyBody, CONNECT_TIMEOUT,
+};
 use crate::lab::{
     config::RetryPolicy,
-    ioclock::{ClockConnector, ConnectionClock},
+    ioclock::{ClockConnector, ConnectionClock, IoClock, RequestKey},
     records::{mono_ns, ProxyRecord},
 };
 
@@ -54,35 +58,79 @@ pub(super) enum UpstreamClient<'a> {
     Plain(&'a PlainClient),
     /// Mutual TLS with this pod's certificate.
     Mutual(&'a MeshClient),
+    /// HTTP/2, over mutual TLS if the pool says so.
+    H2(&'a H2Pool),
 }
 
-impl UpstreamClient<'_> {
+impl<'a> UpstreamClient<'a> {
     fn scheme(self) -> &'static str {
-        match self {
-            UpstreamClient::Plain(_) => "http",
-            UpstreamClient::Mutual(_) => "https",
+        if self.is_tls() {
+            "https"
+        } else {
+            "http"
         }
     }
 
     fn is_tls(self) -> bool {
-        matches!(self, UpstreamClient::Mutual(_))
+        match self {
+            UpstreamClient::Plain(_) => false,
+            UpstreamClient::Mutual(_) => true,
+            UpstreamClient::H2(pool) => pool.is_tls(),
+        }
     }
 
-    fn request(self, req: Request<Full<Bytes>>) -> ResponseFuture {
+    /// Sent by a pooled HTTP/1.1 client; `Err` gives it back to an
+    /// HTTP/2 pool's.
+    fn pooled_request(
+        self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<ResponseFuture, (&'a H2Pool, Request<Full<Bytes>>)> {
         match self {
-            UpstreamClient::Plain(c) => c.request(req),
-            UpstreamClient::Mutual(c) => c.request(req),
+            UpstreamClient::Plain(c) => Ok(c.request(req)),
+            UpstreamClient::Mutual(c) => Ok(c.request(req)),
+            UpstreamClient::H2(pool) => Err((pool, req)),
         }
     }
 }
 
 impl Proxy {
-    /// The client for an outbound cluster: mutual TLS to mesh endpoints when
-    /// mTLS is on, plaintext otherwise and to what leaves the mesh.
+    /// The client for an outbound cluster: to mesh endpoints HTTP/2 when
+    /// upgrading, mutual TLS when mTLS is on; HTTP/1.1 in plaintext
+    /// otherwise and to what leaves the mesh.
     pub(super) fn outbound_client(&self, mesh: bool) -> UpstreamClient<'_> {
-        match (&self.mesh_client, mesh) {
-            (Some(c), true) => UpstreamClient::Mutual(c),
+        match (mesh, &self.mesh_h2, &self.mesh_client) {
+            (true, Some(h2), _) => UpstreamClient::H2(h2),
+            (true, None, Some(c)) => UpstreamClient::Mutual(c),
             _ => UpstreamClient::Plain(&self.outbound_client),
+        }
+    }
+
+    /// The client to the app: HTTP/2 end to end.
+    pub(super) fn inbound_client(&self) -> UpstreamClient<'_> {
+        match &self.inbound_h2 {
+            Some(h2) => UpstreamClient::H2(h2),
+            None => UpstreamClient::Plain(&self.inbound_client),
+        }
+    }
+}
+
+#[derive(Debug)]
+/// A request sent as an HTTP/2 stream: its connection's clock finds the
+/// stream's moments once its response has been read to the end.
+pub(super) struct UpstreamStream {
+    clock: Arc<IoClock>,
+    key: RequestKey,
+}
+
+impl UpstreamStream {
+    /// The record's upstream times from the stream's frames, where the
+    /// clock could tell them (see [`IoClock::h2_exchange`]).
+    pub(super) fn refine(&self, rec: &mut ProxyRecord) {
+        if let Some(x) = self.clock.h2_exchange(&self.key) {
+            rec.t_upstream_write_ns = x.write_ns;
+            if let Some(read) = x.read_ns {
+                rec.t_upstream_read_ns = read;
+            }
         }
     }
 }
@@ -123,14 +171,27 @@ impl BufferedRequest {
     /// `scheme` picks the connection: "https" is mutual TLS.
     fn to_upstream(
         &self,
-        scheme: &str,
+        client: UpstreamClient<'_>,
         endpoint: SocketAddr,
         attempt: u32,
     ) -> anyhow::Result<Request<Full<Bytes>>> {
         let path = self.parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let h2 = matches!(client, UpstreamClient::H2(_));
+        // The request's authority: its Host, or HTTP/2's `:authority`.
+        let authority = self.parts.headers.get(header::HOST).cloned().or_else(|| {
+            let a = self.parts.uri.authority()?;
+            HeaderValue::from_str(a.as_str()).ok()
+        });
+        // HTTP/2 carries it as `:authority`, as Envoy does; hyper's pooled
+        // HTTP/1.1 client connects to the URI's authority, so there the
+        // endpoint goes in the URI and the authority in Host.
+        let uri_authority = match (&authority, h2) {
+            (Some(a), true) => a.to_str()?.to_owned(),
+            _ => endpoint.to_string(),
+        };
         let uri = Uri::builder()
-            .scheme(scheme)
-            .authority(endpoint.to_string())
+            .scheme(client.scheme())
+            .authority(uri_authority)
             .path_and_query(path)
             .build()?;
         let mut req = Request::builder()
@@ -139,7 +200,21 @@ impl BufferedRequest {
             .body(Full::new(self.body.clone()))?;
         let headers = req.headers_mut();
         *headers = self.parts.headers.clone();
+        let trailers = headers.get(header::TE) == Some(&HeaderValue::from_static("trailers"));
         strip_hop_by_hop(headers);
+        if trailers {
+            // gRPC's `te: trailers` is end to end, the one TE HTTP/2 allows.
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        match (authority, h2) {
+            (_, true) => {
+                headers.remove(header::HOST);
+            }
+            (Some(a), false) => {
+                headers.insert(header::HOST, a);
+            }
+            (None, false) => {}
+        }
         // The body is re-framed from the buffer.
         headers.remove(header::CONTENT_LENGTH);
         headers.insert(ATTEMPT_COUNT, HeaderValue::from(attempt));
@@ -163,15 +238,16 @@ impl Upstream<'_> {
         rec: &mut ProxyRecord,
         parts: Parts,
         body: Incoming,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, Option<UpstreamStream>) {
         let body = match body.collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 tracing::debug!("reading the request body from {}: {e}", rec.downstream_peer);
-                return local_reply(
+                let reply = local_reply(
                     StatusCode::BAD_REQUEST,
                     "downstream request body read error",
                 );
+                return (reply, None);
             }
         };
         if !self.delay.is_zero() {
@@ -180,10 +256,11 @@ impl Upstream<'_> {
         let req = BufferedRequest { parts, body };
         // Seeded from the thread rng, which cannot be held across awaits.
         let mut rng = StdRng::from_rng(&mut rand::rng());
-        let outcome =
+        let mut outcome =
             forward_with_retries(self.client, &req, self.endpoints, self.retry, &mut rng).await;
         outcome.fill(rec);
-        outcome.into_response()
+        let stream = outcome.stream.take();
+        (outcome.into_response(), stream)
     }
 }
 
@@ -249,6 +326,8 @@ struct Outcome {
     /// The last attempt's request write and response read (see `ProxyRecord`).
     t_upstream_write_ns: u64,
     t_upstream_read_ns: u64,
+    /// The last attempt's HTTP/2 stream, whose moments come later.
+    stream: Option<UpstreamStream>,
 }
 
 impl Outcome {
@@ -296,6 +375,7 @@ async fn forward_with_retries(
         upstream_tls: false,
         t_upstream_write_ns: 0,
         t_upstream_read_ns: 0,
+        stream: None,
     };
     let mut tried = Vec::new();
     while let Some(endpoint) = pick_endpoint(endpoints, &tried, rng) {
@@ -305,6 +385,7 @@ async fn forward_with_retries(
         out.upstream_local = None;
         out.upstream_tls = client.is_tls();
         out.t_upstream_read_ns = 0;
+        out.stream = None;
         let result = attempt(client, req, endpoint, out.attempts, &mut out).await;
         if !should_retry(retry, result, out.attempts) {
             break;
@@ -327,7 +408,7 @@ async fn attempt(
     number: u32,
     out: &mut Outcome,
 ) -> AttemptResult {
-    let upstream_req = match req.to_upstream(client.scheme(), endpoint, number) {
+    let upstream_req = match req.to_upstream(client, endpoint, number) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("building the request for {endpoint}: {e}");
@@ -339,7 +420,11 @@ async fn attempt(
     // it was written and the answer read (see `ioclock`).
     let sent = mono_ns();
     out.t_upstream_write_ns = sent;
-    let result = match client.request(upstream_req).await {
+    let request = match client.pooled_request(upstream_req) {
+        Ok(request) => request,
+        Err((pool, req)) => return attempt_h2(pool, req, endpoint, number, sent, out).await,
+    };
+    let result = match request.await {
         Ok(resp) => {
             let arrived = mono_ns();
             let io = resp
@@ -362,6 +447,55 @@ async fn attempt(
         }
         Err(e) => {
             tracing::debug!("attempt {number} to {endpoint}: {e:?}");
+            AttemptResult::Reset
+        }
+    };
+    out.response = Err(result);
+    result
+}
+
+/// [`attempt`] as an HTTP/2 stream.
+async fn attempt_h2(
+    pool: &H2Pool,
+    req: Request<Full<Bytes>>,
+    endpoint: SocketAddr,
+    number: u32,
+    sent: u64,
+    out: &mut Outcome,
+) -> AttemptResult {
+    let key = RequestKey {
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned(),
+        request_id: req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        attempt: Some(number.to_string()),
+    };
+    let result = match pool.send(endpoint, req).await {
+        Ok((resp, conn)) => {
+            // Until the frames tell (at the record, once the response is read).
+            out.t_upstream_write_ns = sent;
+            out.t_upstream_read_ns = mono_ns();
+            out.upstream_local = Some(conn.local);
+            out.stream = Some(UpstreamStream {
+                clock: conn.clock,
+                key,
+            });
+            let status = resp.status().as_u16();
+            out.response = Ok(resp);
+            return AttemptResult::Status(status);
+        }
+        Err(H2Failure::Connect(e)) => {
+            tracing::debug!("attempt {number} to {endpoint}: {e}");
+            AttemptResult::ConnectFailure
+        }
+        Err(H2Failure::Reset(e)) => {
+            tracing::debug!("attempt {number} to {endpoint}: {e}");
             AttemptResult::Reset
         }
     };

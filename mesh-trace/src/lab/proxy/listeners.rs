@@ -16,8 +16,11 @@ use std::{
 use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::{
-    rt::TokioIo,
-    server::graceful::{GracefulConnection, GracefulShutdown, Watcher},
+    rt::{TokioExecutor, TokioIo},
+    server::{
+        conn::auto,
+        graceful::{GracefulConnection, GracefulShutdown, Watcher},
+    },
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -32,6 +35,8 @@ use crate::lab::{
     ioclock::{Clocked, IoClock},
     records::{mono_ns, Direction, ProxyRecord},
 };
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The first byte of a TLS connection: a handshake record (content type 22).
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -257,21 +262,29 @@ fn http_connection(
     conn: Conn,
     stream: impl DownstreamIo,
     clock: Arc<IoClock>,
-) -> impl GracefulConnection<Error = hyper::Error> + Send + 'static {
+) -> impl GracefulConnection<Error = BoxError> + Send + 'static {
     let proxy = Arc::clone(proxy);
     let service = service_fn(move |req| {
         let (proxy, clock) = (Arc::clone(&proxy), Arc::clone(&clock));
-        async move { Ok::<_, Infallible>(proxy.http(conn, &clock, req).await) }
+        // hyper calls this in the order HTTP/2 requests came: the clock's
+        // next request head is this one (none over HTTP/1.1).
+        let h2 = clock.next_h2_request();
+        async move { Ok::<_, Infallible>(proxy.http(conn, &clock, h2, req).await) }
     });
-    hyper::server::conn::http1::Builder::new()
+    // HTTP/1.1 or HTTP/2, told by the preface, as Envoy's listeners do.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .keep_alive(true)
         // Envoy keeps idle downstream connections for an hour; never time out.
-        .header_read_timeout(None)
+        .header_read_timeout(None);
+    builder
         .serve_connection(TokioIo::new(stream), service)
+        .into_owned()
 }
 
 /// Runs a (watched) HTTP connection to its end.
-async fn serve_http(conn: Conn, watched: impl Future<Output = Result<(), hyper::Error>>) {
+async fn serve_http(conn: Conn, watched: impl Future<Output = Result<(), BoxError>>) {
     if let Err(e) = watched.await {
         tracing::debug!("{:?} connection from {}: {e}", conn.direction, conn.peer);
     }
@@ -329,6 +342,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     use super::*;
+    use crate::lab::config::Http2;
     use crate::lab::proxy::tests::{exchange, http_server, lab_config, TestCerts, TestProxy, VIP};
 
     #[tokio::test]
@@ -410,6 +424,7 @@ mod tests {
             OutboundTrafficPolicy::AllowAny,
             move |_| app,
             Some(certs.dir.clone()),
+            Http2::Off,
         )
         .await;
         // Waiting in the TLS sniff: no HTTP connection yet for `graceful` to close.

@@ -37,13 +37,14 @@ use hyper::{
 use tokio::task::JoinSet;
 
 use super::{
-    config::{OutboundTrafficPolicy, ProxyConfig},
+    config::{Http2, OutboundTrafficPolicy, ProxyConfig},
     mtls::SidecarTls,
     records::RecordWriter,
 };
 
 mod admin;
 mod clusters;
+mod h2pool;
 mod listeners;
 mod routing;
 mod tls;
@@ -51,6 +52,7 @@ mod tls;
 use self::{
     admin::shutdown_signal,
     clusters::{http_connector, mesh_client, pooled, MeshClient, PlainClient},
+    h2pool::H2Pool,
     listeners::{bind, serve, so_original_dst, DstLookup},
 };
 
@@ -82,6 +84,11 @@ pub struct ProxyOptions {
     /// How long in-flight connections may finish after SIGTERM (terminationDrainDuration), ms.
     #[arg(long, default_value_t = 5000)]
     pub drain_ms: u64,
+    /// Where this sidecar speaks HTTP/2 upstream: to other sidecars
+    /// (h2UpgradePolicy UPGRADE), or to its app as well. Downstream it
+    /// takes either, from the preface.
+    #[arg(long, value_enum, default_value_t = Http2::Off)]
+    pub http2: Http2,
     /// Mutual TLS with the other sidecars: the directory with `ca.pem`,
     /// `<pod>.pem` and `<pod>-key.pem` (see `lab::mtls`). Plaintext without it.
     #[arg(long, value_name = "DIR")]
@@ -149,11 +156,16 @@ struct Proxy {
     policy: OutboundTrafficPolicy,
     pod: String,
     records: RecordWriter,
+    /// HTTP/1.1, to mesh endpoints in plaintext and to what leaves the mesh.
     outbound_client: PlainClient,
     /// For mesh endpoints when mTLS is on.
     mesh_client: Option<MeshClient>,
+    /// For mesh endpoints when upgrading to HTTP/2 (over mTLS if on).
+    mesh_h2: Option<H2Pool>,
     /// Connections bound to 127.0.0.6, so the app's replies skip redirection.
     inbound_client: PlainClient,
+    /// The same, HTTP/2 end to end.
+    inbound_h2: Option<H2Pool>,
     /// Accepts TLS on 15006 when mTLS is on.
     inbound_tls: Option<Arc<openssl::ssl::SslAcceptor>>,
     delay_outbound: Duration,
@@ -176,6 +188,20 @@ impl Proxy {
             Some(dir) => Some(SidecarTls::load(dir, &opts.pod).context("--mtls-dir")?),
             None => None,
         };
+        let inbound_tls = tls.as_ref().map(|t| Arc::clone(&t.server));
+        let (mesh_client, mesh_h2) = match (tls, opts.http2) {
+            (None, Http2::Off) => (None, None),
+            (None, _) => (None, Some(H2Pool::new(None, None))),
+            (Some(t), Http2::Off) => (Some(mesh_client(t.client)?), None),
+            (Some(mut t), _) => {
+                t.client
+                    .set_alpn_protos(b"\x02h2")
+                    .context("offering h2 by ALPN")?;
+                (None, Some(H2Pool::new(None, Some(t.client.build()))))
+            }
+        };
+        let inbound_h2 = (opts.http2 == Http2::EndToEnd)
+            .then(|| H2Pool::new(Some(INBOUND_PASSTHROUGH_SOURCE.into()), None));
         Ok(Proxy {
             policy: opts
                 .outbound_traffic_policy
@@ -184,9 +210,11 @@ impl Proxy {
             pod: opts.pod.clone(),
             records,
             outbound_client: pooled(http_connector(None)),
+            mesh_client,
+            mesh_h2,
             inbound_client: pooled(http_connector(Some(INBOUND_PASSTHROUGH_SOURCE.into()))),
-            inbound_tls: tls.as_ref().map(|t| Arc::clone(&t.server)),
-            mesh_client: tls.map(|t| mesh_client(t.client)).transpose()?,
+            inbound_h2,
+            inbound_tls,
             delay_outbound: delay(opts.delay_outbound_ms).context("--delay-outbound-ms")?,
             delay_inbound: delay(opts.delay_inbound_ms).context("--delay-inbound-ms")?,
             original_dst,
@@ -299,15 +327,17 @@ mod tests {
             policy: OutboundTrafficPolicy,
             lookup: impl Fn(Direction) -> SocketAddr + Send + Sync + 'static,
         ) -> TestProxy {
-            Self::start_with(config, policy, lookup, None).await
+            Self::start_with(config, policy, lookup, None, Http2::Off).await
         }
 
-        /// Like `start`, with mutual TLS from the certificates in `mtls_dir`.
+        /// Like `start`, with mutual TLS from the certificates in `mtls_dir`
+        /// and HTTP/2 upstream where `http2` says.
         pub(super) async fn start_with(
             config: impl FnOnce(SocketAddr) -> ProxyConfig,
             policy: OutboundTrafficPolicy,
             lookup: impl Fn(Direction) -> SocketAddr + Send + Sync + 'static,
             mtls_dir: Option<PathBuf>,
+            http2: Http2,
         ) -> TestProxy {
             let out_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let in_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -322,6 +352,7 @@ mod tests {
                 delay_outbound_ms: 1.0,
                 delay_inbound_ms: 0.0,
                 drain_ms: 2_000,
+                http2,
                 mtls_dir,
             };
             let lookup: DstLookup = Arc::new(move |_, d| Ok(lookup(d)));
@@ -435,6 +466,69 @@ mod tests {
             assert!(!r.upstream_tls && !r.downstream_tls, "no mTLS configured");
             // The outbound side's request id travels with the request.
             assert!(outbound.iter().any(|o| o.request_id == r.request_id));
+        }
+    }
+
+    /// Upgrading to HTTP/2 between the sidecars: HTTP/1.1 from and to the
+    /// app, every request a stream on one connection from the outbound side
+    /// to the inbound one, the request's Host carried as `:authority` and
+    /// back. Each record's upstream moments are its own stream's: the
+    /// outbound side wrote the stream's head before the inbound side read
+    /// it, and read its end after the inbound side wrote it.
+    #[tokio::test]
+    async fn sidecars_upgrading_to_http2_between_them() {
+        let app = http_server(200, Duration::from_millis(5)).await;
+        let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
+        let proxy = TestProxy::start_with(
+            |inbound| lab_config(&[inbound]),
+            OutboundTrafficPolicy::AllowAny,
+            move |d| match d {
+                Direction::Outbound => vip,
+                Direction::Inbound => app,
+            },
+            None,
+            Http2::BetweenSidecars,
+        )
+        .await;
+        let outbound = proxy.outbound;
+        let calls = (0..8).map(|i| {
+            tokio::spawn(async move {
+                let request =
+                    format!("GET /h2/{i} HTTP/1.1\r\nhost: svc:9080\r\nconnection: close\r\n\r\n");
+                exchange(outbound, &request).await
+            })
+        });
+        for call in calls {
+            let answer = call.await.expect("call");
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(
+                answer.ends_with("127.0.0.6 svc:9080"),
+                "Host kept: {answer}"
+            );
+        }
+        let records = proxy.finish().await;
+        assert_eq!(records.len(), 16, "{records:#?}");
+        let (outbound, inbound): (Vec<_>, Vec<_>) = records
+            .iter()
+            .partition(|r| r.direction == Direction::Outbound);
+        let upstream_locals: std::collections::HashSet<_> =
+            outbound.iter().map(|r| r.upstream_local).collect();
+        assert_eq!(upstream_locals.len(), 1, "one connection: {outbound:#?}");
+        for o in &outbound {
+            let i = inbound
+                .iter()
+                .find(|i| i.request_id == o.request_id && i.path == o.path)
+                .expect("the inbound side's record");
+            assert_eq!(i.host.as_deref(), None, "`:authority`, no Host: {i:?}");
+            assert!(
+                o.t_upstream_write_ns <= i.t_downstream_read_ns,
+                "{o:?} {i:?}"
+            );
+            assert!(
+                i.t_downstream_write_ns <= o.t_upstream_read_ns,
+                "{o:?} {i:?}"
+            );
+            assert!(o.t_upstream_read_ns <= o.t_downstream_write_ns, "{o:?}");
         }
     }
 

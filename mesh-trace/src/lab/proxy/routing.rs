@@ -13,7 +13,8 @@ use hyper::{
 use rand::Rng;
 
 use super::{
-    clusters::{Upstream, UpstreamClient},
+    admin::Downstream,
+    clusters::{Upstream, UpstreamStream},
     listeners::Conn,
     local_reply, Proxy, ProxyBody,
 };
@@ -31,27 +32,38 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 impl Proxy {
     /// One downstream request: route, forward, answer, write the record
     /// (once the response is written).
+    ///
+    /// `h2` is the request's HTTP/2 stream and the read that brought its
+    /// HEADERS frame, when it came over HTTP/2 in plaintext.
     pub(super) async fn http(
         self: Arc<Self>,
         conn: Conn,
         clock: &Arc<IoClock>,
+        h2: Option<(u32, u64)>,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let entered = mono_ns();
         let mut rec = self.record(&conn, "http");
         // hyper calls us once the head is parsed: its last read completed it.
-        rec.t_downstream_read_ns = clock.last_read_until(entered).unwrap_or(entered);
+        rec.t_downstream_read_ns = match h2 {
+            Some((_, read)) => read,
+            None => clock.last_read_until(entered).unwrap_or(entered),
+        };
         let (mut parts, body) = req.into_parts();
         rec.method = Some(parts.method.to_string());
         rec.path = Some(request_path(&parts.uri).to_owned());
         rec.host = host_header(&parts.headers).map(str::to_owned);
         rec.request_id = Some(ensure_request_id(&mut parts.headers));
-        let response = match conn.direction {
+        let (response, upstream) = match conn.direction {
             Direction::Outbound => self.outbound_http(&conn, &mut rec, parts, body).await,
             Direction::Inbound => self.inbound_http(&conn, &mut rec, parts, body).await,
         };
         rec.status = response.status().as_u16();
-        self.record_when_written(rec, Arc::clone(clock));
+        let downstream = Downstream {
+            clock: Arc::clone(clock),
+            stream: h2.map(|(stream, _)| stream),
+        };
+        self.record_when_written(rec, downstream, upstream);
         response
     }
 
@@ -61,7 +73,7 @@ impl Proxy {
         rec: &mut ProxyRecord,
         parts: Parts,
         body: Incoming,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, Option<UpstreamStream>) {
         let host = routing_host(&parts.headers, conn.original_dst);
         let path = request_path(&parts.uri);
         let decision = decide_outbound(
@@ -80,7 +92,7 @@ impl Proxy {
                 retry,
                 mesh,
             } => (endpoints, retry, mesh),
-            Action::Reply(status, text) => return local_reply(status, text),
+            Action::Reply(status, text) => return (local_reply(status, text), None),
         };
         let upstream = Upstream {
             client: self.outbound_client(mesh),
@@ -97,12 +109,12 @@ impl Proxy {
         rec: &mut ProxyRecord,
         parts: Parts,
         body: Incoming,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, Option<UpstreamStream>) {
         let port = conn.original_dst.port();
         rec.route = format!("inbound|http|{port}");
         rec.cluster = format!("inbound|{port}||");
         let upstream = Upstream {
-            client: UpstreamClient::Plain(&self.inbound_client),
+            client: self.inbound_client(),
             endpoints: &[conn.original_dst],
             retry: None,
             delay: self.delay_inbound,

@@ -29,7 +29,7 @@ mod tests {
     };
 
     use crate::lab::{
-        config::OutboundTrafficPolicy,
+        config::{Http2, OutboundTrafficPolicy},
         mtls::{MeshCa, SidecarTls, CA_FILE},
         proxy::tests::{
             exchange, http_server, lab_config, test_workload, TestCerts, TestProxy, VIP,
@@ -71,6 +71,7 @@ mod tests {
                 Direction::Inbound => app,
             },
             Some(certs.dir.clone()),
+            Http2::Off,
         )
         .await;
         // App -> outbound (plaintext) -> inbound (mTLS) -> app (plaintext).
