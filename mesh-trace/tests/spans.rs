@@ -105,6 +105,15 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
     let exported = per_id.len();
     let unstitched = traced.unstitched();
     eprintln!("{exported} of {n} requests yield a span; unstitched: {unstitched:?}");
+    let truth = truths(&lab, &client);
+    let judged = judge(&spans, &truth);
+    eprintln!(
+        "{} of {} spans exact to 0.5 ms on every hop, {} wrong: {:?}",
+        judged.exact,
+        judged.compared,
+        judged.wrong.len(),
+        &judged.wrong[..judged.wrong.len().min(5)]
+    );
     let wanted = 0.999;
     assert!(
         exported as f64 >= wanted * n as f64,
@@ -120,14 +129,6 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
     // Every span exported is its own request's: none holds another's
     // moments, and most are within 0.5 ms of the truth on every hop (the
     // rest within the truth's own noise, see `judge`).
-    let truth = truths(&lab, &client);
-    let judged = judge(&spans, &truth);
-    eprintln!(
-        "{} of {} spans exact to 0.5 ms on every hop, {} wrong",
-        judged.exact,
-        judged.compared,
-        judged.wrong.len()
-    );
     assert!(judged.compared as f64 >= 0.99 * exported as f64);
     assert!(
         judged.wrong.is_empty(),

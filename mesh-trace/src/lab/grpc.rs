@@ -61,6 +61,16 @@ pub enum CallKind {
     ServerStream,
 }
 
+impl CallKind {
+    /// The method's path (`:path`).
+    pub fn path(self) -> &'static str {
+        match self {
+            CallKind::Unary => GET,
+            CallKind::ServerStream => LIST,
+        }
+    }
+}
+
 /// Whether a request is a gRPC call (by its content type).
 pub fn is_grpc<B>(req: &hyper::Request<B>) -> bool {
     req.headers()

@@ -158,6 +158,19 @@ struct ServerStreams {
     last_opened: u32,
     /// Frames that ended a stream on the way out: (stream, write ns).
     ends: VecDeque<(u32, u64)>,
+    /// Responses' heads (each stream's first HEADERS frame out).
+    answers: VecDeque<(u32, u64)>,
+}
+
+impl ServerStreams {
+    fn wrote_frame(&mut self, f: FrameHead, t: u64) {
+        if f.ty == FRAME_HEADERS && !self.answers.iter().any(|(s, _)| *s == f.stream) {
+            push_bounded(&mut self.answers, (f.stream, t));
+        }
+        if ends_stream(f) {
+            push_bounded(&mut self.ends, (f.stream, t));
+        }
+    }
 }
 
 /// A client connection: requests written, responses read. Which request a
@@ -177,6 +190,9 @@ struct ClientStreams {
     hpack: Option<Hpack>,
     /// A block could not be decoded: the table is lost for good.
     lost: bool,
+    /// Responses' heads (each stream's first HEADERS frame in): (stream,
+    /// read ns).
+    answers: VecDeque<(u32, u64)>,
     /// Frames that ended a stream on the way in: (stream, read ns).
     ends: VecDeque<(u32, u64)>,
 }
@@ -314,6 +330,9 @@ impl H2Frames {
                 s.last_opened = f.stream;
                 push_bounded(&mut s.heads, (f.stream, t));
             }
+            if client && f.ty == FRAME_HEADERS && !c.answers.iter().any(|(s, _)| *s == f.stream) {
+                push_bounded(&mut c.answers, (f.stream, t));
+            }
             if client && ends_stream(f) {
                 push_bounded(&mut c.ends, (f.stream, t));
             }
@@ -334,7 +353,7 @@ impl H2Frames {
         let (s, c) = (&mut self.server, &mut self.client);
         self.writes.feed(bytes, |found| match found {
             Framing::Head(f) if client => c.begin_frame(f, t),
-            Framing::Head(f) if ends_stream(f) => push_bounded(&mut s.ends, (f.stream, t)),
+            Framing::Head(f) => s.wrote_frame(f, t),
             Framing::Payload(chunk, last) if client => c.frame_payload(chunk, last),
             _ => {}
         });
@@ -409,6 +428,8 @@ pub struct Exchange {
     pub write_ns: u64,
     /// The first read after it returned: the response's beginning.
     pub read_ns: Option<u64>,
+    /// HTTP/2: the read that carried the response's last frame.
+    pub end_ns: Option<u64>,
 }
 
 fn push(times: &mut VecDeque<u64>, t: u64) {
@@ -481,8 +502,9 @@ impl IoClock {
     }
 
     /// On an HTTP/2 client connection, the exchange of the one request
-    /// whose head carried `key`: the write that carried its HEADERS frame
-    /// and the read that ended its response (`None` while it has not).
+    /// whose head carried `key`: the write that carried its HEADERS frame,
+    /// the read that brought its response's head and the one that ended
+    /// it (`None` while they have not come).
     /// `None` when no stream, or more than one, carried it, or the
     /// connection's header blocks could not all be decoded.
     pub fn h2_exchange(&self, key: &RequestKey) -> Option<Exchange> {
@@ -496,15 +518,24 @@ impl IoClock {
         if carried.next().is_some() {
             return None;
         }
-        let read_ns = c
-            .ends
-            .iter()
-            .find(|(s, _)| *s == sent.stream)
-            .map(|&(_, t)| t);
+        let of = |q: &VecDeque<(u32, u64)>| {
+            q.iter()
+                .find(|(s, _)| *s == sent.stream)
+                .map(|&(_, t)| t)
+        };
         Some(Exchange {
             write_ns: sent.head_ns,
-            read_ns,
+            read_ns: of(&c.answers),
+            end_ns: of(&c.ends),
         })
+    }
+
+    /// On an HTTP/2 server connection, the write that carried the head of
+    /// `stream`'s response (its first HEADERS frame), once it went.
+    pub fn h2_response_head(&self, stream: u32) -> Option<u64> {
+        let times = self.lock();
+        let answers = &times.h2.server.answers;
+        answers.iter().find(|(s, _)| *s == stream).map(|&(_, t)| t)
     }
 
     fn close(&self) {
@@ -566,7 +597,11 @@ impl IoClock {
         let times = self.lock();
         let write_ns = first_from(&times.writes, sent_ns.max(times.ready_ns))?;
         let read_ns = times.reads.iter().copied().find(|&r| r > write_ns);
-        Some(Exchange { write_ns, read_ns })
+        Some(Exchange {
+            write_ns,
+            read_ns,
+            end_ns: None,
+        })
     }
 }
 
@@ -829,7 +864,8 @@ mod tests {
             clock.exchange_from(before),
             Some(Exchange {
                 write_ns: wrote,
-                read_ns: Some(read)
+                read_ns: Some(read),
+                end_ns: None,
             })
         );
         // EOF is no data: not a read.
@@ -993,8 +1029,10 @@ mod tests {
                 .h2_exchange(&key(path, &format!("id{path}")))
                 .expect("its stream");
             assert!(x.write_ns <= *came, "{path}: written after it came");
-            let read = x.read_ns.expect("its end read");
-            assert!(read >= *answered, "{path}: read before it was answered");
+            let head = x.read_ns.expect("its head read");
+            let end = x.end_ns.expect("its end read");
+            assert!(head >= *answered, "{path}: read before it was answered");
+            assert!(end >= head, "{path}");
         }
         // Another attempt's key, or none of these, names no stream.
         let mut other = key("/a", "id/a");
@@ -1018,7 +1056,8 @@ mod tests {
             e,
             Exchange {
                 write_ns: 700,
-                read_ns: Some(705)
+                read_ns: Some(705),
+                end_ns: None,
             }
         );
         // A connection handed over later: earlier I/O was its handshake.

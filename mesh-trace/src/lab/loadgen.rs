@@ -18,6 +18,7 @@ use super::{
     app::{CLIENT_ID, REQUEST_ID, SERVED_BY},
     grpc,
     http_client::{self, HttpClient},
+    ioclock::RequestKey,
     records::{mono_ns, ClientRecord, RecordWriter},
 };
 
@@ -226,21 +227,28 @@ impl Shared {
             ),
             Err(e) => (0, None, Some(format!("{e:#}"))),
         };
+        let rec = ClientRecord {
+            request_id: id,
+            url: self.opts.url.clone(),
+            status,
+            error,
+            served_by,
+            t_start_ns,
+            t_end_ns,
+            t_write_ns: io.map_or(0, |x| x.write_ns),
+            t_read_ns: io.and_then(|x| x.read_ns).unwrap_or(0),
+            traceparent,
+        };
+        self.record(rec, latency)
+    }
+
+    /// Writes `rec` if records are kept; what the summary counts of it.
+    fn record(&self, rec: ClientRecord, latency: Duration) -> Outcome {
+        let outcome = (latency, rec.status, rec.served_by.clone());
         if let Some(r) = &self.records {
-            r.write(&ClientRecord {
-                request_id: id,
-                url: self.opts.url.clone(),
-                status,
-                error,
-                served_by: served_by.clone(),
-                t_start_ns,
-                t_end_ns,
-                t_write_ns: io.map_or(0, |x| x.write_ns),
-                t_read_ns: io.and_then(|x| x.read_ns).unwrap_or(0),
-                traceparent,
-            });
+            r.write(&rec);
         }
-        (latency, status, served_by)
+        outcome
     }
 }
 
@@ -275,36 +283,44 @@ impl Shared {
         .await;
         let t_end_ns = mono_ns();
         let latency = t0.elapsed();
-        // Calls share the connection: the call's write is the first from
-        // its start; its end is the last read before it returned.
+        // Calls share the connection: the clock tells the call's stream by
+        // its head (path and id), the write of its HEADERS frame and the
+        // read of its last frame (a call ends with its stream). Without an id on the wire, the first
+        // write from its start and the last read before it returned.
+        let key = RequestKey {
+            path: kind.path().to_owned(),
+            request_id: (!self.opts.no_request_id).then(|| id.clone()),
+            attempt: None,
+        };
         let clock = result.as_ref().ok().and_then(|o| o.clock.clone());
-        let t_write_ns = clock
-            .as_ref()
-            .and_then(|c| c.first_write_from(t_start_ns))
-            .unwrap_or(0);
-        let t_read_ns = clock
-            .as_ref()
-            .and_then(|c| c.last_read_until(t_end_ns))
-            .unwrap_or(0);
+        let stream = clock.as_ref().and_then(|c| c.h2_exchange(&key));
+        let t_write_ns = match (stream, &clock) {
+            (Some(x), _) => x.write_ns,
+            (None, Some(c)) => c.first_write_from(t_start_ns).unwrap_or(0),
+            (None, None) => 0,
+        };
+        let t_read_ns = match (stream.and_then(|x| x.end_ns), &clock) {
+            (Some(read), _) => read,
+            (None, Some(c)) => c.last_read_until(t_end_ns).unwrap_or(0),
+            (None, None) => 0,
+        };
         let (status, served_by, error) = match result {
             Ok(o) => (200, o.served_by, None),
             Err(e) => (0, None, Some(format!("{e:#}"))),
         };
-        if let Some(r) = &self.records {
-            r.write(&ClientRecord {
-                request_id: id,
-                url: self.opts.url.clone(),
-                status,
-                error,
-                served_by: served_by.clone(),
-                t_start_ns,
-                t_end_ns,
-                t_write_ns,
-                t_read_ns,
-                traceparent,
-            });
-        }
-        (latency, status, served_by)
+        let rec = ClientRecord {
+            request_id: id,
+            url: self.opts.url.clone(),
+            status,
+            error,
+            served_by,
+            t_start_ns,
+            t_end_ns,
+            t_write_ns,
+            t_read_ns,
+            traceparent,
+        };
+        self.record(rec, latency)
     }
 }
 

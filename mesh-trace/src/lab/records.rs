@@ -61,11 +61,19 @@ pub struct ProxyRecord {
     /// TCP: connecting to the original destination started.
     pub t_upstream_write_ns: u64,
     /// HTTP: the first upstream read of the response returned (last
-    /// attempt); 0 when the last attempt got no response. TCP: connected.
+    /// attempt; over HTTP/2 the read of its HEADERS frame); 0 when the last
+    /// attempt got no response. TCP: connected.
     pub t_upstream_read_ns: u64,
-    /// HTTP: the first downstream write of the response returned (or, if it
-    /// never reached the socket, when the response was ready). TCP: closed.
+    /// HTTP: the first downstream write of the response returned (over
+    /// HTTP/2 the write of its HEADERS frame; or, if it never reached the
+    /// socket, when the response was ready). TCP: closed.
     pub t_downstream_write_ns: u64,
+    /// HTTP/2 upstream: the read that carried the response's last frame.
+    #[serde(default)]
+    pub t_upstream_read_end_ns: Option<u64>,
+    /// HTTP/2 downstream: the write that carried the response's last frame.
+    #[serde(default)]
+    pub t_downstream_write_end_ns: Option<u64>,
     /// Outbound: the last upstream attempt was mutual TLS (a mesh endpoint with mTLS on).
     #[serde(default)]
     pub upstream_tls: bool,

@@ -55,6 +55,8 @@ impl Proxy {
             t_upstream_write_ns: 0,
             t_upstream_read_ns: 0,
             t_downstream_write_ns: 0,
+            t_upstream_read_end_ns: None,
+            t_downstream_write_end_ns: None,
             upstream_tls: false,
             downstream_tls: conn.tls,
         }
@@ -81,7 +83,11 @@ impl Proxy {
         pending.spawn(async move {
             let clock = &downstream.clock;
             let written = match downstream.stream {
-                Some(stream) => clock.wait_h2_end(stream, WRITE_WAIT).await,
+                Some(stream) => {
+                    let end = clock.wait_h2_end(stream, WRITE_WAIT).await;
+                    rec.t_downstream_write_end_ns = end;
+                    clock.h2_response_head(stream).or(end)
+                }
                 None => clock.wait_write_from(answered, WRITE_WAIT).await,
             };
             rec.t_downstream_write_ns = written.unwrap_or(answered);

@@ -131,6 +131,7 @@ impl UpstreamStream {
             if let Some(read) = x.read_ns {
                 rec.t_upstream_read_ns = read;
             }
+            rec.t_upstream_read_end_ns = x.end_ns;
         }
     }
 }

@@ -60,6 +60,30 @@ struct Pending {
     /// For an orphan: the sidecar side that wrote it and the requests it
     /// held that it may be, until what the request shows further on says.
     candidates: Option<(ProxySide, Vec<SpanId>)>,
+    /// Response moments taken over HTTP/2 (at the stream's end): when the
+    /// response's head was read or written there.
+    h2_heads: [Option<u64>; 12],
+}
+
+impl Pending {
+    /// A response moment means one thing along a span: over HTTP/1.1 the
+    /// response's head, over HTTP/2 its stream's end, so that a streaming
+    /// call lasts to its last message. Where the legs mix the two (sidecars
+    /// upgrading to HTTP/2 between HTTP/1.1 apps, which may forward a head
+    /// before its body's end came), the HTTP/2 legs' heads stand in.
+    fn settle_response_moments(&mut self) {
+        let responses = 6..12;
+        let http1 = |i: usize| self.span.moments[i].is_some() && self.h2_heads[i].is_none();
+        let mixed = responses.clone().any(http1) && self.h2_heads[6..].iter().any(Option::is_some);
+        if !mixed {
+            return;
+        }
+        for i in responses {
+            if let Some(head) = self.h2_heads[i] {
+                self.span.moments[i] = Some(head);
+            }
+        }
+    }
 }
 
 /// A span with no moments yet.
@@ -265,6 +289,7 @@ impl Spans {
                 waiting_for: None,
                 origin,
                 candidates: None,
+                h2_heads: [None; 12],
             },
         )
     }
@@ -293,6 +318,7 @@ impl Spans {
                 waiting_for: None,
                 origin: at,
                 candidates: (!candidates.is_empty()).then_some((side, candidates)),
+                h2_heads: [None; 12],
             },
         )
     }
@@ -458,6 +484,15 @@ impl Spans {
     }
 
     /// The gRPC status (from trailers) of span `id`'s response.
+    /// Span `id`'s response moment at `place` is an HTTP/2 stream's end,
+    /// whose head was read or written at `head_ns`.
+    pub(super) fn note_h2_response_head(&mut self, id: SpanId, place: Place, head_ns: u64) {
+        let id = self.alias(id);
+        if let Some(p) = self.spans.peek_mut(&id) {
+            p.h2_heads[place.moments().1] = Some(head_ns);
+        }
+    }
+
     pub(super) fn note_grpc_status(&mut self, id: SpanId, code: u32) {
         let id = self.alias(id);
         if let Some(p) = self.spans.peek_mut(&id) {
@@ -589,6 +624,7 @@ impl Spans {
         let Some(mut done) = self.spans.pop(&id) else {
             return Ok(None);
         };
+        done.settle_response_moments();
         done.span.settle_leg_skew();
         self.aliases.retain(|_, to| *to != id);
         if done.contested > 0 {

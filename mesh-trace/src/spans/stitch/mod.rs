@@ -908,7 +908,12 @@ impl Stitcher {
                     return;
                 };
                 if let Some(status) = fields.status {
+                    let first = stream.status == 0;
                     stream.status = status;
+                    if first {
+                        let span = stream.span;
+                        self.spans.note_h2_response_head(span, place, ts_ns);
+                    }
                 }
                 stream.grpc_status = fields.grpc_status.or(stream.grpc_status);
                 if end_stream {
@@ -2337,8 +2342,8 @@ mod tests {
 
     /// HTTP/1.1 apps, HTTP/2 between the sidecars (Istio's upgrade): two
     /// requests multiplexed on one pooled upstream connection, answered
-    /// out of order. Each span is its own request's, its response moments
-    /// where its stream ended.
+    /// out of order, one response's head passed on before its body's end.
+    /// Each span is its own request's, its response moments its heads'.
     #[test]
     fn requests_upgraded_to_http2_between_the_sidecars_are_each_exact() {
         let mut events = chain(0);
@@ -2386,18 +2391,28 @@ mod tests {
         for (i, (to, stream)) in [(1usize, (15u64, 3u32)), (0, (5, 1))] {
             t[i][6] = node.io(to + 1, SERVER, DIR_SEND, RESPONSE);
             t[i][7] = node.io(to, INBOUND, DIR_RECV, RESPONSE);
-            // Head and body, the body ending the stream.
-            let frames = [
-                (1u8, 0x4u8, stream, status.clone()),
-                (0, 0x1, stream, b"ok".to_vec()),
-            ];
-            t[i][8] = node.h2(4, INBOUND, DIR_SEND, false, &frames);
-            t[i][9] = node.h2(3, OUTBOUND, DIR_RECV, false, &frames);
+            let head = [(1u8, 0x4u8, stream, status.clone())];
+            let body = [(0u8, 0x1u8, stream, b"ok".to_vec())];
+            if i == 1 {
+                // Head and body, the body ending the stream, in one write.
+                let frames = [head[0].clone(), body[0].clone()];
+                t[i][8] = node.h2(4, INBOUND, DIR_SEND, false, &frames);
+                t[i][9] = node.h2(3, OUTBOUND, DIR_RECV, false, &frames);
+                continue;
+            }
+            // The head alone first: the outbound sidecar passes it on to the
+            // app before the body's end comes. On the HTTP/1.1 legs the
+            // response's moments are its head's, and so, in this span, on
+            // the HTTP/2 leg too.
+            t[i][8] = node.h2(4, INBOUND, DIR_SEND, false, &head);
+            t[i][9] = node.h2(3, OUTBOUND, DIR_RECV, false, &head);
         }
         for (i, down) in [(1usize, 12u64), (0, 2)] {
             t[i][10] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
             t[i][11] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
         }
+        node.h2(4, INBOUND, DIR_SEND, false, &[(0u8, 0x1u8, 1, b"ok".to_vec())]);
+        node.h2(3, OUTBOUND, DIR_RECV, false, &[(0u8, 0x1u8, 1, b"ok".to_vec())]);
         let spans = std::mem::take(&mut node.spans);
         assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
         for (i, path) in ["/a", "/b"].into_iter().enumerate() {
