@@ -105,6 +105,16 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
     let exported = per_id.len();
     let unstitched = traced.unstitched();
     eprintln!("{exported} of {n} requests yield a span; unstitched: {unstitched:?}");
+    let missing: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !per_id.contains_key(id))
+        .take(5)
+        .collect();
+    eprintln!(
+        "without a span, e.g. {missing:?} (lab in {})",
+        lab.dir.display()
+    );
     let truth = truths(&lab, &client);
     let judged = judge(&spans, &truth);
     eprintln!(

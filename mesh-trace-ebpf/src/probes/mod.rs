@@ -41,4 +41,3 @@ pub mod sock_ops;
 pub mod socket_io;
 pub mod tcp_issues;
 pub mod tls;
-pub mod transmit;

@@ -518,11 +518,8 @@ impl IoClock {
         if carried.next().is_some() {
             return None;
         }
-        let of = |q: &VecDeque<(u32, u64)>| {
-            q.iter()
-                .find(|(s, _)| *s == sent.stream)
-                .map(|&(_, t)| t)
-        };
+        let of =
+            |q: &VecDeque<(u32, u64)>| q.iter().find(|(s, _)| *s == sent.stream).map(|&(_, t)| t);
         Some(Exchange {
             write_ns: sent.head_ns,
             read_ns: of(&c.answers),

@@ -2411,8 +2411,20 @@ mod tests {
             t[i][10] = node.io(down, OUTBOUND, DIR_SEND, RESPONSE);
             t[i][11] = node.io(down - 1, APP, DIR_RECV, RESPONSE);
         }
-        node.h2(4, INBOUND, DIR_SEND, false, &[(0u8, 0x1u8, 1, b"ok".to_vec())]);
-        node.h2(3, OUTBOUND, DIR_RECV, false, &[(0u8, 0x1u8, 1, b"ok".to_vec())]);
+        node.h2(
+            4,
+            INBOUND,
+            DIR_SEND,
+            false,
+            &[(0u8, 0x1u8, 1, b"ok".to_vec())],
+        );
+        node.h2(
+            3,
+            OUTBOUND,
+            DIR_RECV,
+            false,
+            &[(0u8, 0x1u8, 1, b"ok".to_vec())],
+        );
         let spans = std::mem::take(&mut node.spans);
         assert_eq!(spans.len(), 2, "{:?}", node.stitcher.unstitched);
         for (i, path) in ["/a", "/b"].into_iter().enumerate() {
