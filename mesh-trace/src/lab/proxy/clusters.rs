@@ -62,7 +62,7 @@ pub(super) enum UpstreamClient<'a> {
     H2(&'a H2Pool),
 }
 
-impl<'a> UpstreamClient<'a> {
+impl UpstreamClient<'_> {
     fn scheme(self) -> &'static str {
         if self.is_tls() {
             "https"
@@ -76,19 +76,6 @@ impl<'a> UpstreamClient<'a> {
             UpstreamClient::Plain(_) => false,
             UpstreamClient::Mutual(_) => true,
             UpstreamClient::H2(pool) => pool.is_tls(),
-        }
-    }
-
-    /// Sent by a pooled HTTP/1.1 client; `Err` gives it back to an
-    /// HTTP/2 pool's.
-    fn pooled_request(
-        self,
-        req: Request<Full<Bytes>>,
-    ) -> Result<ResponseFuture, (&'a H2Pool, Request<Full<Bytes>>)> {
-        match self {
-            UpstreamClient::Plain(c) => Ok(c.request(req)),
-            UpstreamClient::Mutual(c) => Ok(c.request(req)),
-            UpstreamClient::H2(pool) => Err((pool, req)),
         }
     }
 }
@@ -421,9 +408,12 @@ async fn attempt(
     // it was written and the answer read (see `ioclock`).
     let sent = mono_ns();
     out.t_upstream_write_ns = sent;
-    let request = match client.pooled_request(upstream_req) {
-        Ok(request) => request,
-        Err((pool, req)) => return attempt_h2(pool, req, endpoint, number, sent, out).await,
+    let request: ResponseFuture = match client {
+        UpstreamClient::Plain(c) => c.request(upstream_req),
+        UpstreamClient::Mutual(c) => c.request(upstream_req),
+        UpstreamClient::H2(pool) => {
+            return attempt_h2(pool, upstream_req, endpoint, number, sent, out).await
+        }
     };
     let result = match request.await {
         Ok(resp) => {
