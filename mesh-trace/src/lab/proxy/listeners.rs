@@ -187,11 +187,18 @@ fn on_accept(
             conns.tasks.spawn(task);
         }
         _ if http => {
-            let (stream, clock) = Clocked::with_tx_stamps(stream);
-            let watched = conns
-                .graceful
-                .watch(http_connection(&proxy, conn, stream, clock));
-            conns.tasks.spawn(serve_http(conn, watched));
+            let watcher = conns.graceful.watcher();
+            let mut stopping = conns.stopping.subscribe();
+            conns.tasks.spawn(async move {
+                let h2 = tokio::select! {
+                    h2 = speaks_h2(&stream) => h2,
+                    // Not serving HTTP yet: nothing in flight to let finish.
+                    _ = stopping.changed() => return,
+                };
+                let (stream, clock) = Clocked::with_tx_stamps(stream);
+                let served = http_connection(&proxy, conn, stream, clock, h2);
+                serve_http(conn, watcher.watch(served)).await;
+            });
         }
         _ => {
             conns.tasks.spawn(proxy.tcp(conn, stream));
@@ -220,9 +227,9 @@ impl Proxy {
             _ = stopping.changed() => return,
         };
         match opened {
-            Ok((io, tls, clock)) => {
+            Ok((io, tls, clock, h2)) => {
                 conn.tls = tls;
-                let watched = watcher.watch(http_connection(&self, conn, io, clock));
+                let watched = watcher.watch(http_connection(&self, conn, io, clock, h2));
                 serve_http(conn, watched).await;
             }
             // A client certificate not from the mesh CA, or none, ends here.
@@ -234,34 +241,64 @@ impl Proxy {
 /// Peeks at the first byte (left in the socket for whoever reads next): a
 /// TLS handshake is accepted, verifying the peer's certificate against the
 /// mesh CA; anything else is plaintext. Returns the stream, whether it is
-/// TLS, and the clock of the TCP socket's reads and writes (under TLS, so
-/// the times are the socket's, as for plaintext).
+/// TLS, the clock of the TCP socket's reads and writes (under TLS, so the
+/// times are the socket's, as for plaintext), and whether it speaks HTTP/2
+/// (by ALPN under TLS, else by its preface).
 async fn open_permissive(
     acceptor: &SslAcceptor,
     stream: TcpStream,
-) -> io::Result<(Box<dyn DownstreamIo>, bool, Arc<IoClock>)> {
+) -> io::Result<(Box<dyn DownstreamIo>, bool, Arc<IoClock>, bool)> {
     let mut first = [0u8; 1];
     let n = stream.peek(&mut first).await?;
-    let (stream, clock) = Clocked::with_tx_stamps(stream);
     if n == 0 || first[0] != TLS_HANDSHAKE {
-        return Ok((Box::new(stream), false, clock));
+        let h2 = speaks_h2(&stream).await;
+        let (stream, clock) = Clocked::with_tx_stamps(stream);
+        return Ok((Box::new(stream), false, clock, h2));
     }
+    let (stream, clock) = Clocked::with_tx_stamps(stream);
     let ssl = openssl::ssl::Ssl::new(acceptor.context()).map_err(io::Error::other)?;
     let mut tls = tokio_openssl::SslStream::new(ssl, stream).map_err(io::Error::other)?;
     std::pin::Pin::new(&mut tls)
         .accept()
         .await
         .map_err(io::Error::other)?;
-    Ok((Box::new(tls), true, clock))
+    let h2 = tls.ssl().selected_alpn_protocol() == Some(b"h2");
+    Ok((Box::new(tls), true, clock, h2))
 }
 
-/// HTTP/1.1 (keep-alive) on one downstream connection; `clock` times its
-/// socket's reads and writes.
+/// Whether a plaintext connection opens with HTTP/2's preface, peeked (left
+/// in the socket): the protocol is chosen before anything is read, so the
+/// first read takes whatever came, as Envoy's does, not a preface's worth
+/// of a request head (hyper's own detection reads those 24 bytes first,
+/// which cuts an HTTP/1.1 head in two reads).
+async fn speaks_h2(stream: &TcpStream) -> bool {
+    let preface = mesh_trace_common::H2_PREFACE;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match stream.peek(&mut buf[..preface.len()]).await {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        if n == 0 || buf[..n] != preface[..n] {
+            return false;
+        }
+        if n == preface.len() {
+            return true;
+        }
+        // A preface begun and not whole yet (peek returns at once while
+        // bytes wait unread).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// HTTP/1.1 (keep-alive) or, if `h2`, HTTP/2 on one downstream
+/// connection; `clock` times its socket's reads and writes.
 fn http_connection(
     proxy: &Arc<Proxy>,
     conn: Conn,
     stream: impl DownstreamIo,
     clock: Arc<IoClock>,
+    h2: bool,
 ) -> impl GracefulConnection<Error = BoxError> + Send + 'static {
     let proxy = Arc::clone(proxy);
     let service = service_fn(move |req| {
@@ -271,13 +308,17 @@ fn http_connection(
         let h2 = clock.next_h2_request();
         async move { Ok::<_, Infallible>(proxy.http(conn, &clock, h2, req).await) }
     });
-    // HTTP/1.1 or HTTP/2, told by the preface, as Envoy's listeners do.
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .keep_alive(true)
         // Envoy keeps idle downstream connections for an hour; never time out.
         .header_read_timeout(None);
+    let builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
     builder
         .serve_connection(TokioIo::new(stream), service)
         .into_owned()
