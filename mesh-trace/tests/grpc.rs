@@ -1,6 +1,5 @@
-//! gRPC through sidecars no one here wrote, HAProxy from Debian's packages,
-//! and through the lab's own, speaking HTTP/2 from app to app
-//! (`Http2::EndToEnd`), the lab's gRPC pair
+//! gRPC through sidecars no one here wrote: HAProxy from Debian's packages
+//! speaking HTTP/2 from app to app (`Http2::EndToEnd`), the lab's gRPC pair
 //! on tonic (`lab::grpc`): 16 callers sharing one HTTP/2 connection, so
 //! that their calls are streams multiplexed on it and on the sidecars'
 //! pooled upstreams, an app whose service time is 2 ms or 40 ms at random.
@@ -36,30 +35,23 @@ const HAPROXY: Sidecar = Sidecar::Haproxy {
 
 #[test]
 fn grpc_unary_calls_through_haproxy_sidecars_are_exact_next_to_http1() {
-    grpc_unary_calls(HAPROXY, false);
+    grpc_unary_calls(false);
 }
 
 #[test]
 fn grpc_unary_calls_through_haproxy_sidecars_over_mutual_tls_are_exact() {
-    grpc_unary_calls(HAPROXY, true);
+    grpc_unary_calls(true);
 }
 
-/// The lab's own sidecars: one HTTP/2 connection per endpoint upstream
-/// (hyper's), `:authority` kept from the app's request.
-#[test]
-fn grpc_unary_calls_through_the_labs_own_sidecars_are_exact_next_to_http1() {
-    grpc_unary_calls(Sidecar::Lab, false);
-}
-
-/// A lab whose sidecars speak HTTP/2 end to end, traced.
-fn grpc_lab(sidecar: Sidecar, mtls: bool) -> (Lab, Traced) {
+/// A lab whose HAProxy sidecars speak HTTP/2 end to end, traced.
+fn grpc_lab(mtls: bool) -> (Lab, Traced) {
     assert!(
         nix::unistd::geteuid().is_root(),
         "gRPC tests load eBPF programs and build a lab: run them as root"
     );
     let mut opts = LabOptions::bookinfo().unwrap();
     opts.exe = BIN.into();
-    opts.sidecar = sidecar;
+    opts.sidecar = HAPROXY;
     opts.http2 = Http2::EndToEnd;
     opts.mtls = mtls;
     for pod in REVIEWS {
@@ -75,11 +67,9 @@ fn grpc_lab(sidecar: Sidecar, mtls: bool) -> (Lab, Traced) {
         // HTTP/2 inside TLS is decoded from a session's first bytes: the
         // library is probed before the sidecars' sessions open.
         let m = &traced.state.metrics;
-        common::wait_for(
-            "the sidecars' libssl probed",
-            Duration::from_secs(30),
-            || m.tls_files_probed.get() >= 1,
-        );
+        common::wait_for("HAProxy's libssl probed", Duration::from_secs(30), || {
+            m.tls_files_probed.get() >= 1
+        });
     }
     (lab, traced)
 }
@@ -199,8 +189,8 @@ fn load(lab: &Lab, args: &[&str], records: &Path) -> Vec<ClientRecord> {
     client
 }
 
-fn grpc_unary_calls(sidecar: Sidecar, mtls: bool) {
-    let (lab, traced) = grpc_lab(sidecar, mtls);
+fn grpc_unary_calls(mtls: bool) {
+    let (lab, traced) = grpc_lab(mtls);
     let unary = [
         "--url",
         "http://reviews:9080",
@@ -329,7 +319,7 @@ fn grpc_unary_calls(sidecar: Sidecar, mtls: bool) {
 /// message and trailers, with the call's status.
 #[test]
 fn a_server_streaming_grpc_call_is_one_span_to_its_last_message() {
-    let (lab, traced) = grpc_lab(HAPROXY, false);
+    let (lab, traced) = grpc_lab(false);
     let n = 200;
     let client = load(
         &lab,
