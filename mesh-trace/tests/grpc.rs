@@ -13,20 +13,19 @@ use std::{
     time::Duration,
 };
 
-use common::Traced;
+use common::{
+    truth::{varied_lab, BIN, CLIENT, REVIEWS},
+    Traced,
+};
 use mesh_trace::{
     lab::{
         config::Http2,
         haproxy::RequestIds,
         records::{read_records, AppRecord, ClientRecord},
-        topology::{Lab, LabOptions, Sidecar},
+        topology::{Lab, Sidecar},
     },
     spans::span::{Hop, Protocol, Span},
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
-const CLIENT: &str = "loadgen-v1";
-const REVIEWS: [&str; 3] = ["reviews-v1", "reviews-v2", "reviews-v3"];
 
 const HAPROXY: Sidecar = Sidecar::Haproxy {
     ids: RequestIds::Untouched,
@@ -49,27 +48,13 @@ fn grpc_lab(mtls: bool) -> (Lab, Traced) {
         nix::unistd::geteuid().is_root(),
         "gRPC tests load eBPF programs and build a lab: run them as root"
     );
-    let mut opts = LabOptions::bookinfo().unwrap();
-    opts.exe = BIN.into();
-    opts.sidecar = HAPROXY;
-    opts.http2 = Http2::EndToEnd;
-    opts.mtls = mtls;
-    for pod in REVIEWS {
-        opts.service_time_choices_ms
-            .insert(pod.into(), vec![2.0, 40.0]);
-    }
-    let lab = Lab::up(&opts).unwrap();
+    let lab = Lab::up(&varied_lab(HAPROXY, Http2::EndToEnd, mtls)).unwrap();
     // A lost header block costs its connection's HPACK state for good, and
     // this agent is the test's unoptimized build sharing two cores with the
     // lab: a ring of 16 MiB (the default is 1 MiB) rides out its pauses.
     let traced = Traced::start_with_settings(&lab, |s| s.ring_buffer_bytes = 1 << 24);
     if mtls {
-        // HTTP/2 inside TLS is decoded from a session's first bytes: the
-        // library is probed before the sidecars' sessions open.
-        let m = &traced.state.metrics;
-        common::wait_for("HAProxy's libssl probed", Duration::from_secs(30), || {
-            m.tls_files_probed.get() >= 1
-        });
+        common::wait_for_libssl_probed(&traced);
     }
     (lab, traced)
 }

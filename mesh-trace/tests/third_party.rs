@@ -8,20 +8,19 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use common::Traced;
+use common::{
+    truth::{varied_lab, BIN, CLIENT, REVIEWS},
+    Traced,
+};
 use mesh_trace::{
     lab::{
         config::Http2,
         haproxy::RequestIds,
         records::{read_records, AppRecord, ClientRecord},
-        topology::{Lab, LabOptions, Sidecar},
+        topology::{Lab, Sidecar},
     },
     spans::span::{Hop, LocalReply, Span},
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
-const CLIENT: &str = "loadgen-v1";
-const REVIEWS: [&str; 3] = ["reviews-v1", "reviews-v2", "reviews-v3"];
 
 /// Where each request's `x-request-id` comes from.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -79,39 +78,26 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
         nix::unistd::geteuid().is_root(),
         "span tests load eBPF programs and build a lab: run them as root"
     );
-    let mut opts = LabOptions::bookinfo().unwrap();
-    opts.exe = BIN.into();
-    opts.sidecar = Sidecar::Haproxy {
+    let sidecar = Sidecar::Haproxy {
         ids: match ids {
             Ids::FromClient => RequestIds::Untouched,
             Ids::AddedUpstream => RequestIds::AddedUpstream,
         },
         threads: 2,
     };
-    opts.http2 = if h2 {
+    let http2 = if h2 {
         Http2::BetweenSidecars
     } else {
         Http2::Off
     };
-    opts.mtls = mtls;
     let id_flag: &[&str] = match ids {
         Ids::FromClient => &[],
         Ids::AddedUpstream => &["--no-request-id"],
     };
-    for pod in REVIEWS {
-        opts.service_time_choices_ms
-            .insert(pod.into(), vec![2.0, 40.0]);
-    }
-    let lab = Lab::up(&opts).unwrap();
+    let lab = Lab::up(&varied_lab(sidecar, http2, mtls)).unwrap();
     let traced = Traced::start(&lab);
     if mtls {
-        // The agent probes the pods' TLS libraries when it starts, before
-        // the sidecars open their connections: HTTP/2 inside TLS is
-        // decoded only from a session's first bytes.
-        let m = &traced.state.metrics;
-        common::wait_for("HAProxy's libssl probed", Duration::from_secs(30), || {
-            m.tls_files_probed.get() >= 1
-        });
+        common::wait_for_libssl_probed(&traced);
     }
     let warmup = lab.dir.join("warmup.jsonl");
     let args = |more: &[&'static str]| -> Vec<&'static str> { [more, id_flag].concat() };

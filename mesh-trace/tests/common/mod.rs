@@ -22,6 +22,18 @@ use mesh_trace::{
 };
 
 /// Waits until `done` holds, looking every 100 ms; fails after `limit`.
+/// Waits until the agent has probed the sidecars' TLS library: HTTP/2
+/// inside TLS is decoded only from a session's first bytes, so the tests
+/// open the sidecars' sessions after it.
+pub fn wait_for_libssl_probed(traced: &Traced) {
+    let m = &traced.state.metrics;
+    wait_for(
+        "the sidecars' libssl probed",
+        Duration::from_secs(30),
+        || m.tls_files_probed.get() >= 1,
+    );
+}
+
 pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {

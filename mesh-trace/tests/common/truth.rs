@@ -5,8 +5,9 @@ use std::collections::HashMap;
 
 use mesh_trace::{
     lab::{
+        config::Http2,
         records::{read_records, AppRecord, ClientRecord, Direction, ProxyRecord},
-        topology::{Lab, LabOptions},
+        topology::{Lab, LabOptions, Sidecar},
     },
     spans::span::{Hop, Span},
 };
@@ -62,6 +63,23 @@ pub fn delayed_lab(mtls: bool) -> LabOptions {
     o.exe = BIN.into();
     o.delay_outbound_ms = 2.0;
     o.delay_inbound_ms = 3.0;
+    o.mtls = mtls;
+    for pod in REVIEWS {
+        o.service_time_choices_ms
+            .insert(pod.into(), vec![2.0, 40.0]);
+    }
+    o
+}
+
+/// Bookinfo with sidecars that add no delay of their own (HAProxy's,
+/// for the third-party tests), reviews answering in 2 ms or 40 ms at
+/// random, so that a span holding another request's moments is off by
+/// tens of milliseconds.
+pub fn varied_lab(sidecar: Sidecar, http2: Http2, mtls: bool) -> LabOptions {
+    let mut o = LabOptions::bookinfo().unwrap();
+    o.exe = BIN.into();
+    o.sidecar = sidecar;
+    o.http2 = http2;
     o.mtls = mtls;
     for pod in REVIEWS {
         o.service_time_choices_ms
