@@ -184,6 +184,8 @@ struct Block {
 struct Direction {
     hpack: loona_hpack::Decoder<'static>,
     lost: bool,
+    /// The kernel stopped walking its frames: none come any more.
+    unwalked: bool,
     block: Option<Block>,
 }
 
@@ -194,6 +196,7 @@ impl Direction {
         Direction {
             hpack,
             lost: false,
+            unwalked: false,
             block: None,
         }
     }
@@ -236,6 +239,13 @@ impl H2Decoder {
 
     pub fn is_empty(&self) -> bool {
         self.conns.is_empty()
+    }
+
+    /// Whether the kernel stopped walking the frames of a direction of
+    /// socket `cookie` (it lost their boundaries): what goes by there from
+    /// then on is reported by no frame.
+    pub fn unwalked(&self, cookie: u64, recv: bool) -> bool {
+        self.conns.peek(&(cookie, recv)).is_some_and(|d| d.unwalked)
     }
 
     /// Forgets a closed socket's state.
@@ -308,7 +318,10 @@ fn step(d: &mut Direction, f: &H2Frame, out: &mut Vec<H2Message>) -> Result<(), 
             b.next_seq = b.next_seq.wrapping_add(f.payload.len() as u32);
             return finish_frame(d, out);
         }
-        _ => return Err(LostBecause::Walk),
+        _ => {
+            d.unwalked = true;
+            return Err(LostBecause::Walk);
+        }
     }
     match f.frame_type {
         HEADERS | PUSH_PROMISE => {

@@ -426,6 +426,14 @@ impl Stitcher {
                     self.spans.mark_lost(id);
                 }
             }
+            // A client's requests written where the kernel no longer walks
+            // the frames start no span: each such write counts one at least.
+            if place == Place::AppClient
+                && dir == Dir::Send
+                && self.h2.unwalked(ev.sock_cookie, false)
+            {
+                self.count(Unstitched::HpackLost);
+            }
             return;
         }
         // Where the response to a request in these bytes would start.
@@ -2437,6 +2445,54 @@ mod tests {
             node.stitcher.unstitched.is_empty(),
             "{:?}",
             node.stitcher.unstitched
+        );
+    }
+
+    /// The kernel lost the frame boundaries of the app's HTTP/2 writes (it
+    /// walks the first buffers of a vectored call only) and walks that
+    /// direction no more: the requests written there from then on start no
+    /// span, and each write counts one at least, never silently.
+    #[test]
+    fn writes_where_the_kernel_stopped_walking_frames_are_counted() {
+        let (mut node, _) = Node::new(&chain(0));
+        let mut enc = loona_hpack::Encoder::new();
+        let head = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":path", b"/lab.Reviews/Get"),
+            (b":authority", b"reviews:9080"),
+        ]);
+        let frames = [(4u8, 0u8, 0u32, vec![]), (1, 0x4, 1, head)];
+        node.h2(1, APP, DIR_SEND, true, &frames);
+        assert!(node.stitcher.unstitched.is_empty());
+        let lost = H2Frame {
+            ts_ns: node.ts_ns,
+            sock_cookie: 1,
+            pid_tgid: u64::from(APP) << 32 | u64::from(APP),
+            direction: DIR_SEND,
+            seq: node.next_offset(1, DIR_SEND) as u32,
+            length: 0,
+            stream_id: 0,
+            frame_type: 0,
+            flags: 0,
+            what: mesh_trace_common::H2_WHAT_LOST,
+            payload: Vec::new(),
+        };
+        node.stitcher.h2_frame(&node.table, &lost, &mut node.spans);
+        for _ in 0..3 {
+            node.io(1, APP, DIR_SEND, &[0u8; 64]);
+        }
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::HpackLost),
+            Some(&3),
+            "{:?}",
+            node.stitcher.unstitched
+        );
+        // Its reads, and other sockets, count nothing.
+        node.io(1, APP, DIR_RECV, &[0u8; 16]);
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::HpackLost),
+            Some(&3)
         );
     }
 
