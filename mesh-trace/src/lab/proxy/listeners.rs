@@ -384,7 +384,7 @@ mod tests {
 
     use super::*;
     use crate::lab::config::Http2;
-    use crate::lab::proxy::tests::{exchange, http_server, lab_config, TestCerts, TestProxy, VIP};
+    use crate::lab::proxy::tests::{exchange, http_server, lab_config, TestCerts, TestProxy};
 
     #[tokio::test]
     async fn tcp_without_listener_passes_through_or_blackholes() {
@@ -435,16 +435,7 @@ mod tests {
     #[tokio::test]
     async fn drain_lets_in_flight_requests_finish() {
         let slow_app = http_server(200, Duration::from_millis(300)).await;
-        let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
-        let proxy = TestProxy::start(
-            |inbound| lab_config(&[inbound]),
-            OutboundTrafficPolicy::AllowAny,
-            move |d| match d {
-                Direction::Outbound => vip,
-                Direction::Inbound => slow_app,
-            },
-        )
-        .await;
+        let proxy = TestProxy::to_app(slow_app, None, Http2::Off).await;
         let to = proxy.outbound;
         let request = tokio::spawn(exchange(to, "GET / HTTP/1.1\r\nhost: svc\r\n\r\n"));
         tokio::time::sleep(Duration::from_millis(100)).await;

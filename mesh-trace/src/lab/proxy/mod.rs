@@ -378,6 +378,28 @@ mod tests {
             }
         }
 
+        /// The usual chain: the app's connections headed for `svc` at the
+        /// VIP, the inbound side's for `app`; mutual TLS from `mtls_dir`,
+        /// HTTP/2 upstream where `http2` says.
+        pub(super) async fn to_app(
+            app: SocketAddr,
+            mtls_dir: Option<PathBuf>,
+            http2: Http2,
+        ) -> TestProxy {
+            let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
+            Self::start_with(
+                |inbound| lab_config(&[inbound]),
+                OutboundTrafficPolicy::AllowAny,
+                move |d| match d {
+                    Direction::Outbound => vip,
+                    Direction::Inbound => app,
+                },
+                mtls_dir,
+                http2,
+            )
+            .await
+        }
+
         /// Drains the proxy and returns its access records.
         pub(super) async fn finish(self) -> Vec<ProxyRecord> {
             let _ = self.stop.send(());
@@ -401,15 +423,7 @@ mod tests {
     async fn outbound_to_inbound_to_app() {
         let app = http_server(200, Duration::ZERO).await;
         let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
-        let proxy = TestProxy::start(
-            |inbound| lab_config(&[inbound]),
-            OutboundTrafficPolicy::AllowAny,
-            move |d| match d {
-                Direction::Outbound => vip,
-                Direction::Inbound => app,
-            },
-        )
-        .await;
+        let proxy = TestProxy::to_app(app, None, Http2::Off).await;
         // No Host header: routed by VIP:port.
         let answer = exchange(
             proxy.outbound,
@@ -478,18 +492,7 @@ mod tests {
     #[tokio::test]
     async fn sidecars_upgrading_to_http2_between_them() {
         let app = http_server(200, Duration::from_millis(5)).await;
-        let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
-        let proxy = TestProxy::start_with(
-            |inbound| lab_config(&[inbound]),
-            OutboundTrafficPolicy::AllowAny,
-            move |d| match d {
-                Direction::Outbound => vip,
-                Direction::Inbound => app,
-            },
-            None,
-            Http2::BetweenSidecars,
-        )
-        .await;
+        let proxy = TestProxy::to_app(app, None, Http2::BetweenSidecars).await;
         let outbound = proxy.outbound;
         let calls = (0..8).map(|i| {
             tokio::spawn(async move {

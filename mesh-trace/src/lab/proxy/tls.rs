@@ -29,11 +29,9 @@ mod tests {
     };
 
     use crate::lab::{
-        config::{Http2, OutboundTrafficPolicy},
+        config::Http2,
         mtls::{MeshCa, SidecarTls, CA_FILE},
-        proxy::tests::{
-            exchange, http_server, lab_config, test_workload, TestCerts, TestProxy, VIP,
-        },
+        proxy::tests::{exchange, http_server, test_workload, TestCerts, TestProxy},
         records::{Direction, ProxyRecord},
     };
 
@@ -62,18 +60,7 @@ mod tests {
     async fn mutual_tls_between_sidecars_with_permissive_inbound() {
         let certs = TestCerts::new();
         let app = http_server(200, Duration::ZERO).await;
-        let vip = SocketAddr::new(VIP.parse().expect("vip"), 9080);
-        let proxy = TestProxy::start_with(
-            |inbound| lab_config(&[inbound]),
-            OutboundTrafficPolicy::AllowAny,
-            move |d| match d {
-                Direction::Outbound => vip,
-                Direction::Inbound => app,
-            },
-            Some(certs.dir.clone()),
-            Http2::Off,
-        )
-        .await;
+        let proxy = TestProxy::to_app(app, Some(certs.dir.clone()), Http2::Off).await;
         // App -> outbound (plaintext) -> inbound (mTLS) -> app (plaintext).
         let answer = exchange(
             proxy.outbound,
