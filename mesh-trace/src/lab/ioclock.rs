@@ -153,19 +153,19 @@ impl Preface {
 #[derive(Debug, Default)]
 struct ServerStreams {
     /// Requests' HEADERS frames, in arrival order: (stream, read ns).
-    heads: VecDeque<(u32, u64)>,
+    heads: StreamMoments,
     /// Streams the peer opened so far (the highest id).
     last_opened: u32,
     /// Frames that ended a stream on the way out: (stream, write ns).
-    ends: VecDeque<(u32, u64)>,
+    ends: StreamMoments,
     /// Responses' heads (each stream's first HEADERS frame out).
-    answers: VecDeque<(u32, u64)>,
+    answers: StreamMoments,
 }
 
 impl ServerStreams {
     fn wrote_frame(&mut self, f: FrameHead, t: u64) {
-        if f.ty == FRAME_HEADERS && !self.answers.iter().any(|(s, _)| *s == f.stream) {
-            push_bounded(&mut self.answers, (f.stream, t));
+        if f.ty == FRAME_HEADERS {
+            note_first(&mut self.answers, f.stream, t);
         }
         if ends_stream(f) {
             push_bounded(&mut self.ends, (f.stream, t));
@@ -192,9 +192,9 @@ struct ClientStreams {
     lost: bool,
     /// Responses' heads (each stream's first HEADERS frame in): (stream,
     /// read ns).
-    answers: VecDeque<(u32, u64)>,
+    answers: StreamMoments,
     /// Frames that ended a stream on the way in: (stream, read ns).
-    ends: VecDeque<(u32, u64)>,
+    ends: StreamMoments,
 }
 
 struct Hpack(loona_hpack::Decoder<'static>);
@@ -300,6 +300,22 @@ const FRAME_CONTINUATION: u8 = 9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 
+/// Moments per stream, oldest first.
+type StreamMoments = VecDeque<(u32, u64)>;
+
+/// `stream`'s moment in `q`.
+fn moment_of(q: &StreamMoments, stream: u32) -> Option<u64> {
+    q.iter().find(|(s, _)| *s == stream).map(|&(_, t)| t)
+}
+
+/// Keeps `t` as `stream`'s moment unless it has one (its first frame of a
+/// kind is the one that counts).
+fn note_first(q: &mut StreamMoments, stream: u32, t: u64) {
+    if moment_of(q, stream).is_none() {
+        push_bounded(q, (stream, t));
+    }
+}
+
 fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
     if q.len() == H2_KEPT {
         q.pop_front();
@@ -330,8 +346,8 @@ impl H2Frames {
                 s.last_opened = f.stream;
                 push_bounded(&mut s.heads, (f.stream, t));
             }
-            if client && f.ty == FRAME_HEADERS && !c.answers.iter().any(|(s, _)| *s == f.stream) {
-                push_bounded(&mut c.answers, (f.stream, t));
+            if client && f.ty == FRAME_HEADERS {
+                note_first(&mut c.answers, f.stream, t);
             }
             if client && ends_stream(f) {
                 push_bounded(&mut c.ends, (f.stream, t));
@@ -488,7 +504,7 @@ impl IoClock {
                 let notified = self.wrote.notified();
                 {
                     let times = self.lock();
-                    if let Some(&(_, t)) = times.h2.server.ends.iter().find(|(s, _)| *s == stream) {
+                    if let Some(t) = moment_of(&times.h2.server.ends, stream) {
                         return Some(t);
                     }
                     if times.closed {
@@ -518,21 +534,17 @@ impl IoClock {
         if carried.next().is_some() {
             return None;
         }
-        let of =
-            |q: &VecDeque<(u32, u64)>| q.iter().find(|(s, _)| *s == sent.stream).map(|&(_, t)| t);
         Some(Exchange {
             write_ns: sent.head_ns,
-            read_ns: of(&c.answers),
-            end_ns: of(&c.ends),
+            read_ns: moment_of(&c.answers, sent.stream),
+            end_ns: moment_of(&c.ends, sent.stream),
         })
     }
 
     /// On an HTTP/2 server connection, the write that carried the head of
     /// `stream`'s response (its first HEADERS frame), once it went.
     pub fn h2_response_head(&self, stream: u32) -> Option<u64> {
-        let times = self.lock();
-        let answers = &times.h2.server.answers;
-        answers.iter().find(|(s, _)| *s == stream).map(|&(_, t)| t)
+        moment_of(&self.lock().h2.server.answers, stream)
     }
 
     fn close(&self) {

@@ -285,8 +285,9 @@ impl Shared {
         let latency = t0.elapsed();
         // Calls share the connection: the clock tells the call's stream by
         // its head (path and id), the write of its HEADERS frame and the
-        // read of its last frame (a call ends with its stream). Without an id on the wire, the first
-        // write from its start and the last read before it returned.
+        // read of its last frame (a call ends with its stream). Without an
+        // id on the wire, the first write from its start and the last read
+        // before it returned.
         let key = RequestKey {
             path: kind.path().to_owned(),
             request_id: (!self.opts.no_request_id).then(|| id.clone()),

@@ -20,10 +20,17 @@ use http_body_util::Full;
 use hyper::{body::Incoming, client::conn::http2::SendRequest, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use openssl::ssl::SslConnector;
-use tokio::net::TcpSocket;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpSocket,
+};
 
 use super::CONNECT_TIMEOUT;
 use crate::lab::ioclock::{Clocked, IoClock};
+
+/// An upstream byte stream: plaintext TCP or TLS over it.
+trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamIo for T {}
 
 /// One endpoint's connection.
 #[derive(Clone)]
@@ -110,15 +117,8 @@ impl H2Pool {
             b.timer(TokioTimer::new());
             b
         };
-        let send = match &self.tls {
-            None => {
-                let (send, conn) = builder
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(io::Error::other)?;
-                tokio::spawn(drive(endpoint, conn));
-                send
-            }
+        let io: Box<dyn UpstreamIo> = match &self.tls {
+            None => Box::new(stream),
             Some(tls) => {
                 // The endpoint's certificate names its IP.
                 let ssl = tls
@@ -131,14 +131,14 @@ impl H2Pool {
                     .connect()
                     .await
                     .map_err(io::Error::other)?;
-                let (send, conn) = builder
-                    .handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(io::Error::other)?;
-                tokio::spawn(drive(endpoint, conn));
-                send
+                Box::new(tls)
             }
         };
+        let (send, conn) = builder
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(drive(endpoint, conn));
         Ok(H2Conn { send, clock, local })
     }
 }

@@ -523,6 +523,9 @@ mod tests {
                 .find(|i| i.request_id == o.request_id && i.path == o.path)
                 .expect("the inbound side's record");
             assert_eq!(i.host.as_deref(), None, "`:authority`, no Host: {i:?}");
+            // Taken from the frames, not around the calls.
+            assert!(o.t_upstream_read_end_ns.is_some(), "{o:?}");
+            assert!(i.t_downstream_write_end_ns.is_some(), "{i:?}");
             assert!(
                 o.t_upstream_write_ns <= i.t_downstream_read_ns,
                 "{o:?} {i:?}"
