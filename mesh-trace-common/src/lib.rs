@@ -437,9 +437,6 @@ pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const H2_BLOCK_MAX: usize = 4096;
 /// Frames walked per send or receive; past it the direction is lost.
 pub const H2_FRAMES_PER_IO: usize = 2048;
-/// Buffers of one vectored send or receive walked (writev, sendmsg, ...);
-/// bytes in later ones lose the direction.
-pub const H2_IOVECS_MAX: usize = 8;
 
 /// Flag on [`H2FrameEvent::direction`]: walked in a TLS session's
 /// plaintext; `seq` is the position in it, not a TCP sequence number.

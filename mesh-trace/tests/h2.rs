@@ -155,17 +155,33 @@ impl Served {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        let out = self
+            .collect(
+                || child.try_wait().unwrap().is_some(),
+                &format!("{client:?}"),
+            )
+            .await;
+        assert!(child.wait().unwrap().success(), "{client:?} failed");
+        out
+    }
+
+    /// Collects events until `finished` (and a moment after: events keep
+    /// coming); the decoded messages as [`Served::run`] returns them.
+    async fn collect(
+        &mut self,
+        mut finished: impl FnMut() -> bool,
+        client: &str,
+    ) -> (H2Decoder, Vec<((u64, bool), H2Message)>) {
         let mut decoder = H2Decoder::default();
         let mut ours = HashSet::new();
         let mut messages = Vec::new();
         let mut batch = Vec::new();
-        let mut exited_at = None;
+        let mut finished_at = None;
         let deadline = Instant::now() + Duration::from_secs(60);
-        // Events keep coming for a moment after the client exits.
-        while exited_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(500)) {
-            assert!(Instant::now() < deadline, "{client:?} did not finish");
-            if exited_at.is_none() && child.try_wait().unwrap().is_some() {
-                exited_at = Some(Instant::now());
+        while finished_at.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(500)) {
+            assert!(Instant::now() < deadline, "{client} did not finish");
+            if finished_at.is_none() && finished() {
+                finished_at = Some(Instant::now());
             }
             let _ = tokio::time::timeout(
                 Duration::from_millis(100),
@@ -187,7 +203,6 @@ impl Served {
                 }
             }
         }
-        assert!(child.wait().unwrap().success(), "{client:?} failed");
         (decoder, messages)
     }
 }
@@ -323,4 +338,132 @@ async fn a_block_past_the_capture_is_counted_and_never_decoded() {
         .count();
     assert!(undecodable >= 1, "{messages:?}");
     assert_eq!(decoded_requests, 0, "{messages:?}");
+}
+
+/// A client whose every send and receive is vectored over many small
+/// buffers (48 to 64 per call, more than any fixed window; Envoy writes 16
+/// at a time, hyper's HTTP/2 more), frame headers and header blocks cut
+/// across them, by writev, sendmsg and readv: each of its 40 requests and
+/// nghttpd's responses decodes on both ends, nothing lost.
+#[tokio::test]
+async fn frames_cut_across_many_buffers_of_vectored_calls_decode() {
+    let mut served = Served::start("iov");
+    let stream = served
+        .ns
+        .enter(|| TcpStream::connect("127.0.0.1:18080").unwrap())
+        .unwrap();
+    let client = std::thread::spawn(move || vectored_client(stream, 40));
+    let (decoder, messages) = served
+        .collect(|| client.is_finished(), "the vectored client")
+        .await;
+    let read = client.join().unwrap();
+    assert!(decoder.lost.is_empty(), "lost: {:?}", decoder.lost);
+    let paths = |received: bool| -> Vec<String> {
+        messages
+            .iter()
+            .filter(|(key, _)| key.1 == received)
+            .filter_map(|(_, m)| match m {
+                H2Message::Headers { fields, .. } if fields.is_request() => fields.path.clone(),
+                _ => None,
+            })
+            .collect()
+    };
+    let sent: Vec<String> = (0..40).map(|i| format!("/index.html?n={i}")).collect();
+    assert_eq!(paths(false), sent, "request heads as the client wrote them");
+    assert_eq!(paths(true), sent, "request heads as nghttpd read them");
+    let statuses = |received: bool| {
+        messages
+            .iter()
+            .filter(|(key, m)| {
+                key.1 == received
+                    && matches!(m, H2Message::Headers { fields, .. } if fields.status == Some(200))
+            })
+            .count()
+    };
+    assert_eq!(
+        (statuses(false), statuses(true)),
+        (40, 40),
+        "response heads written by nghttpd and read by the client ({read} bytes read)"
+    );
+}
+
+/// Writes the preface, SETTINGS and `requests` GET heads (one HPACK
+/// table, so later heads refer to earlier ones) in pieces of 1 to 13
+/// bytes, 48 pieces per call, writev and sendmsg in turn; then reads the
+/// responses by readv into 64 buffers of 5 bytes until they stop coming.
+/// Returns the bytes read.
+fn vectored_client(mut stream: TcpStream, requests: u32) -> usize {
+    use std::io::{IoSlice, IoSliceMut, Read, Write};
+    use std::os::fd::AsRawFd;
+
+    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream_id.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    let mut bytes = mesh_trace_common::H2_PREFACE.to_vec();
+    frame(&mut bytes, 4, 0, 0, &[]);
+    let mut encoder = loona_hpack::Encoder::new();
+    for i in 0..requests {
+        let path = format!("/index.html?n={i}");
+        let block = encoder.encode([
+            (&b":method"[..], &b"GET"[..]),
+            (b":scheme", b"http"),
+            (b":authority", b"127.0.0.1:18080"),
+            (b":path", path.as_bytes()),
+        ]);
+        // END_STREAM | END_HEADERS
+        frame(&mut bytes, 1, 0x5, 2 * i + 1, &block);
+    }
+    let sizes = [1, 2, 3, 5, 8, 13, 1, 9, 4];
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for size in sizes.iter().cycle() {
+        if at == bytes.len() {
+            break;
+        }
+        let end = (at + size).min(bytes.len());
+        pieces.push(&bytes[at..end]);
+        at = end;
+    }
+    for (n, call) in pieces.chunks(48).enumerate() {
+        let slices: Vec<IoSlice> = call.iter().map(|p| IoSlice::new(p)).collect();
+        let want: usize = call.iter().map(|p| p.len()).sum();
+        let wrote = if n % 2 == 0 {
+            stream.write_vectored(&slices).unwrap()
+        } else {
+            nix::sys::socket::sendmsg::<nix::sys::socket::SockaddrIn>(
+                stream.as_raw_fd(),
+                &slices,
+                &[],
+                nix::sys::socket::MsgFlags::empty(),
+                None,
+            )
+            .unwrap()
+        };
+        assert_eq!(wrote, want, "a short vectored write");
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut bufs = [[0u8; 5]; 64];
+    let mut read = 0;
+    loop {
+        let mut slices: Vec<IoSliceMut> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+        match stream.read_vectored(&mut slices) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break
+            }
+            Err(e) => panic!("reading the responses: {e}"),
+        }
+    }
+    read
 }

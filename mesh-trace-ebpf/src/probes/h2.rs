@@ -26,8 +26,7 @@ use aya_ebpf::{
 use mesh_trace_common::{
     syscall_abi::{BufferArg, IOVEC_SIZE, MSGHDR_MSG_IOV},
     EventKind, H2Dir, H2FrameEvent, H2Sock, LossReason, H2_BLOCK_MAX, H2_DIR_LOST, H2_DIR_WALKING,
-    H2_FIXED_LEN, H2_FRAMES_PER_IO, H2_IOVECS_MAX, H2_PREFACE, H2_WHAT_CONTINUED, H2_WHAT_FRAME,
-    H2_WHAT_LOST,
+    H2_FIXED_LEN, H2_FRAMES_PER_IO, H2_PREFACE, H2_WHAT_CONTINUED, H2_WHAT_FRAME, H2_WHAT_LOST,
 };
 
 use crate::maps::{count_loss, header_at, wakeup_flags, EVENTS, H2_SOCKS};
@@ -100,14 +99,38 @@ pub fn lose_later(d: &mut H2Dir) {
     }
 }
 
-/// The user buffers of the current send or receive, in order.
+/// The user buffers of the current send or receive: one buffer, or a
+/// vectored call's iovec array, whose entries are read as the walk reaches
+/// them (Envoy writes 16 at a time, hyper's HTTP/2 more: a fixed window
+/// would lose the direction at its end).
 pub struct Buffers {
-    base: [u64; H2_IOVECS_MAX],
-    len: [u64; H2_IOVECS_MAX],
-    count: usize,
-    /// Bytes copied so far by [`Buffers::read`].
+    /// The iovec array, or 0 for one buffer (then `cur_*` describe it).
+    iov: u64,
+    count: u64,
+    /// The buffer under the cursor: its index, where it starts in the
+    /// call's bytes, its address and length.
+    cur: u64,
+    cur_start: u64,
+    cur_base: u64,
+    cur_len: u64,
+    /// The copy under way: from offset `at`, `want` bytes into the
+    /// scratch's array `into`, `done` so far.
+    at: u64,
+    want: u32,
     done: u32,
+    into: u32,
 }
+
+/// [`Buffers::into`]: the frame header array, the rest of a cut header,
+/// the event's payload.
+const INTO_HEAD: u32 = 0;
+const INTO_REST: u32 = 1;
+const INTO_PAYLOAD: u32 = 2;
+
+/// Steps of one copy: a step moves the cursor one buffer on or copies one
+/// piece, so every buffer of a call (`UIO_MAXIOV`, 1024) and the pieces
+/// of the largest copy fit.
+const COPY_STEPS: u32 = 1024 + 2 * 16;
 
 impl Buffers {
     /// From the syscall's arguments (see `socket_io::user_buffer`): `arg1`
@@ -115,12 +138,14 @@ impl Buffers {
     #[inline(always)]
     fn fill(&mut self, kind: BufferArg, arg1: u64, arg2: u64) -> bool {
         let b = self;
-        b.count = 0;
         let (iov, count) = match kind {
             BufferArg::Direct => {
-                b.base[0] = arg1;
-                b.len[0] = arg2;
+                b.iov = 0;
                 b.count = 1;
+                b.cur = 0;
+                b.cur_start = 0;
+                b.cur_base = arg1;
+                b.cur_len = arg2;
                 return true;
             }
             BufferArg::Iovec => (arg1, arg2),
@@ -141,77 +166,40 @@ impl Buffers {
             }
             BufferArg::None => return false,
         };
-        for i in 0..H2_IOVECS_MAX {
-            if i as u64 >= count {
-                break;
-            }
-            let mut pair = [0u64; 2];
-            if unsafe {
-                bpf_probe_read_user(
-                    pair.as_mut_ptr() as *mut c_void,
-                    IOVEC_SIZE as u32,
-                    (iov + (i * IOVEC_SIZE) as u64) as *const c_void,
-                )
-            } != 0
-            {
-                return false;
-            }
-            b.base[i] = pair[0];
-            b.len[i] = pair[1];
-            b.count = i + 1;
-        }
-        true
+        b.iov = iov;
+        b.count = count;
+        count > 0 && b.rewind()
     }
 
-    /// Copies up to `n` bytes from offset `off` of the call's bytes to
-    /// `dst`, whose room is twice `MASK + 1` (so the verifier sees every
-    /// piece land inside it); returns how many.
+    /// The cursor back on the first buffer.
     #[inline(always)]
-    /// `N`: the buffers looked at (1 for a TLS call's one buffer: fewer
-    /// paths for the verifier).
-    fn read<const MASK: usize, const N: usize>(&mut self, off: u32, dst: *mut u8, n: u32) -> u32 {
-        // The count lives in the map value, not a register: the verifier
-        // then knows nothing of it at each piece but its bounds, and the
-        // pieces' many outcomes converge instead of multiplying.
-        // SAFETY (all volatile accesses): fields of this CPU's scratch.
-        unsafe { core::ptr::write_volatile(&mut self.done, 0) };
-        let mut start: u64 = 0;
-        for i in 0..N {
-            let done = unsafe { core::ptr::read_volatile(&self.done) };
-            if i >= self.count || done >= n {
-                break;
-            }
-            let end = start + self.len[i];
-            let at = u64::from(off) + u64::from(done);
-            if at < end {
-                let mut piece = end - at;
-                if piece > u64::from(n - done) {
-                    piece = u64::from(n - done);
-                }
-                // Bounded after a volatile copy: the compiler may prove
-                // the bound redundant, the verifier cannot.
-                let mut piece = unsafe { core::ptr::read_volatile(&piece) };
-                if piece > MASK as u64 + 1 {
-                    piece = MASK as u64 + 1;
-                }
-                let into = done as usize & MASK;
-                // SAFETY: `into` <= MASK and `piece` <= MASK + 1: inside
-                // the destination's 2 * (MASK + 1) bytes.
-                if unsafe {
-                    bpf_probe_read_user(
-                        dst.add(into) as *mut c_void,
-                        piece as u32,
-                        (self.base[i] + (at - start)) as *const c_void,
-                    )
-                } != 0
-                {
-                    break;
-                }
-                unsafe { core::ptr::write_volatile(&mut self.done, done + piece as u32) };
-            }
-            start = end;
+    fn rewind(&mut self) -> bool {
+        if self.iov == 0 {
+            // One buffer: the cursor never leaves it.
+            return true;
         }
-        unsafe { core::ptr::read_volatile(&self.done) }
+        self.cur = 0;
+        self.cur_start = 0;
+        self.load(self.iov)
+    }
+
+    /// The iovec at `entry` under the cursor (its index set by the caller).
+    #[inline(always)]
+    fn load(&mut self, entry: u64) -> bool {
+        let mut pair = [0u64; 2];
+        if unsafe {
+            bpf_probe_read_user(
+                pair.as_mut_ptr() as *mut c_void,
+                IOVEC_SIZE as u32,
+                entry as *const c_void,
+            )
+        } != 0
+        {
+            return false;
+        }
+        self.cur_base = pair[0];
+        self.cur_len = pair[1];
+        true
     }
 }
 
@@ -271,7 +259,7 @@ fn frames_start(head: &[u8; 64], n: u32) -> Option<u32> {
 /// missed: only the preface or a first SETTINGS (not an acknowledgement).
 #[inline(always)]
 pub fn frames_start_strict(s: &mut Scratch) -> Option<u32> {
-    let n = s.bufs.read::<31, 1>(0, s.head.as_mut_ptr(), 24);
+    let n = s.read::<true>(INTO_HEAD, 0, 24);
     let start = frames_start(&s.head, n)?;
     (start == 24 || s.head[4] == 0).then_some(start)
 }
@@ -280,7 +268,7 @@ pub fn frames_start_strict(s: &mut Scratch) -> Option<u32> {
 /// they open HTTP/2; whether they did.
 #[inline(always)]
 pub fn first_bytes(sk: *mut c_void, direction: u32, seq: u32, s: &mut Scratch) -> bool {
-    let n = s.bufs.read::<31, H2_IOVECS_MAX>(0, s.head.as_mut_ptr(), 24);
+    let n = s.read::<false>(INTO_HEAD, 0, 24);
     let Some(start) = frames_start(&s.head, n) else {
         return false;
     };
@@ -332,19 +320,19 @@ pub fn walk_dir(
     tls: bool,
 ) {
     if !tls {
-        walk_with::<H2_IOVECS_MAX>(d, cookie, direction, seq, len, ts_ns, s, false);
+        walk_with::<false>(d, cookie, direction, seq, len, ts_ns, s, false);
         return;
     }
     // SAFETY: volatile, so the flag brackets the walk as a preempting
     // program sees it.
     unsafe { core::ptr::write_volatile(&mut s.busy, 1) };
-    walk_with::<1>(d, cookie, direction, seq, len, ts_ns, s, true);
+    walk_with::<true>(d, cookie, direction, seq, len, ts_ns, s, true);
     unsafe { core::ptr::write_volatile(&mut s.busy, 0) };
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn walk_with<const N: usize>(
+fn walk_with<const TLS: bool>(
     d: &mut H2Dir,
     cookie: u64,
     direction: u32,
@@ -370,7 +358,7 @@ fn walk_with<const N: usize>(
         outcome: RUNNING,
         why: 0,
     };
-    if s.dir.state == H2_DIR_WALKING && s.start::<N>().is_ok() && s.call.outcome == RUNNING {
+    if s.dir.state == H2_DIR_WALKING && s.start::<TLS>().is_ok() && s.call.outcome == RUNNING {
         let step = if tls {
             frame_step_tls as *mut c_void
         } else {
@@ -391,7 +379,7 @@ fn walk_with<const N: usize>(
         s.call.why = 9;
     }
     if s.dir.state == LOST_UNREPORTED || s.call.outcome == LOST {
-        s.lose::<N>();
+        s.lose::<TLS>();
     }
     *d = s.dir;
 }
@@ -427,7 +415,7 @@ struct Call {
 extern "C" fn frame_step(_index: u64, _ctx: *mut c_void) -> i64 {
     match H2_SCRATCH.get_ptr_mut(0) {
         // SAFETY: this CPU's scratch, filled by the walk before the loop.
-        Some(s) => step::<H2_IOVECS_MAX>(unsafe { &mut *s }),
+        Some(s) => step::<false>(unsafe { &mut *s }),
         None => 1,
     }
 }
@@ -437,14 +425,35 @@ extern "C" fn frame_step(_index: u64, _ctx: *mut c_void) -> i64 {
 extern "C" fn frame_step_tls(_index: u64, _ctx: *mut c_void) -> i64 {
     match H2_TLS_SCRATCH.get_ptr_mut(0) {
         // SAFETY: as above.
-        Some(s) => step::<1>(unsafe { &mut *s }),
+        Some(s) => step::<true>(unsafe { &mut *s }),
+        None => 1,
+    }
+}
+
+/// One step of a copy, as bpf_loop's callback (a vectored call's buffers
+/// are many: one verified step, not one per buffer): 1 stops the loop.
+#[inline(never)]
+extern "C" fn copy_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    match H2_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's scratch, the copy set up by `read`.
+        Some(s) => unsafe { &mut *s }.copy_piece(),
+        None => 1,
+    }
+}
+
+/// [`copy_step`] on the TLS programs' scratch.
+#[inline(never)]
+extern "C" fn copy_step_tls(_index: u64, _ctx: *mut c_void) -> i64 {
+    match H2_TLS_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: as above.
+        Some(s) => unsafe { &mut *s }.copy_piece(),
         None => 1,
     }
 }
 
 #[inline(always)]
-fn step<const N: usize>(s: &mut Scratch) -> i64 {
-    match s.next_frame::<N>() {
+fn step<const TLS: bool>(s: &mut Scratch) -> i64 {
+    match s.next_frame::<TLS>() {
         Ok(true) => 0,
         Ok(false) => {
             s.call.outcome = DONE;
@@ -461,15 +470,112 @@ fn step<const N: usize>(s: &mut Scratch) -> i64 {
 struct Lost;
 
 impl Scratch {
+    /// Copies `n` bytes from offset `off` of the call's bytes into the
+    /// array `into`; returns how many it could.
+    #[inline(always)]
+    fn read<const TLS: bool>(&mut self, into: u32, off: u32, n: u32) -> u32 {
+        let b = &mut self.bufs;
+        // Copies mostly move forward: the cursor stays where the last ended.
+        if u64::from(off) < b.cur_start && !b.rewind() {
+            return 0;
+        }
+        b.at = u64::from(off);
+        b.want = n;
+        b.into = into;
+        // SAFETY (volatile): the count lives in the map value, where the
+        // loop's steps update it.
+        unsafe { core::ptr::write_volatile(&mut b.done, 0) };
+        let step = if TLS {
+            copy_step_tls as *mut c_void
+        } else {
+            copy_step as *mut c_void
+        };
+        // SAFETY: both steps are BPF callbacks of bpf_loop's type; each
+        // finds the copy in this CPU's scratch.
+        unsafe {
+            bpf_loop(COPY_STEPS, step, core::ptr::null_mut(), 0);
+        }
+        unsafe { core::ptr::read_volatile(&self.bufs.done) }
+    }
+
+    /// One step of [`Scratch::read`]: a piece copied, or the cursor moved
+    /// on to the next buffer; 1 when the copy is over.
+    #[inline(always)]
+    fn copy_piece(&mut self) -> i64 {
+        let b = &mut self.bufs;
+        // SAFETY (volatile): see `read`.
+        let done = unsafe { core::ptr::read_volatile(&b.done) };
+        if done >= b.want {
+            return 1;
+        }
+        let at = b.at + u64::from(done);
+        let end = b.cur_start + b.cur_len;
+        if at < b.cur_start {
+            return 1;
+        }
+        if at >= end {
+            let next = b.cur + 1;
+            if b.iov == 0 || next >= b.count || !b.load(b.iov + next * IOVEC_SIZE as u64) {
+                return 1;
+            }
+            b.cur = next;
+            b.cur_start = end;
+            return 0;
+        }
+        let mut piece = end - at;
+        if piece > u64::from(b.want - done) {
+            piece = u64::from(b.want - done);
+        }
+        let src = (b.cur_base + (at - b.cur_start)) as *const c_void;
+        // Each destination: an offset masked to half its array, a piece
+        // bounded by that half (after a volatile copy: the compiler may
+        // prove the bound redundant, the verifier cannot).
+        let mut piece = unsafe { core::ptr::read_volatile(&piece) };
+        let dst = match b.into {
+            INTO_PAYLOAD => {
+                if piece > H2_BLOCK_MAX as u64 {
+                    piece = H2_BLOCK_MAX as u64;
+                }
+                // SAFETY: below H2_BLOCK_MAX into a 2 * H2_BLOCK_MAX array.
+                unsafe {
+                    self.event
+                        .payload
+                        .as_mut_ptr()
+                        .add(done as usize & (H2_BLOCK_MAX - 1))
+                }
+            }
+            INTO_REST => {
+                if piece > 32 {
+                    piece = 32;
+                }
+                // SAFETY: below 32 into a 64-byte array.
+                unsafe { self.rest.as_mut_ptr().add(done as usize & 31) }
+            }
+            _ => {
+                if piece > 32 {
+                    piece = 32;
+                }
+                // SAFETY: as above.
+                unsafe { self.head.as_mut_ptr().add(done as usize & 31) }
+            }
+        };
+        // SAFETY: `dst` has room for `piece` bytes (above).
+        if unsafe { bpf_probe_read_user(dst as *mut c_void, piece as u32, src) } != 0 {
+            return 1;
+        }
+        unsafe { core::ptr::write_volatile(&mut self.bufs.done, done + piece as u32) };
+        0
+    }
+
     /// Before the frames: more of a header frame's payload begun in an
     /// earlier call, and a frame header that call cut.
     #[inline(always)]
-    fn start<const N: usize>(&mut self) -> Result<(), Lost> {
+    fn start<const TLS: bool>(&mut self) -> Result<(), Lost> {
         let (seq, len) = (self.call.seq, self.call.len);
         let cont = self.dir.capture_until.wrapping_sub(seq) as i32;
         if cont > 0 {
             let n = if cont as u32 > len { len } else { cont as u32 };
-            self.send::<N>(H2_WHAT_CONTINUED, seq, &Frame::none(), 0, n)?;
+            self.send::<TLS>(H2_WHAT_CONTINUED, seq, &Frame::none(), 0, n)?;
             self.dir.capture_until = seq.wrapping_add(n);
         }
         let mut off = self.dir.next_frame.wrapping_sub(seq) as i32 as i64;
@@ -482,7 +588,7 @@ impl Scratch {
                 return Err(Lost);
             }
             let want = FRAME_HEADER - have;
-            if self.bufs.read::<31, N>(0, self.rest.as_mut_ptr(), want) != want {
+            if self.read::<TLS>(INTO_REST, 0, want) != want {
                 self.call.why = 2;
                 return Err(Lost);
             }
@@ -495,7 +601,7 @@ impl Scratch {
             }
             self.dir.hdr_have = 0;
             let f = Frame::parse(&self.head);
-            off = self.frame::<N>(off, &f)?;
+            off = self.frame::<TLS>(off, &f)?;
         } else if off < 0 {
             // Bytes went by that were never walked.
             self.call.why = 3;
@@ -517,15 +623,13 @@ impl Scratch {
 
     /// The frame at the call's offset; false when there is none left.
     #[inline(always)]
-    fn next_frame<const N: usize>(&mut self) -> Result<bool, Lost> {
+    fn next_frame<const TLS: bool>(&mut self) -> Result<bool, Lost> {
         let (off, len) = (self.call.off, i64::from(self.call.len));
         if off >= len || off < 0 {
             self.dir.next_frame = self.call.seq.wrapping_add(off as u32);
             return Ok(false);
         }
-        let got = self
-            .bufs
-            .read::<31, N>(off as u32, self.head.as_mut_ptr(), FRAME_HEADER);
+        let got = self.read::<TLS>(INTO_HEAD, off as u32, FRAME_HEADER);
         if off + i64::from(FRAME_HEADER) > len {
             // The header goes on in the next call.
             if i64::from(got) != len - off {
@@ -544,7 +648,7 @@ impl Scratch {
             return Err(Lost);
         }
         let f = Frame::parse(&self.head);
-        self.call.off = self.frame::<N>(off, &f)?;
+        self.call.off = self.frame::<TLS>(off, &f)?;
         if self.call.off >= len {
             self.dir.next_frame = self.call.seq.wrapping_add(self.call.off as u32);
             return Ok(false);
@@ -555,7 +659,7 @@ impl Scratch {
     /// Reports frame `f`, whose header starts at `off` in this call (below
     /// 0 when the call began inside it); returns where the next starts.
     #[inline(always)]
-    fn frame<const N: usize>(&mut self, off: i64, f: &Frame) -> Result<i64, Lost> {
+    fn frame<const TLS: bool>(&mut self, off: i64, f: &Frame) -> Result<i64, Lost> {
         let payload = off + i64::from(FRAME_HEADER);
         let end = payload + i64::from(f.length);
         let len = i64::from(self.call.len);
@@ -584,7 +688,7 @@ impl Scratch {
         };
         if report {
             let take = if in_call > want { want } else { in_call };
-            self.send::<N>(H2_WHAT_FRAME, frame_seq, f, payload as u32, take)?;
+            self.send::<TLS>(H2_WHAT_FRAME, frame_seq, f, payload as u32, take)?;
             if take < want && matches!(f.kind, HEADERS | CONTINUATION | PUSH_PROMISE) {
                 self.dir.capture_until = seq.wrapping_add(payload as u32).wrapping_add(want);
             }
@@ -595,7 +699,7 @@ impl Scratch {
     /// Sends an event for frame `f` at `seq` with `take` payload bytes read
     /// from offset `from` of the call.
     #[inline(always)]
-    fn send<const N: usize>(
+    fn send<const TLS: bool>(
         &mut self,
         what: u8,
         seq: u32,
@@ -603,12 +707,7 @@ impl Scratch {
         from: u32,
         take: u32,
     ) -> Result<(), Lost> {
-        let Scratch {
-            event: ev,
-            bufs,
-            call,
-            ..
-        } = self;
+        let (ev, call) = (&mut self.event, &self.call);
         ev.header = header_at(EventKind::H2Frame, call.ts_ns);
         ev.sock_cookie = call.cookie;
         ev.pid_tgid = bpf_get_current_pid_tgid();
@@ -626,7 +725,7 @@ impl Scratch {
             take
         };
         let got = if take > 0 {
-            bufs.read::<{ H2_BLOCK_MAX - 1 }, N>(from, ev.payload.as_mut_ptr(), take)
+            self.read::<TLS>(INTO_PAYLOAD, from, take)
         } else {
             0
         };
@@ -634,6 +733,7 @@ impl Scratch {
             self.call.why = 6;
             return Err(Lost);
         }
+        let ev = &mut self.event;
         ev.captured = got;
         let size = H2_FIXED_LEN + (got as usize & (2 * H2_BLOCK_MAX - 1));
         // SAFETY: `size` bytes of the scratch value's event, at most its
@@ -650,13 +750,13 @@ impl Scratch {
     /// The direction's boundaries are lost: says so (or will, when the ring
     /// has room) and walks it no more.
     #[inline(always)]
-    fn lose<const N: usize>(&mut self) {
+    fn lose<const TLS: bool>(&mut self) {
         let seq = self.call.seq;
         let why = Frame {
             flags: self.call.why as u8,
             ..Frame::none()
         };
-        self.dir.state = if self.send::<N>(H2_WHAT_LOST, seq, &why, 0, 0).is_ok() {
+        self.dir.state = if self.send::<TLS>(H2_WHAT_LOST, seq, &why, 0, 0).is_ok() {
             H2_DIR_LOST
         } else {
             LOST_UNREPORTED
