@@ -26,6 +26,7 @@ pub mod names {
     pub const ADOPT: &str = "ADOPT";
     pub const ADOPT_PROG: &str = "mt_adopt";
     pub const SEND_LENGTH: &str = "mt_send_length";
+    pub const DEV_QUEUE: &str = "mt_dev_queue";
     pub const RECV_LENGTH: &str = "mt_recv_length";
     pub const RETRANSMIT: &str = "mt_retransmit";
     pub const RETRANSMIT_SYNACK: &str = "mt_retransmit_synack";
@@ -297,6 +298,12 @@ pub struct TrackedSock {
     /// When the data path last sent an RTT sample, in units of 2^30 ns
     /// (about a second) of `bpf_ktime_get_ns`: at most one per unit.
     pub rtt_sampled: u32,
+    /// When the newest data the socket sent first left it
+    /// (`net_dev_queue`), `bpf_ktime_get_ns`; 0 before any did.
+    pub sent_ns: u64,
+    /// The TCP sequence number just past that packet's data.
+    pub sent_end_seq: u32,
+    pub _pad: u32,
 }
 
 /// Most payload bytes a [`DataEvent`] carries; the agent may ask for fewer.

@@ -216,6 +216,14 @@ fn dropping_the_tracer_detaches_every_program() {
     let tracer = rt.block_on(async { load_tracer() });
     // This kernel takes every program, the optional ones too.
     assert!(tracer.skipped.is_empty(), "{:?}", tracer.skipped);
+    assert!(
+        tracer
+            .attached
+            .iter()
+            .any(|a| a.program == mesh_trace_common::names::DEV_QUEUE),
+        "{:?}",
+        tracer.attached
+    );
     let during = attached_program_ids();
     assert!(
         during.len() >= before.len() + tracer.attached.len(),

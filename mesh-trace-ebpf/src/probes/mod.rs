@@ -41,3 +41,4 @@ pub mod sock_ops;
 pub mod socket_io;
 pub mod tcp_issues;
 pub mod tls;
+pub mod transmit;

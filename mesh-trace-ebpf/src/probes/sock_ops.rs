@@ -65,6 +65,7 @@ fn established(ctx: &SockOpsContext, active: u32) {
         // The open reports the handshake's RTT; the data path's next sample
         // comes a second later.
         rtt_sampled: (ev.header.ts_ns >> 30) as u32,
+        ..TrackedSock::default()
     };
     let sk = field!(ctx.ops, __bindgen_anon_2.sk) as *mut c_void;
     // Null sk or no memory for the storage: the data path misses this socket.

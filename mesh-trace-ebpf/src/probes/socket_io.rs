@@ -149,12 +149,21 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let (seq, opposite) = sequence_numbers(sk, direction, ret as u32);
+    // A send's moment: when its last byte left, if it left inside the call
+    // (`transmit`); else, as a receive's, now, as the call returns.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let end = seq.wrapping_add(ret as u32);
+    let at = if direction == DIR_SEND && tracked.sent_ns != 0 && tracked.sent_end_seq == end {
+        tracked.sent_ns
+    } else {
+        now
+    };
     if unsafe { core::ptr::read_volatile(&TLS_PROBES) } != 0 {
-        super::tls::note_io(bpf_get_current_pid_tgid(), cookie, direction, seq);
+        super::tls::note_io(bpf_get_current_pid_tgid(), cookie, direction, seq, at);
     }
     // The data event first, as soon as the call returned: a peer's event
     // for the same bytes should not be reserved before it.
-    let ts_ns = capture(cookie, direction, u64::from(seq), len, opposite);
+    let ts_ns = capture(at, cookie, direction, u64::from(seq), len, opposite);
     if first_bytes || tracked.flags & TRACKED_H2 != 0 {
         if let Some(s) = syscall_args().and_then(|(kind, a1, a2)| h2::scratch(kind, a1, a2, false))
         {
@@ -162,25 +171,20 @@ fn on_io(ctx: &BtfTracePointContext, direction: u32) {
                 tracked.flags |= TRACKED_H2;
             }
             if tracked.flags & TRACKED_H2 != 0 {
-                let ts = if ts_ns != 0 {
-                    ts_ns
-                } else {
-                    unsafe { bpf_ktime_get_ns() }
-                };
-                h2::walk(sk, cookie, direction, seq, ret as u32, ts, s);
+                h2::walk(sk, cookie, direction, seq, ret as u32, at, s);
             }
         }
     }
     // Long-lived connections (a sidecar's pool) report their RTT about once
     // a second while they carry traffic, not only at open and close; the
     // data event's clock serves both.
-    let second = (ts_ns >> 30) as u32;
+    let second = (now >> 30) as u32;
     if ts_ns != 0 && tracked.rtt_sampled != second {
         tracked.rtt_sampled = second;
         let srtt = read_kernel::<u32>(sk as *const u8, offset(&OFF_SRTT_US)) >> 3;
         if srtt != 0 {
             emit(TcpIssueEvent {
-                header: header_at(EventKind::TcpIssue, ts_ns),
+                header: header_at(EventKind::TcpIssue, now),
                 sock_cookie: cookie,
                 issue: ISSUE_RTT_SAMPLE,
                 detail: srtt,
@@ -224,25 +228,24 @@ fn sequence_numbers(sk: *mut c_void, direction: u32, len: u32) -> (u32, u32) {
     (first, read_kernel::<u32>(sk as *const u8, other as usize))
 }
 
-/// Writes the data event, into this CPU's batch when the agent turned
-/// batching on, else straight to the ring; returns its time, or 0 when it
-/// was lost.
+/// Writes the data event stamped `ts_ns`, into this CPU's batch when the
+/// agent turned batching on, else straight to the ring; returns `ts_ns`, or
+/// 0 when it was lost.
 #[inline(always)]
-fn capture(cookie: u64, direction: u32, offset: u64, len: u64, opposite: u32) -> u64 {
+fn capture(ts_ns: u64, cookie: u64, direction: u32, offset: u64, len: u64, opposite: u32) -> u64 {
     if let Some(batch) = BATCH.get_ptr_mut(0) {
         // SAFETY: this CPU's value. Socket calls do not nest on a CPU (the
         // tracepoints run with preemption off, in task context); only the
         // agent's flush may interrupt, and it leaves a busy batch alone.
         let b = unsafe { &mut *batch };
         if b.cap != 0 {
-            return append(b, cookie, direction, offset, len, opposite);
+            return append(b, ts_ns, cookie, direction, offset, len, opposite);
         }
     }
     let Some(mut slot) = EVENTS.reserve::<DataEvent>(0) else {
         count_loss(LossReason::RingBufFull);
         return 0;
     };
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: reserved ring buffer memory of DataEvent's size.
     unsafe {
         fill(
@@ -264,6 +267,7 @@ fn capture(cookie: u64, direction: u32, offset: u64, len: u64, opposite: u32) ->
 #[inline(always)]
 fn append(
     b: &mut DataBatch,
+    ts_ns: u64,
     cookie: u64,
     direction: u32,
     offset: u64,
@@ -288,7 +292,6 @@ fn append(
         b.len = size_of::<EventHeader>() as u32;
     }
     let at = b.len as usize & (BATCH_MAX - 1);
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `at` < BATCH_MAX and an entry takes at most BATCH_ENTRY_MAX
     // bytes, inside BATCH_BUF; 8-aligned like every entry.
     let entry = unsafe { b.buf.as_mut_ptr().add(at) } as *mut BatchEntry;

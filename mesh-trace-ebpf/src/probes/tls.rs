@@ -114,15 +114,16 @@ fn enter(ctx: &ProbeContext, direction: u32, ex: bool) {
 /// call in the same direction, it names the call's socket and where on the
 /// wire its record went. The last such I/O: a call that also finishes the
 /// handshake moves the handshake's records first, the plaintext's after.
+/// `now`: the I/O's moment as its data event has it (a send's, when its
+/// last byte left).
 #[inline(always)]
-pub fn note_io(pid_tgid: u64, cookie: u64, direction: u32, seq: u32) {
+pub fn note_io(pid_tgid: u64, cookie: u64, direction: u32, seq: u32, now: u64) {
     let Some(call) = TLS_CALLS.get_ptr_mut(&pid_tgid) else {
         return;
     };
     // SAFETY: this thread's entry; only this thread writes it.
     let call = unsafe { &mut *call };
     if call.direction == direction {
-        let now = unsafe { bpf_ktime_get_ns() };
         if call.seen_io == 0 {
             call.first_seq = seq;
             call.first_ts = now;

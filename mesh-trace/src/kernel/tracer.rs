@@ -153,6 +153,11 @@ impl Tracer {
             .override_global("OFF_SRTT_US", &tcp.srtt_us, true)
             .override_global("OFF_RTT_MIN", &tcp.rtt_min, true)
             .override_global("OFF_SKB_CB", &tcp.skb_cb, true)
+            .override_global("OFF_SKB_SK", &tcp.skb_sk, true)
+            .override_global("OFF_SKB_HEAD", &tcp.skb_head, true)
+            .override_global("OFF_SKB_DATA", &tcp.skb_data, true)
+            .override_global("OFF_SKB_LEN", &tcp.skb_len, true)
+            .override_global("OFF_SKB_TRANSPORT_HEADER", &tcp.skb_transport_header, true)
             .override_global("OFF_SK_STATE", &tcp.sk_state, true)
             .override_global("OFF_SKC_FAMILY", &tcp.skc_family, true)
             .override_global("OFF_SKC_DADDR", &tcp.skc_daddr, true)
@@ -223,11 +228,16 @@ impl Tracer {
         let mut skipped = Vec::new();
         // Optional: without them sockets lose their owner process, or
         // retransmits and resets are not counted; the rest still works.
-        let optional: [(&'static str, &'static str, &'static str); 6] = [
+        let optional: [(&'static str, &'static str, &'static str); 7] = [
             (
                 names::SEND_LENGTH,
                 "sock_send_length",
                 "no spans (sends are not seen) and accepted sockets have no process",
+            ),
+            (
+                names::DEV_QUEUE,
+                "net_dev_queue",
+                "sends are stamped when their call returns, not when their bytes leave",
             ),
             (
                 names::RECV_LENGTH,
@@ -584,6 +594,11 @@ struct TcpSockOffsets {
     srtt_us: u32,
     rtt_min: u32,
     skb_cb: u32,
+    skb_sk: u32,
+    skb_head: u32,
+    skb_data: u32,
+    skb_len: u32,
+    skb_transport_header: u32,
     sk_state: u32,
     skc_family: u32,
     skc_daddr: u32,
@@ -622,6 +637,11 @@ impl TcpSockOffsets {
             // s[0].v is the current minimum.
             rtt_min: btf.member_offset("tcp_sock", "rtt_min")? + 4,
             skb_cb: btf.member_offset("sk_buff", "cb")?,
+            skb_sk: btf.member_offset("sk_buff", "sk")?,
+            skb_head: btf.member_offset("sk_buff", "head")?,
+            skb_data: btf.member_offset("sk_buff", "data")?,
+            skb_len: btf.member_offset("sk_buff", "len")?,
+            skb_transport_header: btf.member_offset("sk_buff", "transport_header")?,
             sk_state: btf.member_offset("sock_common", "skc_state")?,
             skc_family: btf.member_offset("sock_common", "skc_family")?,
             skc_daddr: btf.member_offset("sock_common", "skc_daddr")?,
