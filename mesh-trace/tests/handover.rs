@@ -77,10 +77,16 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
         .spawn()
         .unwrap();
     // Read as it goes: a pipe left full would stop the follower.
-    let lines = {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
         use std::io::BufRead as _;
         let out = std::io::BufReader::new(follower.stdout.take().unwrap());
-        std::thread::spawn(move || out.lines().map_while(Result::ok).collect::<Vec<String>>())
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        })
     };
     // The feed has no history: requests from the moment the follower is
     // surely connected are the ones to find in it.
@@ -113,22 +119,47 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
     // Every request that started after the new agent was ready, through
     // the handover, is a span of the new agent's (or counted by reason).
     let after: usize = client.iter().filter(|c| c.t_start_ns > new_ready).count();
-    // A request's span is exported shortly after its response.
-    std::thread::sleep(Duration::from_secs(2));
+    // A request's span is exported shortly after its response; this agent
+    // is an unoptimized build sharing two cores with the lab, which can
+    // leave it seconds behind: the feed is read until every followed
+    // request is in it, or 30 s.
+    let followed: std::collections::HashSet<&str> = client
+        .iter()
+        .filter(|c| c.t_start_ns > followed_from)
+        .map(|c| c.request_id.as_str())
+        .collect();
+    let fed = || -> usize {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["request_id"]
+                    .as_str()
+                    .is_some_and(|id| followed.contains(id))
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fed() < followed.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (counted, unstitched) = requests(&new);
     kill(
         nix::unistd::Pid::from_raw(follower.id() as i32),
         Signal::SIGTERM,
     )
     .unwrap();
-    let followed = follower.wait_with_output().unwrap();
+    let exited = follower.wait_with_output().unwrap();
     assert!(
-        followed.status.success(),
+        exited.status.success(),
         "spans --agent: {}",
-        String::from_utf8_lossy(&followed.stderr)
+        String::from_utf8_lossy(&exited.stderr)
     );
+    reader.join().unwrap();
     let spans: Vec<_> = lines
-        .join()
+        .lock()
         .unwrap()
         .iter()
         .map(|l| span_from_json(&serde_json::from_str(l).unwrap()))
@@ -137,10 +168,10 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
         .iter()
         .filter_map(|s| s.request_id.as_deref())
         .collect();
-    let missing: Vec<&str> = client
+    let missing: Vec<&str> = followed
         .iter()
-        .filter(|c| c.t_start_ns > followed_from && !mine.contains(c.request_id.as_str()))
-        .map(|c| c.request_id.as_str())
+        .filter(|id| !mine.contains(*id))
+        .copied()
         .collect();
     let judged = judge(&spans, &truths(&lab, &client));
     eprintln!(
