@@ -75,12 +75,16 @@ impl TxStamps {
         self.sent += n as u64;
         // The kernel's key is 32 bits and wraps.
         let last = (self.sent - 1) as u32;
-        // A write makes one stamp: one read per write keeps the queue
-        // short without a second call to find it empty. A stamp that came
-        // late (its packet held back) is read at a later write and matches
-        // nothing.
-        let (key, realtime_ns) = self.next_stamp()?;
-        (key == last).then(|| realtime_to_monotonic(realtime_ns))
+        // A write makes one stamp, but one that came late (its packet held
+        // back) is still queued at the next write: the queue is read until
+        // this write's, or empty, so that one late stamp does not leave every
+        // later write a stamp behind on a long-lived connection.
+        while let Some((key, realtime_ns)) = self.next_stamp() {
+            if key == last {
+                return Some(realtime_to_monotonic(realtime_ns));
+            }
+        }
+        None
     }
 
     /// The next transmit stamp on the error queue: (key, CLOCK_REALTIME ns).
@@ -177,5 +181,46 @@ mod tests {
         }
         // A socket that cannot take them says so.
         assert!(TxStamps::enable(-1).is_err());
+    }
+
+    /// A packet held back past its write's call (here by TCP_CORK) is
+    /// stamped after it: that write has none, and the next write still
+    /// finds its own behind the late one.
+    #[test]
+    fn a_late_stamp_leaves_the_next_write_its_own() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut stamps = TxStamps::enable(server.as_raw_fd()).unwrap();
+        let fd = server.as_raw_fd();
+        let cork = |on: libc::c_int| {
+            // SAFETY: a c_int option value of its size, on a socket we own.
+            let ret = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_CORK,
+                    &on as *const libc::c_int as *const libc::c_void,
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+        };
+        cork(1);
+        server.write_all(&[1]).unwrap();
+        assert_eq!(
+            stamps.after_write(1),
+            None,
+            "a corked write left in its call"
+        );
+        cork(0);
+        let mut buf = [0u8; 5];
+        client.read_exact(&mut buf[..1]).unwrap();
+        server.write_all(&[2; 5]).unwrap();
+        assert!(
+            stamps.after_write(5).is_some(),
+            "the next write lost its stamp"
+        );
+        client.read_exact(&mut buf).unwrap();
     }
 }
