@@ -320,18 +320,17 @@ pub fn walk_dir(
     tls: bool,
 ) {
     if !tls {
-        walk_with::<false>(d, cookie, direction, seq, len, ts_ns, s, false);
+        walk_with::<false>(d, cookie, direction, seq, len, ts_ns, s);
         return;
     }
     // SAFETY: volatile, so the flag brackets the walk as a preempting
     // program sees it.
     unsafe { core::ptr::write_volatile(&mut s.busy, 1) };
-    walk_with::<true>(d, cookie, direction, seq, len, ts_ns, s, true);
+    walk_with::<true>(d, cookie, direction, seq, len, ts_ns, s);
     unsafe { core::ptr::write_volatile(&mut s.busy, 0) };
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn walk_with<const TLS: bool>(
     d: &mut H2Dir,
     cookie: u64,
@@ -340,7 +339,6 @@ fn walk_with<const TLS: bool>(
     len: u32,
     ts_ns: u64,
     s: &mut Scratch,
-    tls: bool,
 ) {
     if d.state != H2_DIR_WALKING && d.state != LOST_UNREPORTED {
         return;
@@ -359,7 +357,7 @@ fn walk_with<const TLS: bool>(
         why: 0,
     };
     if s.dir.state == H2_DIR_WALKING && s.start::<TLS>().is_ok() && s.call.outcome == RUNNING {
-        let step = if tls {
+        let step = if TLS {
             frame_step_tls as *mut c_void
         } else {
             frame_step as *mut c_void
