@@ -126,6 +126,8 @@ pub enum Head {
         /// 0 when the prefix ends before the status code.
         status: u16,
         request_id: Option<String>,
+        /// `Content-Length`, when the prefix holds it.
+        content_length: Option<u64>,
     },
     /// Bytes that are not HTTP/1.1 (TLS records, other protocols): still
     /// framed by direction changes, so stream offsets and write boundaries
@@ -650,6 +652,10 @@ fn response(status: u16, fields: Fields, head_len: Option<usize>) -> Parsed {
     let head = Head::Response {
         status,
         request_id: fields.request_id.clone(),
+        content_length: match fields.content_length {
+            Length::Known(n) => Some(n),
+            Length::Absent | Length::Invalid => None,
+        },
     };
     Parsed {
         head,
@@ -805,9 +811,14 @@ mod tests {
     }
 
     fn resp(status: u16, id: Option<&str>) -> Head {
+        resp_len(status, id, None)
+    }
+
+    fn resp_len(status: u16, id: Option<&str>, content_length: Option<u64>) -> Head {
         Head::Response {
             status,
             request_id: id.map(Into::into),
+            content_length,
         }
     }
 
@@ -849,7 +860,7 @@ mod tests {
                 ts_ns: 1002,
                 tid: 7,
                 offset: 0,
-                head: resp(200, Some("abc-1"))
+                head: resp_len(200, Some("abc-1"), Some(10))
             }
         );
 
@@ -958,7 +969,7 @@ mod tests {
             [
                 with_target(req("POST", "/p", None, None), "/p", Some(5)),
                 resp(100, None),
-                resp(201, None)
+                resp_len(201, None, Some(0))
             ]
         );
         // Interim then final in one write each, same direction: not pipelining.

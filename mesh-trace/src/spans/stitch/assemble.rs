@@ -66,6 +66,37 @@ struct Pending {
 }
 
 impl Pending {
+    /// Orphan `o` turned out to be this request: its moments join this
+    /// span's, and the writes that contested it were others'; what
+    /// contested the orphan further on (the inbound sidecar's writes)
+    /// still does.
+    fn absorb(&mut self, o: Pending) {
+        for (mine, theirs) in self.span.moments.iter_mut().zip(o.span.moments) {
+            if mine.is_none() {
+                *mine = theirs;
+            }
+        }
+        self.contested = o.contested;
+        // What the request showed further on: the id its sidecar added, the
+        // pod that served it.
+        let span = &mut self.span;
+        if span.request_id.is_none() {
+            span.request_id = o.span.request_id.or_else(|| {
+                o.identity
+                    .as_ref()
+                    .and_then(|i| i.request_id().map(str::to_owned))
+            });
+        }
+        span.destination_pod = span.destination_pod.take().or(o.span.destination_pod);
+        span.grpc_status = span.grpc_status.or(o.span.grpc_status);
+        self.lost |= o.lost;
+        // The orphan was the write on the mesh leg.
+        if o.mesh_leg.is_some() {
+            self.mesh_leg = o.mesh_leg;
+        }
+        self.trace_context = self.trace_context.or(o.trace_context);
+    }
+
     /// A response moment means one thing along a span: over HTTP/1.1 the
     /// response's head, over HTTP/2 its stream's end, so that a streaming
     /// call lasts to its last message. Where the legs mix the two (sidecars
@@ -191,7 +222,24 @@ pub(super) struct Spans {
     /// Orphans found to be a request: orphan -> that request's span.
     /// Bounded with the spans: an alias is dropped with its target.
     aliases: HashMap<SpanId, SpanId>,
+    /// Per sidecar side, orphans answered upstream while they could still
+    /// be any of several requests it held, oldest first: kept until one of
+    /// those is answered downstream ([`Spans::resolve_by_response`]).
+    answered_orphans: HashMap<ProxySide, VecDeque<AnsweredOrphan>>,
 }
+
+/// An orphan whose response its sidecar read upstream.
+struct AnsweredOrphan {
+    id: SpanId,
+    pending: Pending,
+    /// When the response was read, and what its head showed.
+    read_ns: u64,
+    status: u16,
+    content_length: Option<u64>,
+}
+
+/// Answered orphans kept per sidecar side.
+const MAX_ANSWERED_ORPHANS: usize = 256;
 
 impl Spans {
     /// At most `max_pending` in flight, `per_owner` of them one owner's.
@@ -203,6 +251,7 @@ impl Spans {
             per_owner: per_owner.max(1),
             next: 1,
             aliases: HashMap::new(),
+            answered_orphans: HashMap::new(),
         }
     }
 
@@ -360,18 +409,7 @@ impl Spans {
             return;
         };
         if let Some(p) = self.spans.get_mut(&span) {
-            for (mine, theirs) in p.span.moments.iter_mut().zip(o.span.moments) {
-                if mine.is_none() {
-                    *mine = theirs;
-                }
-            }
-            p.contested = 0;
-            p.lost |= o.lost;
-            // The orphan was the write on the mesh leg.
-            if o.mesh_leg.is_some() {
-                p.mesh_leg = o.mesh_leg;
-            }
-            p.trace_context = p.trace_context.or(o.trace_context);
+            p.absorb(o);
             self.aliases.insert(orphan, span);
         }
     }
@@ -605,7 +643,9 @@ impl Spans {
             p.span.status = status;
         }
         if p.orphan_at == Some(place) {
-            self.spans.pop(&id);
+            if let Some(p) = self.spans.pop(&id) {
+                self.keep_answered_orphan(id, p, msg);
+            }
             return Ok(None);
         }
         if place == p.origin {
@@ -643,6 +683,133 @@ impl Spans {
         }
     }
 
+    /// Orphan `id` (`p`), answered upstream by `msg`: kept if it may still
+    /// be one of several requests its sidecar held.
+    fn keep_answered_orphan(&mut self, id: SpanId, p: Pending, msg: &Message) {
+        let Head::Response {
+            status,
+            content_length,
+            ..
+        } = msg.head
+        else {
+            return;
+        };
+        let Some((side, candidates)) = &p.candidates else {
+            return;
+        };
+        if candidates.is_empty() {
+            return;
+        }
+        let queue = self.answered_orphans.entry(*side).or_default();
+        if queue.len() == MAX_ANSWERED_ORPHANS {
+            queue.pop_front();
+        }
+        queue.push_back(AnsweredOrphan {
+            id,
+            pending: p,
+            read_ns: msg.ts_ns,
+            status,
+            content_length,
+        });
+    }
+
+    /// Request `id`, held by `side` among others it could not be told
+    /// from, is answered downstream at `written_ns` with `status` and
+    /// `content_length`. `live`: the orphans of `side` still unanswered
+    /// upstream. A response goes downstream after the sidecar read it
+    /// upstream, with its status and length: when every write that
+    /// contested the request is known, and exactly one of them was
+    /// answered upstream before this response with the same status (and
+    /// length, where both show one), that write was this request's. It
+    /// joins the request, and the other writes are no longer its. Whether
+    /// it did.
+    pub(super) fn resolve_by_response(
+        &mut self,
+        id: SpanId,
+        side: ProxySide,
+        head: &Head,
+        written_ns: u64,
+        live: &[SpanId],
+    ) -> bool {
+        let Head::Response {
+            status,
+            content_length,
+            ..
+        } = *head
+        else {
+            return false;
+        };
+        let id = self.alias(id);
+        let Some(contested) = self.spans.peek(&id).map(|p| p.contested) else {
+            return false;
+        };
+        if contested == 0 {
+            return false;
+        }
+        let lists = |p: &Pending| {
+            p.candidates
+                .as_ref()
+                .is_some_and(|(s, c)| *s == side && c.contains(&id))
+        };
+        let live: Vec<SpanId> = live
+            .iter()
+            .copied()
+            .filter(|o| self.spans.peek(o).is_some_and(&lists))
+            .collect();
+        let Some(answered) = self.answered_orphans.get_mut(&side) else {
+            return false;
+        };
+        let listing: Vec<usize> = (0..answered.len())
+            .filter(|&i| lists(&answered[i].pending))
+            .collect();
+        // A contest this side cannot name (a write forgotten for room, one
+        // rewritten past recognition, an orphan dropped): no evidence.
+        if listing.len() + live.len() != contested as usize {
+            return false;
+        }
+        let fits = |a: &AnsweredOrphan| {
+            a.read_ns < written_ns
+                && a.status == status
+                && match (a.content_length, content_length) {
+                    (Some(up), Some(down)) => up == down,
+                    _ => true,
+                }
+        };
+        let fitting: Vec<usize> = listing
+            .iter()
+            .copied()
+            .filter(|&i| fits(&answered[i]))
+            .collect();
+        let [one] = fitting[..] else {
+            return false;
+        };
+        let Some(found) = answered.remove(one) else {
+            return false;
+        };
+        for other in answered.iter_mut() {
+            if let Some((_, c)) = other.pending.candidates.as_mut() {
+                c.retain(|&s| s != id);
+            }
+        }
+        for o in live {
+            if let Some((_, c)) = self.spans.peek_mut(&o).and_then(|p| p.candidates.as_mut()) {
+                c.retain(|&s| s != id);
+            }
+        }
+        // The write was this request's: the others it could have been are
+        // no longer contested by it.
+        if let Some((_, others)) = &found.pending.candidates {
+            for &other in others.iter().filter(|&&c| c != id) {
+                self.uncontest(other);
+            }
+        }
+        if let Some(p) = self.spans.get_mut(&id) {
+            p.absorb(found.pending);
+            self.aliases.insert(found.id, id);
+        }
+        true
+    }
+
     /// Drops spans started `timeout_ns` or longer before `now_ns`; returns
     /// how many requests (orphans are not requests).
     pub(super) fn expire(&mut self, now_ns: u64, timeout_ns: u64) -> u64 {
@@ -656,6 +823,10 @@ impl Spans {
                 self.aliases.retain(|_, to| *to != id);
             }
         }
+        self.answered_orphans.retain(|_, queue| {
+            queue.retain(|a| now_ns.saturating_sub(a.pending.started_ns) < timeout_ns);
+            !queue.is_empty()
+        });
         // Owners keep only what is still in flight; those with none leave.
         let spans = &self.spans;
         self.owners.retain(|_, queue| {
@@ -693,6 +864,7 @@ mod tests {
         Head::Response {
             status,
             request_id: None,
+            content_length: None,
         }
     }
 

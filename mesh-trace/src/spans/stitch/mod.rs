@@ -1080,6 +1080,7 @@ impl Stitcher {
             head: Head::Response {
                 status: stream.status,
                 request_id: None,
+                content_length: None,
             },
         };
         if let Some(code) = stream.grpc_status {
@@ -1391,12 +1392,24 @@ impl Stitcher {
         out: &mut Vec<Span>,
     ) {
         // A sidecar answering downstream a request it still holds never
-        // forwarded it: a local reply, and no longer one to match.
+        // forwarded it: a local reply, and no longer one to match; unless
+        // the response itself says which of its writes upstream it was.
         if matches!(place, Place::OutboundDown | Place::InboundDown) {
             let side = ProxySide {
                 tgid,
                 inbound: place == Place::InboundDown,
             };
+            let live: Vec<SpanId> = self
+                .recent_orphans
+                .get(&side)
+                .map(|q| q.iter().map(|&(orphan, _)| orphan).collect())
+                .unwrap_or_default();
+            if self
+                .spans
+                .resolve_by_response(id, side, &msg.head, msg.ts_ns, &live)
+            {
+                self.proxies.take(side, id, true);
+            }
             if self.proxies.take(side, id, false) {
                 let by = if side.inbound {
                     LocalReply::Inbound
@@ -2765,6 +2778,97 @@ mod tests {
         // Nothing is left behind: the orphan of the unattributed write
         // ended with its response.
         assert_eq!(node.stitcher.pending(), 0);
+    }
+
+    /// The same two identical requests, but the app behind answers the
+    /// first write upstream before the second: the first response written
+    /// downstream can only be that write's (a response goes downstream
+    /// after it was read upstream, with its status), so both requests are
+    /// exact, each with its own write's moments. A response written before
+    /// any upstream answer of its status proves nothing.
+    #[test]
+    fn identical_requests_are_told_apart_by_which_answer_came_back_first() {
+        for (first_down, statuses) in [(2u64, [200, 200]), (12, [503, 200])] {
+            let mut node = Node::two_chains();
+            let req = plain("/reviews/0");
+            let mut t = [[0u64; 12]; 2];
+            let mut ids = [""; 2];
+            t[0][0] = node.io(1, APP, DIR_SEND, &req);
+            t[1][0] = node.io(11, APP, DIR_SEND, &req);
+            t[0][1] = node.io(2, OUTBOUND, DIR_RECV, &req);
+            t[1][1] = node.io(12, OUTBOUND, DIR_RECV, &req);
+            // Upstream write k carries the request read on downstream
+            // socket `first_down` for k = 0.
+            let chain = |k: usize| usize::from((k == 0) != (first_down == 2));
+            for (k, (up, id)) in [(3u64, "x"), (13, "y")].into_iter().enumerate() {
+                let fwd = plain_forwarded("/reviews/0", id);
+                let c = chain(k);
+                ids[c] = id;
+                t[c][2] = node.io(up, OUTBOUND, DIR_SEND, &fwd);
+                t[c][3] = node.io(up + 1, INBOUND, DIR_RECV, &fwd);
+                t[c][4] = node.io(up + 2, INBOUND, DIR_SEND, &fwd);
+                t[c][5] = node.io(up + 3, SERVER, DIR_RECV, &fwd);
+            }
+            for (k, up) in [3u64, 13].into_iter().enumerate() {
+                let c = chain(k);
+                let status = statuses[k];
+                let resp = format!("HTTP/1.1 {status} X\r\ncontent-length: 2\r\n\r\nok");
+                let resp = resp.as_bytes();
+                t[c][6] = node.io(up + 3, SERVER, DIR_SEND, resp);
+                t[c][7] = node.io(up + 2, INBOUND, DIR_RECV, resp);
+                t[c][8] = node.io(up + 1, INBOUND, DIR_SEND, resp);
+                t[c][9] = node.io(up, OUTBOUND, DIR_RECV, resp);
+                let down = if c == 0 { 2 } else { 12 };
+                t[c][10] = node.io(down, OUTBOUND, DIR_SEND, resp);
+                t[c][11] = node.io(down - 1, APP, DIR_RECV, resp);
+            }
+            let case = format!("first answered downstream on {first_down}");
+            let mut spans = std::mem::take(&mut node.spans);
+            spans.sort_by_key(|s| s.moments[0]);
+            assert_eq!(spans.len(), 2, "{case}: {:?}", node.stitcher.unstitched);
+            for c in 0..2 {
+                assert_eq!(spans[c].moments, t[c].map(Some), "{case}, request {c}");
+                assert_eq!(spans[c].local_reply, None, "{case}");
+                // The id the sidecar added upstream names the span.
+                assert_eq!(spans[c].request_id.as_deref(), Some(ids[c]), "{case}");
+            }
+            assert!(
+                node.stitcher.unstitched.is_empty(),
+                "{case}: {:?}",
+                node.stitcher.unstitched
+            );
+        }
+        // One write upstream: the request answered downstream with a status
+        // it was not answered with is not its (a local reply); the other,
+        // answered with its status after it, is.
+        let mut node = Node::two_chains();
+        let req = plain("/reviews/0");
+        let mut t = [0u64; 12];
+        t[0] = node.io(1, APP, DIR_SEND, &req);
+        node.io(11, APP, DIR_SEND, &req);
+        t[1] = node.io(2, OUTBOUND, DIR_RECV, &req);
+        node.io(12, OUTBOUND, DIR_RECV, &req);
+        let fwd = plain_forwarded("/reviews/0", "x");
+        t[2] = node.io(3, OUTBOUND, DIR_SEND, &fwd);
+        t[3] = node.io(4, INBOUND, DIR_RECV, &fwd);
+        t[4] = node.io(5, INBOUND, DIR_SEND, &fwd);
+        t[5] = node.io(6, SERVER, DIR_RECV, &fwd);
+        t[6] = node.io(6, SERVER, DIR_SEND, RESPONSE);
+        t[7] = node.io(5, INBOUND, DIR_RECV, RESPONSE);
+        t[8] = node.io(4, INBOUND, DIR_SEND, RESPONSE);
+        t[9] = node.io(3, OUTBOUND, DIR_RECV, RESPONSE);
+        node.io(12, OUTBOUND, DIR_SEND, NOT_FOUND);
+        node.io(11, APP, DIR_RECV, NOT_FOUND);
+        t[10] = node.io(2, OUTBOUND, DIR_SEND, RESPONSE);
+        t[11] = node.io(1, APP, DIR_RECV, RESPONSE);
+        assert_eq!(node.spans.len(), 1, "{:?}", node.spans);
+        assert_eq!(node.spans[0].moments, t.map(Some));
+        // The local reply could have been the write until its status said
+        // otherwise: counted, not exported.
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::Ambiguous),
+            Some(&1)
+        );
     }
 
     #[test]
