@@ -63,6 +63,10 @@ struct Pending {
     /// Response moments taken over HTTP/2 (at the stream's end): when the
     /// response's head was read or written there.
     h2_heads: [Option<u64>; 12],
+    /// An orphan joined this request: orphans that listed it beside that
+    /// one may still name it, so its contests are no longer all counted by
+    /// what lists it ([`Spans::resolve_by_response`] leaves it alone).
+    absorbed: bool,
 }
 
 impl Pending {
@@ -71,6 +75,7 @@ impl Pending {
     /// contested the orphan further on (the inbound sidecar's writes)
     /// still does.
     fn absorb(&mut self, o: Pending) {
+        self.absorbed = true;
         for (mine, theirs) in self.span.moments.iter_mut().zip(o.span.moments) {
             if mine.is_none() {
                 *mine = theirs;
@@ -339,6 +344,7 @@ impl Spans {
                 origin,
                 candidates: None,
                 h2_heads: [None; 12],
+                absorbed: false,
             },
         )
     }
@@ -368,6 +374,7 @@ impl Spans {
                 origin: at,
                 candidates: (!candidates.is_empty()).then_some((side, candidates)),
                 h2_heads: [None; 12],
+                absorbed: false,
             },
         )
     }
@@ -546,6 +553,13 @@ impl Spans {
         }
     }
 
+    /// Whether a write span `id` could not be told from contests it.
+    pub(super) fn is_contested(&self, id: SpanId) -> bool {
+        self.spans
+            .peek(&self.alias(id))
+            .is_some_and(|p| p.contested > 0)
+    }
+
     /// A sidecar wrote a request it could not tell from span `id`.
     pub(super) fn contest(&mut self, id: SpanId) {
         let id = self.alias(id);
@@ -694,12 +708,20 @@ impl Spans {
         else {
             return;
         };
+        // An interim response (100 Continue) is not the answer.
+        if status < 200 {
+            return;
+        }
         let Some((side, candidates)) = &p.candidates else {
             return;
         };
         if candidates.is_empty() {
             return;
         }
+        // Over HTTP/2 the moment is the stream's end; the response's head,
+        // read before, is what the sidecar may pass on first.
+        let at = p.origin.moments().1;
+        let read_ns = p.h2_heads[at].unwrap_or(msg.ts_ns);
         let queue = self.answered_orphans.entry(*side).or_default();
         if queue.len() == MAX_ANSWERED_ORPHANS {
             queue.pop_front();
@@ -707,18 +729,20 @@ impl Spans {
         queue.push_back(AnsweredOrphan {
             id,
             pending: p,
-            read_ns: msg.ts_ns,
+            read_ns,
             status,
             content_length,
         });
     }
 
-    /// Request `id`, held by `side` among others it could not be told
-    /// from, is answered downstream at `written_ns` with `status` and
-    /// `content_length`. `live`: the orphans of `side` still unanswered
-    /// upstream. A response goes downstream after the sidecar read it
-    /// upstream, with its status and length: when every write that
-    /// contested the request is known, and exactly one of them was
+    /// Request `id`, which `side` held among others it could not be told
+    /// from and surely wrote upstream (no longer held: as many writes as
+    /// requests held went up, so no local reply is among them), is answered
+    /// downstream at `written_ns` with `head`. `live`: the orphans of
+    /// `side` still unanswered upstream. A response goes downstream after
+    /// the sidecar read it upstream, with its status and length: when
+    /// every write that contested the request is known, none of them a
+    /// retry of another (the same `x-request-id`), and exactly one was
     /// answered upstream before this response with the same status (and
     /// length, where both show one), that write was this request's. It
     /// joins the request, and the other writes are no longer its. Whether
@@ -739,8 +763,16 @@ impl Spans {
         else {
             return false;
         };
+        if status < 200 {
+            return false;
+        }
         let id = self.alias(id);
-        let Some(contested) = self.spans.peek(&id).map(|p| p.contested) else {
+        let Some(contested) = self
+            .spans
+            .peek(&id)
+            .filter(|p| !p.absorbed)
+            .map(|p| p.contested)
+        else {
             return false;
         };
         if contested == 0 {
@@ -765,6 +797,23 @@ impl Spans {
         // A contest this side cannot name (a write forgotten for room, one
         // rewritten past recognition, an orphan dropped): no evidence.
         if listing.len() + live.len() != contested as usize {
+            return false;
+        }
+        // A retry is a second write of one request: it breaks "one write,
+        // one request" (and the sidecar's count of writes against what it
+        // held), so nothing is concluded where one may be among them.
+        let ids: Vec<&str> = listing
+            .iter()
+            .filter_map(|&i| answered[i].pending.identity.as_ref()?.request_id())
+            .chain(
+                live.iter()
+                    .filter_map(|o| self.spans.peek(o)?.identity.as_ref()?.request_id()),
+            )
+            .collect();
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        if unique.len() != ids.len() {
             return false;
         }
         let fits = |a: &AnsweredOrphan| {

@@ -1399,16 +1399,16 @@ impl Stitcher {
                 tgid,
                 inbound: place == Place::InboundDown,
             };
-            let live: Vec<SpanId> = self
-                .recent_orphans
-                .get(&side)
-                .map(|q| q.iter().map(|&(orphan, _)| orphan).collect())
-                .unwrap_or_default();
-            if self
-                .spans
-                .resolve_by_response(id, side, &msg.head, msg.ts_ns, &live)
-            {
-                self.proxies.take(side, id, true);
+            // Only a request surely written upstream: one still held may
+            // be answered by the sidecar itself.
+            if self.spans.is_contested(id) && !self.proxies.holds(side, id) {
+                let live: Vec<SpanId> = self
+                    .recent_orphans
+                    .get(&side)
+                    .map(|q| q.iter().map(|&(orphan, _)| orphan).collect())
+                    .unwrap_or_default();
+                self.spans
+                    .resolve_by_response(id, side, &msg.head, msg.ts_ns, &live);
             }
             if self.proxies.take(side, id, false) {
                 let by = if side.inbound {
@@ -2869,6 +2869,56 @@ mod tests {
             node.stitcher.unstitched.get(&Unstitched::Ambiguous),
             Some(&1)
         );
+    }
+
+    /// What the response rule must not conclude from: a request still
+    /// held (the sidecar may have answered it itself with the status the
+    /// one write got), and writes among which one is a retry of another
+    /// (the same id added upstream: one request written twice).
+    #[test]
+    fn a_response_proves_nothing_for_a_request_that_may_be_a_local_reply_or_a_retry() {
+        let upstream = |node: &mut Node, up: u64, fwd: &[u8], resp: &[u8]| {
+            node.io(up, OUTBOUND, DIR_SEND, fwd);
+            node.io(up + 1, INBOUND, DIR_RECV, fwd);
+            node.io(up + 2, INBOUND, DIR_SEND, fwd);
+            node.io(up + 3, SERVER, DIR_RECV, fwd);
+            node.io(up + 3, SERVER, DIR_SEND, resp);
+            node.io(up + 2, INBOUND, DIR_RECV, resp);
+            node.io(up + 1, INBOUND, DIR_SEND, resp);
+            node.io(up, OUTBOUND, DIR_RECV, resp);
+        };
+        let unavailable = b"HTTP/1.1 503 X\r\ncontent-length: 2\r\n\r\nno";
+        for retry in [false, true] {
+            let mut node = Node::two_chains();
+            let req = plain("/reviews/0");
+            node.io(1, APP, DIR_SEND, &req);
+            node.io(11, APP, DIR_SEND, &req);
+            node.io(2, OUTBOUND, DIR_RECV, &req);
+            node.io(12, OUTBOUND, DIR_RECV, &req);
+            if retry {
+                // One id, written twice (the first answered 503): two
+                // writes for two held requests, yet one request.
+                upstream(
+                    &mut node,
+                    3,
+                    &plain_forwarded("/reviews/0", "x"),
+                    unavailable,
+                );
+                upstream(&mut node, 13, &plain_forwarded("/reviews/0", "x"), RESPONSE);
+            } else {
+                // One write for two held requests: the other may be
+                // answered by the sidecar itself.
+                upstream(&mut node, 3, &plain_forwarded("/reviews/0", "x"), RESPONSE);
+            }
+            node.io(2, OUTBOUND, DIR_SEND, RESPONSE);
+            node.io(1, APP, DIR_RECV, RESPONSE);
+            assert!(node.spans.is_empty(), "retry {retry}: {:?}", node.spans);
+            assert_eq!(
+                node.stitcher.unstitched.get(&Unstitched::Ambiguous),
+                Some(&1),
+                "retry {retry}"
+            );
+        }
     }
 
     #[test]
