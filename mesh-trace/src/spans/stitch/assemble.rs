@@ -846,10 +846,17 @@ impl Spans {
             }
         }
         // The write was this request's: the others it could have been are
-        // no longer contested by it.
+        // no longer contested by it (one already joined to a write counts
+        // its contests otherwise, and keeps them).
         if let Some((_, others)) = &found.pending.candidates {
             for &other in others.iter().filter(|&&c| c != id) {
-                self.uncontest(other);
+                let joined = self
+                    .spans
+                    .peek(&self.alias(other))
+                    .is_some_and(|p| p.absorbed);
+                if !joined {
+                    self.uncontest(other);
+                }
             }
         }
         if let Some(p) = self.spans.get_mut(&id) {
