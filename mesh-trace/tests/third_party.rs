@@ -275,10 +275,13 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
         "a request with two spans"
     );
     // With the id added upstream, two writes answered upstream with the
-    // same status before either response goes downstream stay ambiguous.
+    // same status before either response goes downstream stay ambiguous:
+    // 1,576 to 1,594 of 1,600 with a span in four runs (the fewest in a
+    // full run on a fresh machine); before responses were evidence, 1,405
+    // to 1,480.
     let bar = match ids {
         Ids::FromClient => 0.999,
-        Ids::AddedUpstream => 0.99,
+        Ids::AddedUpstream => 0.97,
     };
     assert!(
         spans.len() as f64 >= bar * wanted as f64,
