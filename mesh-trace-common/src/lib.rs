@@ -637,7 +637,7 @@ mod tests {
         assert_eq!(size_of::<SockEvent>(), 16 + 8 + 8 + 24 + 24 + 4 + 4 + 8 + 8);
         assert_eq!(size_of::<OwnerEvent>(), 16 + 8 + 32);
         assert_eq!(size_of::<TcpIssueEvent>(), 16 + 8 + 4 + 4 + 4 + 4);
-        assert_eq!(size_of::<TrackedSock>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<TrackedSock>(), 8 + 8 + 4 + 4 + 8 + 4 + 4);
         assert_eq!(
             size_of::<DataEvent>(),
             16 + 8 + 8 + 8 + 4 * 4 + DATA_PREFIX_MAX
