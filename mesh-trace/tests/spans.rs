@@ -31,7 +31,16 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
     let mut opts = delayed_lab(mtls);
     opts.http2 = http2;
     let lab = Lab::up(&opts).unwrap();
-    let traced = Traced::start(&lab);
+    // Over HTTP/2 one lost header block costs its connection's header
+    // state for good (the sidecars keep one connection per endpoint), and
+    // this agent is the test's unoptimized build sharing two cores with
+    // the lab: a ring of 16 MiB (the default is 1 MiB) rides out its
+    // pauses. With the default, one full run on a fresh machine lost
+    // events early and 6,810 heads after them (667 of 1,600 spans).
+    let traced = match http2 {
+        Http2::Off => Traced::start(&lab),
+        _ => Traced::start_with_settings(&lab, |s| s.ring_buffer_bytes = 1 << 24),
+    };
     let pace: [&str; 2] = match http2 {
         Http2::Off => ["--rate", "100"],
         _ => ["--connections", "16"],
