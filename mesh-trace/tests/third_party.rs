@@ -282,7 +282,7 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
     );
     // With the id added upstream, two writes answered upstream with the
     // same status before either response goes downstream stay ambiguous:
-    // 1,576 to 1,594 of 1,600 with a span in four runs (the fewest in a
+    // 1,576 to 1,594 of 1,600 with a span in five runs (the fewest in a
     // full run on a fresh machine); before responses were evidence, 1,405
     // to 1,480.
     let bar = match ids {
