@@ -195,9 +195,10 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
         "spans off their truth: {:?}",
         &judged.wrong[..judged.wrong.len().min(3)]
     );
+    // Of some 560 requests, each is 0.18%: two may miss 0.5 ms.
     assert!(
-        judged.exact as f64 >= 0.9 * judged.compared as f64,
-        "{} of {} exact",
+        judged.exact as f64 >= 0.995 * after as f64,
+        "{} of {after} requests after the handover exact ({} compared)",
         judged.exact,
         judged.compared
     );

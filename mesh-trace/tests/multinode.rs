@@ -147,10 +147,11 @@ fn halves_on_two_nodes(mtls: bool) {
         );
         let judged = judge(&spans, &truth);
         eprintln!(
-            "{node} ({half} halves, mtls {mtls}): {} of {n} requests with a span, {} judged, {} exact to 0.5 ms, {} wrong; unstitched {unstitched:?}",
+            "{node} ({half} halves, mtls {mtls}): {} of {n} requests with a span, {} judged, {} exact to 0.5 ms ({} only within their moments' bounds), {} wrong; unstitched {unstitched:?}",
             per_id.len(),
             judged.compared,
             judged.exact,
+            judged.exact_by_bounds,
             judged.wrong.len()
         );
         assert!(
@@ -193,12 +194,14 @@ fn halves_on_two_nodes(mtls: bool) {
             "{node}: {} requests without a span, {counted} counted: {unstitched:?}",
             n - per_id.len() as u64
         );
-        assert!(judged.compared as f64 >= 0.99 * per_id.len() as f64);
+        // At least 99.9% of requests with a half exact to 0.5 ms on every
+        // hop (as far as the truth knows its moments: see `judge`).
         assert!(
-            judged.exact as f64 >= 0.95 * judged.compared as f64,
-            "{node}: {} of {} spans exact",
+            judged.exact as f64 >= wanted * n as f64,
+            "{node}: {} of {n} requests with a half exact ({} compared): {:?}",
             judged.exact,
-            judged.compared
+            judged.compared,
+            &judged.inexact[..judged.inexact.len().min(5)]
         );
         // Each side's hops and nothing of the other's.
         let (have, lack): (&[Hop], &[Hop]) = if half == "client" {
@@ -467,16 +470,7 @@ fn one_node_restarted_mid_traffic_leaves_the_other_whole() {
     let after: std::collections::HashMap<String, common::truth::Truth> = client
         .iter()
         .filter(|c| c.t_start_ns > ready_ns)
-        .filter_map(|c| {
-            let t = truth.get(&c.request_id)?;
-            Some((
-                c.request_id.clone(),
-                common::truth::Truth {
-                    total_ns: t.total_ns,
-                    hops: t.hops.clone(),
-                },
-            ))
-        })
+        .filter_map(|c| Some((c.request_id.clone(), truth.get(&c.request_id)?.clone())))
         .collect();
     let spans = to_reviews(&restarted);
     let judged = judge(&spans, &after);
@@ -500,7 +494,13 @@ fn one_node_restarted_mid_traffic_leaves_the_other_whole() {
         judged.compared,
         after.len()
     );
-    assert!(judged.exact as f64 >= 0.95 * judged.compared as f64);
+    // Some 250 requests: each is 0.4%.
+    assert!(
+        judged.exact as f64 >= 0.99 * after.len() as f64,
+        "{} of {} requests after the restart exact",
+        judged.exact,
+        after.len()
+    );
 }
 
 /// A real Prometheus scraping both nodes' agents: `top --prometheus` shows

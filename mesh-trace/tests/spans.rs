@@ -127,12 +127,16 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
     let truth = truths(&lab, &client);
     let judged = judge(&spans, &truth);
     eprintln!(
-        "{} of {} spans exact to 0.5 ms on every hop, {} wrong: {:?}",
+        "{} of {} spans exact to 0.5 ms on every hop ({} only within their moments' bounds), {} wrong: {:?}",
         judged.exact,
         judged.compared,
+        judged.exact_by_bounds,
         judged.wrong.len(),
         &judged.wrong[..judged.wrong.len().min(5)]
     );
+    for line in judged.inexact.iter().take(5) {
+        eprintln!("not exact: {line}");
+    }
     let wanted = 0.999;
     assert!(
         exported as f64 >= wanted * n as f64,
@@ -146,19 +150,20 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
         n - exported as u64
     );
     // Every span exported is its own request's: none holds another's
-    // moments, and most are within 0.5 ms of the truth on every hop (the
-    // rest within the truth's own noise, see `judge`).
-    assert!(judged.compared as f64 >= 0.99 * exported as f64);
+    // moments, and at least 99.9% of requests have a span within 0.5 ms of
+    // their truth on every hop (as far as the truth knows its moments: see
+    // `judge`).
     assert!(
         judged.wrong.is_empty(),
         "spans off their truth: {:?}",
         judged.wrong
     );
     assert!(
-        judged.exact as f64 >= 0.9 * judged.compared as f64,
-        "{} of {} spans exact",
+        judged.exact as f64 >= wanted * n as f64,
+        "{} of {n} requests with a span exact to 0.5 ms ({} compared): {:?}",
         judged.exact,
-        judged.compared
+        judged.compared,
+        &judged.inexact[..judged.inexact.len().min(5)]
     );
     for s in &spans {
         assert_eq!(s.source_workload, "loadgen");

@@ -72,6 +72,8 @@ pub async fn run(opts: AppOptions) -> anyhow::Result<()> {
     let listener = TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
+    super::ioclock::write_bounds_beside(&opts.records)
+        .with_context(|| format!("creating bounds beside {}", opts.records.display()))?;
     let app = Arc::new(App {
         resolve: http_client::parse_resolve(&opts.resolve)?,
         records: RecordWriter::create(&opts.records)

@@ -37,6 +37,7 @@ use std::{
     collections::VecDeque,
     future::Future,
     io,
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex, MutexGuard},
     task::{Context, Poll},
@@ -53,7 +54,12 @@ use tokio::{
     sync::Notify,
 };
 
-use super::{records::mono_ns, txstamp::TxStamps};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    records::{mono_ns, RecordWriter},
+    txstamp::TxStamps,
+};
 
 /// Reads and writes remembered per connection. A lookup happens while its
 /// request is the connection's latest (or next to latest), a handful of
@@ -675,12 +681,65 @@ impl<T> Clocked<T> {
         // converted through CLOCK_REALTIME: a few us of slack). One from
         // before it is not this write's, whatever its key says: 0.1 to 2 ms
         // early, a few times in a few thousand writes under load.
-        let Some(tx) = self.tx.as_mut() else {
-            return done;
-        };
-        tx.after_write(n)
-            .filter(|&t| t + TX_SLACK_NS >= started_wall && t <= returned + TX_SLACK_NS)
-            .unwrap_or(returned)
+        let stamped = self.tx.as_mut().and_then(|tx| {
+            tx.after_write(n)
+                .filter(|&t| t + TX_SLACK_NS >= started_wall && t <= returned + TX_SLACK_NS)
+        });
+        if let Some(t) = stamped {
+            return t;
+        }
+        // Taken in user space: the kernel's moment lies somewhere in the call.
+        let t = if self.tx.is_some() { returned } else { done };
+        note_bounds(t, started_wall, returned);
+        t
+    }
+}
+
+/// Where the lab's records of this process note the bounds of their
+/// moments (see [`MomentBounds`]); off until [`write_bounds_beside`].
+static BOUNDS: std::sync::OnceLock<RecordWriter> = std::sync::OnceLock::new();
+
+/// Bounds narrower than this are not written: they are well inside the
+/// 0.5 ms a span's hop is judged to.
+const BOUNDS_NOTED_FROM_NS: u64 = 100_000;
+
+/// The bounds of one moment taken in user space, as the process knew them.
+/// A read (or a write without a transmit stamp inside its call) is stamped
+/// when the call has returned to user space; the kernel's moment, where
+/// mesh-trace stamps it, lies between the call's entry and that stamp. A
+/// thread preempted after the call, or inside it, leaves a stamp late by
+/// up to the time it was off the CPU (milliseconds on a busy two-core
+/// machine): judging a span, the moment is known to lie in `lo..=hi`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MomentBounds {
+    /// The moment as recorded.
+    pub t: u64,
+    pub lo: u64,
+    pub hi: u64,
+}
+
+/// From now on, this process writes the bounds of its moments that are
+/// wider than 0.1 ms to [`bounds_path`]`(records)`.
+pub fn write_bounds_beside(records: &Path) -> io::Result<()> {
+    let w = RecordWriter::create(&bounds_path(records))?;
+    // A second call in one process keeps the first file.
+    let _ = BOUNDS.set(w);
+    Ok(())
+}
+
+/// The file beside a records file that holds its moments' bounds.
+pub fn bounds_path(records: &Path) -> PathBuf {
+    let mut name = records.as_os_str().to_owned();
+    name.push(".bounds");
+    PathBuf::from(name)
+}
+
+fn note_bounds(t: u64, lo: u64, hi: u64) {
+    if hi.saturating_sub(lo) < BOUNDS_NOTED_FROM_NS {
+        return;
+    }
+    if let Some(w) = BOUNDS.get() {
+        w.write(&MomentBounds { t, lo, hi });
     }
 }
 
@@ -697,10 +756,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Clocked<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
+        let entered = mono_ns();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         // An empty read is EOF (or an empty buffer), not data arriving.
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.clock.note_read(mono_ns(), &buf.filled()[before..]);
+            let returned = mono_ns();
+            note_bounds(returned, entered, returned);
+            self.clock.note_read(returned, &buf.filled()[before..]);
         }
         polled
     }

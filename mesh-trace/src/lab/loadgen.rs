@@ -108,6 +108,8 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
     );
     let records = match &opts.records {
         Some(p) => {
+            super::ioclock::write_bounds_beside(p)
+                .with_context(|| format!("creating bounds beside {}", p.display()))?;
             Some(RecordWriter::create(p).with_context(|| format!("creating {}", p.display()))?)
         }
         None => None,

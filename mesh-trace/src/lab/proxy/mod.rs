@@ -184,6 +184,8 @@ impl Proxy {
     ) -> anyhow::Result<Self> {
         let records = RecordWriter::create(&opts.access_log)
             .with_context(|| format!("creating {}", opts.access_log.display()))?;
+        crate::lab::ioclock::write_bounds_beside(&opts.access_log)
+            .with_context(|| format!("creating bounds beside {}", opts.access_log.display()))?;
         let tls = match &opts.mtls_dir {
             Some(dir) => Some(SidecarTls::load(dir, &opts.pod).context("--mtls-dir")?),
             None => None,
