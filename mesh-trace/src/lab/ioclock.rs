@@ -84,8 +84,8 @@ pub struct IoClock {
 
 #[derive(Debug, Default)]
 struct Times {
-    /// Oldest first, at most [`KEPT`].
-    reads: VecDeque<u64>,
+    /// Oldest first, at most [`KEPT`]: (returned, entered).
+    reads: VecDeque<(u64, u64)>,
     writes: VecDeque<u64>,
     /// Client side: when the connector handed the connection over, so a
     /// TLS handshake's reads and writes are not taken for a request's.
@@ -454,7 +454,7 @@ pub struct Exchange {
     pub end_ns: Option<u64>,
 }
 
-fn push(times: &mut VecDeque<u64>, t: u64) {
+fn push<T>(times: &mut VecDeque<T>, t: T) {
     if times.len() == KEPT {
         times.pop_front();
     }
@@ -477,9 +477,9 @@ impl IoClock {
         self.times.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn note_read(&self, t: u64, bytes: &[u8]) {
+    fn note_read(&self, t: u64, entered: u64, bytes: &[u8]) {
         let mut times = self.lock();
-        push(&mut times.reads, t);
+        push(&mut times.reads, (t, entered));
         times.h2.read(t, bytes);
     }
 
@@ -569,8 +569,32 @@ impl IoClock {
 
     /// The last read that returned at or before `t`: on a server, with `t`
     /// taken as the handler starts, the read that completed the request head.
+    ///
+    /// A head may come in several reads (TLS reads a record's header and
+    /// its body apart); mesh-trace knows a request by the read of its
+    /// first bytes. Between them the thread may be off the CPU, so the
+    /// moment's bounds reach back to the entry of the head's first read
+    /// (the first since the connection's last write).
     pub fn last_read_until(&self, t: u64) -> Option<u64> {
-        self.lock().reads.iter().rev().copied().find(|&x| x <= t)
+        let times = self.lock();
+        let last = times.reads.iter().rposition(|&(r, _)| r <= t)?;
+        let (returned, _) = times.reads[last];
+        let after_write = times
+            .writes
+            .iter()
+            .rev()
+            .copied()
+            .find(|&w| w < returned)
+            .unwrap_or(0);
+        let first = times
+            .reads
+            .range(..=last)
+            .rev()
+            .take_while(|&&(r, _)| r > after_write)
+            .last()
+            .map_or(returned, |&(_, entered)| entered);
+        note_bounds(returned, first, returned);
+        Some(returned)
     }
 
     /// The first write that returned at or after `t`.
@@ -611,7 +635,7 @@ impl IoClock {
     pub fn exchange_from(&self, sent_ns: u64) -> Option<Exchange> {
         let times = self.lock();
         let write_ns = first_from(&times.writes, sent_ns.max(times.ready_ns))?;
-        let read_ns = times.reads.iter().copied().find(|&r| r > write_ns);
+        let read_ns = times.reads.iter().map(|&(r, _)| r).find(|&r| r > write_ns);
         Some(Exchange {
             write_ns,
             read_ns,
@@ -685,12 +709,18 @@ impl<T> Clocked<T> {
             tx.after_write(n)
                 .filter(|&t| t + TX_SLACK_NS >= started_wall && t <= returned + TX_SLACK_NS)
         });
+        // The call's return in the kernel lies between `done` (it took at
+        // least the thread's CPU time since the start to get there) and
+        // `returned` (later by any time off the CPU on the way back).
         if let Some(t) = stamped {
+            // A packet may also leave after the kernel's return, while the
+            // thread is off the CPU before `returned`: the moment was then
+            // that return, between `done` and the stamp.
+            note_bounds(t, done.min(t), t);
             return t;
         }
-        // Taken in user space: the kernel's moment lies somewhere in the call.
         let t = if self.tx.is_some() { returned } else { done };
-        note_bounds(t, started_wall, returned);
+        note_bounds(t, done, returned);
         t
     }
 }
@@ -703,13 +733,17 @@ static BOUNDS: std::sync::OnceLock<RecordWriter> = std::sync::OnceLock::new();
 /// 0.5 ms a span's hop is judged to.
 const BOUNDS_NOTED_FROM_NS: u64 = 100_000;
 
-/// The bounds of one moment taken in user space, as the process knew them.
-/// A read (or a write without a transmit stamp inside its call) is stamped
-/// when the call has returned to user space; the kernel's moment, where
-/// mesh-trace stamps it, lies between the call's entry and that stamp. A
-/// thread preempted after the call, or inside it, leaves a stamp late by
-/// up to the time it was off the CPU (milliseconds on a busy two-core
-/// machine): judging a span, the moment is known to lie in `lo..=hi`.
+/// The bounds of one moment, as the process knew them. A read (or a write
+/// without a transmit stamp inside its call) is stamped when the call has
+/// returned to user space; the kernel's return, where mesh-trace stamps
+/// it, lies between the call's entry (for a write: plus the CPU time the
+/// thread spent since) and that stamp. A thread preempted after the call,
+/// or inside it, leaves a stamp late by up to the time it was off the CPU
+/// (milliseconds on a busy two-core machine). A write whose packet left
+/// within its call may also have left after the kernel's return, while
+/// the thread was off the CPU: its moment lies between that lower bound
+/// and the transmit stamp. Judging a span, the moment is known to lie in
+/// `lo..=hi`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MomentBounds {
     /// The moment as recorded.
@@ -762,7 +796,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Clocked<T> {
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             let returned = mono_ns();
             note_bounds(returned, entered, returned);
-            self.clock.note_read(returned, &buf.filled()[before..]);
+            self.clock
+                .note_read(returned, entered, &buf.filled()[before..]);
         }
         polled
     }
@@ -1022,9 +1057,9 @@ mod tests {
         // with the call where it began.
         let (first, rest) = read.split_at(30);
         let (second, third) = rest.split_at(rest.len() - 12);
-        clock.note_read(100, first);
-        clock.note_read(200, second);
-        clock.note_read(300, third);
+        clock.note_read(100, 100, first);
+        clock.note_read(200, 200, second);
+        clock.note_read(300, 300, third);
         assert_eq!(clock.next_h2_request(), Some((1, 200)));
         assert_eq!(clock.next_h2_request(), Some((3, 200)));
         assert_eq!(clock.next_h2_request(), None);
@@ -1040,7 +1075,7 @@ mod tests {
         assert_eq!(clock.wait_h2_end(1, Duration::ZERO).await, Some(500));
         // HTTP/1.1 is not followed.
         let http1 = IoClock::new();
-        http1.note_read(100, b"POST / HTTP/1.1\r\nHost: a\r\n\r\n");
+        http1.note_read(100, 100, b"POST / HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(http1.next_h2_request(), None);
     }
 
@@ -1121,7 +1156,7 @@ mod tests {
         let clock = IoClock::new();
         for t in 1..=(KEPT as u64 + 10) {
             clock.note_write(t * 10, [&b"x"[..]]);
-            clock.note_read(t * 10 + 5, b"x");
+            clock.note_read(t * 10 + 5, t * 10 + 5, b"x");
         }
         assert_eq!(clock.lock().writes.len(), KEPT);
         assert_eq!(clock.lock().reads.len(), KEPT);

@@ -206,8 +206,11 @@ pub fn moment_bounds(lab: &Lab) -> HashMap<u64, (u64, u64)> {
     for entry in std::fs::read_dir(&lab.dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "bounds") {
+            // Bounds noted twice for one moment (its own call's, then a
+            // head's reads') are joined.
             for b in read_records::<MomentBounds>(&path).unwrap() {
-                all.insert(b.t, (b.lo, b.hi));
+                let e = all.entry(b.t).or_insert((b.lo, b.hi));
+                *e = (e.0.min(b.lo), e.1.max(b.hi));
             }
         }
     }
