@@ -24,6 +24,12 @@ pub const SERVED_BY: &str = "x-served-by";
 /// The load generator's own id for a request that carries no x-request-id
 /// (`lab load --no-request-id`), recorded for the tests' truth.
 pub const CLIENT_ID: &str = "x-lab-client-id";
+/// The content type of a request whose body is the load generator's id
+/// (`lab load --client-id-in-body`): heads that tell requests apart in
+/// nothing, for the tests' truth.
+pub const CLIENT_ID_BODY: &str = "application/x-lab-client-id";
+/// The longest id read from a body.
+const CLIENT_ID_BODY_MAX: usize = 64;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AppOptions {
@@ -155,6 +161,7 @@ impl App {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, io: Io) -> Response<Full<Bytes>> {
         let t_read_ns = io.read_ns();
+        let (req, client_id_in_body) = client_id_from_body(req).await;
         let request_id = req
             .headers()
             .get(REQUEST_ID)
@@ -191,7 +198,8 @@ impl App {
                 .headers()
                 .get(CLIENT_ID)
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+                .map(str::to_string)
+                .or(client_id_in_body),
             status: status.as_u16(),
             peer: io.peer,
             t_read_ns,
@@ -248,6 +256,28 @@ impl App {
             Err(e) => serde_json::json!({ "url": url, "error": format!("{e:#}") }),
         }
     }
+}
+
+/// The load generator's id in the body of a request sent with
+/// [`CLIENT_ID_BODY`] (the body is read, and dropped: the app serves no
+/// body); other requests are passed on as they came.
+async fn client_id_from_body(req: Request<Incoming>) -> (Request<()>, Option<String>) {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = req.into_parts();
+    let carries_id = parts
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v == CLIENT_ID_BODY);
+    let id = if carries_id {
+        http_body_util::Limited::new(body, CLIENT_ID_BODY_MAX)
+            .collect()
+            .await
+            .ok()
+            .and_then(|b| String::from_utf8(b.to_bytes().to_vec()).ok())
+    } else {
+        None
+    };
+    (Request::from_parts(parts, ()), id)
 }
 
 /// A request's connection, as the app's records need it.

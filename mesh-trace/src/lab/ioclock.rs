@@ -84,8 +84,8 @@ pub struct IoClock {
 
 #[derive(Debug, Default)]
 struct Times {
-    /// Oldest first, at most [`KEPT`]: (returned, entered).
-    reads: VecDeque<(u64, u64)>,
+    /// Oldest first, at most [`KEPT`].
+    reads: VecDeque<Read>,
     writes: VecDeque<u64>,
     /// Client side: when the connector handed the connection over, so a
     /// TLS handshake's reads and writes are not taken for a request's.
@@ -94,6 +94,16 @@ struct Times {
     closed: bool,
     /// HTTP/2 frames, on a server connection that began with the preface.
     h2: H2Frames,
+}
+
+/// One read that returned data.
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    returned: u64,
+    entered: u64,
+    /// It returned exactly a TLS application-data record's header: its
+    /// body is the next read.
+    tls_header: bool,
 }
 
 /// The client preface that begins an HTTP/2 connection.
@@ -479,7 +489,12 @@ impl IoClock {
 
     fn note_read(&self, t: u64, entered: u64, bytes: &[u8]) {
         let mut times = self.lock();
-        push(&mut times.reads, (t, entered));
+        let read = Read {
+            returned: t,
+            entered,
+            tls_header: matches!(bytes, [0x17, 0x03, _, _, _]),
+        };
+        push(&mut times.reads, read);
         times.h2.read(t, bytes);
     }
 
@@ -570,30 +585,25 @@ impl IoClock {
     /// The last read that returned at or before `t`: on a server, with `t`
     /// taken as the handler starts, the read that completed the request head.
     ///
-    /// A head may come in several reads (TLS reads a record's header and
-    /// its body apart); mesh-trace knows a request by the read of its
-    /// first bytes. Between them the thread may be off the CPU, so the
-    /// moment's bounds reach back to the entry of the head's first read
-    /// (the first since the connection's last write).
+    /// TLS reads a record's header (5 bytes) and its body apart, and
+    /// mesh-trace knows a request by the read of its record's first bytes.
+    /// Between the two the thread may be off the CPU, so when the read just
+    /// before was an application-data record's header, the moment's bounds
+    /// reach back to that read's entry.
     pub fn last_read_until(&self, t: u64) -> Option<u64> {
-        let times = self.lock();
-        let last = times.reads.iter().rposition(|&(r, _)| r <= t)?;
-        let (returned, _) = times.reads[last];
-        let after_write = times
-            .writes
-            .iter()
-            .rev()
-            .copied()
-            .find(|&w| w < returned)
-            .unwrap_or(0);
-        let first = times
-            .reads
-            .range(..=last)
-            .rev()
-            .take_while(|&&(r, _)| r > after_write)
-            .last()
-            .map_or(returned, |&(_, entered)| entered);
-        note_bounds(returned, first, returned);
+        let (returned, from) = {
+            let times = self.lock();
+            let last = times.reads.iter().rposition(|r| r.returned <= t)?;
+            let read = times.reads[last];
+            let header = last
+                .checked_sub(1)
+                .map(|i| times.reads[i])
+                .filter(|h| h.tls_header);
+            (read.returned, header.map(|h| h.entered))
+        };
+        if let Some(from) = from {
+            note_bounds(returned, from, returned);
+        }
         Some(returned)
     }
 
@@ -635,7 +645,11 @@ impl IoClock {
     pub fn exchange_from(&self, sent_ns: u64) -> Option<Exchange> {
         let times = self.lock();
         let write_ns = first_from(&times.writes, sent_ns.max(times.ready_ns))?;
-        let read_ns = times.reads.iter().map(|&(r, _)| r).find(|&r| r > write_ns);
+        let read_ns = times
+            .reads
+            .iter()
+            .map(|r| r.returned)
+            .find(|&r| r > write_ns);
         Some(Exchange {
             write_ns,
             read_ns,
@@ -649,10 +663,12 @@ impl IoClock {
 ///
 /// The kernel's moment for a read or a write is the end of the transfer in
 /// the system call, just before it returns. A read is stamped when it
-/// returns: it comes back at once. A write cannot be: on loopback it
-/// delivers to the reader within the call and wakes it, and on a busy
-/// machine the writer is often preempted on its way back to user space,
-/// for a time slice (~0.3 ms in the lab). See [`WriteStart`].
+/// returns, late by any time the thread spent off the CPU on its way back
+/// (its [`MomentBounds`] say how late it can be). A write is stamped by
+/// the kernel where it can be: on loopback it delivers to the reader
+/// within the call and wakes it, and on a busy machine the writer is often
+/// preempted on its way back to user space, for a time slice (~0.3 ms in
+/// the lab). See [`WriteStart`].
 #[derive(Debug)]
 pub struct Clocked<T> {
     inner: T,
@@ -753,7 +769,7 @@ pub struct MomentBounds {
 }
 
 /// From now on, this process writes the bounds of its moments that are
-/// wider than 0.1 ms to [`bounds_path`]`(records)`.
+/// 0.1 ms wide or more to [`bounds_path`]`(records)`.
 pub fn write_bounds_beside(records: &Path) -> io::Result<()> {
     let w = RecordWriter::create(&bounds_path(records))?;
     // A second call in one process keeps the first file.

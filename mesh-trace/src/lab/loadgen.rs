@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use super::{
-    app::{CLIENT_ID, REQUEST_ID, SERVED_BY},
+    app::{CLIENT_ID, CLIENT_ID_BODY, REQUEST_ID, SERVED_BY},
     grpc,
     http_client::{self, HttpClient},
     ioclock::RequestKey,
@@ -49,10 +49,17 @@ pub struct LoadOptions {
     #[arg(long)]
     pub new_connections: bool,
     /// Send no x-request-id: each request's id goes in `x-lab-client-id`
-    /// instead (a header proxies forward and mesh-trace does not match
-    /// on), so that an id a sidecar adds can be joined to it.
+    /// instead (a header proxies pass on as written), so that an id a
+    /// sidecar adds can be joined to it.
     #[arg(long)]
     pub no_request_id: bool,
+    /// Send no x-request-id and nothing in the head that tells requests
+    /// apart: each request is a POST whose body is its id (content type
+    /// `application/x-lab-client-id`, recorded by the app as the client's
+    /// id), so that concurrent requests to one URL look the same to
+    /// anything that reads their heads.
+    #[arg(long, conflicts_with_all = ["no_request_id", "grpc"])]
+    pub client_id_in_body: bool,
     /// The share of requests (0 to 1, spread evenly) that carry a W3C
     /// `traceparent` with a new trace id and span id, as an app
     /// instrumented with OpenTelemetry sends.
@@ -200,12 +207,19 @@ impl Shared {
             } else {
                 REQUEST_ID
             };
-            let mut req =
-                http_client::request_to(&self.opts.url, &self.resolve)?.header(header, &id);
+            let req = http_client::request_to(&self.opts.url, &self.resolve)?;
+            let (mut req, body) = if self.opts.client_id_in_body {
+                let req = req
+                    .method(hyper::Method::POST)
+                    .header(hyper::header::CONTENT_TYPE, CLIENT_ID_BODY);
+                (req, Bytes::from(id.clone()))
+            } else {
+                (req.header(header, &id), Bytes::new())
+            };
             if let Some(tp) = &traceparent {
                 req = req.header("traceparent", tp);
             }
-            let req = req.body(Full::<Bytes>::default())?;
+            let req = req.body(Full::new(body))?;
             http_client::fetch(&self.client, req).await
         }
         .await;

@@ -121,6 +121,8 @@ pub enum Head {
         trace_context: Option<TraceContext>,
         /// A gRPC call (`content-type: application/grpc`, HTTP/2 heads).
         grpc: bool,
+        /// Its other header lines within the prefix (HTTP/1.1 heads).
+        end_to_end: EndToEnd,
     },
     Response {
         /// 0 when the prefix ends before the status code.
@@ -388,6 +390,101 @@ impl Parsed {
     }
 }
 
+/// Header lines of a request that a proxy passes on as the client wrote
+/// them (a cookie, an authorization, a user agent, the app's own headers),
+/// kept as hashes of name and value, at most [`MAX_END_TO_END`]: where a
+/// request read by a sidecar and one it wrote both show a line of one name
+/// with different values, they are different requests. Lines proxies add,
+/// remove or rewrite as a rule ([`set_by_proxies`]) are left out, and so
+/// is a name that occurs twice (a proxy may join them).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndToEnd(Vec<(u64, Option<u64>)>);
+
+/// Header lines kept per request head in [`EndToEnd`].
+const MAX_END_TO_END: usize = 16;
+
+impl EndToEnd {
+    fn note(&mut self, name: &str, value: &[u8]) {
+        if set_by_proxies(name) {
+            return;
+        }
+        let name = hash_of(name.bytes().map(|b| b.to_ascii_lowercase()));
+        let value = hash_of(value.trim_ascii().iter().copied());
+        if let Some(line) = self.0.iter_mut().find(|(n, _)| *n == name) {
+            line.1 = None;
+        } else if self.0.len() < MAX_END_TO_END {
+            self.0.push((name, Some(value)));
+        }
+    }
+
+    /// Whether the two show a line of one name with different values.
+    pub fn differs(&self, other: &EndToEnd) -> bool {
+        self.0.iter().any(|&(name, value)| {
+            other
+                .0
+                .iter()
+                .any(|&(n, v)| n == name && value.is_some() && v.is_some() && v != value)
+        })
+    }
+}
+
+fn hash_of(bytes: impl Iterator<Item = u8>) -> u64 {
+    use std::hash::Hasher as _;
+    // The same keys in every instance: the two sides' hashes compare.
+    let mut h = std::hash::DefaultHasher::new();
+    for b in bytes {
+        h.write_u8(b);
+    }
+    h.finish()
+}
+
+/// Headers a proxy adds, removes or rewrites as a rule: hop-by-hop ones,
+/// forwarding and tracing headers (Envoy starts a span of its own), Istio's
+/// and Envoy's own, `Expect` (answered by the proxy) and `Accept-Encoding`
+/// (rewritten by compressing proxies). `Host`, `Content-Length` and
+/// `x-request-id` are compared on their own terms.
+fn set_by_proxies(name: &str) -> bool {
+    const NAMES: [&str; 23] = [
+        "host",
+        "content-length",
+        "x-request-id",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "via",
+        "forwarded",
+        "expect",
+        "accept-encoding",
+        "x-real-ip",
+        "traceparent",
+        "tracestate",
+        "b3",
+        "uber-trace-id",
+        "grpc-trace-bin",
+        "x-cloud-trace-context",
+        "x-amzn-trace-id",
+    ];
+    const PREFIXES: [&str; 8] = [
+        "x-forwarded-",
+        "x-envoy-",
+        "x-istio-",
+        "x-b3-",
+        "x-ot-",
+        "x-datadog-",
+        "x-client-trace-",
+        "sw8",
+    ];
+    NAMES.iter().any(|n| name.eq_ignore_ascii_case(n))
+        || PREFIXES.iter().any(|p| {
+            name.len() >= p.len() && name.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+        })
+}
+
 /// The headers the framer uses.
 #[derive(Default)]
 struct Fields {
@@ -400,6 +497,7 @@ struct Fields {
     content_length: Length,
     transfer_encoding: bool,
     upgrade: bool,
+    end_to_end: EndToEnd,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -454,6 +552,8 @@ fn fields(headers: &[httparse::Header]) -> Fields {
             fields.transfer_encoding = true;
         } else if is("upgrade") {
             fields.upgrade = true;
+        } else {
+            fields.end_to_end.note(header.name, header.value);
         }
     }
     fields
@@ -603,6 +703,7 @@ fn request(method: &str, path: &str, fields: Fields, head_len: Option<usize>) ->
         },
         trace_context: fields.trace_context(),
         grpc: false,
+        end_to_end: fields.end_to_end.clone(),
     };
     Parsed {
         head,
@@ -783,6 +884,7 @@ mod tests {
             content_length: None,
             trace_context: None,
             grpc: false,
+            end_to_end: Default::default(),
         }
     }
 
@@ -805,6 +907,7 @@ mod tests {
                 content_length: length,
                 trace_context,
                 grpc: false,
+                end_to_end: Default::default(),
             },
             other => other,
         }
@@ -1054,6 +1157,30 @@ mod tests {
             };
             assert_eq!(Framer::new().push(&c).map(|m| m.head), Some(head));
         }
+    }
+
+    #[test]
+    fn end_to_end_lines_compare_by_name_and_value() {
+        let lines = |head: &str| match http_head(head.as_bytes()) {
+            Some(Head::Request { end_to_end, .. }) => end_to_end,
+            other => panic!("{other:?}"),
+        };
+        let a = lines("GET / HTTP/1.1\r\nCookie: s=1\r\nAccept: */*\r\n\r\n");
+        // Names compare without case, values trimmed.
+        let same = lines("GET / HTTP/1.1\r\ncookie:  s=1 \r\nVia: p\r\n\r\n");
+        let other = lines("GET / HTTP/1.1\r\nCookie: s=2\r\n\r\n");
+        assert!(!a.differs(&same) && !same.differs(&a));
+        assert!(a.differs(&other) && other.differs(&a));
+        // A line only one side shows, or that a proxy sets, is no evidence.
+        let none = lines("GET / HTTP/1.1\r\nX-Forwarded-For: 9\r\nTE: trailers\r\n\r\n");
+        assert!(!a.differs(&none));
+        assert_eq!(none, EndToEnd::default());
+        // A name twice (a proxy may join the lines) is no evidence either.
+        let twice = lines("GET / HTTP/1.1\r\nCookie: s=2\r\nCookie: t=3\r\n\r\n");
+        assert!(!a.differs(&twice) && !twice.differs(&a));
+        // A line the prefix cuts is not kept.
+        let cut = lines("GET / HTTP/1.1\r\nAccept: */*\r\nCookie: s=");
+        assert!(!a.differs(&cut));
     }
 
     #[test]

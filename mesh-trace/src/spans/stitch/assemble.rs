@@ -913,6 +913,7 @@ mod tests {
             content_length: None,
             trace_context: None,
             grpc: false,
+            end_to_end: Default::default(),
         }
     }
 

@@ -189,6 +189,7 @@ mod tests {
             content_length: None,
             trace_context: None,
             grpc: false,
+            end_to_end: Default::default(),
         }
     }
 

@@ -1527,6 +1527,7 @@ fn h2_request_head(f: &H2Fields) -> Head {
         content_length: f.content_length,
         trace_context: None,
         grpc: f.is_grpc(),
+        end_to_end: Default::default(),
     }
 }
 

@@ -4,7 +4,9 @@
 //! - the same process and side (outbound or inbound);
 //! - causality: read no later than it was written;
 //! - the request's identity, which a proxy forwards untouched: method,
-//!   whole target (query included), `Host`, `Content-Length`; an
+//!   whole target (query included), `Host`, `Content-Length`, the header
+//!   lines proxies pass on as written (`EndToEnd`: where both sides show
+//!   one, with different values, they are different requests); an
 //!   `x-request-id` only together with it (apps propagate one id to several
 //!   concurrent calls, and a sidecar may add it upstream only).
 //!
@@ -38,7 +40,7 @@ use foldhash::{HashMap, HashMapExt as _};
 use lru::LruCache;
 
 use super::{SpanId, MAX_QUEUE};
-use crate::spans::http::{Head, Message};
+use crate::spans::http::{EndToEnd, Head, Message};
 
 /// A sidecar process and the side of it a request crosses. Apps propagate
 /// x-request-id, so the same id crosses a sidecar inbound and again
@@ -57,6 +59,7 @@ pub(super) struct Identity {
     host: Option<String>,
     content_length: Option<u64>,
     request_id: Option<String>,
+    end_to_end: EndToEnd,
 }
 
 impl Identity {
@@ -70,6 +73,7 @@ impl Identity {
                 host,
                 request_id,
                 content_length,
+                end_to_end,
                 ..
             } => Some(Identity {
                 method: method.clone(),
@@ -77,6 +81,7 @@ impl Identity {
                 host: host.clone(),
                 content_length: *content_length,
                 request_id: request_id.clone(),
+                end_to_end: end_to_end.clone(),
             }),
             _ => None,
         }
@@ -102,6 +107,7 @@ impl Identity {
             && agree(&self.host, &written.host)
             && agree(&self.content_length, &written.content_length)
             && agree(&self.request_id, &written.request_id)
+            && !self.end_to_end.differs(&written.end_to_end)
     }
 }
 
@@ -507,6 +513,7 @@ mod tests {
             content_length: None,
             trace_context: None,
             grpc: false,
+            end_to_end: Default::default(),
         }
     }
 
@@ -596,6 +603,61 @@ mod tests {
             &none(),
         );
         assert_eq!(w, matched(2, Some("b")));
+    }
+
+    /// Heads as the wire shows them: the header lines a proxy passes on
+    /// as written tell requests apart; the ones it sets do not.
+    #[test]
+    fn header_lines_the_proxy_passes_on_tell_identical_targets_apart() {
+        let head = |lines: &str| {
+            let bytes = format!("GET /r HTTP/1.1\r\nHost: reviews:9080\r\n{lines}\r\n");
+            crate::spans::http::http_head(bytes.as_bytes()).unwrap()
+        };
+        let mut p = Proxies::new();
+        p.hold(
+            OUTBOUND,
+            read(1, 10, &head("Cookie: s=1\r\nUser-Agent: c\r\n")),
+        );
+        p.hold(
+            OUTBOUND,
+            read(2, 11, &head("Cookie: s=2\r\nUser-Agent: c\r\n")),
+        );
+        // Forwarded with lines of the sidecar's own, the cookie untouched.
+        let w = p.forward(
+            OUTBOUND,
+            &write(
+                20,
+                head("Cookie: s=2\r\nUser-Agent: c\r\nx-forwarded-proto: http\r\nx-request-id: x\r\n"),
+            ),
+            never,
+            &none(),
+        );
+        assert_eq!(w, matched(2, Some("x")));
+        // Lines proxies set (forwarding, tracing) are no evidence.
+        let mut p = Proxies::new();
+        p.hold(
+            OUTBOUND,
+            read(
+                1,
+                10,
+                &head("traceparent: 00-a-b-01\r\nx-forwarded-for: 1\r\n"),
+            ),
+        );
+        p.hold(
+            OUTBOUND,
+            read(
+                2,
+                11,
+                &head("traceparent: 00-c-d-01\r\nx-forwarded-for: 2\r\n"),
+            ),
+        );
+        let w = p.forward(
+            OUTBOUND,
+            &write(20, head("traceparent: 00-e-f-01\r\nx-forwarded-for: 3\r\n")),
+            never,
+            &none(),
+        );
+        assert_eq!(w, Forwarded::Ambiguous(vec![1, 2]));
     }
 
     #[test]
@@ -826,6 +888,7 @@ mod tests {
             content_length: Some(5),
             trace_context: None,
             grpc: false,
+            end_to_end: Default::default(),
         }))
         .unwrap();
         let cut = Identity {
