@@ -408,8 +408,8 @@ impl EndToEnd {
         if set_by_proxies(name) {
             return;
         }
-        let name = hash_of(name.bytes().map(|b| b.to_ascii_lowercase()));
-        let value = hash_of(value.trim_ascii().iter().copied());
+        let name = hash_of(name.to_ascii_lowercase().as_bytes());
+        let value = hash_of(value.trim_ascii());
         if let Some(line) = self.0.iter_mut().find(|(n, _)| *n == name) {
             line.1 = None;
         } else if self.0.len() < MAX_END_TO_END {
@@ -428,14 +428,10 @@ impl EndToEnd {
     }
 }
 
-fn hash_of(bytes: impl Iterator<Item = u8>) -> u64 {
-    use std::hash::Hasher as _;
-    // The same keys in every instance: the two sides' hashes compare.
-    let mut h = std::hash::DefaultHasher::new();
-    for b in bytes {
-        h.write_u8(b);
-    }
-    h.finish()
+fn hash_of(bytes: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    // One seed for the process: the two sides' hashes compare.
+    foldhash::fast::FixedState::with_seed(0).hash_one(bytes)
 }
 
 /// Headers a proxy adds, removes or rewrites as a rule: hop-by-hop ones,
