@@ -161,20 +161,7 @@ fn spans_match_the_truth(mtls: bool, http2: Http2) {
         "spans off their truth: {:?}",
         judged.wrong
     );
-    // Few need the truth's bounds (runs: 3 to 22 of 1,600): a stamping
-    // error of mesh-trace's that the bounds would hide shows here.
-    assert!(
-        judged.exact_by_bounds as f64 <= 0.03 * n as f64,
-        "{} spans exact only within their moments' bounds",
-        judged.exact_by_bounds
-    );
-    assert!(
-        judged.exact as f64 >= 0.998 * n as f64,
-        "{} of {n} requests with a span exact to 0.5 ms ({} compared): {:?}",
-        judged.exact,
-        judged.compared,
-        &judged.inexact[..judged.inexact.len().min(5)]
-    );
+    judged.assert_nearly_all_exact(n, "spans");
     for s in &spans {
         assert_eq!(s.source_workload, "loadgen");
         assert_eq!(s.destination_service, "reviews");
