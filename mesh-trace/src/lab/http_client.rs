@@ -38,13 +38,20 @@ pub fn unpooled_client() -> HttpClient {
 }
 
 /// When the request of `resp`, handed to the client at `sent_ns`, was
-/// written and its response began to be read, by its connection's clock.
+/// written and its response began to be read, by its connection's clock
+/// (see [`super::ioclock::IoClock::exchange_until`]).
 pub fn exchange<B>(resp: &Response<B>, sent_ns: u64) -> Option<Exchange> {
-    resp.extensions()
-        .get::<ConnectionClock>()?
-        .0
-        .exchange_from(sent_ns)
+    let clock = &resp.extensions().get::<ConnectionClock>()?.0;
+    match resp.extensions().get::<HeadArrived>() {
+        Some(HeadArrived(arrived)) => clock.exchange_until(sent_ns, *arrived),
+        None => clock.exchange_from(sent_ns),
+    }
 }
+
+/// When the client handed a response's head back (CLOCK_MONOTONIC ns), in
+/// the response's extensions ([`fetch`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HeadArrived(pub u64);
 
 /// Parses `name:port=ip:port` pairs given on the command line.
 pub fn parse_resolve(pairs: &[String]) -> anyhow::Result<BTreeMap<String, SocketAddr>> {
@@ -88,7 +95,9 @@ pub async fn fetch(
     req: Request<Full<Bytes>>,
 ) -> anyhow::Result<(Response<()>, Bytes)> {
     let resp = client.request(req).await?;
-    let (parts, body) = resp.into_parts();
+    let arrived = super::records::mono_ns();
+    let (mut parts, body) = resp.into_parts();
+    parts.extensions.insert(HeadArrived(arrived));
     let body = body.collect().await?.to_bytes();
     Ok((Response::from_parts(parts, ()), body))
 }

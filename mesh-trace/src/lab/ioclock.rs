@@ -638,6 +638,42 @@ impl IoClock {
         tokio::time::timeout(limit, wait).await.ok().flatten()
     }
 
+    /// A client request's write and the response's first read on an
+    /// HTTP/1.1 connection (one exchange at a time), for a request handed
+    /// to the client at `sent_ns` whose response head was handed back at
+    /// `arrived_ns`: the last read by then completed the head; the last
+    /// write before it ended the request, whose first write followed the
+    /// read before (a head and a body may be two writes); the response's
+    /// first read followed the request's last write. A request that waited
+    /// for a pooled connection is not given the writes of the exchanges
+    /// before it on the connection it got, as [`IoClock::exchange_from`]
+    /// would give it. That, where these cannot tell.
+    pub fn exchange_until(&self, sent_ns: u64, arrived_ns: u64) -> Option<Exchange> {
+        let found = {
+            let times = self.lock();
+            let from = sent_ns.max(times.ready_ns);
+            let reads = || times.reads.iter().map(|r| r.returned);
+            let last_read = reads().rev().find(|&r| r <= arrived_ns);
+            let last_write = last_read
+                .and_then(|lr| times.writes.iter().rev().copied().find(|&w| w < lr))
+                .filter(|&w| w >= from);
+            last_write.and_then(|end| {
+                let read_before = reads().rev().find(|&r| r < end).unwrap_or(0);
+                let write_ns = times
+                    .writes
+                    .iter()
+                    .copied()
+                    .find(|&w| w > read_before && w >= from)?;
+                Some(Exchange {
+                    write_ns,
+                    read_ns: reads().find(|&r| r > end),
+                    end_ns: None,
+                })
+            })
+        };
+        found.or_else(|| self.exchange_from(sent_ns))
+    }
+
     /// A client request's write and the response's first read, for a
     /// request handed to the client at `sent_ns`: the first write at or
     /// after it (and after the connection was ready, past any TLS
@@ -1190,5 +1226,34 @@ mod tests {
         // A connection handed over later: earlier I/O was its handshake.
         clock.lock().ready_ns = 731;
         assert_eq!(clock.exchange_from(700).map(|e| e.write_ns), Some(740));
+    }
+
+    /// A request that waited for a pooled connection: the connection
+    /// carried another exchange after the request was handed over, then
+    /// its own (a head and a body in two writes).
+    #[test]
+    fn a_request_that_waited_for_its_connection_gets_its_own_exchange() {
+        let clock = IoClock::new();
+        clock.note_write(100, [&b"GET /other"[..]]);
+        clock.note_read(150, 150, b"HTTP/1.1 200");
+        clock.note_write(200, [&b"POST /mine"[..]]);
+        clock.note_write(210, [&b"body"[..]]);
+        clock.note_read(250, 240, b"HTTP/1.1 201");
+        clock.note_read(270, 265, b"rest of the body");
+        // Handed over at 90, its head back at 255.
+        assert_eq!(clock.exchange_from(90).map(|e| e.write_ns), Some(100));
+        assert_eq!(
+            clock.exchange_until(90, 255),
+            Some(Exchange {
+                write_ns: 200,
+                read_ns: Some(250),
+                end_ns: None,
+            })
+        );
+        // Nothing written since it was handed over by then: as before.
+        assert_eq!(
+            clock.exchange_until(160, 170).map(|e| e.write_ns),
+            Some(200)
+        );
     }
 }

@@ -421,7 +421,7 @@ async fn attempt(
             let io = resp
                 .extensions()
                 .get::<ConnectionClock>()
-                .and_then(|c| c.0.exchange_from(sent));
+                .and_then(|c| c.0.exchange_until(sent, arrived));
             out.t_upstream_write_ns = io.map_or(sent, |x| x.write_ns);
             out.t_upstream_read_ns = io.and_then(|x| x.read_ns).unwrap_or(arrived);
             out.upstream_local = resp
