@@ -761,18 +761,19 @@ impl<T> Clocked<T> {
             tx.after_write(n)
                 .filter(|&t| t + TX_SLACK_NS >= started_wall && t <= returned + TX_SLACK_NS)
         });
-        // The call's return in the kernel lies between `done` (it took at
-        // least the thread's CPU time since the start to get there) and
-        // `returned` (later by any time off the CPU on the way back).
+        // The call's return in the kernel lies between its start and
+        // `returned` (later by any time off the CPU on the way back). Not
+        // after `done`: the thread's CPU time in the call may include
+        // softirq work done after its bytes left (milliseconds under load).
         if let Some(t) = stamped {
             // A packet may also leave after the kernel's return, while the
             // thread is off the CPU before `returned`: the moment was then
-            // that return, between `done` and the stamp.
-            note_bounds(t, done.min(t), t);
+            // that return, between the start and the stamp.
+            note_bounds(t, started_wall.min(t), t);
             return t;
         }
         let t = if self.tx.is_some() { returned } else { done };
-        note_bounds(t, done, returned);
+        note_bounds(t, started_wall, returned);
         t
     }
 }
@@ -788,12 +789,11 @@ const BOUNDS_NOTED_FROM_NS: u64 = 100_000;
 /// The bounds of one moment, as the process knew them. A read (or a write
 /// without a transmit stamp inside its call) is stamped when the call has
 /// returned to user space; the kernel's return, where mesh-trace stamps
-/// it, lies between the call's entry (for a write: plus the CPU time the
-/// thread spent since) and that stamp. A thread preempted after the call,
+/// it, lies between the call's entry and that stamp. A thread preempted after the call,
 /// or inside it, leaves a stamp late by up to the time it was off the CPU
 /// (milliseconds on a busy two-core machine). A write whose packet left
 /// within its call may also have left after the kernel's return, while
-/// the thread was off the CPU: its moment lies between that lower bound
+/// the thread was off the CPU: its moment lies between the call's entry
 /// and the transmit stamp. Judging a span, the moment is known to lie in
 /// `lo..=hi`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
