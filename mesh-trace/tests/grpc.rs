@@ -111,6 +111,8 @@ struct Judged {
     /// App hop within 0.5 ms of the truth, and the client's moments right
     /// (see [`judge`]).
     exact: usize,
+    /// Exact only within the truth's bounds, not on its recorded points.
+    exact_by_bounds: usize,
     /// The client's moments within 0.5 ms of its record's.
     client_exact: usize,
     /// The app hop holds another request's time (off by more than 30 ms,
@@ -150,7 +152,7 @@ fn judge(
         j.compared += 1;
         // Within 0.5 ms of the app's time as far as its record knows it
         // (a read's moment lies within its call: `common::truth::judge`).
-        let (_, range) = hop_of(&bounds, &[(a.t_read_ns, a.t_write_ns)]);
+        let (point, range) = hop_of(&bounds, &[(a.t_read_ns, a.t_write_ns)]);
         let app = outside(range, s.hop_ns(Hop::App).unwrap());
         // The client's end: the span's client moments must lie inside the
         // call as the caller timed it. The client's record has the write
@@ -168,6 +170,9 @@ fn judge(
         }
         if app <= 500_000 && client_ok {
             j.exact += 1;
+            if s.hop_ns(Hop::App).unwrap().abs_diff(point) > 500_000 {
+                j.exact_by_bounds += 1;
+            }
         } else if j.compared - j.exact <= 5 {
             eprintln!(
                 "{id}: app off {app} ns, client's moments ok: {client_ok}: {s:?} {a:?} {c:?}"
@@ -272,6 +277,9 @@ fn grpc_unary_calls(sidecar: Sidecar, mtls: bool) {
     let counted: u64 = unstitched.values().sum();
     assert!(counted >= (n - grpc.spans) as u64, "{unstitched:?}");
     assert!(grpc.compared as f64 >= 0.99 * n as f64, "{grpc:?}");
+    // Few need the truth's bounds: a stamping error of mesh-trace's that
+    // they would hide shows as more (as in `Judged::assert_nearly_all_exact`).
+    assert!(grpc.exact_by_bounds as f64 <= 0.03 * n as f64, "{grpc:?}");
     // At least 99.9% of calls have a span exact to 0.5 ms.
     assert!(
         grpc.exact as f64 >= 0.999 * n as f64,

@@ -173,7 +173,8 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
         .filter(|id| !mine.contains(*id))
         .copied()
         .collect();
-    let judged = judge(&spans, &truths(&lab, &client));
+    let truth = truths(&lab, &client);
+    let judged = judge(&spans, &truth);
     eprintln!(
         "old agent: {old_spans} spans; new agent: {counted} spans, {unstitched} counted unstitched; \
          {after} of {} requests started after the new agent was ready, {} of them without a span \
@@ -206,7 +207,7 @@ fn a_new_agent_beside_the_old_one_takes_over_without_a_gap() {
         })
         .cloned()
         .collect();
-    let followed_judged = judge(&followed_spans, &truths(&lab, &client));
+    let followed_judged = judge(&followed_spans, &truth);
     assert!(
         followed_judged.exact as f64 >= 0.995 * followed.len() as f64,
         "{} of {} followed requests exact",

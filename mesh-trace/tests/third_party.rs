@@ -301,9 +301,10 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
     );
     // With the id added upstream to heads alike in every byte, two writes
     // answered upstream with the same status before either response goes
-    // downstream stay ambiguous: 1,576 to 1,594 of 1,600 with a span in
-    // five runs (the fewest in a full run on a fresh machine); before
-    // responses were evidence, 1,405 to 1,480.
+    // downstream stay ambiguous: 1,589 to 1,597 of 1,600 with a span in
+    // three runs (GET requests alike but for an id header the tracer did
+    // not read: 1,576 to 1,594 in five; before responses were evidence,
+    // 1,405 to 1,480).
     let bar = match ids {
         Ids::AddedUpstreamToIdenticalRequests => 0.97,
         _ => 0.999,
@@ -344,6 +345,8 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
     let bounds = moment_bounds(&lab);
     let mut local = 0;
     let (mut exact, mut compared, mut wrong) = (0, 0, Vec::new());
+    // Exact only within the truth's bounds, not on its recorded points.
+    let mut exact_by_bounds = 0usize;
     for s in &spans {
         let id = client_id(s).unwrap();
         let id = id.as_str();
@@ -372,15 +375,18 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
         compared += 1;
         // Each as far as the records know it (a read's moment lies within
         // its call: `common::truth::judge`).
-        let (_, app_range) = hop_of(&bounds, &[(a.t_read_ns, a.t_write_ns)]);
+        let (app_point, app_range) = hop_of(&bounds, &[(a.t_read_ns, a.t_write_ns)]);
         let app = outside(app_range, s.hop_ns(Hop::App).unwrap());
-        let (_, total_range) = hop_of(&bounds, &[(c.t_write_ns, c.t_read_ns)]);
+        let (total_point, total_range) = hop_of(&bounds, &[(c.t_write_ns, c.t_read_ns)]);
         let total = outside(total_range, s.total_ns().unwrap());
         // Another request's moments inside the span show in the app hop
         // (2 ms against 40 ms). The total's ends are the client socket's
         // own write (the kernel's transmit stamp) and read.
         if app <= 500_000 && total <= 500_000 {
             exact += 1;
+            let on_points = s.hop_ns(Hop::App).unwrap().abs_diff(app_point) <= 500_000
+                && s.total_ns().unwrap().abs_diff(total_point) <= 500_000;
+            exact_by_bounds += usize::from(!on_points);
         } else if compared - exact <= 5 {
             let off = |m: Option<u64>, t: u64| m.map(|m| (m as i64 - t as i64) / 1000);
             eprintln!(
@@ -404,8 +410,14 @@ fn spans_through_haproxy(ids: Ids, mtls: bool, h2: bool) {
         }
     }
     eprintln!(
-        "{local} local replies; {exact} of {compared} spans exact to 0.5 ms, {} wrong",
+        "{local} local replies; {exact} of {compared} spans exact to 0.5 ms ({exact_by_bounds} only within their moments' bounds), {} wrong",
         wrong.len()
+    );
+    // Few need the bounds: a stamping error of mesh-trace's that they would
+    // hide shows as more (as in `Judged::assert_nearly_all_exact`).
+    assert!(
+        exact_by_bounds as f64 <= 0.03 * compared as f64,
+        "{exact_by_bounds} of {compared} spans exact only within their moments' bounds"
     );
     if ids == Ids::FromClient {
         assert!(

@@ -402,13 +402,24 @@ pub struct EndToEnd(Vec<(u64, Option<u64>)>);
 
 /// Header lines kept per request head in [`EndToEnd`].
 const MAX_END_TO_END: usize = 16;
+/// The longest header name kept in [`EndToEnd`].
+const MAX_END_TO_END_NAME: usize = 64;
 
 impl EndToEnd {
     fn note(&mut self, name: &str, value: &[u8]) {
+        // Lowercased on the stack: this runs for every header line of every
+        // request head the agent reads. A longer name is no evidence.
+        let mut lower = [0u8; MAX_END_TO_END_NAME];
+        let Some(lower) = lower.get_mut(..name.len()) else {
+            return;
+        };
         if set_by_proxies(name) {
             return;
         }
-        let name = hash_of(name.to_ascii_lowercase().as_bytes());
+        for (l, b) in lower.iter_mut().zip(name.bytes()) {
+            *l = b.to_ascii_lowercase();
+        }
+        let name = hash_of(lower);
         let value = hash_of(value.trim_ascii());
         if let Some(line) = self.0.iter_mut().find(|(n, _)| *n == name) {
             line.1 = None;
@@ -526,7 +537,9 @@ fn parse_decimal(value: &[u8]) -> Option<u64> {
     })
 }
 
-fn fields(headers: &[httparse::Header]) -> Fields {
+/// The fields of a head's headers; with `end_to_end`, its other lines too
+/// (a request's: responses are not matched by them).
+fn fields(headers: &[httparse::Header], end_to_end: bool) -> Fields {
     let mut fields = Fields::default();
     for header in headers {
         let is = |name: &str| header.name.eq_ignore_ascii_case(name);
@@ -548,7 +561,7 @@ fn fields(headers: &[httparse::Header]) -> Fields {
             fields.transfer_encoding = true;
         } else if is("upgrade") {
             fields.upgrade = true;
-        } else {
+        } else if end_to_end {
             fields.end_to_end.note(header.name, header.value);
         }
     }
@@ -655,9 +668,12 @@ fn parse_request(bytes: &[u8], method: &'static str) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(bytes) {
-        Ok(httparse::Status::Complete(n)) => {
-            request(method, req.path.unwrap_or(""), fields(req.headers), Some(n))
-        }
+        Ok(httparse::Status::Complete(n)) => request(
+            method,
+            req.path.unwrap_or(""),
+            fields(req.headers, true),
+            Some(n),
+        ),
         Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
             partial_request(bytes, method)
         }
@@ -672,7 +688,12 @@ fn partial_request(bytes: &[u8], method: &'static str) -> Parsed {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         if let Ok(httparse::Status::Complete(_)) = req.parse(&closed) {
-            return request(method, req.path.unwrap_or(""), fields(req.headers), None);
+            return request(
+                method,
+                req.path.unwrap_or(""),
+                fields(req.headers, true),
+                None,
+            );
         }
     }
     let target = bytes.get(method.len() + 1..).unwrap_or_default();
@@ -721,7 +742,7 @@ fn parse_response(bytes: &[u8]) -> Parsed {
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(bytes) {
         Ok(httparse::Status::Complete(n)) => {
-            response(resp.code.unwrap_or(0), fields(resp.headers), Some(n))
+            response(resp.code.unwrap_or(0), fields(resp.headers, false), Some(n))
         }
         Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
             partial_response(bytes)
@@ -736,7 +757,7 @@ fn partial_response(bytes: &[u8]) -> Parsed {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
         if let Ok(httparse::Status::Complete(_)) = resp.parse(&closed) {
-            return response(resp.code.unwrap_or(0), fields(resp.headers), None);
+            return response(resp.code.unwrap_or(0), fields(resp.headers, false), None);
         }
     }
     // "HTTP/1.x NNN": the code is bytes 9..12, if the prefix reaches them.
@@ -1174,6 +1195,9 @@ mod tests {
         // A name twice (a proxy may join the lines) is no evidence either.
         let twice = lines("GET / HTTP/1.1\r\nCookie: s=2\r\nCookie: t=3\r\n\r\n");
         assert!(!a.differs(&twice) && !twice.differs(&a));
+        // Nor is a name longer than 64 bytes.
+        let long = format!("GET / HTTP/1.1\r\n{}: 1\r\n\r\n", "n".repeat(65));
+        assert_eq!(lines(&long), EndToEnd::default());
         // A line the prefix cuts is not kept.
         let cut = lines("GET / HTTP/1.1\r\nAccept: */*\r\nCookie: s=");
         assert!(!a.differs(&cut));
