@@ -509,12 +509,13 @@ pub async fn agent_with_spans(
                 if let Err(e) = r {
                     break Err(e);
                 }
-                // Events the ring could not take: any request in flight may
-                // have lost one of its own, so none of them is exported.
+                // Events the ring could not take, stamped before now: any
+                // request in flight by then may have lost one of its own,
+                // so none of them is exported.
                 let ring_full = ring_full_total(&tracer);
                 if ring_full > ring_full_seen {
                     ring_full_seen = ring_full;
-                    pipeline.stitcher.events_lost();
+                    pipeline.stitcher.events_lost(crate::clock::mono_ns());
                 }
                 let mut out = stdout.lock();
                 for ev in batch.drain(..) {

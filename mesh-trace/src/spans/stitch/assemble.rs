@@ -231,6 +231,9 @@ pub(super) struct Spans {
     /// be any of several requests it held, oldest first: kept until one of
     /// those is answered downstream ([`Spans::resolve_by_response`]).
     answered_orphans: HashMap<ProxySide, VecDeque<AnsweredOrphan>>,
+    /// Events stamped before this (kernel clock) may have been lost
+    /// unseen: a span begun before it is never exact.
+    lost_before_ns: u64,
 }
 
 /// An orphan whose response its sidecar read upstream.
@@ -257,6 +260,7 @@ impl Spans {
             next: 1,
             aliases: HashMap::new(),
             answered_orphans: HashMap::new(),
+            lost_before_ns: 0,
         }
     }
 
@@ -268,7 +272,10 @@ impl Spans {
 
     /// Adds a span; returns its id and how many requests were dropped to
     /// make room (counted `evicted`; orphans are not requests).
-    fn push(&mut self, owner: Owner, pending: Pending) -> (SpanId, u64) {
+    fn push(&mut self, owner: Owner, mut pending: Pending) -> (SpanId, u64) {
+        // Begun before a loss the agent learnt of while reading the events
+        // that follow it: the lost event may have been its own.
+        pending.lost |= pending.started_ns < self.lost_before_ns;
         let id = self.next;
         self.next += 1;
         let mut evicted = 0;
@@ -585,10 +592,19 @@ impl Spans {
         }
     }
 
-    /// Every span in flight may have lost an event.
-    pub(super) fn mark_all_lost(&mut self) {
+    /// Events stamped before `before_ns` may have been lost: every span in
+    /// flight, and every span yet to come that begins before then (its
+    /// first events may still be on their way, read in the same batch as
+    /// the loss was learnt), may have lost one.
+    pub(super) fn mark_all_lost(&mut self, before_ns: u64) {
+        self.lost_before_ns = self.lost_before_ns.max(before_ns);
         for (_, p) in self.spans.iter_mut() {
             p.lost = true;
+        }
+        for orphans in self.answered_orphans.values_mut() {
+            for o in orphans.iter_mut() {
+                o.pending.lost = true;
+            }
         }
     }
 

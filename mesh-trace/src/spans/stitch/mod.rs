@@ -363,10 +363,14 @@ impl Stitcher {
         }
     }
 
-    /// The kernel could not deliver some events: any request in flight may
-    /// have lost one, so none of them is exported.
-    pub fn events_lost(&mut self) {
-        self.spans.mark_all_lost();
+    /// The kernel could not deliver some events, stamped before `before_ns`
+    /// (when the agent learnt of the loss): any request in flight then may
+    /// have lost one, so none of them is exported, including those whose
+    /// first events come after this call (a request read by a sidecar, its
+    /// forward lost, its answer downstream read in one batch would
+    /// otherwise pass for a local reply).
+    pub fn events_lost(&mut self, before_ns: u64) {
+        self.spans.mark_all_lost(before_ns);
         self.proxies.distrust_all();
         // Any connection's frames may have been among them.
         self.h2.lose_all();
@@ -3041,7 +3045,7 @@ mod tests {
         let mut node = Node::six_sockets();
         let req = request("in-flight");
         node.io(1, APP, DIR_SEND, &req);
-        node.stitcher.events_lost();
+        node.stitcher.events_lost(node.ts_ns);
         node.io(2, OUTBOUND, DIR_RECV, &req);
         for (cookie, tgid, dir, bytes) in [
             (3, OUTBOUND, DIR_SEND, forwarded("in-flight")),
@@ -3063,6 +3067,31 @@ mod tests {
             Some(&1)
         );
         // The next request started after the loss: exact.
+        let t = one_request(&mut node, "next", false);
+        assert_eq!(node.spans.len(), 1);
+        assert_eq!(node.spans[0].moments, t.map(Some));
+    }
+
+    #[test]
+    fn a_loss_learnt_before_the_events_around_it_are_read_withholds_their_requests() {
+        let mut node = Node::six_sockets();
+        // The agent learns of a loss, then reads the events stamped before
+        // it: the sidecar read a request, its forward upstream (and all
+        // that followed) was lost, and it wrote the answer downstream. That
+        // is no local reply.
+        node.stitcher.events_lost(node.ts_ns + 10_000_000);
+        let req = request("forward-lost");
+        node.io(1, APP, DIR_SEND, &req);
+        node.io(2, OUTBOUND, DIR_RECV, &req);
+        node.io(2, OUTBOUND, DIR_SEND, RESPONSE);
+        node.io(1, APP, DIR_RECV, RESPONSE);
+        assert!(node.spans.is_empty(), "{:?}", node.spans);
+        assert_eq!(
+            node.stitcher.unstitched.get(&Unstitched::LostEvent),
+            Some(&1)
+        );
+        // Requests begun after the loss are exact again.
+        node.ts_ns += 10_000_000;
         let t = one_request(&mut node, "next", false);
         assert_eq!(node.spans.len(), 1);
         assert_eq!(node.spans[0].moments, t.map(Some));
