@@ -15,7 +15,10 @@ use mesh_trace::{
     spans::span::{Hop, Span},
 };
 
-use common::truth::{delayed_lab, judge, require_root, truths, BIN, CLIENT, REVIEWS};
+use common::truth::{
+    call_key, delayed_lab, judge, judge_by, require_root, truths, truths_by_call, BIN, CLIENT,
+    REVIEWS,
+};
 
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
@@ -231,6 +234,101 @@ fn hop_latencies_match_the_lab_truth_with_mutual_tls() {
 #[test]
 fn hop_latencies_match_the_lab_truth_with_sidecars_upgrading_to_http2() {
     spans_match_the_truth(false, Http2::BetweenSidecars);
+}
+
+/// An app that propagates the id of the request it serves to every call it
+/// makes for it, at once (Istio asks apps to): the load generator calls
+/// reviews on two paths and details together, the three calls carrying one
+/// `x-request-id`, over the sidecars' pooled connections. Each call is
+/// joined to its own truth by id and path: at least 99.9% are exact, none
+/// holds another call's moments, and every span carries the id.
+fn calls_sharing_one_id_are_each_exact(mtls: bool) {
+    require_root();
+    let lab = Lab::up(&delayed_lab(mtls)).unwrap();
+    let traced = Traced::start(&lab);
+    let load = |requests: u64, records: &std::path::Path| {
+        let requests = requests.to_string();
+        let args = [
+            "--url",
+            "http://reviews:9080/reviews/0",
+            "--also-url",
+            "http://reviews:9080/reviews/top",
+            "--also-url",
+            "http://details:9080/details/0",
+            "--rate",
+            "50",
+            "--requests",
+            &requests,
+        ];
+        lab.load_with(BIN.as_ref(), CLIENT, &args, records)
+    };
+    load(50, &lab.dir.join("warmup.jsonl")).unwrap();
+    let records = lab.dir.join("client.jsonl");
+    let groups = 600u64;
+    let calls = 3 * groups;
+    let summary = load(groups, &records).unwrap();
+    assert_eq!(summary.ok, calls, "{summary:?}");
+    let client: Vec<ClientRecord> = read_records(&records).unwrap();
+    let ids: std::collections::HashSet<&str> =
+        client.iter().map(|c| c.request_id.as_str()).collect();
+    assert_eq!(ids.len() as u64, groups, "three calls per id");
+    let mine = |s: &Span| {
+        s.source_workload == "loadgen" && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
+    };
+    let spans = || -> Vec<Span> {
+        (traced.spans.lock().unwrap().iter())
+            .filter(|s| mine(s))
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (spans().len() as u64) < calls && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spans = spans();
+    let mut pods: Vec<&str> = REVIEWS.to_vec();
+    pods.push("details-v1");
+    let truth = truths_by_call(&lab, &client, &pods);
+    let key = |s: &Span| Some(call_key(s.request_id.as_deref()?, &s.path));
+    let mut per_call: HashMap<String, usize> = HashMap::new();
+    for s in &spans {
+        *per_call.entry(key(s).unwrap()).or_default() += 1;
+    }
+    let judged = judge_by(&spans, &truth, key);
+    eprintln!(
+        "{} calls sharing {} ids, {} with a truth; {} spans, {} exact to 0.5 ms ({} only within \
+         their moments' bounds), {} wrong; unstitched {:?}",
+        calls,
+        groups,
+        truth.len(),
+        judged.compared,
+        judged.exact,
+        judged.exact_by_bounds,
+        judged.wrong.len(),
+        traced.unstitched()
+    );
+    assert!(per_call.values().all(|&n| n == 1), "a call with two spans");
+    assert!(
+        truth.len() as f64 >= 0.999 * calls as f64,
+        "the lab's records hold {} of {calls} calls",
+        truth.len()
+    );
+    assert!(
+        judged.wrong.is_empty(),
+        "spans holding another call's moments: {:?}",
+        &judged.wrong[..judged.wrong.len().min(5)]
+    );
+    judged.assert_nearly_all_exact(calls, "calls sharing one id");
+}
+
+#[test]
+fn concurrent_calls_sharing_one_propagated_id_are_each_exact() {
+    calls_sharing_one_id_are_each_exact(false);
+}
+
+#[test]
+fn concurrent_calls_sharing_one_propagated_id_are_each_exact_with_mutual_tls() {
+    calls_sharing_one_id_are_each_exact(true);
 }
 
 #[test]

@@ -60,6 +60,12 @@ pub struct LoadOptions {
     /// anything that reads their heads.
     #[arg(long, conflicts_with_all = ["no_request_id", "grpc"])]
     pub client_id_in_body: bool,
+    /// Also call this URL (repeatable) at the same moment as `--url`, with
+    /// the same `x-request-id`: as an app propagates the id of the request
+    /// it serves to every call it makes for it (Istio asks apps to). Each
+    /// call is recorded on its own, with its URL.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["no_request_id", "client_id_in_body", "grpc"])]
+    pub also_url: Vec<String>,
     /// The share of requests (0 to 1, spread evenly) that carry a W3C
     /// `traceparent` with a new trace id and span id, as an app
     /// instrumented with OpenTelemetry sends.
@@ -151,7 +157,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
                     break;
                 }
                 let s = shared.clone();
-                tasks.spawn(async move { vec![s.one().await] });
+                tasks.spawn(async move { s.one().await });
                 // Finished requests leave the set as they go: an hour at
                 // thousands a second would otherwise hold every task.
                 while let Some(done) = tasks.try_join_next() {
@@ -171,7 +177,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
                         if deadline.is_some_and(|d| Instant::now() >= d) {
                             break;
                         }
-                        out.push(s.one().await);
+                        out.extend(s.one().await);
                     }
                     out
                 });
@@ -188,7 +194,9 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
 type Outcome = (Duration, u16, Option<String>);
 
 impl Shared {
-    async fn one(&self) -> Outcome {
+    /// One request: to `--url`, and to each `--also-url` at once with the
+    /// same id.
+    async fn one(self: &Arc<Self>) -> Vec<Outcome> {
         let id = uuid::Uuid::new_v4().to_string();
         let k = self
             .started
@@ -197,8 +205,26 @@ impl Shared {
         let traceparent = ((k + 1.0) * share).floor() > (k * share).floor();
         let traceparent = traceparent.then(new_traceparent);
         if let Some(kind) = self.opts.grpc {
-            return self.call_grpc(kind, id, traceparent).await;
+            return vec![self.call_grpc(kind, id, traceparent).await];
         }
+        if self.opts.also_url.is_empty() {
+            return vec![self.fetch(&self.opts.url, id, traceparent).await];
+        }
+        let mut calls = JoinSet::new();
+        for url in std::iter::once(&self.opts.url).chain(&self.opts.also_url) {
+            let (s, url, id, tp) = (self.clone(), url.clone(), id.clone(), traceparent.clone());
+            calls.spawn(async move { s.fetch(&url, id, tp).await });
+        }
+        let mut out = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            // A call that panicked has no outcome to report.
+            out.extend(done.ok());
+        }
+        out
+    }
+
+    /// One HTTP request to `url` with id `id`, recorded.
+    async fn fetch(&self, url: &str, id: String, traceparent: Option<String>) -> Outcome {
         let t0 = Instant::now();
         let t_start_ns = mono_ns();
         let result = async {
@@ -207,7 +233,7 @@ impl Shared {
             } else {
                 REQUEST_ID
             };
-            let req = http_client::request_to(&self.opts.url, &self.resolve)?;
+            let req = http_client::request_to(url, &self.resolve)?;
             let (mut req, body) = if self.opts.client_id_in_body {
                 let req = req
                     .method(hyper::Method::POST)
@@ -245,7 +271,7 @@ impl Shared {
         };
         let rec = ClientRecord {
             request_id: id,
-            url: self.opts.url.clone(),
+            url: url.to_owned(),
             status,
             error,
             served_by,

@@ -10,7 +10,10 @@ use mesh_trace::{
         records::{read_records, AppRecord, ClientRecord, Direction, ProxyRecord},
         topology::{Lab, LabOptions, Sidecar},
     },
-    spans::span::{Hop, Span},
+    spans::{
+        http::template_path,
+        span::{Hop, Span},
+    },
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mesh-trace");
@@ -147,6 +150,16 @@ pub fn outside((lo, hi): (u64, u64), v: u64) -> u64 {
 }
 
 pub fn judge(spans: &[Span], truth: &HashMap<String, Truth>) -> Judged {
+    judge_by(spans, truth, |s| s.request_id.clone())
+}
+
+/// [`judge`], each span joined to the truth under `key` (see
+/// [`truths_by_call`]).
+pub fn judge_by(
+    spans: &[Span],
+    truth: &HashMap<String, Truth>,
+    key: impl Fn(&Span) -> Option<String>,
+) -> Judged {
     let mut j = Judged {
         exact: 0,
         exact_by_bounds: 0,
@@ -155,7 +168,7 @@ pub fn judge(spans: &[Span], truth: &HashMap<String, Truth>) -> Judged {
         compared: 0,
     };
     for s in spans {
-        let Some(t) = s.request_id.as_ref().and_then(|id| truth.get(id)) else {
+        let Some(t) = key(s).and_then(|k| truth.get(&k)) else {
             continue;
         };
         j.compared += 1;
@@ -303,83 +316,151 @@ pub fn truths(lab: &Lab, client: &[ClientRecord]) -> HashMap<String, Truth> {
                 inbound.get(&c.request_id)?,
                 apps.get(&c.request_id)?,
             );
-            let legs: [(Hop, &[(u64, u64)]); 8] = [
-                (
-                    Hop::ClientToOutbound,
-                    &[
-                        (c.t_write_ns, o.t_downstream_read_ns),
-                        (o.t_downstream_write_ns, c.t_read_ns),
-                    ],
-                ),
-                (
-                    Hop::OutboundProxy,
-                    &[
-                        (o.t_downstream_read_ns, o.t_upstream_write_ns),
-                        (o.t_upstream_read_ns, o.t_downstream_write_ns),
-                    ],
-                ),
-                (
-                    Hop::Network,
-                    &[
-                        (o.t_upstream_write_ns, i.t_downstream_read_ns),
-                        (i.t_downstream_write_ns, o.t_upstream_read_ns),
-                    ],
-                ),
-                (
-                    Hop::InboundProxy,
-                    &[
-                        (i.t_downstream_read_ns, i.t_upstream_write_ns),
-                        (i.t_upstream_read_ns, i.t_downstream_write_ns),
-                    ],
-                ),
-                (
-                    Hop::InboundToApp,
-                    &[
-                        (i.t_upstream_write_ns, a.t_read_ns),
-                        (a.t_write_ns, i.t_upstream_read_ns),
-                    ],
-                ),
-                (Hop::App, &[(a.t_read_ns, a.t_write_ns)]),
-                (
-                    Hop::Upstream,
-                    &[(o.t_upstream_write_ns, o.t_upstream_read_ns)],
-                ),
-                (
-                    Hop::ServerSide,
-                    &[(i.t_downstream_read_ns, i.t_downstream_write_ns)],
-                ),
-            ];
-            let mut hops = HashMap::new();
-            let mut ranges = HashMap::new();
-            for (hop, legs) in legs {
-                let (point, range) = hop_of(&bounds, legs);
-                hops.insert(hop, point);
-                ranges.insert(hop, range);
-            }
-            Some((
-                c.request_id.clone(),
-                Truth {
-                    total_ns: c.t_end_ns.saturating_sub(c.t_start_ns),
-                    hops,
-                    ranges,
-                    moments: [
-                        c.t_write_ns,
-                        o.t_downstream_read_ns,
-                        o.t_upstream_write_ns,
-                        i.t_downstream_read_ns,
-                        i.t_upstream_write_ns,
-                        a.t_read_ns,
-                        a.t_write_ns,
-                        i.t_upstream_read_ns,
-                        i.t_downstream_write_ns,
-                        o.t_upstream_read_ns,
-                        o.t_downstream_write_ns,
-                        c.t_read_ns,
-                    ],
-                },
-            ))
+            Some((c.request_id.clone(), truth_of(&bounds, c, o, i, a)))
         })
         .collect()
+}
+
+/// Where calls share one `x-request-id` (`lab load --also-url`): a call's
+/// id and its path as a span shows it (templated).
+pub fn call_key(request_id: &str, path: &str) -> String {
+    format!("{request_id} {}", template_path(path))
+}
+
+/// Each call's truth where calls share ids, keyed by [`call_key`]: the
+/// client's calls served by `pods`. Calls whose keys are alike are left
+/// out (nothing tells their records apart).
+pub fn truths_by_call(lab: &Lab, client: &[ClientRecord], pods: &[&str]) -> HashMap<String, Truth> {
+    fn keyed<T>(recs: impl IntoIterator<Item = (Option<String>, String, T)>) -> HashMap<String, T> {
+        let mut out = HashMap::new();
+        let mut twice = std::collections::HashSet::new();
+        for (id, path, r) in recs {
+            let Some(id) = id else { continue };
+            let k = call_key(&id, &path);
+            if out.insert(k.clone(), r).is_some() {
+                twice.insert(k);
+            }
+        }
+        out.retain(|k, _| !twice.contains(k));
+        out
+    }
+    let proxy = |pod: &str, dir: Direction| {
+        read_records::<ProxyRecord>(&lab.proxy_log(pod))
+            .unwrap()
+            .into_iter()
+            .filter(move |r| r.direction == dir)
+            .map(|r| (r.request_id.clone(), r.path.clone().unwrap_or_default(), r))
+    };
+    let outbound = keyed(proxy(CLIENT, Direction::Outbound));
+    let inbound = keyed(pods.iter().flat_map(|p| proxy(p, Direction::Inbound)));
+    let apps = keyed(pods.iter().flat_map(|p| {
+        read_records::<AppRecord>(&lab.app_log(p))
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.request_id.clone(), a.path.clone(), a))
+    }));
+    let clients = keyed(client.iter().map(|c| {
+        let path = c.url.splitn(4, '/').nth(3).unwrap_or_default();
+        (Some(c.request_id.clone()), format!("/{path}"), c)
+    }));
+    let bounds = moment_bounds(lab);
+    clients
+        .into_iter()
+        .filter(|(_, c)| c.t_write_ns != 0 && c.t_read_ns != 0)
+        .filter_map(|(k, c)| {
+            let t = truth_of(
+                &bounds,
+                c,
+                outbound.get(&k)?,
+                inbound.get(&k)?,
+                apps.get(&k)?,
+            );
+            Some((k, t))
+        })
+        .collect()
+}
+
+/// One request's truth from the records of the client, the sidecars and
+/// the app it crossed.
+fn truth_of(
+    bounds: &HashMap<u64, (u64, u64)>,
+    c: &ClientRecord,
+    o: &ProxyRecord,
+    i: &ProxyRecord,
+    a: &AppRecord,
+) -> Truth {
+    let legs: [(Hop, &[(u64, u64)]); 8] = [
+        (
+            Hop::ClientToOutbound,
+            &[
+                (c.t_write_ns, o.t_downstream_read_ns),
+                (o.t_downstream_write_ns, c.t_read_ns),
+            ],
+        ),
+        (
+            Hop::OutboundProxy,
+            &[
+                (o.t_downstream_read_ns, o.t_upstream_write_ns),
+                (o.t_upstream_read_ns, o.t_downstream_write_ns),
+            ],
+        ),
+        (
+            Hop::Network,
+            &[
+                (o.t_upstream_write_ns, i.t_downstream_read_ns),
+                (i.t_downstream_write_ns, o.t_upstream_read_ns),
+            ],
+        ),
+        (
+            Hop::InboundProxy,
+            &[
+                (i.t_downstream_read_ns, i.t_upstream_write_ns),
+                (i.t_upstream_read_ns, i.t_downstream_write_ns),
+            ],
+        ),
+        (
+            Hop::InboundToApp,
+            &[
+                (i.t_upstream_write_ns, a.t_read_ns),
+                (a.t_write_ns, i.t_upstream_read_ns),
+            ],
+        ),
+        (Hop::App, &[(a.t_read_ns, a.t_write_ns)]),
+        (
+            Hop::Upstream,
+            &[(o.t_upstream_write_ns, o.t_upstream_read_ns)],
+        ),
+        (
+            Hop::ServerSide,
+            &[(i.t_downstream_read_ns, i.t_downstream_write_ns)],
+        ),
+    ];
+    let mut hops = HashMap::new();
+    let mut ranges = HashMap::new();
+    for (hop, legs) in legs {
+        let (point, range) = hop_of(bounds, legs);
+        hops.insert(hop, point);
+        ranges.insert(hop, range);
+    }
+    Truth {
+        total_ns: c.t_end_ns.saturating_sub(c.t_start_ns),
+        hops,
+        ranges,
+        moments: [
+            c.t_write_ns,
+            o.t_downstream_read_ns,
+            o.t_upstream_write_ns,
+            i.t_downstream_read_ns,
+            i.t_upstream_write_ns,
+            a.t_read_ns,
+            a.t_write_ns,
+            i.t_upstream_read_ns,
+            i.t_downstream_write_ns,
+            o.t_upstream_read_ns,
+            o.t_downstream_write_ns,
+            c.t_read_ns,
+        ],
+    }
 }
 
 /// The Bookinfo client's load on reviews, 50 requests/s until killed,
