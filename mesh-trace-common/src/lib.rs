@@ -35,6 +35,7 @@ pub mod names {
     pub const MESHED_NETNS: &str = "MESHED_NETNS";
     pub const NETNS_SPENT: &str = "NETNS_SPENT";
     pub const PREFIX_LEN: &str = "PREFIX_LEN";
+    pub const HEAD_LEN: &str = "HEAD_LEN";
     pub const BATCH: &str = "BATCH";
     pub const FLUSH: &str = "mt_flush";
     pub const SSL_WRITE: &str = "mt_ssl_write";
@@ -306,8 +307,10 @@ pub struct TrackedSock {
     pub _pad: u32,
 }
 
-/// Most payload bytes a [`DataEvent`] carries; the agent may ask for fewer.
-pub const DATA_PREFIX_MAX: usize = 256;
+/// Most payload bytes a [`DataEvent`] carries: the bytes of an HTTP/1.x
+/// request head (sidecars' heads between them run past a kilobyte); other
+/// bytes get the shorter prefix the agent asks for.
+pub const DATA_PREFIX_MAX: usize = 2048;
 /// [`DataEvent::direction`] values.
 pub const DIR_SEND: u32 = 0;
 pub const DIR_RECV: u32 = 1;

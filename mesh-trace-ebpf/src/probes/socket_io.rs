@@ -42,6 +42,76 @@ use crate::maps::{
 #[no_mangle]
 pub(crate) static PREFIX_LEN: u32 = 128;
 
+/// Payload bytes to copy when they begin an HTTP/1.x request (its head's
+/// lines identify it inside a sidecar; sidecars write a kilobyte and more
+/// of their own), set by the agent (at most DATA_PREFIX_MAX; at most
+/// PREFIX_LEN turns it off).
+#[no_mangle]
+pub(crate) static HEAD_LEN: u32 = 0;
+
+/// Copies into `ev` the first bytes of the `len` at user address `buf`:
+/// [`PREFIX_LEN`] of them, or [`HEAD_LEN`] when they begin a request.
+///
+/// # Safety
+/// `ev` points at writable memory of `DataEvent`'s size.
+#[inline(always)]
+pub(crate) unsafe fn read_prefix(ev: *mut DataEvent, buf: u64, len: u64) {
+    (*ev).prefix_len = 0;
+    if buf == 0 {
+        return;
+    }
+    let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
+    let mut n = if len < want { len } else { want };
+    // The verifier needs the bound spelled out.
+    if n > DATA_PREFIX_MAX as u64 {
+        n = DATA_PREFIX_MAX as u64;
+    }
+    if n == 0
+        || bpf_probe_read_user(
+            (*ev).prefix.as_mut_ptr() as *mut c_void,
+            n as u32,
+            buf as *const c_void,
+        ) != 0
+    {
+        return;
+    }
+    (*ev).prefix_len = n as u32;
+    let head = core::ptr::read_volatile(&HEAD_LEN) as u64;
+    if head <= n || len <= n || n < 4 || !begins_request(&(*ev).prefix) {
+        return;
+    }
+    let mut m = if len < head { len } else { head };
+    if m > DATA_PREFIX_MAX as u64 {
+        m = DATA_PREFIX_MAX as u64;
+    }
+    if m > 0
+        && bpf_probe_read_user(
+            (*ev).prefix.as_mut_ptr() as *mut c_void,
+            m as u32,
+            buf as *const c_void,
+        ) == 0
+    {
+        (*ev).prefix_len = m as u32;
+    }
+}
+
+/// Whether `prefix` (4 bytes at least) begins an HTTP/1.x request line.
+#[inline(always)]
+fn begins_request(prefix: &[u8; DATA_PREFIX_MAX]) -> bool {
+    let first = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    const METHODS: [&[u8; 4]; 9] = [
+        b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"PATC", b"OPTI", b"CONN", b"TRAC",
+    ];
+    let mut i = 0;
+    while i < METHODS.len() {
+        if first == u32::from_le_bytes(*METHODS[i]) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// 1 when the agent loaded the TLS plaintext probes: I/O inside a TLS
 /// call is then noted for them (a hash lookup per call).
 #[no_mangle]
@@ -370,27 +440,8 @@ unsafe fn fill(
     (*ev).len = len as u32;
     (*ev).direction = direction;
     (*ev).opposite_seq = opposite;
-    (*ev).prefix_len = 0;
     let (buf, room) = user_buffer();
-    let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
-    let mut n = if len < want { len } else { want };
-    if n > room {
-        n = room;
-    }
-    // The verifier needs the bound spelled out.
-    if n > DATA_PREFIX_MAX as u64 {
-        n = DATA_PREFIX_MAX as u64;
-    }
-    if n > 0
-        && buf != 0
-        && bpf_probe_read_user(
-            (*ev).prefix.as_mut_ptr() as *mut c_void,
-            n as u32,
-            buf as *const c_void,
-        ) == 0
-    {
-        (*ev).prefix_len = n as u32;
-    }
+    read_prefix(ev, buf, if len < room { len } else { room });
 }
 
 /// The current syscall's user buffer and its size, from the task's saved

@@ -25,12 +25,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use mesh_trace_common::{
-    syscall_abi::BufferArg, DataEvent, EventKind, LossReason, TlsCall, TlsH2, DATA_PREFIX_MAX,
-    DIR_RECV, DIR_SEND, DIR_TLS_NO_SEQ, DIR_TLS_PLAINTEXT, H2_DIR_WALKING, H2_IN_TLS,
-    TLS_CALLS_MAX, TLS_H2_MAX, TLS_SESSIONS_MAX,
+    syscall_abi::BufferArg, DataEvent, EventKind, LossReason, TlsCall, TlsH2, DIR_RECV, DIR_SEND,
+    DIR_TLS_NO_SEQ, DIR_TLS_PLAINTEXT, H2_DIR_WALKING, H2_IN_TLS, TLS_CALLS_MAX, TLS_H2_MAX,
+    TLS_SESSIONS_MAX,
 };
 
-use super::socket_io::PREFIX_LEN;
+use super::socket_io::read_prefix;
 use crate::maps::{count_loss, header_at, wakeup_flags, EVENTS};
 
 /// The TLS call each thread is in, by `pid_tgid` (LRU: a thread that died
@@ -197,21 +197,7 @@ fn leave(ctx: &RetProbeContext) {
         (*ev).len = moved as u32;
         (*ev).direction = call.direction | flags;
         (*ev).opposite_seq = call.first_seq;
-        (*ev).prefix_len = 0;
-        let want = core::ptr::read_volatile(&PREFIX_LEN) as u64;
-        let mut n = if moved < want { moved } else { want };
-        if n > DATA_PREFIX_MAX as u64 {
-            n = DATA_PREFIX_MAX as u64;
-        }
-        if n > 0
-            && bpf_probe_read_user(
-                (*ev).prefix.as_mut_ptr() as *mut c_void,
-                n as u32,
-                call.buf as *const c_void,
-            ) == 0
-        {
-            (*ev).prefix_len = n as u32;
-        }
+        read_prefix(ev, call.buf, moved);
     }
     slot.submit(wakeup_flags());
 }

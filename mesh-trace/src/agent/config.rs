@@ -38,6 +38,8 @@ pub struct ConfigFile {
     /// Data events one pod's network namespace may send per CPU per
     /// second (0: no limit).
     pub netns_events_per_s: Option<u32>,
+    /// Bytes captured of a send or receive that begins an HTTP/1.x request.
+    pub request_head_bytes: Option<u32>,
     /// Read the plaintext of TLS calls in traced processes (uprobes on
     /// `SSL_write`/`SSL_read`); default true.
     pub tls_plaintext: Option<bool>,
@@ -56,6 +58,8 @@ pub enum ConfigError {
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("invalid request_head_bytes {0}: at most 2048 bytes of a request head are captured")]
+    RequestHeadBytes(u32),
     #[error("invalid ring_buffer_bytes {0}: must be a power of two of at least 4096")]
     RingBufferSize(u32),
 }
@@ -75,6 +79,14 @@ impl ConfigFile {
 }
 
 /// Validates a ring buffer size the way the kernel will.
+/// `request_head_bytes` must fit a data event's payload.
+pub fn check_request_head_bytes(n: u32) -> Result<u32, ConfigError> {
+    if n as usize > mesh_trace_common::DATA_PREFIX_MAX {
+        return Err(ConfigError::RequestHeadBytes(n));
+    }
+    Ok(n)
+}
+
 pub fn check_ring_buffer_bytes(n: u32) -> Result<u32, ConfigError> {
     if n >= 4096 && n.is_power_of_two() {
         Ok(n)

@@ -311,6 +311,7 @@ pub async fn agent_with_spans(
         noop: settings.noop,
         batch_events: settings.batch_events,
         netns_events_per_s: settings.netns_events_per_s,
+        head_len: settings.request_head_bytes,
         tls_plaintext: settings.tls_plaintext,
         ..TracerOptions::new(settings.cgroup.clone())
     })?;

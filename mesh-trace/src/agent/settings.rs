@@ -43,6 +43,8 @@ pub struct Settings {
     /// Data events one network namespace may send per CPU per second
     /// (0: no limit).
     pub netns_events_per_s: u32,
+    /// Bytes captured of a send or receive that begins an HTTP/1.x request.
+    pub request_head_bytes: u32,
     /// Uprobes on the TLS libraries of traced processes, for the plaintext
     /// of requests behind mutual TLS.
     pub tls_plaintext: bool,
@@ -72,6 +74,7 @@ impl Settings {
             noop: false,
             batch_events: true,
             netns_events_per_s: crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S,
+            request_head_bytes: crate::kernel::tracer::DEFAULT_HEAD_LEN,
             tls_plaintext: true,
             stats_access: StatsAccess::LoopbackOnly,
             otlp_endpoint: None,

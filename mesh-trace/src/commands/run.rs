@@ -72,6 +72,13 @@ pub struct RunArgs {
     /// limit [default: 100000].
     #[arg(long, value_name = "N")]
     pub netns_events_per_s: Option<u32>,
+    /// Bytes captured of a send or receive that begins an HTTP/1.x request
+    /// (other bytes: the first 192): the head's lines tell requests apart
+    /// inside sidecars, and sidecars write a kilobyte and more of their own
+    /// (Istio's peer metadata) before those. At most 2048; 0 captures
+    /// request heads like other bytes [default: 2048].
+    #[arg(long, value_name = "BYTES")]
+    pub request_head_bytes: Option<u32>,
     /// Set no uprobes on the TLS libraries of traced processes. Without
     /// them, requests behind mutual TLS are matched inside sidecars without
     /// their plaintext, and more are counted ambiguous; with them, every
@@ -106,6 +113,12 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
         .or(file.ring_buffer_bytes)
         .unwrap_or_else(config::default_ring_buffer_bytes);
     let ring_buffer_bytes = config::check_ring_buffer_bytes(ring).map_err(Failure::usage)?;
+    let request_head_bytes = config::check_request_head_bytes(
+        args.request_head_bytes
+            .or(file.request_head_bytes)
+            .unwrap_or(crate::kernel::tracer::DEFAULT_HEAD_LEN),
+    )
+    .map_err(Failure::usage)?;
     let cgroup = match args.cgroup.clone().or(file.cgroup.clone()) {
             Some(c) => c,
             None => sysfs::cgroup2_root()
@@ -165,6 +178,7 @@ pub fn settings(args: &RunArgs) -> Result<Settings, Failure> {
             .netns_events_per_s
             .or(file.netns_events_per_s)
             .unwrap_or(crate::kernel::tracer::DEFAULT_NETNS_EVENTS_PER_S),
+        request_head_bytes,
         tls_plaintext: !args.no_tls_plaintext && file.tls_plaintext != Some(false),
         stats_access: if args.stats_from_anywhere || file.stats_from_anywhere == Some(true) {
             StatsAccess::Anyone

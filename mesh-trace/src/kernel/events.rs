@@ -99,19 +99,26 @@ fn decode_data_entry(entry: &[u8]) -> Result<Event, DecodeError> {
             want,
         });
     }
-    let mut full = [0u8; size_of::<DataEvent>()];
-    full[..entry.len()].copy_from_slice(entry);
-    match Event::decode(&full)? {
-        Event::Data(d) if d.prefix_len as usize <= entry.len() - DATA_FIXED_LEN => {
-            Ok(Event::Data(d))
-        }
-        Event::Data(_) => Err(DecodeError::WrongSize {
+    // Straight into a zeroed box: the struct holds a request head's worth
+    // of payload, most entries a fraction of it.
+    let mut full = Box::<DataEvent>::new_zeroed();
+    // SAFETY: `entry` is at most the struct's size; DataEvent is
+    // plain-old-data, valid for any bytes, and zeroed past the entry.
+    let d = unsafe {
+        std::ptr::copy_nonoverlapping(entry.as_ptr(), full.as_mut_ptr().cast::<u8>(), entry.len());
+        full.assume_init()
+    };
+    if d.header.kind != EventKind::Data as u32 {
+        return Err(DecodeError::UnknownKind(d.header.kind));
+    }
+    if d.prefix_len as usize > entry.len() - DATA_FIXED_LEN {
+        return Err(DecodeError::WrongSize {
             kind: EventKind::Data,
             len: entry.len(),
             want,
-        }),
-        other => Err(DecodeError::UnknownKind(other.kind() as u32)),
+        });
     }
+    Ok(Event::Data(d))
 }
 
 fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {

@@ -36,6 +36,9 @@ pub struct TracerOptions {
     pub cgroup: PathBuf,
     /// Payload bytes copied per send/receive in meshed namespaces.
     pub prefix_len: u32,
+    /// Payload bytes copied of a send/receive that begins an HTTP/1.x
+    /// request (at most `prefix_len` turns it off).
+    pub head_len: u32,
     /// Attach every program but make each return at once: the cost of the
     /// hooks alone, for benchmarks.
     pub noop: bool,
@@ -66,6 +69,10 @@ pub const RING_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 /// Default payload prefix: a request line, Host and x-request-id fit.
 pub const DEFAULT_PREFIX_LEN: u32 = 192;
 
+/// Default capture of request heads: a sidecar's between sidecars, with
+/// Istio's peer metadata (a kilobyte and more), fits.
+pub const DEFAULT_HEAD_LEN: u32 = mesh_trace_common::DATA_PREFIX_MAX as u32;
+
 impl TracerOptions {
     /// Defaults for everything but the cgroup.
     pub fn new(cgroup: PathBuf) -> TracerOptions {
@@ -73,6 +80,7 @@ impl TracerOptions {
             ring_buffer_bytes: DEFAULT_RING_BUFFER_BYTES,
             cgroup,
             prefix_len: DEFAULT_PREFIX_LEN,
+            head_len: DEFAULT_HEAD_LEN,
             noop: false,
             wakeup_bytes: u64::from(DEFAULT_RING_BUFFER_BYTES / 8),
             batch_events: true,
@@ -136,6 +144,12 @@ impl Tracer {
         }
         let obj = objects::require(objects::TRACER)?;
         anyhow::ensure!(
+            opts.head_len as usize <= mesh_trace_common::DATA_PREFIX_MAX,
+            "request heads of {} bytes: at most {} are captured",
+            opts.head_len,
+            mesh_trace_common::DATA_PREFIX_MAX
+        );
+        anyhow::ensure!(
             opts.prefix_len as usize <= mesh_trace_common::DATA_PREFIX_MAX,
             "payload prefix of {} bytes: at most {} are supported",
             opts.prefix_len,
@@ -147,6 +161,7 @@ impl Tracer {
         super::events::learn_reset_reasons(&kernel_btf);
         let mut ebpf = EbpfLoader::new()
             .override_global(names::PREFIX_LEN, &opts.prefix_len, true)
+            .override_global(names::HEAD_LEN, &opts.head_len, true)
             .override_global("OFF_WRITE_SEQ", &tcp.write_seq, true)
             .override_global("OFF_COPIED_SEQ", &tcp.copied_seq, true)
             .override_global("OFF_RCV_NXT", &tcp.rcv_nxt, true)

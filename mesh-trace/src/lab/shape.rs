@@ -63,6 +63,11 @@ pub struct LabShape {
     /// The node (1-based) a pod runs on, as POD=NODE (repeatable).
     #[arg(long, value_name = "POD=NODE")]
     pub place: Vec<String>,
+    /// Bytes of peer metadata the lab's own sidecars put before a request's
+    /// header lines between them, as Istio's Envoy does (often over a
+    /// kilobyte); the inbound sidecar removes it before the app.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    pub peer_metadata_bytes: usize,
 }
 
 impl LabShape {
@@ -73,6 +78,7 @@ impl LabShape {
         opts.delay_inbound_ms = self.delay_inbound_ms;
         opts.error_rate = parse_pod_values(&self.error_rate)?;
         opts.mtls = self.mtls;
+        opts.peer_metadata_bytes = self.peer_metadata_bytes;
         opts.sidecar = match self.sidecar {
             SidecarKind::Lab => Sidecar::Lab,
             SidecarKind::Haproxy => Sidecar::Haproxy {

@@ -95,6 +95,9 @@ pub struct LabOptions {
     pub impairments: BTreeMap<String, Impairment>,
     /// Nodes the pods are spread over (see [`LabNode`]).
     pub nodes: usize,
+    /// Bytes of peer metadata the lab's sidecars put before a request's own
+    /// header lines between them (0: none); see `lab proxy --peer-metadata-bytes`.
+    pub peer_metadata_bytes: usize,
     /// Per pod: the node (0-based) it runs on; the others are dealt out
     /// in turn.
     pub placement: BTreeMap<String, usize>,
@@ -130,6 +133,7 @@ impl LabOptions {
             service_time_choices_ms: BTreeMap::new(),
             impairments: BTreeMap::new(),
             nodes: 1,
+            peer_metadata_bytes: 0,
             placement: BTreeMap::new(),
         })
     }
@@ -487,7 +491,11 @@ impl Lab {
                     .arg(self.proxy_log(&spec.name))
                     .args(["--delay-outbound-ms", &opts.delay_outbound_ms.to_string()])
                     .args(["--delay-inbound-ms", &opts.delay_inbound_ms.to_string()])
-                    .args(["--drain-ms", &opts.drain_ms.to_string()]);
+                    .args(["--drain-ms", &opts.drain_ms.to_string()])
+                    .args([
+                        "--peer-metadata-bytes",
+                        &opts.peer_metadata_bytes.to_string(),
+                    ]);
                 if let Some(p) = opts.policy {
                     c.args(["--outbound-traffic-policy", policy_arg(p)]);
                 }

@@ -93,6 +93,13 @@ pub struct ProxyOptions {
     /// `<pod>.pem` and `<pod>-key.pem` (see `lab::mtls`). Plaintext without it.
     #[arg(long, value_name = "DIR")]
     pub mtls_dir: Option<PathBuf>,
+    /// On requests to other sidecars, `x-envoy-peer-metadata-id` and this
+    /// many bytes of base64 in `x-envoy-peer-metadata` before the
+    /// request's own header lines (Istio's Envoy sends its peer's labels
+    /// so, often over a kilobyte); the inbound side removes both before
+    /// the app. 0: none.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    pub peer_metadata_bytes: usize,
 }
 
 /// Runs the sidecar until SIGTERM or SIGINT, then drains for `drain_ms`.
@@ -170,6 +177,8 @@ struct Proxy {
     inbound_tls: Option<Arc<openssl::ssl::SslAcceptor>>,
     delay_outbound: Duration,
     delay_inbound: Duration,
+    /// Headers put first on requests to other sidecars.
+    peer_metadata: Option<routing::PeerMetadata>,
     original_dst: DstLookup,
     /// HTTP records waiting for their response to be written downstream;
     /// finished ones are reaped as new ones come, the rest awaited at exit.
@@ -219,6 +228,7 @@ impl Proxy {
             inbound_tls,
             delay_outbound: delay(opts.delay_outbound_ms).context("--delay-outbound-ms")?,
             delay_inbound: delay(opts.delay_inbound_ms).context("--delay-inbound-ms")?,
+            peer_metadata: routing::PeerMetadata::of(&opts.pod, opts.peer_metadata_bytes),
             original_dst,
             pending_records: std::sync::Mutex::new(JoinSet::new()),
         })
@@ -356,6 +366,7 @@ mod tests {
                 drain_ms: 2_000,
                 http2,
                 mtls_dir,
+                peer_metadata_bytes: 0,
             };
             let lookup: DstLookup = Arc::new(move |_, d| Ok(lookup(d)));
             let proxy = Proxy::new(config(inbound), &opts, lookup).expect("proxy");

@@ -28,6 +28,53 @@ use crate::lab::{
 };
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
+const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
+
+/// The peer metadata a sidecar sends other sidecars, as Istio's Envoy
+/// does: its node id, and its labels as base64 (here filler of the size
+/// asked for).
+pub(super) struct PeerMetadata {
+    id: HeaderValue,
+    labels: HeaderValue,
+}
+
+impl PeerMetadata {
+    /// `bytes` of metadata for `pod`'s sidecar; None for 0.
+    pub(super) fn of(pod: &str, bytes: usize) -> Option<PeerMetadata> {
+        if bytes == 0 {
+            return None;
+        }
+        const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let labels: String = (0..bytes)
+            .map(|i| char::from(B64[(i * 7 + pod.len()) % B64.len()]))
+            .collect();
+        Some(PeerMetadata {
+            id: HeaderValue::from_str(&format!(
+                "sidecar~10.0.0.1~{pod}.default~default.svc.cluster.local"
+            ))
+            .ok()?,
+            labels: HeaderValue::from_str(&labels).ok()?,
+        })
+    }
+
+    /// Puts both lines before every other line of `headers`.
+    pub(super) fn put_first(&self, headers: &mut HeaderMap) {
+        let rest = std::mem::take(headers);
+        headers.insert(PEER_METADATA_ID, self.id.clone());
+        headers.insert(PEER_METADATA, self.labels.clone());
+        let mut last = None;
+        for (name, value) in rest {
+            // `None`: another value of the name before.
+            if let Some(n) = name {
+                last = Some(n);
+            }
+            if let Some(n) = &last {
+                headers.append(n.clone(), value);
+            }
+        }
+    }
+}
 
 impl Proxy {
     /// One downstream request: route, forward, answer, write the record
@@ -71,7 +118,7 @@ impl Proxy {
         &self,
         conn: &Conn,
         rec: &mut ProxyRecord,
-        parts: Parts,
+        mut parts: Parts,
         body: Incoming,
     ) -> (Response<ProxyBody>, Option<UpstreamStream>) {
         let host = routing_host(&parts.headers, conn.original_dst);
@@ -94,6 +141,9 @@ impl Proxy {
             } => (endpoints, retry, mesh),
             Action::Reply(status, text) => return (local_reply(status, text), None),
         };
+        if let (true, Some(m)) = (mesh, &self.peer_metadata) {
+            m.put_first(&mut parts.headers);
+        }
         let upstream = Upstream {
             client: self.outbound_client(mesh),
             endpoints: &endpoints,
@@ -107,9 +157,12 @@ impl Proxy {
         &self,
         conn: &Conn,
         rec: &mut ProxyRecord,
-        parts: Parts,
+        mut parts: Parts,
         body: Incoming,
     ) -> (Response<ProxyBody>, Option<UpstreamStream>) {
+        // Istio's inbound sidecar keeps its peer's metadata to itself.
+        parts.headers.remove(PEER_METADATA_ID);
+        parts.headers.remove(PEER_METADATA);
         let port = conn.original_dst.port();
         rec.route = format!("inbound|http|{port}");
         rec.cluster = format!("inbound|{port}||");
@@ -382,6 +435,31 @@ mod tests {
             deny.action,
             Action::Reply(StatusCode::BAD_GATEWAY, _)
         ));
+    }
+
+    #[test]
+    fn peer_metadata_goes_before_the_request_s_own_lines() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("reviews:9080"));
+        headers.insert(REQUEST_ID, HeaderValue::from_static("abc"));
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        let m = PeerMetadata::of("productpage-v1", 1200).unwrap();
+        m.put_first(&mut headers);
+        let names: Vec<&str> = headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "x-envoy-peer-metadata-id",
+                "x-envoy-peer-metadata",
+                "host",
+                "x-request-id",
+                "cookie",
+                "cookie"
+            ]
+        );
+        assert_eq!(headers[&PEER_METADATA].len(), 1200);
+        assert!(PeerMetadata::of("p", 0).is_none());
     }
 
     #[test]
