@@ -739,29 +739,65 @@ fn render_scaling(
 /// Events per second through decoding, flow tagging, framing and stitching
 /// on one core, with a synthetic request pattern on a pair of legs.
 pub fn pipeline_capacity(requests: u64) -> f64 {
-    let events = synthetic_events(requests);
+    let records = synthetic_events(requests);
     let started = Instant::now();
-    run_pipeline(&events);
-    events.len() as f64 / started.elapsed().as_secs_f64()
+    let events = run_pipeline(&records);
+    events as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Feeds raw ring buffer records through decoding, a fresh flow table and
-/// a fresh stitcher, as the agent does.
-pub fn run_pipeline(events: &[Vec<u8>]) {
+/// a fresh stitcher, as the agent does; returns the events they held.
+pub fn run_pipeline(records: &[Vec<u8>]) -> usize {
     let mut table = FlowTable::new(FlowTableConfig::default(), Arc::new(NoMetadata));
     let mut stitcher = Stitcher::new(StitchConfig::default());
     let (mut legs, mut spans) = (Vec::new(), Vec::new());
-    for raw in events {
-        let Ok(ev) = Event::decode(raw) else { continue };
-        match &ev {
-            Event::Data(d) => stitcher.data(&table, d, &mut spans),
-            Event::H2Frame(f) => stitcher.h2_frame(&table, f, &mut spans),
-            _ => {}
+    let mut decoded = Vec::new();
+    let mut events = 0;
+    for raw in records {
+        crate::kernel::events::decode_record(raw, &mut decoded);
+        for ev in decoded.drain(..) {
+            let Ok(ev) = ev else { continue };
+            events += 1;
+            match &ev {
+                Event::Data(d) => stitcher.data(&table, d, &mut spans),
+                Event::H2Frame(f) => stitcher.h2_frame(&table, f, &mut spans),
+                _ => {}
+            }
+            table.apply(&ev, &mut legs);
+            legs.clear();
+            spans.clear();
         }
-        table.apply(&ev, &mut legs);
-        legs.clear();
-        spans.clear();
     }
+    events
+}
+
+/// Data events packed as the kernel sends them: batch records of at most
+/// `BATCH_MAX` bytes, each event cut after its prefix.
+fn batched(events: &[mesh_trace_common::DataEvent]) -> Vec<Vec<u8>> {
+    use mesh_trace_common::*;
+    let mut out = Vec::new();
+    let mut batch: Vec<u8> = Vec::new();
+    for d in events {
+        let entry = &bytes_of(d)[..DATA_FIXED_LEN + d.prefix_len as usize];
+        if batch.len() + size_of::<BatchEntry>() + entry.len() + 8 > BATCH_MAX {
+            out.push(std::mem::take(&mut batch));
+        }
+        if batch.is_empty() {
+            let header = EventHeader {
+                kind: EventKind::Batch as u32,
+                ..Default::default()
+            };
+            batch.extend(bytes_of(&header));
+        }
+        let len = entry.len() as u32;
+        batch.extend(bytes_of(&BatchEntry { len, _pad: 0 }));
+        batch.extend(entry);
+        batch.resize((batch.len() + 7) & !7, 0);
+    }
+    if !batch.is_empty() {
+        out.push(batch);
+    }
+    out
 }
 
 fn bytes_of<T>(v: &T) -> Vec<u8> {
@@ -770,8 +806,16 @@ fn bytes_of<T>(v: &T) -> Vec<u8> {
 }
 
 /// An app socket and its sidecar's 15001 socket, joined, then `requests`
-/// request/response exchanges over keep-alive: four data events each.
+/// request/response exchanges over keep-alive: four data events each, in
+/// batch records as the kernel sends them.
 pub fn synthetic_events(requests: u64) -> Vec<Vec<u8>> {
+    synthetic_events_with_metadata(requests, 0)
+}
+
+/// [`synthetic_events`], each request head carrying `metadata` bytes of
+/// peer metadata first, as a sidecar's between sidecars (cut to what a
+/// data event holds).
+pub fn synthetic_events_with_metadata(requests: u64, metadata: usize) -> Vec<Vec<u8>> {
     use mesh_trace_common::*;
     let ep = |ip: [u8; 4], port| Endpoint::v4(u32::from_ne_bytes(ip), port);
     let mut out = Vec::new();
@@ -794,14 +838,25 @@ pub fn synthetic_events(requests: u64) -> Vec<Vec<u8>> {
     proxy.remote = ep([10, 244, 0, 5], 40000);
     proxy.active = 0;
     out.push(bytes_of(&proxy));
-    let request = b"GET /reviews/0 HTTP/1.1\r\nhost: reviews:9080\r\nx-request-id: 8c1e1d9e-3b8a-4f55-9a4e-1f2d3c4b5a69\r\n\r\n";
+    let mut head = b"GET /reviews/0 HTTP/1.1\r\n".to_vec();
+    if metadata > 0 {
+        head.extend(b"x-envoy-peer-metadata: ");
+        head.extend(std::iter::repeat_n(b'A', metadata));
+        head.extend(b"\r\n");
+    }
+    head.extend(
+        &b"host: reviews:9080\r\nx-request-id: 8c1e1d9e-3b8a-4f55-9a4e-1f2d3c4b5a69\r\n\r\n"[..],
+    );
+    head.truncate(DATA_PREFIX_MAX);
+    let request = &head[..];
     let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
     let mut offsets = [0u64; 2];
     let mut ts = 1_000u64;
+    let mut data = Vec::new();
     for _ in 0..requests {
         for (cookie, dir, payload) in [
-            (1u64, DIR_SEND, &request[..]),
-            (2, DIR_RECV, &request[..]),
+            (1u64, DIR_SEND, request),
+            (2, DIR_RECV, request),
             (2, DIR_SEND, &response[..]),
             (1, DIR_RECV, &response[..]),
         ] {
@@ -821,9 +876,10 @@ pub fn synthetic_events(requests: u64) -> Vec<Vec<u8>> {
             if dir == DIR_RECV {
                 offsets[stream] += payload.len() as u64;
             }
-            out.push(bytes_of(&d));
+            data.push(d);
         }
     }
+    out.extend(batched(&data));
     out
 }
 
