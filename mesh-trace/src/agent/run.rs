@@ -551,6 +551,7 @@ pub async fn agent_with_spans(
                             if settings.print_events {
                                 let _ = writeln!(out, "{}", events::to_json(&ev));
                             }
+                            events::recycle(ev);
                         }
                         Err(e) => {
                             tracing::debug!("undecodable event: {e}");

@@ -61,6 +61,9 @@ pub struct KernelCosts {
     pub full: Measured,
     /// mesh-trace with one ring buffer record per event (`--no-batch`).
     pub unbatched: Measured,
+    /// mesh-trace capturing request heads like other bytes
+    /// (`--request-head-bytes 0`).
+    pub short_heads: Measured,
     pub floor: Measured,
     pub bpftrace: Measured,
     pub bpftrace_version: String,
@@ -122,12 +125,17 @@ pub fn measure(
     let meshed = || load("stats", &["--connections", conns]);
     for round in 0..rounds {
         eprintln!(
-            "    round {}: mesh-trace, without batches, floor, bpftrace",
+            "    round {}: mesh-trace, without batches, request heads like other bytes, floor, bpftrace",
             round + 1
         );
         for (noop, extra, m) in [
             (false, &[][..], &mut k.full),
             (false, &["--no-batch"][..], &mut k.unbatched),
+            (
+                false,
+                &["--request-head-bytes", "0"][..],
+                &mut k.short_heads,
+            ),
             (true, &[][..], &mut k.floor),
         ] {
             let _agent = Agent::start_with(exe, lab, noop, extra)?;
@@ -333,7 +341,7 @@ fn unrelated_io(d: Duration) -> anyhow::Result<()> {
 
 /// The kernel sections of BENCHMARKS.md: cost per program, NAT per packet,
 /// and the bpftrace peer.
-pub fn render(k: &KernelCosts, rounds: u32) -> String {
+pub fn render(k: &KernelCosts, rounds: u32, peer_metadata_bytes: usize) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "## Kernel cost per program\n");
     let _ = writeln!(
@@ -378,6 +386,24 @@ pub fn render(k: &KernelCosts, rounds: u32) -> String {
         k.added_per_request(),
         k.full.requests,
         k.floor.requests
+    );
+    let _ = writeln!(
+        o,
+        "Request heads captured whole (up to 2 KiB) against like other bytes (`--request-head-bytes 0`, 192 \
+         bytes), in the same alternation{}: {:.0} against {:.0} ns per traced send or receive, {:.0} against {:.0} \
+         ns per request.\n",
+        if peer_metadata_bytes > 0 {
+            format!(
+                ", the lab's sidecars putting {peer_metadata_bytes} bytes of peer metadata in each request head \
+                 between them (`--peer-metadata-bytes`)"
+            )
+        } else {
+            String::new()
+        },
+        k.per_io(),
+        per_io(&k.short_heads.costs, SOCKET_IO),
+        k.full.ns_per_request(),
+        k.short_heads.ns_per_request(),
     );
     let _ = writeln!(o, "## NAT observation per packet\n");
     let _ = writeln!(

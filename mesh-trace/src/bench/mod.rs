@@ -71,6 +71,11 @@ pub struct BenchArgs {
     /// (`soak.md`, `churn.md`).
     #[arg(long, default_value = "docs")]
     pub long_out: PathBuf,
+    /// Bytes of peer metadata the lab's sidecars put in each request head
+    /// between them (`lab up --peer-metadata-bytes`): what Istio's Envoy
+    /// sends, for the price of capturing long request heads.
+    #[arg(long, default_value_t = 0, value_name = "BYTES")]
+    pub peer_metadata_bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -257,6 +262,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     let mut opts = LabOptions::bookinfo()?;
     opts.exe = exe.clone();
     opts.mtls = args.only == Some(Section::Tls);
+    opts.peer_metadata_bytes = args.peer_metadata_bytes;
     eprintln!("==> lab up");
     let lab = Lab::up(&opts)?;
     let load = |name: &str, extra: &[&str]| -> anyhow::Result<Summary> {
@@ -275,7 +281,10 @@ pub fn main(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.only == Some(Section::Kernel) {
         let kernel = kernel::measure(&exe, &lab, &load, &conns, args.rounds)?;
-        print!("{}", kernel::render(&kernel, args.rounds));
+        print!(
+            "{}",
+            kernel::render(&kernel, args.rounds, args.peer_metadata_bytes)
+        );
         return Ok(());
     }
     let long = match args.only {
@@ -766,6 +775,7 @@ pub fn run_pipeline(records: &[Vec<u8>]) -> usize {
             table.apply(&ev, &mut legs);
             legs.clear();
             spans.clear();
+            crate::kernel::events::recycle(ev);
         }
     }
     events
@@ -981,7 +991,11 @@ fn render(
         cpu_ns(Mode::Full),
         added_machine_ns
     );
-    o.push_str(&kernel::render(kernel, args.rounds));
+    o.push_str(&kernel::render(
+        kernel,
+        args.rounds,
+        args.peer_metadata_bytes,
+    ));
     let _ = writeln!(o, "## Agent cost under closed-loop load\n");
     let _ = writeln!(o, "| run | requests | agent CPU s | CPU s per 1,000 req | vCPU per 1,000 req/s | peak RSS MiB | spans | events lost |\n|---|---|---|---|---|---|---|---|");
     for r in runs.iter().filter(|r| r.mode == Mode::Full) {

@@ -99,15 +99,21 @@ fn decode_data_entry(entry: &[u8]) -> Result<Event, DecodeError> {
             want,
         });
     }
-    // Straight into a zeroed box: the struct holds a request head's worth
-    // of payload, most entries a fraction of it.
-    let mut full = Box::<DataEvent>::new_zeroed();
+    // Straight into a box, one given back by an event before when there is
+    // one: the struct holds a request head's worth of payload (2 KiB), most
+    // entries a fraction of it, and a fresh box of that size costs more than
+    // the rest of decoding. Bytes past the entry are a former event's, past
+    // `prefix_len`: never read.
+    let mut d = spare_data_box();
     // SAFETY: `entry` is at most the struct's size; DataEvent is
-    // plain-old-data, valid for any bytes, and zeroed past the entry.
-    let d = unsafe {
-        std::ptr::copy_nonoverlapping(entry.as_ptr(), full.as_mut_ptr().cast::<u8>(), entry.len());
-        full.assume_init()
-    };
+    // plain-old-data, valid for any bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            entry.as_ptr(),
+            (&mut *d as *mut DataEvent).cast::<u8>(),
+            entry.len(),
+        );
+    }
     if d.header.kind != EventKind::Data as u32 {
         return Err(DecodeError::UnknownKind(d.header.kind));
     }
@@ -119,6 +125,35 @@ fn decode_data_entry(entry: &[u8]) -> Result<Event, DecodeError> {
         });
     }
     Ok(Event::Data(d))
+}
+
+thread_local! {
+    /// Boxes of data events done with, for the next ones decoded here: the
+    /// boxes themselves are what is reused.
+    #[allow(clippy::vec_box)]
+    static SPARE_DATA: std::cell::RefCell<Vec<Box<DataEvent>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Data event boxes kept per thread for reuse (2 KiB each).
+const SPARE_DATA_MAX: usize = 1024;
+
+fn spare_data_box() -> Box<DataEvent> {
+    SPARE_DATA
+        .with(|s| s.borrow_mut().pop())
+        .unwrap_or_else(|| Box::new(DataEvent::default()))
+}
+
+/// Gives the memory of an event done with to the next data event decoded
+/// on this thread (see `decode_data_entry`).
+pub fn recycle(ev: Event) {
+    if let Event::Data(d) = ev {
+        SPARE_DATA.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_DATA_MAX {
+                s.push(d);
+            }
+        });
+    }
 }
 
 fn read<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> {
