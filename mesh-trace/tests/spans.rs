@@ -362,6 +362,92 @@ fn hop_latencies_match_the_lab_truth_with_kilobyte_sidecar_heads_and_mutual_tls(
     spans_match_the_truth_with(true, Http2::Off, 1200);
 }
 
+/// The app sends no `x-request-id`; its outbound sidecar adds one, after
+/// 1,200 bytes of its own peer metadata (as Envoy adds both), so the id is
+/// on the wire only past a kilobyte of the sidecars' request heads (and on
+/// to the server's app). Each span carries the id the sidecar added and is
+/// exact; the lab's records join it to the client's own id through the
+/// app, which records both.
+#[test]
+fn ids_a_sidecar_adds_behind_a_kilobyte_of_its_own_headers_are_carried() {
+    require_root();
+    let mut opts = delayed_lab(false);
+    opts.peer_metadata_bytes = 1200;
+    let lab = Lab::up(&opts).unwrap();
+    let traced = Traced::start(&lab);
+    let load = |requests: u64, records: &std::path::Path| {
+        let requests = requests.to_string();
+        let args = [
+            "--url",
+            "http://reviews:9080/reviews/0",
+            "--no-request-id",
+            "--rate",
+            "100",
+            "--requests",
+            &requests,
+        ];
+        lab.load_with(BIN.as_ref(), CLIENT, &args, records)
+    };
+    load(100, &lab.dir.join("warmup.jsonl")).unwrap();
+    let records = lab.dir.join("client.jsonl");
+    let n = 1000u64;
+    assert_eq!(load(n, &records).unwrap().ok, n);
+    // The client's id -> the id its sidecar added, as the app saw both.
+    let mut added: HashMap<String, String> = HashMap::new();
+    for pod in REVIEWS {
+        for a in read_records::<mesh_trace::lab::records::AppRecord>(&lab.app_log(pod)).unwrap() {
+            if let (Some(client), Some(id)) = (a.client_id, a.request_id) {
+                added.insert(client, id);
+            }
+        }
+    }
+    let client: Vec<ClientRecord> = read_records::<ClientRecord>(&records)
+        .unwrap()
+        .into_iter()
+        .filter_map(|mut c| {
+            c.request_id = added.get(&c.request_id)?.clone();
+            Some(c)
+        })
+        .collect();
+    assert_eq!(
+        client.len() as u64,
+        n,
+        "requests the app saw with an added id"
+    );
+    let ids: std::collections::HashSet<&str> =
+        client.iter().map(|c| c.request_id.as_str()).collect();
+    let mine = |s: &Span| {
+        s.source_workload == "loadgen" && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
+    };
+    let spans = || -> Vec<Span> {
+        (traced.spans.lock().unwrap().iter())
+            .filter(|s| mine(s))
+            .cloned()
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (spans().len() as u64) < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let spans = spans();
+    let truth = truths(&lab, &client);
+    let judged = judge(&spans, &truth);
+    eprintln!(
+        "{} of {n} requests with a span carrying the id the sidecar added, {} exact to 0.5 ms, \
+         {} wrong; unstitched {:?}",
+        judged.compared,
+        judged.exact,
+        judged.wrong.len(),
+        traced.unstitched()
+    );
+    assert!(
+        judged.wrong.is_empty(),
+        "spans holding another request's moments: {:?}",
+        &judged.wrong[..judged.wrong.len().min(5)]
+    );
+    judged.assert_nearly_all_exact(n, "ids added behind a kilobyte");
+}
+
 #[test]
 fn retries_are_counted_as_the_sidecar_made_them() {
     require_root();
