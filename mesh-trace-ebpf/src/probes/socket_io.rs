@@ -84,15 +84,18 @@ pub(crate) unsafe fn read_prefix(ev: *mut DataEvent, buf: u64, len: u64) {
     if m > DATA_PREFIX_MAX as u64 {
         m = DATA_PREFIX_MAX as u64;
     }
-    if m > 0
-        && bpf_probe_read_user(
-            (*ev).prefix.as_mut_ptr() as *mut c_void,
-            m as u32,
-            buf as *const c_void,
-        ) == 0
+    // A failed read leaves the destination zeroed, the first read's bytes
+    // with it.
+    (*ev).prefix_len = if bpf_probe_read_user(
+        (*ev).prefix.as_mut_ptr() as *mut c_void,
+        m as u32,
+        buf as *const c_void,
+    ) == 0
     {
-        (*ev).prefix_len = m as u32;
-    }
+        m as u32
+    } else {
+        0
+    };
 }
 
 /// Whether `prefix` (4 bytes at least) begins an HTTP/1.x request line.

@@ -78,7 +78,6 @@ impl ConfigFile {
     }
 }
 
-/// Validates a ring buffer size the way the kernel will.
 /// `request_head_bytes` must fit a data event's payload.
 pub fn check_request_head_bytes(n: u32) -> Result<u32, ConfigError> {
     if n as usize > mesh_trace_common::DATA_PREFIX_MAX {
@@ -87,6 +86,7 @@ pub fn check_request_head_bytes(n: u32) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
+/// Validates a ring buffer size the way the kernel will.
 pub fn check_ring_buffer_bytes(n: u32) -> Result<u32, ConfigError> {
     if n >= 4096 && n.is_power_of_two() {
         Ok(n)

@@ -52,9 +52,14 @@ pub struct TimeOrder {
 pub const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Batch size for a ring buffer of `ring_bytes`: an eighth of it, so that a
-/// full ring holds several batches, at most [`BATCH_MAX`].
+/// full ring holds several batches, at most [`BATCH_MAX`]; at least one
+/// entry of the largest kind (a 2 KiB request head), within half the ring.
 pub fn cap_for(ring_bytes: u32) -> u32 {
-    (ring_bytes / 8).min(BATCH_MAX as u32)
+    let one_entry = (BATCH_ENTRY_MAX + 16) as u32;
+    (ring_bytes / 8)
+        .max(one_entry)
+        .min(BATCH_MAX as u32)
+        .min(ring_bytes / 2)
 }
 
 impl Batching {
@@ -241,6 +246,10 @@ mod tests {
     #[test]
     fn batch_size_is_an_eighth_of_the_ring_at_most_the_maximum() {
         assert_eq!(cap_for(1 << 20), BATCH_MAX as u32);
-        assert_eq!(cap_for(4096), 512);
+        // Room for one whole request head, within half the ring: a ring of
+        // 4 KiB has none (batching off).
+        assert_eq!(cap_for(16384), (BATCH_ENTRY_MAX + 16) as u32);
+        assert_eq!(cap_for(4096), 2048);
+        assert!((cap_for(4096) as usize) < BATCH_ENTRY_MAX);
     }
 }

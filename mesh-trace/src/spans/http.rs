@@ -34,7 +34,9 @@ const MAX_TARGET: usize = 256;
 const MAX_REQUEST_ID: usize = 128;
 /// Longest `Host` kept, in bytes (a DNS name is at most 253).
 const MAX_HOST: usize = 255;
-/// Header slots for httparse: a 256-byte prefix holds at most 64 headers.
+/// Header slots for httparse on the stack: more than any head of 192 bytes
+/// holds, and than most of 2 KiB (a request head's capture); a head with
+/// more lines is parsed again with a slot per line.
 const MAX_HEADERS: usize = 96;
 /// Path segments kept by [`template_path`].
 const MAX_SEGMENTS: usize = 4;
@@ -666,7 +668,9 @@ fn request_method(bytes: &[u8]) -> Option<&'static str> {
 
 fn parse_request(bytes: &[u8], method: &'static str) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
+    let mut many = Vec::new();
+    let slots = slots_for(bytes, &mut headers, &mut many);
+    let mut req = httparse::Request::new(slots);
     match req.parse(bytes) {
         Ok(httparse::Status::Complete(n)) => request(
             method,
@@ -681,12 +685,32 @@ fn parse_request(bytes: &[u8], method: &'static str) -> Parsed {
     }
 }
 
+/// Header slots for `bytes`: the stack's, unless it has more lines than
+/// they hold (then `many`, a slot per line). Counting lines costs a pass
+/// over the bytes, so only heads longer than the short capture count them.
+fn slots_for<'a, 'b>(
+    bytes: &[u8],
+    stack: &'a mut [httparse::Header<'b>; MAX_HEADERS],
+    many: &'a mut Vec<httparse::Header<'b>>,
+) -> &'a mut [httparse::Header<'b>] {
+    if bytes.len() > 4 * MAX_HEADERS {
+        let lines = bytes.iter().filter(|&&b| b == b'\n').count();
+        if lines >= MAX_HEADERS {
+            many.resize(lines + 1, httparse::EMPTY_HEADER);
+            return many;
+        }
+    }
+    stack
+}
+
 /// The head does not end within the prefix: parse its complete lines as if
 /// it ended there, or the cut request line by hand.
 fn partial_request(bytes: &[u8], method: &'static str) -> Parsed {
     if let Some(closed) = close_head(bytes) {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
+        let mut many = Vec::new();
+        let slots = slots_for(&closed, &mut headers, &mut many);
+        let mut req = httparse::Request::new(slots);
         if let Ok(httparse::Status::Complete(_)) = req.parse(&closed) {
             return request(
                 method,
@@ -1364,6 +1388,29 @@ mod tests {
         assert!(f.push(&top).is_some());
         assert!(f.push(&chunk(Dir::Recv, 8, 0, body)).is_some());
         assert_eq!(f.stats().pipelined, 0);
+    }
+
+    #[test]
+    fn a_head_with_more_lines_than_the_stack_slots_keeps_its_identity() {
+        // 200 short lines of a sidecar's own before Host and the id, whole
+        // (a request head's capture) and cut before its end.
+        let mut head = b"GET /reviews/0 HTTP/1.1\r\n".to_vec();
+        for i in 0..200 {
+            head.extend(format!("x-m{i}: 1\r\n").as_bytes());
+        }
+        head.extend(b"host: reviews:9080\r\nx-request-id: abc\r\n");
+        for cut in [&b"\r\n"[..], &b"x-cut"[..]] {
+            let mut bytes = head.clone();
+            bytes.extend(cut);
+            let Some(Head::Request {
+                host, request_id, ..
+            }) = http_head(&bytes)
+            else {
+                panic!("no request head");
+            };
+            assert_eq!(host.as_deref(), Some("reviews:9080"));
+            assert_eq!(request_id.as_deref(), Some("abc"));
+        }
     }
 
     #[test]
