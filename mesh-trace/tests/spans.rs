@@ -20,6 +20,28 @@ use common::truth::{
     REVIEWS,
 };
 
+/// The load generator's spans of the requests in `client` (reviews v2/v3
+/// pass the ids on to ratings: only the client's count), once there are
+/// `n` or after 10 s.
+fn client_spans(traced: &Traced, client: &[ClientRecord], n: u64) -> Vec<Span> {
+    let ids: std::collections::HashSet<&str> =
+        client.iter().map(|c| c.request_id.as_str()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let spans: Vec<Span> = (traced.spans.lock().unwrap().iter())
+            .filter(|s| {
+                s.source_workload == "loadgen"
+                    && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
+            })
+            .cloned()
+            .collect();
+        if spans.len() as u64 >= n || std::time::Instant::now() >= deadline {
+            return spans;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
@@ -81,31 +103,7 @@ fn spans_match_the_truth_with(mtls: bool, http2: Http2, peer_metadata: usize) {
     let client: Vec<ClientRecord> = read_records(&records).unwrap();
     let ids: std::collections::HashSet<&str> =
         client.iter().map(|c| c.request_id.as_str()).collect();
-    // reviews v2/v3 propagate the id to ratings: only the client's spans count.
-    let mine = |s: &Span| {
-        s.source_workload == "loadgen" && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while traced
-        .spans
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| mine(s))
-        .count()
-        < n as usize
-        && std::time::Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let spans: Vec<Span> = traced
-        .spans
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|s| mine(s))
-        .cloned()
-        .collect();
+    let spans = client_spans(&traced, &client, n);
 
     // No request yields two spans; at least 99.9% yield one, with mutual
     // TLS too: the sidecars' TLS plaintext (the TLS probes) says which
@@ -289,20 +287,7 @@ fn calls_sharing_one_id_are_each_exact(mtls: bool) {
     let ids: std::collections::HashSet<&str> =
         client.iter().map(|c| c.request_id.as_str()).collect();
     assert_eq!(ids.len() as u64, groups, "three calls per id");
-    let mine = |s: &Span| {
-        s.source_workload == "loadgen" && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
-    };
-    let spans = || -> Vec<Span> {
-        (traced.spans.lock().unwrap().iter())
-            .filter(|s| mine(s))
-            .cloned()
-            .collect()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while (spans().len() as u64) < calls && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let spans = spans();
+    let spans = client_spans(&traced, &client, calls);
     let mut pods: Vec<&str> = REVIEWS.to_vec();
     pods.push("details-v1");
     let truth = truths_by_call(&lab, &client, &pods);
@@ -414,22 +399,7 @@ fn ids_a_sidecar_adds_behind_a_kilobyte_of_its_own_headers_are_carried() {
         n,
         "requests the app saw with an added id"
     );
-    let ids: std::collections::HashSet<&str> =
-        client.iter().map(|c| c.request_id.as_str()).collect();
-    let mine = |s: &Span| {
-        s.source_workload == "loadgen" && s.request_id.as_deref().is_some_and(|id| ids.contains(id))
-    };
-    let spans = || -> Vec<Span> {
-        (traced.spans.lock().unwrap().iter())
-            .filter(|s| mine(s))
-            .cloned()
-            .collect()
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while (spans().len() as u64) < n && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let spans = spans();
+    let spans = client_spans(&traced, &client, n);
     let truth = truths(&lab, &client);
     let judged = judge(&spans, &truth);
     eprintln!(
